@@ -1,0 +1,51 @@
+"""The training backend seam: the worker calls `backend.train`; tests swap in a fake by dotted path."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from .config import QLoRAConfig
+from .errors import ConfigError
+from .events import Checkpoint, Failed, PhaseChanged, Progress, TrainReport, ValReport
+
+#: what a backend may emit; the worker stamps seq/ts and writes it to the event channel
+BackendEvent = PhaseChanged | Progress | TrainReport | ValReport | Checkpoint | Failed
+Emit = Callable[[BackendEvent], None]
+
+DEFAULT_BACKEND = "trainer.mlx_backend:MlxTrainingBackend"
+BACKEND_ENV = "TRAINER_BACKEND"
+
+
+class Cancelled(BaseException):
+    """Raised in the worker's main thread by SIGTERM; backends may save the adapter, then must re-raise."""
+
+
+class TrainingBackend(Protocol):
+    name: str
+
+    def device(self) -> str: ...
+
+    def train(self, config: QLoRAConfig, run_dir: Path, emit: Emit) -> Path:
+        """Train; return the adapter folder. Raise ConfigError for bad input, anything else for a failure."""
+        ...
+
+
+def load_backend(spec: str | None = None) -> TrainingBackend:
+    spec = spec or os.environ.get(BACKEND_ENV) or DEFAULT_BACKEND
+    module_name, _, attr = spec.partition(":")
+    if not attr:
+        raise ConfigError(f"{BACKEND_ENV}={spec!r} must look like 'package.module:ClassName'")
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"cannot load training backend {spec!r}: {exc}") from exc
+    backend: TrainingBackend = cls()
+    return backend
+
+
+def adapter_dir_for(config: QLoRAConfig, run_dir: Path) -> Path:
+    return Path(config.adapter_dir) if config.adapter_dir else run_dir / "adapters"

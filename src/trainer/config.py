@@ -1,0 +1,80 @@
+"""The QLoRA run config, with the reference defaults (rank 16, alpha 32, 4-bit group 64, 16 LoRA layers)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+
+class QLoRAConfig(BaseModel):
+    """One fine-tuning run. Field descriptions double as the MCP tool's argument docs."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: Annotated[str, Field(description="Local model folder (MLX or Hugging Face layout) to fine-tune.")]
+    data: Annotated[
+        str,
+        Field(
+            description="Folder with train.jsonl (required) and valid.jsonl (optional); each line is "
+            '{"messages": [...]}, {"prompt": ..., "completion": ...} or {"text": ...}.'
+        ),
+    ]
+    adapter_dir: Annotated[
+        str | None, Field(description="Where to write the adapter; default: the run folder's adapters/.")
+    ] = None
+    rank: Annotated[int, Field(ge=1, le=512, description="LoRA rank.")] = 16
+    alpha: Annotated[float, Field(gt=0, description="LoRA alpha; mlx-lm's scale is alpha / rank.")] = 32.0
+    dropout: Annotated[float, Field(ge=0, lt=1, description="LoRA dropout.")] = 0.0
+    num_layers: Annotated[
+        int, Field(ge=-1, description="How many of the last transformer blocks get LoRA; -1 for all.")
+    ] = 16
+    quantize_bits: Annotated[
+        Literal[0, 4, 8],
+        Field(description="Quantize an unquantized base to this many bits on load (0 keeps it as is: plain LoRA)."),
+    ] = 4
+    group_size: Annotated[Literal[32, 64, 128], Field(description="Quantization group size.")] = 64
+    iters: Annotated[int, Field(ge=1, description="Training iterations (optimizer steps).")] = 100
+    batch_size: Annotated[int, Field(ge=1, description="Examples per step.")] = 4
+    learning_rate: Annotated[float, Field(gt=0, description="Adam learning rate.")] = 1e-5
+    max_seq_length: Annotated[int, Field(ge=8, description="Longer examples are truncated.")] = 2048
+    grad_checkpoint: Annotated[bool, Field(description="Recompute activations in backward to save memory.")] = False
+    mask_prompt: Annotated[bool, Field(description="Train on the completion / last assistant turn only.")] = False
+    seed: Annotated[int, Field(ge=0, description="Random seed for LoRA init and batch order.")] = 0
+    steps_per_report: Annotated[int, Field(ge=1, description="Steps between train-loss reports.")] = 10
+    steps_per_eval: Annotated[int, Field(ge=1, description="Steps between validation-loss reports.")] = 200
+    val_batches: Annotated[int, Field(ge=-1, description="Validation batches per evaluation; -1 for all.")] = 25
+    save_every: Annotated[int, Field(ge=1, description="Steps between adapter checkpoints.")] = 100
+    memory_sample_interval: Annotated[
+        float, Field(ge=0.05, le=60, description="Seconds between memory samples of the worker.")
+    ] = 0.5
+
+    @model_validator(mode="after")
+    def _nonzero_layers(self) -> QLoRAConfig:
+        if self.num_layers == 0:
+            raise ValueError("num_layers is 0, so nothing would train; use a positive number or -1 for all layers")
+        return self
+
+    @property
+    def lora_scale(self) -> float:
+        return self.alpha / self.rank
+
+    @classmethod
+    def parse(cls, raw: dict[str, Any]) -> QLoRAConfig:
+        """Validate a raw dict, turning pydantic's errors into one ConfigError that names each bad field."""
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            raise ConfigError(describe_validation_error(exc)) from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        value = err.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        parts.append(f"{where}: {err['msg']}{shown}")
+    return "invalid run config: " + "; ".join(parts)

@@ -1,0 +1,37 @@
+"""The trainer's exception tree. Messages name the bad value and the fix.
+
+TrainerError
+ ├── ConfigError        a run config, dataset or model path is not usable
+ ├── RunNotFound        no run with that id
+ ├── RunConflict        the run is in a state that does not allow the request
+ ├── ModelError         a model could not be loaded or used for generation
+ └── InvalidTransition  a job state change that the state machine forbids (a bug if raised)
+"""
+
+from __future__ import annotations
+
+
+class TrainerError(Exception):
+    """Base class of every error the trainer raises on purpose."""
+
+
+class ConfigError(TrainerError, ValueError):
+    """A run config, dataset or model path is not usable."""
+
+
+class RunNotFound(TrainerError, LookupError):
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"no run with id {run_id!r}; call list_runs (or `python -m trainer list`) to see the ids")
+        self.run_id = run_id
+
+
+class RunConflict(TrainerError):
+    """The run is in a state that does not allow the request."""
+
+
+class ModelError(TrainerError):
+    """A model could not be loaded or used."""
+
+
+class InvalidTransition(TrainerError):
+    """A state change that TRANSITIONS forbids."""

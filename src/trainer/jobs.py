@@ -1,0 +1,165 @@
+"""The job state machine: states, failure kinds, the transition table and the one place state changes."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from .errors import InvalidTransition
+
+
+class JobState(StrEnum):
+    #: accepted and waiting for a worker slot
+    QUEUED = "queued"
+    #: a worker process exists for it
+    RUNNING = "running"
+    #: the worker reported success and exited 0
+    SUCCEEDED = "succeeded"
+    #: the worker reported a failure, crashed, or was stopped by a guard
+    FAILED = "failed"
+    #: stopped at the user's request
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+
+TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.CANCELLED, JobState.FAILED}),
+    JobState.RUNNING: frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED}),
+    JobState.SUCCEEDED: frozenset(),
+    JobState.FAILED: frozenset(),
+    JobState.CANCELLED: frozenset(),
+}
+
+
+class FailureKind(StrEnum):
+    #: the config, dataset or model was rejected by the worker
+    CONFIG = "config"
+    #: the worker ran out of memory
+    OOM = "oom"
+    #: the worker's measured memory passed the run's budget
+    MEMORY_BUDGET = "memory_budget"
+    #: the worker raised an unexpected error and reported it
+    BACKEND = "backend"
+    #: the worker died (signal or non-zero exit) without reporting why
+    CRASHED = "crashed"
+    #: the server stopped while the run was live; nobody watched it finish
+    ORPHANED = "orphaned"
+
+
+class JobError(BaseModel):
+    """Why a run failed; stored with the run and shown by run_status."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: FailureKind
+    message: str
+    exit_code: int | None = None
+    stderr_tail: str | None = None
+
+
+class Phase(StrEnum):
+    LOADING_MODEL = "loading_model"
+    LOADING_DATA = "loading_data"
+    TRAINING = "training"
+    EVALUATING = "evaluating"
+    SAVING = "saving"
+
+
+class RunMetrics(BaseModel):
+    """The running summary of a run's reports, kept in the run record."""
+
+    last_train_loss: float | None = None
+    first_val_loss: float | None = None
+    last_val_loss: float | None = None
+    learning_rate: float | None = None
+    iterations_per_second: float | None = None
+    tokens_per_second: float | None = None
+    trained_tokens: int = 0
+    peak_memory_gb: float | None = None
+
+
+class RunSnapshot(BaseModel):
+    """The frozen view of a run that leaves the trainer."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    state: JobState
+    phase: Phase | None
+    iteration: int
+    iters: int
+    created_at: float
+    started_at: float | None
+    ended_at: float | None
+    eta_seconds: float | None
+    metrics: RunMetrics
+    adapter_path: str | None
+    run_dir: str
+    error: JobError | None
+    config: dict[str, Any]
+
+
+@dataclass
+class Job:
+    """The mutable record of one run; `transition` is the only way its state changes."""
+
+    id: str
+    config: dict[str, Any]
+    run_dir: str
+    iters: int
+    state: JobState = JobState.QUEUED
+    phase: Phase | None = None
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    ended_at: float | None = None
+    iteration: int = 0
+    pid: int | None = None
+    adapter_path: str | None = None
+    error: JobError | None = None
+    metrics: RunMetrics = field(default_factory=lambda: RunMetrics())
+
+    def transition(self, to: JobState, *, error: JobError | None = None) -> None:
+        if to not in TRANSITIONS[self.state]:
+            raise InvalidTransition(f"run {self.id}: cannot go from {self.state} to {to}")
+        now = time.time()
+        self.state = to
+        if to is JobState.RUNNING:
+            self.started_at = now
+        if to.terminal:
+            self.ended_at = now
+            self.pid = None
+        if to is JobState.FAILED:
+            self.error = error or JobError(kind=FailureKind.CRASHED, message="failed for an unknown reason")
+
+    def eta_seconds(self) -> float | None:
+        its = self.metrics.iterations_per_second
+        if self.state is not JobState.RUNNING or not its:
+            return None
+        return max(self.iters - self.iteration, 0) / its
+
+    def snapshot(self) -> RunSnapshot:
+        return RunSnapshot(
+            id=self.id,
+            state=self.state,
+            phase=self.phase,
+            iteration=self.iteration,
+            iters=self.iters,
+            created_at=self.created_at,
+            started_at=self.started_at,
+            ended_at=self.ended_at,
+            eta_seconds=self.eta_seconds(),
+            metrics=self.metrics.model_copy(),
+            adapter_path=self.adapter_path,
+            run_dir=self.run_dir,
+            error=self.error,
+            config=dict(self.config),
+        )

@@ -1,0 +1,152 @@
+"""Real QLoRA training with MLX-LM's own tuner (`mlx_lm.tuner`): its datasets, LoRA layers and `train` loop."""
+
+from __future__ import annotations
+
+import logging
+import time
+import types
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .backend import Cancelled, Emit, adapter_dir_for
+from .config import QLoRAConfig
+from .errors import ConfigError
+from .events import Checkpoint, PhaseChanged, Progress, TrainReport, ValReport
+from .jobs import Phase
+
+log = logging.getLogger(__name__)
+PROGRESS_EVERY_S = 0.25
+
+
+def load_for_training(config: QLoRAConfig) -> tuple[Any, Any, dict[str, Any]]:
+    """Load the base model; quantize it on load when it is not quantized already (so every run is QLoRA)."""
+    from mlx_lm.utils import load, quantize_model
+
+    model, tokenizer, model_config = load(config.model, return_config=True)
+    if config.quantize_bits and "quantization" not in model_config:
+        log.info("quantizing the base model to %d bits, group size %d", config.quantize_bits, config.group_size)
+        model, model_config = quantize_model(model, model_config, config.group_size, config.quantize_bits)
+    return model, tokenizer, model_config
+
+
+def adapter_config(config: QLoRAConfig, num_layers: int) -> dict[str, Any]:
+    """What `mlx_lm.tuner.utils.load_adapters` (and so `mlx_lm.generate --adapter-path`) reads back."""
+    return {
+        "fine_tune_type": "lora",
+        "model": config.model,
+        "num_layers": num_layers,
+        "lora_parameters": {"rank": config.rank, "scale": config.lora_scale, "dropout": config.dropout},
+        "quantize_bits": config.quantize_bits,
+        "group_size": config.group_size,
+        "iters": config.iters,
+        "batch_size": config.batch_size,
+        "learning_rate": config.learning_rate,
+        "max_seq_length": config.max_seq_length,
+        "mask_prompt": config.mask_prompt,
+        "seed": config.seed,
+    }
+
+
+class MlxTrainingBackend:
+    name = "mlx"
+
+    def device(self) -> str:
+        import mlx.core as mx
+
+        return str(mx.default_device())
+
+    def train(self, config: QLoRAConfig, run_dir: Path, emit: Emit) -> Path:
+        import mlx.core as mx
+        import mlx.optimizers as optim
+        import numpy as np
+        from mlx.utils import tree_flatten
+        from mlx_lm.tuner.callbacks import TrainingCallback
+        from mlx_lm.tuner.datasets import CacheDataset, load_local_dataset
+        from mlx_lm.tuner.trainer import TrainingArgs, iterate_batches, train
+        from mlx_lm.tuner.utils import linear_to_lora_layers
+        from mlx_lm.utils import save_config
+
+        mx.random.seed(config.seed)
+        np.random.seed(config.seed)  # mlx-lm shuffles batches with numpy
+
+        emit(PhaseChanged(phase=Phase.LOADING_MODEL))
+        model, tokenizer, _ = load_for_training(config)
+
+        emit(PhaseChanged(phase=Phase.LOADING_DATA))
+        train_set, valid_set, _ = load_local_dataset(
+            Path(config.data), tokenizer, types.SimpleNamespace(mask_prompt=config.mask_prompt)
+        )
+        if len(train_set) == 0:
+            raise ConfigError(f"no training examples in {config.data}/train.jsonl")
+
+        num_layers = len(model.layers) if config.num_layers == -1 else config.num_layers
+        if num_layers > len(model.layers):
+            raise ConfigError(f"num_layers={num_layers} but the model has only {len(model.layers)} layers")
+        model.freeze()
+        linear_to_lora_layers(
+            model, num_layers, {"rank": config.rank, "scale": config.lora_scale, "dropout": config.dropout}
+        )
+        adapter_dir = adapter_dir_for(config, run_dir)
+        adapter_dir.mkdir(parents=True, exist_ok=True)
+        save_config(adapter_config(config, num_layers), adapter_dir / "adapter_config.json")
+        adapter_file = adapter_dir / "adapters.safetensors"
+
+        class Reporter(TrainingCallback):  # type: ignore[misc]
+            def on_train_loss_report(self, train_info: dict[str, Any]) -> None:
+                emit(TrainReport(**train_info))
+
+            def on_val_loss_report(self, val_info: dict[str, Any]) -> None:
+                emit(ValReport(**val_info))
+
+        last_progress = 0.0
+
+        def reporting_batches(dataset: Any, batch_size: int, max_seq_length: int, loop: bool = False,
+                              **kwargs: Any) -> Iterator[Any]:
+            """mlx-lm's own batching, plus phase, progress and checkpoint events (its train loop has no hooks)."""
+            nonlocal last_progress
+            if not loop:  # a validation pass
+                emit(PhaseChanged(phase=Phase.EVALUATING))
+                yield from iterate_batches(dataset, batch_size, max_seq_length, loop=loop, **kwargs)
+                emit(PhaseChanged(phase=Phase.TRAINING))
+                return
+            emit(PhaseChanged(phase=Phase.TRAINING))
+            batches = iterate_batches(dataset, batch_size, max_seq_length, loop=loop, **kwargs)
+            for it, batch in enumerate(batches, start=1):
+                done = it - 1
+                if done and done % config.save_every == 0:  # mlx-lm saved this checkpoint before asking again
+                    emit(Checkpoint(iteration=done, path=str(adapter_dir / f"{done:07d}_adapters.safetensors")))
+                now = time.monotonic()
+                if it == 1 or now - last_progress >= PROGRESS_EVERY_S:
+                    last_progress = now
+                    emit(Progress(iteration=it, iters=config.iters))
+                yield batch
+
+        args = TrainingArgs(
+            batch_size=config.batch_size,
+            iters=config.iters,
+            val_batches=config.val_batches,
+            steps_per_report=config.steps_per_report,
+            steps_per_eval=config.steps_per_eval,
+            steps_per_save=config.save_every,
+            adapter_file=str(adapter_file),
+            max_seq_length=config.max_seq_length,
+            grad_checkpoint=config.grad_checkpoint,
+        )
+        try:
+            train(
+                model=model,
+                optimizer=optim.Adam(learning_rate=config.learning_rate),
+                train_dataset=CacheDataset(train_set),
+                val_dataset=CacheDataset(valid_set) if len(valid_set) else None,
+                args=args,
+                iterate_batches=reporting_batches,
+                training_callback=Reporter(),
+            )
+        except Cancelled:
+            # keep what was learned: the adapter as of the last finished step, loadable like a final one
+            mx.save_safetensors(str(adapter_file), dict(tree_flatten(model.trainable_parameters())))
+            log.info("cancelled: adapter saved to %s", adapter_file)
+            raise
+        emit(PhaseChanged(phase=Phase.SAVING))
+        return adapter_dir

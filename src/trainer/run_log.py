@@ -1,0 +1,32 @@
+"""Reading a run folder's files back: its events and the tail of its worker log."""
+
+from __future__ import annotations
+
+from collections import deque
+from pathlib import Path
+
+from .events import Event, decode_line
+
+TAIL_LINES = 20
+
+
+def read_events(run_dir: Path) -> list[Event]:
+    path = run_dir / "events.jsonl"
+    if not path.exists():
+        return []
+    events = []
+    with path.open("rb") as lines:
+        for line in lines:
+            try:
+                events.append(decode_line(line))
+            except ValueError:  # a torn last line after a crash; everything before it still counts
+                continue
+    return events
+
+
+def stderr_tail(run_dir: Path, lines: int = TAIL_LINES) -> str:
+    path = run_dir / "worker.log"
+    if not path.exists():
+        return ""
+    with path.open(encoding="utf-8", errors="replace") as log:
+        return "".join(deque(log, maxlen=lines)).strip()

@@ -1,0 +1,155 @@
+"""The run store: one SQLite database (WAL) of run records, plus a folder per run.
+
+runs/<id>/config.json    the accepted config
+runs/<id>/events.jsonl   every event the worker sent, append-only
+runs/<id>/worker.log     the worker's stdout and stderr (MLX-LM's own prints land here)
+runs/<id>/adapters/      adapter_config.json, adapters.safetensors and checkpoints
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import RunNotFound
+from .jobs import Job, JobError, JobState, Phase, RunMetrics
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    phase TEXT,
+    config TEXT NOT NULL,
+    run_dir TEXT NOT NULL,
+    iters INTEGER NOT NULL,
+    iteration INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    ended_at REAL,
+    pid INTEGER,
+    adapter_path TEXT,
+    metrics TEXT NOT NULL DEFAULT '{}',
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS runs_by_created ON runs (created_at);
+"""
+
+_COLUMNS = (
+    "id, state, phase, config, run_dir, iters, iteration, created_at, started_at, ended_at, pid, adapter_path, "
+    "metrics, error"
+)
+
+
+class RunStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.runs_dir = root / "runs"
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        self.db_path = root / "runs.sqlite3"
+        self._db = sqlite3.connect(self.db_path, timeout=10, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.runs_dir / run_id
+
+    def create(self, job: Job) -> None:
+        """Write the run folder and its record together: either both exist afterwards or neither does."""
+        folder = Path(job.run_dir)
+        folder.mkdir(parents=True)
+        try:
+            (folder / "config.json").write_text(json.dumps(job.config, indent=2), encoding="utf-8")
+            with self._transaction() as db:
+                db.execute(f"INSERT INTO runs ({_COLUMNS}) VALUES ({', '.join('?' * 14)})", _row(job))
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+
+    def save(self, job: Job) -> None:
+        row = _row(job)
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE runs SET state=?, phase=?, iteration=?, started_at=?, ended_at=?, pid=?, adapter_path=?, "
+                "metrics=?, error=? WHERE id=?",
+                (row[1], row[2], row[6], row[8], row[9], row[10], row[11], row[12], row[13], job.id),
+            )
+
+    def get(self, run_id: str) -> Job:
+        cur = self._db.execute(f"SELECT {_COLUMNS} FROM runs WHERE id=?", (run_id,))
+        found = cur.fetchone()
+        if found is None:
+            raise RunNotFound(run_id)
+        return _job(found)
+
+    def list(self, state: JobState | None = None, limit: int = 50) -> list[Job]:
+        if state is None:
+            cur = self._db.execute(f"SELECT {_COLUMNS} FROM runs ORDER BY created_at DESC LIMIT ?", (limit,))
+        else:
+            cur = self._db.execute(
+                f"SELECT {_COLUMNS} FROM runs WHERE state=? ORDER BY created_at DESC LIMIT ?", (state.value, limit)
+            )
+        return [_job(r) for r in cur.fetchall()]
+
+    def live(self) -> list[Job]:
+        cur = self._db.execute(
+            f"SELECT {_COLUMNS} FROM runs WHERE state IN (?, ?) ORDER BY created_at",
+            (JobState.QUEUED.value, JobState.RUNNING.value),
+        )
+        return [_job(r) for r in cur.fetchall()]
+
+
+def _row(job: Job) -> tuple[object, ...]:
+    return (
+        job.id,
+        job.state.value,
+        job.phase.value if job.phase else None,
+        json.dumps(job.config),
+        job.run_dir,
+        job.iters,
+        job.iteration,
+        job.created_at,
+        job.started_at,
+        job.ended_at,
+        job.pid,
+        job.adapter_path,
+        job.metrics.model_dump_json(),
+        job.error.model_dump_json() if job.error else None,
+    )
+
+
+def _job(row: tuple[object, ...]) -> Job:
+    (id_, state, phase, config, run_dir, iters, iteration, created, started, ended, pid, adapter, metrics, error) = row
+    return Job(
+        id=str(id_),
+        config=json.loads(str(config)),
+        run_dir=str(run_dir),
+        iters=int(str(iters)),
+        state=JobState(state),
+        phase=Phase(phase) if phase else None,
+        created_at=float(str(created)),
+        started_at=float(str(started)) if started is not None else None,
+        ended_at=float(str(ended)) if ended is not None else None,
+        iteration=int(str(iteration)),
+        pid=int(str(pid)) if pid is not None else None,
+        adapter_path=str(adapter) if adapter is not None else None,
+        metrics=RunMetrics.model_validate_json(str(metrics)),
+        error=JobError.model_validate_json(str(error)) if error else None,
+    )

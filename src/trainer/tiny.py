@@ -1,0 +1,104 @@
+"""A tiny qwen2 model (random weights, a byte-level BPE tokenizer trained here, a chat template) and a learnable
+synthetic chat dataset: for tests, benchmarks and trying the runner in seconds without any download."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TINY_ARGS: dict[str, Any] = {
+    "model_type": "qwen2",
+    "hidden_size": 64,
+    "num_hidden_layers": 4,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "max_position_embeddings": 1024,
+    "tie_word_embeddings": True,
+}
+NAMES = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta", "lambda_", "zeta"]
+
+
+def synthetic_example(rng: random.Random) -> dict[str, Any]:
+    """A tiny code task with one fixed answer pattern, so a few dozen steps visibly lower the loss."""
+    name, number = rng.choice(NAMES), rng.randint(0, 99)
+    return {
+        "messages": [
+            {"role": "user", "content": f"Write add_{name} adding {number}."},
+            {"role": "assistant", "content": f"def add_{name}(x):\n    return x + {number}\n"},
+        ]
+    }
+
+
+def write_synthetic_dataset(folder: Path, train: int = 200, valid: int = 40, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, count in (("train", train), ("valid", valid)):
+        lines = [json.dumps(synthetic_example(rng)) for _ in range(count)]
+        (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+def _corpus() -> list[str]:
+    """Text in the repo: this package's own source, plus the synthetic task's phrasing."""
+    here = Path(__file__).parent
+    texts = [p.read_text(encoding="utf-8") for p in sorted(here.glob("*.py"))]
+    rng = random.Random(1)
+    texts += [json.dumps(synthetic_example(rng)) for _ in range(200)]
+    return texts
+
+
+def build_tokenizer(folder: Path, vocab_size: int = 512) -> int:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_corpus(), trainer=trainer)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "chat_template": CHAT_TEMPLATE,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "bos_token": None,
+        "unk_token": None,
+        "model_max_length": 1024,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2), encoding="utf-8")
+    return int(tokenizer.get_vocab_size())
+
+
+def build_tiny_model(folder: Path, seed: int = 0, **overrides: Any) -> Path:
+    """Write a random-weight qwen2 model folder in MLX layout (float32, unquantized) and return it."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import qwen2
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = build_tokenizer(folder)
+    padded_vocab = -(-vocab // 64) * 64  # a multiple of the quantization group size
+    config = {**TINY_ARGS, "vocab_size": padded_vocab, **overrides}
+    tokenizer = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    config["eos_token_id"] = tokenizer["model"]["vocab"]["<|im_end|>"]
+    mx.random.seed(seed)
+    model = qwen2.Model(qwen2.ModelArgs.from_dict(config))
+    mx.eval(model.parameters())
+    mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    (folder / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return folder

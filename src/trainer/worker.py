@@ -1,0 +1,107 @@
+"""The worker process: `python -m trainer.worker RUN_DIR --event-fd N`.
+
+Events go to a pipe of their own (fd N); stdout and stderr are the run's worker.log, so whatever MLX-LM prints
+never reaches the event channel. The exit status tells the parent how it ended: 0 success, 1 a reported failure,
+143 cancelled by SIGTERM; anything else is a crash. The parent decides the run's final state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import traceback
+from pathlib import Path
+from types import FrameType
+from typing import BinaryIO
+
+from .backend import BackendEvent, Cancelled, load_backend
+from .config import QLoRAConfig
+from .errors import ConfigError
+from .events import Failed, Finished, MemorySample, Started, encode_line
+from .jobs import FailureKind
+from .memory import MemorySampler
+
+log = logging.getLogger("trainer.worker")
+EXIT_FAILED = 1
+EXIT_CANCELLED = 128 + signal.SIGTERM
+
+
+class EventWriter:
+    """Thread-safe, strictly increasing `seq`, one line per write (the sampler thread writes too)."""
+
+    def __init__(self, channel: BinaryIO) -> None:
+        self._channel = channel
+        self._lock = threading.Lock()
+        self._seq = 0
+
+    def __call__(self, event: BackendEvent | MemorySample | Started | Finished | Failed) -> None:
+        with self._lock:
+            self._seq += 1
+            self._channel.write(encode_line(event.model_copy(update={"seq": self._seq})))
+            self._channel.flush()
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise Cancelled()
+
+
+def _exit_when_parent_goes() -> None:
+    """The parent holds our stdin open; EOF means it died, so stop as if cancelled (the adapter gets saved)."""
+    try:
+        while os.read(0, 4096):  # raw reads: a buffered reader's lock would abort interpreter shutdown
+            pass
+    except OSError:
+        pass
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def failure_kind(exc: BaseException) -> FailureKind:
+    if isinstance(exc, ConfigError | FileNotFoundError):
+        return FailureKind.CONFIG
+    text = str(exc).lower()
+    if isinstance(exc, MemoryError) or "out of memory" in text or "bad_alloc" in text:
+        return FailureKind.OOM
+    if isinstance(exc, ValueError):
+        return FailureKind.CONFIG
+    return FailureKind.BACKEND
+
+
+def run(run_dir: Path, emit: EventWriter) -> int:
+    config = QLoRAConfig.model_validate_json((run_dir / "config.json").read_text(encoding="utf-8"))
+    backend = load_backend()
+    emit(Started(pid=os.getpid(), backend=backend.name, device=backend.device()))
+    with MemorySampler(config.memory_sample_interval, emit):
+        try:
+            adapter = backend.train(config, run_dir, emit)
+        except Cancelled:
+            log.info("cancelled by SIGTERM")
+            return EXIT_CANCELLED
+        except Exception as exc:  # top-level handler: report any failure to the parent, then exit non-zero
+            log.error("training failed:\n%s", traceback.format_exc())
+            emit(Failed(kind=failure_kind(exc), message=f"{type(exc).__name__}: {exc}"))
+            return EXIT_FAILED
+    emit(Finished(adapter_path=str(adapter), iterations=config.iters))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer.worker")
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--event-fd", type=int, required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    threading.Thread(target=_exit_when_parent_goes, name="parent-watch", daemon=True).start()
+    with os.fdopen(args.event_fd, "wb", buffering=0) as channel:
+        try:
+            return run(args.run_dir, EventWriter(channel))
+        except Cancelled:
+            return EXIT_CANCELLED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
