@@ -51,7 +51,9 @@ class FailureKind(StrEnum):
     BACKEND = "backend"
     #: the worker died (signal or non-zero exit) without reporting why
     CRASHED = "crashed"
-    #: the server stopped while the run was live; nobody watched it finish
+    #: the server shut down while the run trained; the worker saved its adapter and stopped
+    INTERRUPTED = "interrupted"
+    #: the server died while the run was live; nobody watched it finish
     ORPHANED = "orphaned"
 
 

@@ -7,7 +7,7 @@ import time
 import types
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from .backend import Cancelled, Emit, adapter_dir_for
 from .config import QLoRAConfig
@@ -23,7 +23,7 @@ def load_for_training(config: QLoRAConfig) -> tuple[Any, Any, dict[str, Any]]:
     """Load the base model; quantize it on load when it is not quantized already (so every run is QLoRA)."""
     from mlx_lm.utils import load, quantize_model
 
-    model, tokenizer, model_config = load(config.model, return_config=True)
+    model, tokenizer, model_config = cast(tuple[Any, Any, dict[str, Any]], load(config.model, return_config=True))
     if config.quantize_bits and "quantization" not in model_config:
         log.info("quantizing the base model to %d bits, group size %d", config.quantize_bits, config.group_size)
         model, model_config = quantize_model(model, model_config, config.group_size, config.quantize_bits)
@@ -92,25 +92,33 @@ class MlxTrainingBackend:
         save_config(adapter_config(config, num_layers), adapter_dir / "adapter_config.json")
         adapter_file = adapter_dir / "adapters.safetensors"
 
+        last_progress = 0.0
+        phase = Phase.LOADING_DATA
+
+        def set_phase(new: Phase) -> None:
+            nonlocal phase
+            if new is not phase:
+                phase = new
+                emit(PhaseChanged(phase=new))
+
         class Reporter(TrainingCallback):  # type: ignore[misc]
             def on_train_loss_report(self, train_info: dict[str, Any]) -> None:
                 emit(TrainReport(**train_info))
 
             def on_val_loss_report(self, val_info: dict[str, Any]) -> None:
                 emit(ValReport(**val_info))
+                set_phase(Phase.TRAINING)  # mlx-lm reports right after the validation pass ends
 
-        last_progress = 0.0
-
-        def reporting_batches(dataset: Any, batch_size: int, max_seq_length: int, loop: bool = False,
-                              **kwargs: Any) -> Iterator[Any]:
+        def reporting_batches(
+            dataset: Any, batch_size: int, max_seq_length: int, loop: bool = False, **kwargs: Any
+        ) -> Iterator[Any]:
             """mlx-lm's own batching, plus phase, progress and checkpoint events (its train loop has no hooks)."""
             nonlocal last_progress
-            if not loop:  # a validation pass
-                emit(PhaseChanged(phase=Phase.EVALUATING))
+            if not loop:  # a validation pass; mlx-lm stops reading it early, so no code runs after it
+                set_phase(Phase.EVALUATING)
                 yield from iterate_batches(dataset, batch_size, max_seq_length, loop=loop, **kwargs)
-                emit(PhaseChanged(phase=Phase.TRAINING))
                 return
-            emit(PhaseChanged(phase=Phase.TRAINING))
+            set_phase(Phase.TRAINING)
             batches = iterate_batches(dataset, batch_size, max_seq_length, loop=loop, **kwargs)
             for it, batch in enumerate(batches, start=1):
                 done = it - 1

@@ -66,6 +66,7 @@ class _Tracked:
     changed: anyio.Event = field(default_factory=anyio.Event)
     process: anyio.abc.Process | None = None
     cancel_requested: bool = False
+    shutting_down: bool = False
     done: anyio.Event = field(default_factory=anyio.Event)
 
 
@@ -106,6 +107,7 @@ class JobRunner:
         assert self._tg is not None
         with anyio.CancelScope(shield=True):
             for run_id in list(self._running):
+                self._tracked[run_id].shutting_down = True
                 await self._stop_worker(self._tracked[run_id], reason="shutdown")
         self._tg.cancel_scope.cancel()
         return await self._tg.__aexit__(*exc)  # type: ignore[arg-type]
@@ -150,9 +152,9 @@ class JobRunner:
     def get(self, run_id: str) -> RunSnapshot:
         return self._job(run_id).snapshot()
 
-    def list(self, state: JobState | None = None, limit: int = 50) -> list[RunSnapshot]:
+    def list_runs(self, state: JobState | None = None, limit: int = 50) -> list[RunSnapshot]:
         live = {rid: t.job for rid, t in self._tracked.items()}
-        return [live.get(j.id, j).snapshot() for j in self.store.list(state, limit)]
+        return [live.get(j.id, j).snapshot() for j in self.store.list_runs(state, limit)]
 
     def memory_samples(self, run_id: str, limit: int | None = None) -> list[MemorySample]:
         samples = list(self._tracker(run_id).memory)
@@ -271,7 +273,8 @@ class JobRunner:
         try:
             self._change_state(tracked, JobState.RUNNING)
             read_fd, write_fd = os.pipe()
-            with open(run_dir / "worker.log", "ab") as worker_log, os.fdopen(read_fd, "rb") as channel:
+            # local files opened once per run: not worth a thread hop
+            with open(run_dir / "worker.log", "ab") as worker_log, os.fdopen(read_fd, "rb") as channel:  # noqa: ASYNC230
                 try:
                     tracked.process = await anyio.open_process(
                         [sys.executable, "-m", "trainer.worker", str(run_dir), "--event-fd", str(write_fd)],
@@ -301,7 +304,7 @@ class JobRunner:
 
     async def _pump_events(self, tracked: _Tracked, channel: BinaryIO, events_path: Path) -> Event | None:
         last: Event | None = None
-        with open(events_path, "ab") as events_file:
+        with open(events_path, "ab") as events_file:  # noqa: ASYNC230
             while True:
                 line = await anyio.to_thread.run_sync(channel.readline, abandon_on_cancel=True)
                 if not line:
@@ -361,6 +364,14 @@ class JobRunner:
             self._change_state(tracked, JobState.SUCCEEDED)
         elif tracked.cancel_requested:
             self._change_state(tracked, JobState.CANCELLED)
+        elif tracked.shutting_down:
+            error = JobError(
+                kind=FailureKind.INTERRUPTED,
+                message=f"the server shut down at iteration {tracked.job.iteration}; the adapter so far is in "
+                f"{tracked.job.config.get('adapter_dir') or run_dir / 'adapters'}",
+                exit_code=exit_code,
+            )
+            self._change_state(tracked, JobState.FAILED, error)
         elif isinstance(last, Failed):
             error = JobError(
                 kind=last.kind, message=last.message, exit_code=exit_code, stderr_tail=stderr_tail(run_dir)

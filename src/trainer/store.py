@@ -99,7 +99,7 @@ class RunStore:
             raise RunNotFound(run_id)
         return _job(found)
 
-    def list(self, state: JobState | None = None, limit: int = 50) -> list[Job]:
+    def list_runs(self, state: JobState | None = None, limit: int = 50) -> list[Job]:
         if state is None:
             cur = self._db.execute(f"SELECT {_COLUMNS} FROM runs ORDER BY created_at DESC LIMIT ?", (limit,))
         else:
@@ -142,8 +142,8 @@ def _job(row: tuple[object, ...]) -> Job:
         config=json.loads(str(config)),
         run_dir=str(run_dir),
         iters=int(str(iters)),
-        state=JobState(state),
-        phase=Phase(phase) if phase else None,
+        state=JobState(str(state)),
+        phase=Phase(str(phase)) if phase else None,
         created_at=float(str(created)),
         started_at=float(str(started)) if started is not None else None,
         ended_at=float(str(ended)) if ended is not None else None,

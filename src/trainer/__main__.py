@@ -1,0 +1,102 @@
+"""`python -m trainer`: run, inspect and list fine-tuning runs without MCP. Output goes to stderr except results."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import anyio
+from tqdm import tqdm
+
+from .errors import TrainerError
+from .home import default_home
+from .jobs import JobState, RunSnapshot
+from .runner import JobRunner
+from .store import RunStore
+
+log = logging.getLogger("trainer")
+
+
+def _describe(snap: RunSnapshot) -> str:
+    m = snap.metrics
+    parts = [f"{snap.id}  {snap.state.value:<9}  iter {snap.iteration}/{snap.iters}"]
+    if m.last_train_loss is not None:
+        parts.append(f"train {m.last_train_loss:.3f}")
+    if m.last_val_loss is not None:
+        parts.append(f"val {m.first_val_loss:.3f}->{m.last_val_loss:.3f}")
+    if m.tokens_per_second:
+        parts.append(f"{m.tokens_per_second:.0f} tok/s")
+    if m.peak_memory_gb:
+        parts.append(f"peak {m.peak_memory_gb:.2f} GB")
+    if snap.error:
+        parts.append(f"{snap.error.kind.value}: {snap.error.message}")
+    return "  ".join(parts)
+
+
+async def _run(raw: dict[str, object], home: Path) -> int:
+    store = RunStore(home)
+    async with JobRunner(store) as runner:
+        snap = runner.submit(raw)
+        log.info("run %s queued; folder %s", snap.id, snap.run_dir)
+        with tqdm(total=snap.iters, desc=f"run {snap.id}", unit="it", file=sys.stderr) as bar:
+            while not snap.state.terminal:
+                snap = await runner.wait_for_change(snap.id, timeout=1.0)
+                bar.update(snap.iteration - bar.n)
+                m = snap.metrics
+                bar.set_postfix(
+                    phase=snap.phase.value if snap.phase else snap.state.value,
+                    loss=f"{m.last_train_loss:.3f}" if m.last_train_loss is not None else "-",
+                    val=f"{m.last_val_loss:.3f}" if m.last_val_loss is not None else "-",
+                    tok_s=f"{m.tokens_per_second:.0f}" if m.tokens_per_second else "-",
+                    mem=f"{m.peak_memory_gb:.2f}GB" if m.peak_memory_gb else "-",
+                )
+    sys.stdout.write(snap.model_dump_json(indent=2) + "\n")
+    log.info("%s", _describe(snap))
+    if snap.adapter_path:
+        log.info("adapter: %s", snap.adapter_path)
+    return 0 if snap.state is JobState.SUCCEEDED else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__)
+    parser.add_argument("--home", type=Path, default=None, help="runs folder and database (default: %(default)s)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run one QLoRA config (JSON) to the end, with a progress bar")
+    run.add_argument("config", type=Path)
+    status = sub.add_parser("status", help="show one run as JSON")
+    status.add_argument("run_id")
+    listing = sub.add_parser("list", help="list runs, newest first")
+    listing.add_argument("--state", choices=[s.value for s in JobState])
+    listing.add_argument("--limit", type=int, default=20)
+    tiny = sub.add_parser("make-tiny", help="write a tiny random qwen2 model and a learnable dataset")
+    tiny.add_argument("folder", type=Path)
+    args = parser.parse_args(argv)
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(message)s")
+    home = (args.home or default_home()).resolve()
+    try:
+        if args.command == "run":
+            return anyio.run(_run, json.loads(args.config.read_text(encoding="utf-8")), home)
+        if args.command == "status":
+            snap = RunStore(home).get(args.run_id).snapshot()
+            sys.stdout.write(snap.model_dump_json(indent=2) + "\n")
+        elif args.command == "list":
+            state = JobState(args.state) if args.state else None
+            for job in RunStore(home).list_runs(state, args.limit):
+                sys.stdout.write(_describe(job.snapshot()) + "\n")
+        elif args.command == "make-tiny":
+            from .tiny import build_tiny_model, write_synthetic_dataset
+
+            build_tiny_model(args.folder / "model")
+            write_synthetic_dataset(args.folder / "data")
+            log.info("tiny model in %s, dataset in %s", args.folder / "model", args.folder / "data")
+    except TrainerError as exc:
+        log.error("error: %s", exc)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""In-process model loading and generation (MLX-LM's `load` and `stream_generate`), with optional adapters.
+
+One `ModelSession` keeps loaded models keyed by (model folder, adapter folder) so switching between a base model and
+its fine-tuned adapter does not reload weights each time. Calls are serialised by a lock: MLX is not re-entrant.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+from pydantic import BaseModel
+
+from .errors import ConfigError, ModelError
+from .memory import GB
+from .modelref import read_model_config, resolve_model_dir
+
+MAX_CACHED = 3
+
+
+class ModelInfo(BaseModel):
+    model: str
+    adapter: str | None
+    architecture: str
+    parameters: int
+    quantization: dict[str, Any] | None
+    load_seconds: float
+    memory_gb: float
+    has_chat_template: bool
+
+
+class Generation(BaseModel):
+    text: str
+    prompt_tokens: int
+    generation_tokens: int
+    tokens_per_second: float
+    prompt_tokens_per_second: float
+    finish_reason: str | None
+    peak_memory_gb: float
+
+
+@dataclass
+class _Loaded:
+    model: Any
+    tokenizer: Any
+    info: ModelInfo
+
+
+def _count_parameters(model: Any) -> int:
+    from mlx_lm.utils import get_total_parameters
+
+    return int(get_total_parameters(model))
+
+
+def resolve_adapter_dir(adapter: str) -> Path:
+    path = Path(adapter).expanduser()
+    if path.is_file() and path.name == "adapters.safetensors":
+        path = path.parent
+    if not (path / "adapter_config.json").is_file() or not (path / "adapters.safetensors").is_file():
+        raise ConfigError(
+            f"adapter {adapter!r} is not an adapter folder (needs adapter_config.json and adapters.safetensors); "
+            "pass a run's adapter_path"
+        )
+    return path.resolve()
+
+
+class ModelSession:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loaded: dict[tuple[str, str | None], _Loaded] = {}
+        self.current: tuple[str, str | None] | None = None
+
+    def load(self, model: str, adapter: str | None = None) -> ModelInfo:
+        model_dir = resolve_model_dir(model)
+        read_model_config(model_dir)
+        adapter_dir = resolve_adapter_dir(adapter) if adapter else None
+        key = (str(model_dir), str(adapter_dir) if adapter_dir else None)
+        with self._lock:
+            loaded = self._loaded.get(key) or self._load(key)
+            self.current = key
+            return loaded.info
+
+    def _load(self, key: tuple[str, str | None]) -> _Loaded:
+        import mlx.core as mx
+        from mlx_lm.utils import load
+
+        model_dir, adapter_dir = key
+        before = mx.get_active_memory()
+        start = time.perf_counter()
+        try:
+            result = load(model_dir, adapter_path=adapter_dir, return_config=True)
+            model, tokenizer, config = cast(tuple[Any, Any, dict[str, Any]], result)
+        except (ValueError, FileNotFoundError, KeyError, json.JSONDecodeError) as exc:
+            raise ModelError(f"could not load model {model_dir!r}: {exc}") from exc
+        info = ModelInfo(
+            model=model_dir,
+            adapter=adapter_dir,
+            architecture=str(config.get("model_type", "unknown")),
+            parameters=_count_parameters(model),
+            quantization=config.get("quantization"),
+            load_seconds=time.perf_counter() - start,
+            memory_gb=(mx.get_active_memory() - before) / GB,
+            has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
+        )
+        while len(self._loaded) >= MAX_CACHED:  # drop the oldest; MLX frees its arrays with it
+            self._loaded.pop(next(iter(self._loaded)))
+        loaded = _Loaded(model, tokenizer, info)
+        self._loaded[key] = loaded
+        return loaded
+
+    def loaded_models(self) -> list[ModelInfo]:
+        return [loaded.info for loaded in self._loaded.values()]
+
+    def generate(
+        self,
+        prompt: str | None = None,
+        messages: list[dict[str, str]] | None = None,
+        *,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        adapter: str | None = None,
+        model: str | None = None,
+    ) -> Generation:
+        """Generate from the current model (or `model`), through its chat template when it has one."""
+        if (prompt is None) == (messages is None):
+            raise ConfigError("pass exactly one of prompt (a string) or messages (a chat list)")
+        if model is None and self.current is None:
+            raise ModelError("no model is loaded; call load_model with a model folder first")
+        base = model or (self.current[0] if self.current else "")
+        if adapter is not None or model is not None:
+            self.load(base, adapter)
+        elif self.current is not None:
+            base = self.current[0]
+        import mlx.core as mx
+        from mlx_lm.generate import stream_generate
+        from mlx_lm.sample_utils import make_sampler
+
+        with self._lock:
+            assert self.current is not None
+            loaded = self._loaded[self.current]
+            tokenizer = loaded.tokenizer
+            chat = messages if messages is not None else [{"role": "user", "content": prompt or ""}]
+            if getattr(tokenizer, "chat_template", None):
+                text_prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+            elif prompt is not None:
+                text_prompt = prompt
+            else:
+                text_prompt = "\n".join(m["content"] for m in chat)
+            if seed is not None:
+                mx.random.seed(seed)
+            mx.reset_peak_memory()
+            pieces: list[str] = []
+            last = None
+            for last in stream_generate(
+                loaded.model,
+                tokenizer,
+                text_prompt,
+                max_tokens=max_tokens,
+                sampler=make_sampler(temp=temperature, top_p=top_p),
+            ):
+                pieces.append(last.text)
+            if last is None:
+                raise ModelError("generation produced nothing")
+            return Generation(
+                text="".join(pieces),
+                prompt_tokens=last.prompt_tokens,
+                generation_tokens=last.generation_tokens,
+                tokens_per_second=last.generation_tps,
+                prompt_tokens_per_second=last.prompt_tps,
+                finish_reason=last.finish_reason,
+                peak_memory_gb=mx.get_peak_memory() / GB,
+            )

@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from trainer.tiny import build_tiny_model, write_synthetic_dataset
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A qwen2 model with random weights and a BPE tokenizer trained on text in this repo (about a second)."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_synthetic_dataset(tmp_path_factory.mktemp("tiny-data"))
+
+
+@pytest.fixture
+def fake_model(tmp_path: Path) -> Path:
+    """Enough of a model folder to pass the checks; only the fake backend ever 'loads' it."""
+    folder = tmp_path / "fake-model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2", "num_hidden_layers": 4}))
+    (folder / "model.safetensors").write_bytes(b"")
+    return folder

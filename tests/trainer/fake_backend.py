@@ -1,0 +1,63 @@
+"""A scripted training backend for runner fault tests, loaded by the real worker subprocess by dotted path.
+
+FAKE_MODE picks the behaviour: succeed, fail, crash (SIGKILL itself), segfault, hang, hang_ignoring_term, noisy.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from trainer.backend import Emit, adapter_dir_for
+from trainer.config import QLoRAConfig
+from trainer.events import PhaseChanged, Progress, TrainReport, ValReport
+from trainer.jobs import Phase
+
+SPEC = "tests.trainer.fake_backend:FakeBackend"
+
+
+class FakeBackend:
+    name = "fake"
+
+    def device(self) -> str:
+        return "none"
+
+    def train(self, config: QLoRAConfig, run_dir: Path, emit: Emit) -> Path:
+        mode = os.environ.get("FAKE_MODE", "succeed")
+        emit(PhaseChanged(phase=Phase.TRAINING))
+        if mode == "noisy":
+            print("this line is MLX-LM-style noise on stdout")  # noqa: T201  (must land in worker.log only)
+            sys.stdout.flush()
+        if mode == "fail":
+            raise RuntimeError("the fake backend failed on purpose")
+        if mode == "crash":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if mode == "segfault":
+            os.kill(os.getpid(), signal.SIGSEGV)
+        if mode == "hang_ignoring_term":
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if mode.startswith("hang"):
+            emit(Progress(iteration=1, iters=config.iters))
+            while True:
+                time.sleep(0.05)
+        for it in range(1, config.iters + 1):
+            emit(Progress(iteration=it, iters=config.iters))
+            emit(
+                TrainReport(
+                    iteration=it,
+                    train_loss=1.0 / it,
+                    learning_rate=config.learning_rate,
+                    iterations_per_second=100.0,
+                    tokens_per_second=1000.0,
+                    trained_tokens=10 * it,
+                    peak_memory=0.01,
+                )
+            )
+        emit(ValReport(iteration=config.iters, val_loss=0.5, val_time=0.01))
+        adapters = adapter_dir_for(config, run_dir)
+        adapters.mkdir(parents=True, exist_ok=True)
+        (adapters / "adapters.safetensors").write_bytes(b"fake")
+        return adapters

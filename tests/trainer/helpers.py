@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from tests.conftest import REPO
+from tests.trainer.fake_backend import SPEC
+from trainer import JobRunner, RunStore
+
+
+def fake_env(mode: str) -> dict[str, str]:
+    return {"TRAINER_BACKEND": SPEC, "FAKE_MODE": mode, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "src")])}
+
+
+@asynccontextmanager
+async def fake_runner(home: Path, mode: str, **kwargs: Any) -> AsyncIterator[JobRunner]:
+    async with JobRunner(RunStore(home), worker_env=fake_env(mode), **kwargs) as runner:
+        yield runner
+
+
+def process_gone(pid: int) -> bool:
+    try:
+        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return True
+
+
+def config(model: Path, data: Path, /, **overrides: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {"model": str(model), "data": str(data), "num_layers": 4, "iters": 5, "batch_size": 2}
+    return {**base, **overrides}

@@ -1,0 +1,74 @@
+"""Bad input: each a clear error naming the value and the fix, and no run record or folder left behind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.trainer.helpers import config
+from trainer import ConfigError, JobRunner, RunStore
+
+
+def _write(folder: Path, train: str, valid: str | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train.jsonl").write_text(train)
+    if valid is not None:
+        (folder / "valid.jsonl").write_text(valid)
+    return folder
+
+
+GOOD_LINE = json.dumps({"text": "hello world"})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "data_setup", "expected"),
+    [
+        ({"model": "/no/such/model"}, None, r"model path '/no/such/model' does not exist"),
+        ({"model": "NOT_A_MODEL"}, None, r"is not a model folder: it has no config.json"),
+        ({}, "missing", r"data folder .* does not exist"),
+        ({}, "no_train", r"has no train.jsonl"),
+        ({}, "empty", r"train.jsonl is empty"),
+        ({}, "malformed", r"train.jsonl line 2 is not valid JSON"),
+        ({}, "unknown_format", r"line 1: unknown record format with keys \['input', 'output'\]"),
+        ({"batch_size": 8}, "three", r"batch_size=8 is larger than the 3 examples"),
+        ({"rank": 0}, None, r"rank: Input should be greater than or equal to 1 \(got 0\)"),
+        ({"iters": -5}, None, r"iters: Input should be greater than or equal to 1 \(got -5\)"),
+        ({"num_layers": 40}, None, r"num_layers=40 but the model .* has only 4 layers"),
+        ({"adapter_dir": "UNDER_A_FILE"}, None, r"adapter_dir .* is not writable"),
+        ({"learning_rat": 0.1}, None, r"learning_rat: Extra inputs are not permitted"),
+    ],
+)
+async def test_bad_input_is_a_clear_error_and_leaves_no_record(
+    tmp_path: Path, fake_model: Path, tiny_data: Path, overrides: dict[str, Any], data_setup: str | None, expected: str
+) -> None:
+    data = tiny_data
+    lines = {
+        "empty": "",
+        "malformed": GOOD_LINE + "\n{not json\n",
+        "unknown_format": json.dumps({"input": "a", "output": "b"}) + "\n",
+        "three": "\n".join([GOOD_LINE] * 3) + "\n",
+    }
+    if data_setup == "missing":
+        data = tmp_path / "no-data"
+    elif data_setup == "no_train":
+        data = tmp_path / "empty-folder"
+        data.mkdir()
+    elif data_setup is not None:
+        data = _write(tmp_path / "data", lines[data_setup])
+    if overrides.get("model") == "NOT_A_MODEL":
+        not_model = tmp_path / "not-a-model"
+        not_model.mkdir()
+        overrides = {**overrides, "model": str(not_model)}
+    if overrides.get("adapter_dir") == "UNDER_A_FILE":
+        a_file = tmp_path / "a-file"
+        a_file.write_text("x")
+        overrides = {**overrides, "adapter_dir": str(a_file / "adapters")}
+    home = tmp_path / "home"
+    async with JobRunner(RunStore(home)) as runner:
+        with pytest.raises(ConfigError, match=expected):
+            runner.submit(config(fake_model, data, **overrides))
+    assert RunStore(home).list_runs() == []
+    assert list((home / "runs").iterdir()) == []

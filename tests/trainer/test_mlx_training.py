@@ -1,0 +1,120 @@
+"""Real QLoRA with MLX-LM in a real worker subprocess, on the tiny model and a learnable synthetic dataset."""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trainer import JobRunner, JobState, RunStore
+from trainer.inference import ModelSession
+
+pytestmark = pytest.mark.slow
+PROMPT = "Write add_gamma adding 7."
+SAMPLE_INTERVAL = 0.2
+
+
+@pytest.fixture(scope="module")
+async def trained(tiny_model: Path, tiny_data: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    home = tmp_path_factory.mktemp("mlx-home")
+    async with JobRunner(RunStore(home)) as runner:
+        run = runner.submit(
+            {
+                "model": str(tiny_model),
+                "data": str(tiny_data),
+                "num_layers": 4,
+                "iters": 40,
+                "batch_size": 4,
+                "learning_rate": 1e-3,
+                "max_seq_length": 128,
+                "steps_per_report": 5,
+                "steps_per_eval": 20,
+                "val_batches": 5,
+                "save_every": 20,
+                "memory_sample_interval": SAMPLE_INTERVAL,
+            }
+        )
+        done = await runner.wait_until_done(run.id, 300)
+        train_reports, val_reports = runner.reports(run.id)
+        samples = runner.memory_samples(run.id)
+    return done, train_reports, val_reports, samples
+
+
+async def test_qlora_run_succeeds_and_validation_loss_falls_clearly(trained) -> None:  # type: ignore[no-untyped-def]
+    done, train_reports, val_reports, _ = trained
+    assert done.state is JobState.SUCCEEDED, done.error
+    assert [v.iteration for v in val_reports] == [0, 19, 39]  # mlx-lm: steps done before each pass
+    assert val_reports[-1].val_loss < 0.5 * val_reports[0].val_loss
+    assert train_reports[-1].iteration == 40 and train_reports[-1].tokens_per_second > 0
+    assert done.metrics.first_val_loss == val_reports[0].val_loss
+    adapters = Path(done.adapter_path)
+    assert (adapters / "adapters.safetensors").is_file() and (adapters / "0000020_adapters.safetensors").is_file()
+
+
+async def test_memory_was_sampled_at_the_configured_rate(trained) -> None:  # type: ignore[no-untyped-def]
+    _, _, _, samples = trained
+    assert len(samples) >= 5
+    gaps = [b.ts - a.ts for a, b in zip(samples, samples[1:], strict=False)]
+    assert statistics.median(gaps) == pytest.approx(SAMPLE_INTERVAL, abs=0.1)
+    assert max(s.rss_gb for s in samples) > 0 and max(s.peak_gb for s in samples) > 0
+    assert samples[0].system_total_gb > samples[0].system_available_gb > 0
+
+
+async def test_adapter_loads_and_changes_generation(trained, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
+    done = trained[0]
+    session = ModelSession()
+    session.load(str(tiny_model))
+    base = session.generate(PROMPT, max_tokens=24)
+    tuned = session.generate(PROMPT, max_tokens=24, adapter=done.adapter_path)
+    assert tuned.text != base.text
+    assert tuned.text.startswith("def add_"), tuned.text
+
+
+async def test_mlx_lm_generate_loads_our_adapter(trained, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
+    done = trained[0]
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlx_lm",
+            "generate",
+            "--model",
+            str(tiny_model),
+            "--adapter-path",
+            done.adapter_path,
+            "--prompt",
+            PROMPT,
+            "--max-tokens",
+            "16",
+            "--temp",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "def add_" in out.stdout
+
+
+def test_cli_runs_the_tiny_example_with_progress(tmp_path: Path) -> None:
+    repo = Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, "-m", "trainer", "make-tiny", "tiny"], cwd=tmp_path, check=True, timeout=120)
+    home = tmp_path / "home"
+    run = subprocess.run(
+        [sys.executable, "-m", "trainer", "--home", str(home), "run", str(repo / "examples" / "tiny-run.json")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert '"state": "succeeded"' in run.stdout
+    assert "60/60" in run.stderr  # the progress bar, on stderr
+    listing = subprocess.run(
+        [sys.executable, "-m", "trainer", "--home", str(home), "list"], capture_output=True, text=True, check=True
+    )
+    assert "succeeded" in listing.stdout and "iter 60/60" in listing.stdout

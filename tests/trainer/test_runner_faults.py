@@ -1,0 +1,147 @@
+"""The runner against real worker subprocesses running the fake backend: every ending, every process gone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import pytest
+
+from tests.trainer.helpers import config, fake_runner, process_gone
+from trainer import ConfigError, FailureKind, JobState, RunConflict, RunStore
+
+START_TIMEOUT = 30  # a cold interpreter start on a loaded 2-core machine
+
+
+async def _wait_running(runner, run_id: str) -> None:  # type: ignore[no-untyped-def]
+    with anyio.fail_after(START_TIMEOUT):
+        while not (snap := runner.get(run_id)).iteration:
+            await runner.wait_for_change(run_id, 1)
+    assert snap.state is JobState.RUNNING
+
+
+async def test_successful_run_is_recorded_with_its_metrics_and_adapter(tmp_path: Path, fake_model, tiny_data) -> None:
+    async with fake_runner(tmp_path, "succeed") as runner:
+        run = runner.submit(config(fake_model, tiny_data, memory_sample_interval=0.05))
+        done = await runner.wait_until_done(run.id, START_TIMEOUT)
+    assert done.state is JobState.SUCCEEDED
+    assert done.iteration == 5 and done.metrics.last_train_loss == pytest.approx(0.2)
+    assert done.metrics.last_val_loss == 0.5
+    assert Path(done.adapter_path or "", "adapters.safetensors").read_bytes() == b"fake"
+    stored = RunStore(tmp_path).get(run.id)  # a fresh connection sees the committed record
+    assert stored.state is JobState.SUCCEEDED and stored.ended_at and stored.error is None
+    events = (Path(done.run_dir) / "events.jsonl").read_text().splitlines()
+    assert '"type":"started"' in events[0] and '"type":"finished"' in events[-1]
+
+
+async def test_reported_failure_keeps_the_workers_kind_and_message(tmp_path: Path, fake_model, tiny_data) -> None:
+    async with fake_runner(tmp_path, "fail") as runner:
+        run = runner.submit(config(fake_model, tiny_data))
+        done = await runner.wait_until_done(run.id, START_TIMEOUT)
+    assert done.state is JobState.FAILED
+    assert done.error is not None and done.error.kind is FailureKind.BACKEND and done.error.exit_code == 1
+    assert "failed on purpose" in done.error.message
+    assert "Traceback" in (done.error.stderr_tail or "")
+    assert RunStore(tmp_path).get(run.id).error == done.error
+
+
+@pytest.mark.parametrize(("mode", "signal_name"), [("crash", "SIGKILL"), ("segfault", "SIGSEGV")])
+async def test_worker_killed_by_signal_marks_run_failed_crashed(
+    tmp_path: Path, fake_model, tiny_data, mode: str, signal_name: str
+) -> None:
+    async with fake_runner(tmp_path, mode) as runner:
+        run = runner.submit(config(fake_model, tiny_data))
+        done = await runner.wait_until_done(run.id, START_TIMEOUT)
+    assert done.state is JobState.FAILED and done.error is not None
+    assert done.error.kind is FailureKind.CRASHED and done.error.exit_code is not None and done.error.exit_code < 0
+    assert signal_name in done.error.message
+    assert RunStore(tmp_path).get(run.id).state is JobState.FAILED
+
+
+async def test_hung_worker_is_cancelled_and_its_process_is_gone(tmp_path: Path, fake_model, tiny_data) -> None:
+    async with fake_runner(tmp_path, "hang") as runner:
+        run = runner.submit(config(fake_model, tiny_data))
+        await _wait_running(runner, run.id)
+        pid = runner.live_workers()[run.id]
+        with anyio.fail_after(10):
+            done = await runner.cancel(run.id)
+        assert done.state is JobState.CANCELLED and process_gone(pid)
+        assert runner.live_workers() == {}
+        with pytest.raises(RunConflict, match="already ended"):
+            await runner.cancel(run.id)
+    assert RunStore(tmp_path).get(run.id).state is JobState.CANCELLED
+
+
+async def test_worker_ignoring_sigterm_is_killed_after_the_grace_period(tmp_path: Path, fake_model, tiny_data) -> None:
+    async with fake_runner(tmp_path, "hang_ignoring_term", cancel_grace_s=0.5) as runner:
+        run = runner.submit(config(fake_model, tiny_data))
+        await _wait_running(runner, run.id)
+        pid = runner.live_workers()[run.id]
+        with anyio.fail_after(10):
+            done = await runner.cancel(run.id)
+    assert done.state is JobState.CANCELLED and process_gone(pid)
+
+
+async def test_cancel_while_queued_never_starts_a_worker(tmp_path: Path, fake_model, tiny_data) -> None:
+    async with fake_runner(tmp_path, "hang") as runner:
+        first = runner.submit(config(fake_model, tiny_data))
+        second = runner.submit(config(fake_model, tiny_data))
+        await _wait_running(runner, first.id)
+        assert runner.get(second.id).state is JobState.QUEUED  # one run at a time by default
+        cancelled = await runner.cancel(second.id)
+        assert cancelled.state is JobState.CANCELLED and cancelled.started_at is None
+        await runner.cancel(first.id)
+    store = RunStore(tmp_path)
+    assert store.get(second.id).state is JobState.CANCELLED
+    assert not (Path(second.run_dir) / "events.jsonl").exists()
+
+
+async def test_queue_runs_in_fifo_order_and_respects_max_concurrent(tmp_path: Path, fake_model, tiny_data) -> None:
+    async with fake_runner(tmp_path, "succeed", max_concurrent=2) as runner:
+        runs = [runner.submit(config(fake_model, tiny_data)) for _ in range(3)]
+        done = [await runner.wait_until_done(r.id, START_TIMEOUT) for r in runs]
+    assert all(d.state is JobState.SUCCEEDED for d in done)
+    assert done[0].started_at and done[2].started_at and done[0].started_at <= done[2].started_at
+
+
+async def test_workers_stdout_goes_to_the_log_not_the_event_channel(tmp_path: Path, fake_model, tiny_data) -> None:
+    async with fake_runner(tmp_path, "noisy") as runner:
+        run = runner.submit(config(fake_model, tiny_data))
+        done = await runner.wait_until_done(run.id, START_TIMEOUT)
+    assert done.state is JobState.SUCCEEDED
+    run_dir = Path(done.run_dir)
+    assert "MLX-LM-style noise" in (run_dir / "worker.log").read_text()
+    assert "noise" not in (run_dir / "events.jsonl").read_text()
+
+
+async def test_runs_left_running_by_a_dead_server_are_orphaned_and_queued_ones_resume(
+    tmp_path: Path, fake_model, tiny_data
+) -> None:
+    async with fake_runner(tmp_path, "hang") as runner:
+        running = runner.submit(config(fake_model, tiny_data))
+        queued = runner.submit(config(fake_model, tiny_data))
+        await _wait_running(runner, running.id)
+    store = RunStore(tmp_path)
+    interrupted = store.get(running.id)  # a clean shutdown stops the worker and says so
+    assert interrupted.state is JobState.FAILED and interrupted.error
+    assert interrupted.error.kind is FailureKind.INTERRUPTED
+    # now simulate a server that died without cleaning up: put the records back as they were
+    job = store.get(running.id)
+    job.state, job.ended_at, job.error = JobState.RUNNING, None, None
+    store.save(job)
+    queued_job = store.get(queued.id)
+    queued_job.state, queued_job.ended_at, queued_job.error = JobState.QUEUED, None, None
+    store.save(queued_job)
+    async with fake_runner(tmp_path, "succeed") as runner:
+        orphan = runner.get(running.id)
+        assert orphan.state is JobState.FAILED and orphan.error and orphan.error.kind is FailureKind.ORPHANED
+        resumed = await runner.wait_until_done(queued.id, START_TIMEOUT)
+    assert resumed.state is JobState.SUCCEEDED
+
+
+async def test_bad_config_is_rejected_before_anything_is_written(tmp_path: Path, fake_model, tiny_data) -> None:
+    async with fake_runner(tmp_path, "succeed") as runner:
+        with pytest.raises(ConfigError, match="rank"):
+            runner.submit(config(fake_model, tiny_data, rank=0))
+        assert runner.list_runs() == []
+    assert list((tmp_path / "runs").iterdir()) == []

@@ -1,0 +1,109 @@
+"""Fast unit tests: the state machine, the event wire format, the store."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trainer import FailureKind, InvalidTransition, JobError, JobState, MemorySample, QLoRAConfig, RunStore
+from trainer.events import Progress, TrainReport, decode_line, encode_line
+from trainer.jobs import TRANSITIONS, Job
+
+
+def test_reference_defaults_are_qlora_rank_16_alpha_32_4bit_group_64_16_layers() -> None:
+    cfg = QLoRAConfig(model="m", data="d")
+    assert (cfg.rank, cfg.alpha, cfg.lora_scale, cfg.quantize_bits, cfg.group_size, cfg.num_layers) == (
+        16,
+        32.0,
+        2.0,
+        4,
+        64,
+        16,
+    )
+    assert cfg.memory_sample_interval == 0.5
+
+
+def test_terminal_states_accept_no_transition() -> None:
+    for state in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED):
+        assert TRANSITIONS[state] == frozenset()
+        job = Job(id="x", config={}, run_dir="/tmp/x", iters=1, state=state)
+        with pytest.raises(InvalidTransition):
+            job.transition(JobState.RUNNING)
+
+
+def test_transition_stamps_times_and_failure_needs_an_error() -> None:
+    job = Job(id="x", config={}, run_dir="/tmp/x", iters=1)
+    with pytest.raises(InvalidTransition):
+        job.transition(JobState.SUCCEEDED)  # queued cannot succeed without running
+    job.transition(JobState.RUNNING)
+    assert job.started_at is not None
+    job.transition(JobState.FAILED, error=JobError(kind=FailureKind.OOM, message="m"))
+    assert job.ended_at is not None and job.error and job.error.kind is FailureKind.OOM
+
+
+def test_events_round_trip_as_one_json_line() -> None:
+    for event in (
+        Progress(seq=3, iteration=2, iters=9),
+        TrainReport(
+            iteration=1,
+            train_loss=2.0,
+            learning_rate=1e-4,
+            iterations_per_second=1.0,
+            tokens_per_second=10.0,
+            trained_tokens=5,
+            peak_memory=0.1,
+        ),
+        MemorySample(rss_gb=1, active_gb=0.5, peak_gb=0.6, cache_gb=0.1, system_total_gb=8, system_available_gb=4),
+    ):
+        line = encode_line(event)
+        assert line.endswith(b"\n") and line.count(b"\n") == 1
+        assert decode_line(line) == event
+
+
+def test_store_uses_wal_and_round_trips_a_job(tmp_path: Path) -> None:
+    store = RunStore(tmp_path)
+    job = Job(id="abc", config={"k": 1}, run_dir=str(store.run_dir("abc")), iters=3)
+    store.create(job)
+    job.transition(JobState.RUNNING)
+    job.iteration = 2
+    job.metrics.last_train_loss = 1.5
+    store.save(job)
+    again = RunStore(tmp_path).get("abc")
+    assert again == job
+    mode = sqlite3.connect(tmp_path / "runs.sqlite3").execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
+    assert (tmp_path / "runs" / "abc" / "config.json").is_file()
+
+
+def test_store_create_that_fails_leaves_no_folder(tmp_path: Path) -> None:
+    store = RunStore(tmp_path)
+    store.create(Job(id="dup", config={}, run_dir=str(tmp_path / "runs" / "dup"), iters=1))
+    with pytest.raises(sqlite3.IntegrityError):
+        store.create(Job(id="dup", config={}, run_dir=str(tmp_path / "runs" / "other"), iters=1))
+    assert not (tmp_path / "runs" / "other").exists()
+
+
+def test_trainer_never_imports_mcp() -> None:
+    code = (
+        "import sys, trainer, trainer.__main__, trainer.worker, trainer.mlx_backend, trainer.inference; "
+        "print(sorted(m for m in sys.modules if m == 'mcp' or m.startswith('mcp.')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_public_surface_is_pinned() -> None:
+    import types
+
+    import trainer
+
+    exported = {
+        name
+        for name, value in vars(trainer).items()
+        if not name.startswith("_") and not isinstance(value, types.ModuleType)
+    } - {"annotations"}
+    assert exported == set(trainer.__all__)
