@@ -1,0 +1,49 @@
+"""`mcp-local` / `python -m mcp_local`: the MCP server over stdio. Only the protocol goes to stdout."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import anyio
+
+from .server import build_server, serve_stdio
+from .state import HOME_ENV, MAX_CONCURRENT_ENV, SAMPLE_INTERVAL_ENV, ServerSettings
+
+
+def main(argv: list[str] | None = None) -> None:
+    defaults = ServerSettings.from_env()
+    parser = argparse.ArgumentParser(prog="mcp-local", description=__doc__)
+    parser.add_argument(
+        "--home",
+        type=Path,
+        default=defaults.home,
+        help=f"runs folder and SQLite database (env {HOME_ENV}; default %(default)s)",
+    )
+    parser.add_argument(
+        "--sample-interval",
+        type=float,
+        default=defaults.sample_interval,
+        help=f"default seconds between memory samples of a run (env {SAMPLE_INTERVAL_ENV}; default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=defaults.max_concurrent,
+        help=f"runs trained at the same time (env {MAX_CONCURRENT_ENV}; default %(default)s)",
+    )
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        stream=sys.stderr, level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    settings = ServerSettings(
+        home=args.home.expanduser().resolve(), sample_interval=args.sample_interval, max_concurrent=args.max_concurrent
+    )
+    anyio.run(serve_stdio, build_server(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Typed results of the tools and resources, and how each becomes a one-line summary plus the same JSON."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mcp.types import CallToolResult, TextContent
+from pydantic import BaseModel, Field
+
+from trainer import JobState, MemorySample, RunSnapshot, TrainReport, ValReport
+from trainer.inference import Generation, ModelInfo
+
+__all__ = ["Generation", "ModelInfo"]
+
+
+class RunStatus(RunSnapshot):
+    """Everything needed to follow a run from this one result."""
+
+    progress_percent: float = Field(description="iteration / iters * 100")
+    recent_memory: list[MemorySample] = Field(description="The latest memory samples of the worker, oldest first.")
+    resources: dict[str, str] = Field(description="URIs of this run's live resources.")
+
+
+class RunList(BaseModel):
+    runs: list[RunStatus]
+    total_shown: int
+
+
+class StartedRun(BaseModel):
+    run_id: str
+    state: JobState
+    run_dir: str
+    queue_position: int = Field(description="0 when it starts at once; n when n runs are ahead of it.")
+    resources: dict[str, str]
+    next_step: str
+
+
+class ProcessMemory(BaseModel):
+    pid: int
+    rss_gb: float
+    mlx_active_gb: float | None = None
+    mlx_peak_gb: float | None = None
+    mlx_cache_gb: float | None = None
+
+
+class WorkerMemory(ProcessMemory):
+    run_id: str
+    sampled_at: float | None = Field(None, description="When the worker last sampled its MLX memory (epoch s).")
+
+
+class MemoryProfile(BaseModel):
+    server: ProcessMemory
+    loaded_models: list[ModelInfo]
+    workers: list[WorkerMemory]
+    system_total_gb: float
+    system_available_gb: float
+
+
+class RunMemoryResource(BaseModel):
+    run_id: str
+    interval_s: float = Field(description="The configured seconds between samples.")
+    samples: list[MemorySample]
+
+
+class RunMetricsResource(BaseModel):
+    run_id: str
+    train: list[TrainReport]
+    validation: list[ValReport]
+
+
+def run_resources(run_id: str) -> dict[str, str]:
+    return {aspect: f"runs://{run_id}/{aspect}" for aspect in ("status", "memory", "metrics")}
+
+
+def tool_result(model: BaseModel, summary: str) -> CallToolResult:
+    """Hosts differ: some models read only the text, others only the structured JSON; give both the same facts."""
+    data: dict[str, Any] = model.model_dump(mode="json")
+    text = summary + "\n" + model.model_dump_json(indent=1)
+    return CallToolResult(content=[TextContent(type="text", text=text)], structured_content=data)
+
+
+def summarize_run(status: RunStatus) -> str:
+    m = status.metrics
+    parts = [f"run {status.id}: {status.state.value}"]
+    if status.phase and not status.state.terminal:
+        parts.append(f"({status.phase.value})")
+    parts.append(f"iteration {status.iteration}/{status.iters}")
+    if m.last_train_loss is not None:
+        parts.append(f"train loss {m.last_train_loss:.3f}")
+    if m.last_val_loss is not None:
+        parts.append(f"val loss {m.first_val_loss:.3f} -> {m.last_val_loss:.3f}")
+    if m.tokens_per_second:
+        parts.append(f"{m.tokens_per_second:.0f} tok/s")
+    if status.eta_seconds is not None:
+        parts.append(f"ETA {status.eta_seconds:.0f}s")
+    if m.peak_memory_gb:
+        parts.append(f"peak {m.peak_memory_gb:.2f} GB")
+    if status.error:
+        parts.append(f"error ({status.error.kind.value}): {status.error.message}")
+    elif status.adapter_path and status.state is JobState.SUCCEEDED:
+        parts.append(f"adapter {status.adapter_path}")
+    return ", ".join(parts)

@@ -1,0 +1,74 @@
+"""build_server(): the MCPServer with its tools, resources, subscriptions and a lifespan that owns the runner."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+from mcp.server import MCPServer, NotificationOptions
+from mcp.server.stdio import stdio_server
+from mcp.server.subscriptions import InMemorySubscriptionBus
+
+from trainer import JobRunner, RunStore
+from trainer.inference import ModelSession
+
+from .notify import bridge
+from .resources import register_resource_templates, register_run_resources
+from .state import AppState, ServerSettings
+from .subscribe import register_legacy_subscriptions
+from .tools import register_tools
+
+RECENT_RUNS_LISTED = 50
+INSTRUCTIONS = """\
+Fine-tune and run local code LLMs with MLX-LM (QLoRA).
+- load_model(path) then generate(prompt) to try a model; generate(run_id=...) uses a finished run's adapter.
+- start_qlora_run(config) validates and queues a run and returns its run_id at once. Follow it with
+  run_status(run_id, wait_seconds=30) until the state is succeeded, failed or cancelled; cancel_run stops it.
+- profile_memory shows the server's, the loaded models' and every training worker's memory.
+- Resources runs://{run_id}/status, /memory and /metrics update live (subscribe to them)."""
+
+
+def build_server(settings: ServerSettings) -> MCPServer[AppState]:
+    bus = InMemorySubscriptionBus()
+
+    @asynccontextmanager
+    async def lifespan(mcp: MCPServer[AppState]) -> AsyncIterator[AppState]:
+        store = RunStore(settings.home)
+        try:
+            async with (
+                JobRunner(store, max_concurrent=settings.max_concurrent, worker_env=settings.worker_env) as runner,
+                anyio.create_task_group() as tg,
+            ):
+                state = AppState(settings=settings, runner=runner, models=ModelSession(), bus=bus)
+                for snap in runner.list_runs(limit=RECENT_RUNS_LISTED):
+                    register_run_resources(mcp, state, snap.id)
+                tg.start_soon(bridge, state, lambda run_id: register_run_resources(mcp, state, run_id))
+                try:
+                    yield state
+                finally:
+                    tg.cancel_scope.cancel()
+        finally:
+            store.close()
+
+    mcp: MCPServer[AppState] = MCPServer(
+        "mcp-local",
+        version="0.1.0",
+        instructions=INSTRUCTIONS,
+        lifespan=lifespan,
+        subscriptions=bus,
+        warn_on_duplicate_resources=False,
+    )
+    register_tools(mcp)
+    register_resource_templates(mcp)
+    register_legacy_subscriptions(mcp)
+    return mcp
+
+
+async def serve_stdio(mcp: MCPServer[Any]) -> None:
+    """Like mcp.run() over stdio, but also advertising listChanged to 2025-era clients."""
+    lowlevel = mcp._lowlevel_server
+    options = lowlevel.create_initialization_options(NotificationOptions(resources_changed=True))
+    async with stdio_server() as (read, write):
+        await lowlevel.run(read, write, options)
