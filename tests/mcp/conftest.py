@@ -1,0 +1,23 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from mcp.types import CallToolResult
+
+from mcp_local import ServerSettings, build_server
+from tests.trainer.helpers import fake_env
+
+
+def fake_server(home: Path, mode: str = "succeed", **settings: Any):  # type: ignore[no-untyped-def]
+    """A server whose runs train with the fake backend in real worker subprocesses."""
+    return build_server(ServerSettings(home=home, worker_env=fake_env(mode), **settings))
+
+
+def text_json(result: CallToolResult) -> tuple[str, dict[str, Any]]:
+    """Split a tool result's text into its summary line and the JSON below it."""
+    block = result.content[0]
+    assert block.type == "text"
+    summary, _, body = block.text.partition("\n")
+    return summary, json.loads(body)

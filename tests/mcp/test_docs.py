@@ -1,0 +1,48 @@
+"""docs/mcp/ matches what the server really offers."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from mcp import Client
+from tests.conftest import REPO
+from tests.mcp.conftest import fake_server
+
+DOCS = REPO / "docs" / "mcp"
+
+
+def _sections(text: str) -> dict[str, str]:
+    parts = re.split(r"^## (\w+)\s*$", text, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
+
+
+async def test_tools_reference_matches_tools_list(tmp_path: Path) -> None:
+    async with Client(fake_server(tmp_path), mode="legacy") as client:
+        tools = (await client.list_tools()).tools
+    tools_part, _, qlora = (DOCS / "tools.md").read_text(encoding="utf-8").partition("### QLoRAConfig")
+    sections = _sections(tools_part)
+    assert set(sections) == {t.name for t in tools}
+    for tool in tools:
+        documented = set(re.findall(r"^\| `(\w+)` \|", sections[tool.name], flags=re.M))
+        assert documented == set(tool.input_schema.get("properties", {})), tool.name
+        assert tool.description and tool.description in sections[tool.name]
+    config_fields = set(
+        tools[[t.name for t in tools].index("start_qlora_run")].input_schema["$defs"]["QLoRAConfig"]["properties"]
+    )
+    assert set(re.findall(r"^\| `(\w+)` \|", qlora, flags=re.M)) == config_fields
+
+
+async def test_resources_reference_matches_resource_templates(tmp_path: Path) -> None:
+    async with Client(fake_server(tmp_path), mode="legacy") as client:
+        templates = {t.uri_template for t in (await client.list_resource_templates()).resource_templates}
+    documented = set(re.findall(r"`(runs://\{run_id\}/\w+)`", (DOCS / "resources.md").read_text(encoding="utf-8")))
+    assert documented == templates
+
+
+def test_host_config_snippets_are_valid_json() -> None:
+    blocks = re.findall(r"```json\n(.*?)```", (DOCS / "hosts.md").read_text(encoding="utf-8"), flags=re.S)
+    assert len(blocks) == 3
+    for block in blocks:
+        json.loads(block)
