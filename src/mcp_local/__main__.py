@@ -9,11 +9,14 @@ from pathlib import Path
 
 import anyio
 
+from trainer.blas import reexec_with_blas
+
 from .server import build_server, serve_stdio
 from .state import HOME_ENV, MAX_CONCURRENT_ENV, SAMPLE_INTERVAL_ENV, ServerSettings
 
 
 def main(argv: list[str] | None = None) -> None:
+    reexec_with_blas()  # generation runs in this process: give MLX OpenBLAS before anything else happens
     defaults = ServerSettings.from_env()
     parser = argparse.ArgumentParser(prog="mcp-local", description=__doc__)
     parser.add_argument(

@@ -47,6 +47,13 @@ class QLoRAConfig(BaseModel):
     steps_per_eval: Annotated[int, Field(ge=1, description="Steps between validation-loss reports.")] = 200
     val_batches: Annotated[int, Field(ge=-1, description="Validation batches per evaluation; -1 for all.")] = 25
     save_every: Annotated[int, Field(ge=1, description="Steps between adapter checkpoints.")] = 100
+    fast_path: Annotated[
+        bool | None,
+        Field(
+            description="Compute multi-row quantized layers as dequantize-then-GEMM (backward recomputes the weight) "
+            "and keep CPU math in float32. None: on for CPU and CUDA, off on Metal. False: plain MLX-LM."
+        ),
+    ] = None
     memory_sample_interval: Annotated[
         float, Field(ge=0.05, le=60, description="Seconds between memory samples of the worker.")
     ] = 0.5

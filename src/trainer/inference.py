@@ -69,7 +69,8 @@ def resolve_adapter_dir(adapter: str) -> Path:
 
 
 class ModelSession:
-    def __init__(self) -> None:
+    def __init__(self, fast_path: bool | None = None) -> None:
+        self.fast_path = fast_path
         self._lock = threading.Lock()
         self._loaded: dict[tuple[str, str | None], _Loaded] = {}
         self.current: tuple[str, str | None] | None = None
@@ -96,6 +97,10 @@ class ModelSession:
             model, tokenizer, config = cast(tuple[Any, Any, dict[str, Any]], result)
         except (ValueError, FileNotFoundError, KeyError, json.JSONDecodeError) as exc:
             raise ModelError(f"could not load model {model_dir!r}: {exc}") from exc
+        from .fastpath import apply_fast_path
+
+        apply_fast_path(model, self.fast_path)
+        mx.eval(model.parameters())
         info = ModelInfo(
             model=model_dir,
             adapter=adapter_dir,

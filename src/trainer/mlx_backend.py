@@ -23,10 +23,13 @@ def load_for_training(config: QLoRAConfig) -> tuple[Any, Any, dict[str, Any]]:
     """Load the base model; quantize it on load when it is not quantized already (so every run is QLoRA)."""
     from mlx_lm.utils import load, quantize_model
 
+    from .fastpath import apply_fast_path
+
     model, tokenizer, model_config = cast(tuple[Any, Any, dict[str, Any]], load(config.model, return_config=True))
     if config.quantize_bits and "quantization" not in model_config:
         log.info("quantizing the base model to %d bits, group size %d", config.quantize_bits, config.group_size)
         model, model_config = quantize_model(model, model_config, config.group_size, config.quantize_bits)
+    apply_fast_path(model, config.fast_path)
     return model, tokenizer, model_config
 
 

@@ -23,6 +23,7 @@ import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from .blas import blas_env
 from .config import QLoRAConfig
 from .errors import RunConflict
 from .events import (
@@ -265,7 +266,7 @@ class JobRunner:
         env = dict(os.environ)
         env.update(self.worker_env)
         env["PYTHONUNBUFFERED"] = "1"
-        return env
+        return blas_env(env)
 
     async def _run_worker(self, tracked: _Tracked) -> None:
         job = tracked.job

@@ -1,0 +1,151 @@
+"""A fast path for quantized layers off Apple silicon, with weights still stored 4-bit.
+
+MLX's CPU (and, for multi-row inputs, CUDA) quantized matmul is far slower than a dequantize-then-GEMM. We compute
+multi-row inputs (training, prompt prefill) as dequantize + GEMM, and keep MLX's own kernel for decode (a few rows).
+
+Memory: a plain dequantize-then-GEMM keeps every layer's dequantized weight alive for the backward pass. Here the
+backward recomputes it (an `mx.custom_function` whose VJP dequantizes again), and each dequantize is done in row
+chunks: on the CPU `mx.dequantize` briefly needs twice its output, so an unchunked large weight (the output head of a
+49k-vocabulary model is 113 MB in float32) was what held the memory in earlier attempts, not the backward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from functools import cache
+from typing import Any, cast
+
+import mlx.core as mx
+from mlx.nn.layers.base import Module
+from mlx.nn.layers.quantized import QuantizedEmbedding, QuantizedLinear
+
+log = logging.getLogger(__name__)
+
+FAST_ENV = "MCP_LOCAL_FAST_QUANT"
+#: inputs with at most this many rows (decode) keep MLX's quantized kernel
+DECODE_ROWS = 4
+#: largest dequantized chunk, in elements. Small on the CPU, where it bounds the dequantize's scratch memory
+#: (measured on the SmolLM2 shape: 896 MB unchunked, 731 at 4M, 653 at 1M, 608 at 512K, against 564 for plain
+#: MLX-LM); large on a GPU, where every chunk is a kernel launch.
+CPU_CHUNK_ELEMENTS = 512 * 1024
+GPU_CHUNK_ELEMENTS = 64 * 1024 * 1024
+
+
+def chunk_elements() -> int:
+    return CPU_CHUNK_ELEMENTS if mx.default_device() == mx.cpu else GPU_CHUNK_ELEMENTS
+
+
+def fast_path_default() -> bool:
+    """On where it helps: the CPU and CUDA backends; off on Metal, where MLX's own kernels are fast."""
+    env = os.environ.get(FAST_ENV)
+    if env is not None:
+        return env not in ("0", "false", "off", "no")
+    return not mx.metal.is_available()
+
+
+def _row_chunks(rows: int, cols: int) -> list[tuple[int, int]]:
+    step = max(1, min(rows, chunk_elements() // max(cols, 1)))
+    return [(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+@cache
+def _dequantized_matmul(group_size: int, bits: int, mode: str, n_chunks: int) -> Callable[..., mx.array]:
+    """y = x @ dequantize(w).T, whose backward re-dequantizes w (chunk by chunk) instead of keeping it."""
+
+    def chunks(w: mx.array, scales: mx.array, biases: mx.array, dtype: mx.Dtype) -> list[tuple[int, int, mx.array]]:
+        out = []
+        rows, cols = w.shape[0], w.shape[1] * 32 // bits
+        for start, stop in _row_chunks(rows, cols):
+            part = mx.dequantize(
+                w[start:stop], scales[start:stop], biases[start:stop], group_size=group_size, bits=bits, mode=mode
+            )
+            out.append((start, stop, part.astype(dtype)))
+        return out
+
+    @mx.custom_function
+    def matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array) -> mx.array:
+        parts = [x @ wd.T for _, _, wd in chunks(w, scales, biases, x.dtype)]
+        return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
+
+    @matmul.vjp
+    def matmul_vjp(
+        primals: tuple[mx.array, ...], cotangent: mx.array, output: mx.array
+    ) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+        x, w, scales, biases = primals
+        # depend on the cotangent so the scheduler cannot dequantize for the backward pass during the forward one
+        w, scales, biases = mx.depends([w, scales, biases], [cotangent])
+        grad_x: mx.array | None = None
+        for start, stop, wd in chunks(w, scales, biases, cotangent.dtype):
+            part = cotangent[..., start:stop] @ wd
+            grad_x = part if grad_x is None else grad_x + part
+        assert grad_x is not None
+        return grad_x.astype(x.dtype), mx.zeros_like(w), mx.zeros_like(scales), mx.zeros_like(biases)
+
+    return cast(Callable[..., mx.array], matmul)
+
+
+def _multi_row(x: mx.array) -> bool:
+    return x.size // x.shape[-1] > DECODE_ROWS
+
+
+def _dense(module: Any, x: mx.array) -> mx.array:
+    n_chunks = len(_row_chunks(module["weight"].shape[0], x.shape[-1]))
+    fn = _dequantized_matmul(module.group_size, module.bits, module.mode, n_chunks)
+    return fn(x, module["weight"], module["scales"], module["biases"])
+
+
+class FastQuantizedLinear(QuantizedLinear):
+    def __call__(self, x: mx.array) -> mx.array:
+        if not _multi_row(x):
+            return cast(mx.array, super().__call__(x))
+        y = _dense(self, x)
+        return y + self["bias"] if "bias" in self else y
+
+
+class FastQuantizedEmbedding(QuantizedEmbedding):
+    def as_linear(self, x: mx.array) -> mx.array:
+        if not _multi_row(x):
+            return cast(mx.array, super().as_linear(x))
+        return _dense(self, x)
+
+
+_FAST_CLASSES: dict[type, type] = {
+    QuantizedLinear: FastQuantizedLinear,
+    QuantizedEmbedding: FastQuantizedEmbedding,
+}
+
+
+def enable_fast_quantized(model: Module) -> int:
+    """Switch the model's affine-quantized layers to the fast path in place; returns how many were switched.
+
+    Only the class changes: parameters, their names and saved adapters stay exactly as they were.
+    """
+    switched = 0
+    for _, module in model.named_modules():
+        fast = _FAST_CLASSES.get(type(module))
+        if fast is not None and getattr(module, "mode", "affine") == "affine" and module.get("biases") is not None:
+            module.__class__ = fast
+            switched += 1
+    return switched
+
+
+def use_float32_on_cpu(model: Module) -> bool:
+    """On the CPU, half-precision math is emulated and slow: keep the model's float parameters in float32."""
+    if mx.default_device() != mx.cpu:
+        return False
+    model.set_dtype(mx.float32)
+    return True
+
+
+def apply_fast_path(model: Module, wanted: bool | None) -> bool:
+    """Apply the fast quantized path (and float32 on the CPU) when `wanted`, or by backend when None."""
+    on = fast_path_default() if wanted is None else wanted
+    if not on:
+        log.info("fast path off: plain MLX-LM quantized layers")
+        return False
+    switched = enable_fast_quantized(model)
+    as_float32 = use_float32_on_cpu(model)
+    log.info("fast path on: %d quantized layers use dequantize-then-GEMM; CPU float32: %s", switched, as_float32)
+    return True
