@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import mlx.core as mx
-import mlx.nn as nn
 import mlx.optimizers as optim
 import pytest
+from mlx.nn.layers.quantized import quantize
+from mlx.nn.utils import value_and_grad
 from mlx_lm.models import qwen2
 from mlx_lm.tuner.trainer import default_loss
 from mlx_lm.tuner.utils import linear_to_lora_layers
@@ -20,7 +23,7 @@ VOCAB = 8192
 MAX_PEAK_RATIO = 1.2
 
 
-def _model(fast: bool) -> nn.Module:
+def _model(fast: bool) -> Any:
     mx.random.seed(0)
     args = qwen2.ModelArgs.from_dict(
         {
@@ -36,7 +39,7 @@ def _model(fast: bool) -> nn.Module:
         }
     )
     model = qwen2.Model(args)
-    nn.quantize(model, group_size=64, bits=4)
+    quantize(model, group_size=64, bits=4)
     mx.eval(model.parameters())
     if fast:
         assert enable_fast_quantized(model) == 4 * 7 + 1  # seven projections per block, plus the tied head
@@ -48,7 +51,7 @@ def _model(fast: bool) -> nn.Module:
 def _train(fast: bool, steps: int = 4) -> tuple[list[float], float]:
     model = _model(fast)
     optimizer = optim.Adam(learning_rate=1e-3)
-    loss_and_grad = nn.value_and_grad(model, default_loss)
+    loss_and_grad = value_and_grad(model, default_loss)
     batch = mx.random.randint(0, VOCAB, (4, 129), key=mx.random.key(1))
     lengths = mx.array([[0, 128]] * 4)
     losses = []
@@ -78,7 +81,7 @@ def test_fast_path_keeps_weights_4bit_and_parameter_names() -> None:
     assert isinstance(fast.model.embed_tokens, FastQuantizedEmbedding)
 
 
-def _flat(model: nn.Module) -> dict[str, mx.array]:
+def _flat(model: Any) -> dict[str, mx.array]:
     from mlx.utils import tree_flatten
 
     return dict(tree_flatten(model.parameters()))
