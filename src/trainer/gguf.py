@@ -18,7 +18,7 @@ import logging
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from .errors import ConfigError
 
@@ -150,7 +150,9 @@ def _write_tokenizer(meta: dict[str, Any], folder: Path) -> None:
     tokenizer = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False))
     tokenizer.pre_tokenizer = _pre_tokenizer(str(_scalar(meta, "tokenizer.ggml.pre", "default")))
     tokenizer.decoder = decoders.ByteLevel()
-    special = [AddedToken(t, special=True, normalized=False) for t, kind in zip(tokens, token_types) if kind == 3]
+    special = [
+        AddedToken(t, special=True, normalized=False) for t, kind in zip(tokens, token_types, strict=True) if kind == 3
+    ]
     tokenizer.add_special_tokens(special)
     tokenizer.save(str(folder / "tokenizer.json"))
 
@@ -178,9 +180,10 @@ def import_gguf(gguf_path: Path, out_dir: Path) -> Path:
     if not gguf_path.is_file():
         raise ConfigError(f"GGUF file {str(gguf_path)!r} does not exist")
     try:
-        tensors, meta = mx.load(str(gguf_path), return_metadata=True)
+        loaded = mx.load(str(gguf_path), return_metadata=True)
     except (RuntimeError, ValueError) as exc:
         raise ConfigError(f"{str(gguf_path)!r} is not a readable GGUF file: {exc}") from None
+    tensors, meta = cast(tuple[dict[str, Any], dict[str, Any]], loaded)
     arch = str(meta.get("general.architecture", ""))
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ConfigError(

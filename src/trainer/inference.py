@@ -20,6 +20,14 @@ from .memory import GB
 from .modelref import read_model_config, resolve_model_dir
 
 MAX_CACHED = 3
+DENSE_CACHE_MAX_BYTES = 2 * 1024**3
+
+
+def dense_cache_budget() -> int:
+    """Float32 weight copies speed up CPU decode; allow them up to 2 GB and a quarter of the free memory."""
+    import psutil
+
+    return min(DENSE_CACHE_MAX_BYTES, int(psutil.virtual_memory().available) // 4)
 
 
 class ModelInfo(BaseModel):
@@ -97,9 +105,10 @@ class ModelSession:
             model, tokenizer, config = cast(tuple[Any, Any, dict[str, Any]], result)
         except (ValueError, FileNotFoundError, KeyError, json.JSONDecodeError) as exc:
             raise ModelError(f"could not load model {model_dir!r}: {exc}") from exc
-        from .fastpath import apply_fast_path
+        from .fastpath import apply_fast_path, cache_dense_weights
 
-        apply_fast_path(model, self.fast_path)
+        if apply_fast_path(model, self.fast_path):
+            cache_dense_weights(model, dense_cache_budget())
         mx.eval(model.parameters())
         info = ModelInfo(
             model=model_dir,

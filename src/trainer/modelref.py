@@ -1,19 +1,71 @@
-"""Turning what a user calls a model (a folder today) into a checked local folder, without loading weights."""
+"""Turning what a user calls a model into a checked local MLX/Hugging Face model folder, without loading weights.
+
+A model may be named by a local folder, a `.gguf` file (imported once into a cache folder) or a Hugging Face repo
+id such as `Qwen/Qwen2.5-Coder-7B-Instruct` (downloaded where the hub is reachable, else taken from the local cache).
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import re
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .home import default_home
+
+log = logging.getLogger(__name__)
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+#: what a model needs from a repo: no PyTorch weights, no GGUF copies
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
 
 
 def resolve_model_dir(ref: str) -> Path:
     """Return the local model folder for `ref`, or raise a ConfigError that says what is wrong and how to fix it."""
     path = Path(ref).expanduser()
+    if not path.exists() and REPO_ID.match(ref) and not ref.startswith((".", "/", "~")):
+        return _check_folder(resolve_hub_model(ref), ref)
     if not path.exists():
-        raise ConfigError(f"model path {ref!r} does not exist; pass a local model folder (with config.json)")
+        raise ConfigError(
+            f"model path {ref!r} does not exist; pass a local model folder (with config.json), a .gguf file "
+            "or a Hugging Face repo id such as Qwen/Qwen2.5-Coder-7B-Instruct"
+        )
+    if path.is_file() and path.suffix == ".gguf":
+        from .gguf import cached_import
+
+        return cached_import(path.resolve(), default_home() / "models")
+    return _check_folder(path, ref)
+
+
+def resolve_hub_model(repo_id: str) -> Path:
+    """The local snapshot of a hub repo: from the cache first, else downloaded (progress bars on stderr)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, local_files_only=True))
+    except LocalEntryNotFoundError:
+        pass
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    if offline:
+        raise ConfigError(
+            f"model {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; unset it to "
+            "download, or pass a local folder or .gguf file"
+        )
+    log.info("downloading %s from the Hugging Face hub", repo_id)
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
+        raise ConfigError(
+            f"cannot get model {repo_id!r}: the Hugging Face hub is unreachable or refused ({type(exc).__name__}) and "
+            "the model is not in the local cache; connect to the internet, or download it elsewhere and pass the "
+            f"folder (if {repo_id!r} was meant as a local folder: it does not exist)"
+        ) from None
+
+
+def _check_folder(path: Path, ref: str) -> Path:
     if not path.is_dir():
         raise ConfigError(f"model path {ref!r} is a file, not a model folder; pass the folder that holds config.json")
     config_file = path / "config.json"
