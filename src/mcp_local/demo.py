@@ -1,0 +1,212 @@
+"""The main job end to end, as an MCP host would run it: `scripts/demo` (or `python -m mcp_local.demo`).
+
+Starts `mcp-local` as a subprocess, drives it over stdio with the SDK's client (2025 handshake, like Claude
+Desktop): load the model, generate before training, profile memory, start a QLoRA run on the dataset, follow it with
+run_status, generate after training with the adapter, and print base vs tuned side by side with the house-style
+checker's score for each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from mcp import Client, StdioServerParameters
+from trainer.blas import reexec_with_blas
+from trainer.bundled import house_style_data, smollm2_gguf
+from trainer.house_style import load_heldout, score_reply
+
+console = Console(highlight=False)
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+class DemoError(Exception):
+    pass
+
+
+def _structured(result: Any, what: str) -> dict[str, Any]:
+    if result.is_error:
+        raise DemoError(f"{what} failed: {result.content[0].text}")
+    return dict(result.structured_content)
+
+
+def _summary(result: Any) -> str:
+    return str(result.content[0].text.split("\n", 1)[0])
+
+
+async def _generate_all(client: Client, prompts: list[Any], max_tokens: int, run_id: str | None) -> list[str]:
+    replies = []
+    for item in prompts:
+        args: dict[str, Any] = {"prompt": item.prompt, "max_tokens": max_tokens}
+        if run_id:
+            args["run_id"] = run_id
+        replies.append(str(_structured(await client.call_tool("generate", args), "generate")["text"]))
+    return replies
+
+
+async def _follow(client: Client, run_id: str, iters: int) -> dict[str, Any]:
+    columns = (
+        TextColumn("[bold]training[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task("train", total=iters, info="starting the worker")
+
+        async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+            bar.update(task, completed=min(progress, iters))
+
+        while True:
+            result = await client.call_tool(
+                "run_status", {"run_id": run_id, "wait_seconds": 15, "memory_samples": 1}, progress_callback=on_progress
+            )
+            status = _structured(result, "run_status")
+            m = status["metrics"]
+            memory = status["recent_memory"][-1] if status["recent_memory"] else None
+            info = " ".join(
+                part
+                for part in (
+                    status["phase"] or status["state"],
+                    f"loss {m['last_train_loss']:.3f}" if m["last_train_loss"] is not None else "",
+                    f"val {m['last_val_loss']:.3f}" if m["last_val_loss"] is not None else "",
+                    f"{m['tokens_per_second']:.0f} tok/s" if m["tokens_per_second"] else "",
+                    f"worker RSS {memory['rss_gb']:.2f} GB, MLX peak {memory['peak_gb']:.2f} GB" if memory else "",
+                )
+                if part
+            )
+            bar.update(task, completed=status["iteration"], info=info)
+            if status["state"] in TERMINAL:
+                return status
+
+
+def _side_by_side(prompts: list[Any], base: list[str], tuned: list[str]) -> tuple[float, float]:
+    table = Table(title="base vs tuned (house style: code block only, type hints, one-line docstring)")
+    table.add_column("prompt", max_width=28)
+    table.add_column("base model", max_width=48)
+    table.add_column("score", justify="right")
+    table.add_column("fine-tuned", max_width=48)
+    table.add_column("score", justify="right")
+    base_scores, tuned_scores = [], []
+    for item, b, t in zip(prompts, base, tuned, strict=True):
+        sb, st = score_reply(b, item.function).score, score_reply(t, item.function).score
+        base_scores.append(sb)
+        tuned_scores.append(st)
+        table.add_row(item.prompt, b.strip()[:400], f"{sb:.2f}", t.strip()[:400], f"{st:.2f}")
+    base_mean, tuned_mean = sum(base_scores) / len(base_scores), sum(tuned_scores) / len(tuned_scores)
+    table.add_row("[bold]mean", "", f"[bold]{base_mean:.2f}", "", f"[bold]{tuned_mean:.2f}")
+    console.print(table)
+    return base_mean, tuned_mean
+
+
+async def run_demo(args: argparse.Namespace) -> dict[str, Any]:
+    started = time.monotonic()
+    home = args.home.resolve()
+    prompts = load_heldout(args.data)[: args.eval_prompts]
+    env = dict(os.environ)
+    params = StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "mcp_local", "--home", str(home), "--sample-interval", "0.5", "--log-level", "WARNING"],
+        env=env,
+    )
+    console.rule("[bold]mcp-local demo")
+    console.print(f"model: {args.model}\ndata: {args.data}\nruns folder: {home}")
+    async with Client(params, mode="legacy") as client:
+        console.print(
+            f"connected to {client.server_info.name if client.server_info else 'server'} "
+            f"(protocol {client.protocol_version})"
+        )
+        loaded = await client.call_tool("load_model", {"path": args.model})
+        _structured(loaded, "load_model")
+        console.print(_summary(loaded))
+
+        console.rule("before training")
+        base = await _generate_all(client, prompts, args.max_tokens, None)
+        console.print(f"generated {len(base)} base replies")
+        console.print(_summary(await client.call_tool("profile_memory", {})))
+
+        config = {
+            "model": args.model,
+            "data": str(args.data),
+            "iters": args.iters,
+            "batch_size": 4,
+            "learning_rate": 2e-4,
+            "mask_prompt": True,
+            "max_seq_length": 256,
+            "steps_per_report": 5,
+            "steps_per_eval": max(args.iters // 2, 1),
+            "val_batches": 4,
+            "save_every": args.iters,
+        }
+        console.rule("QLoRA fine-tuning (rank 16, alpha 32, 4-bit base)")
+        started_run = _structured(await client.call_tool("start_qlora_run", {"config": config}), "start_qlora_run")
+        run_id = started_run["run_id"]
+        console.print(f"run {run_id} queued; folder {started_run['run_dir']}")
+        status = await _follow(client, run_id, args.iters)
+        if status["state"] != "succeeded":
+            raise DemoError(f"run {run_id} ended {status['state']}: {status['error']}")
+        m = status["metrics"]
+        console.print(
+            f"validation loss {m['first_val_loss']:.3f} -> {m['last_val_loss']:.3f}, "
+            f"{m['tokens_per_second']:.0f} tokens/s, peak {m['peak_memory_gb']:.2f} GB"
+        )
+        console.rule("after training")
+        tuned = await _generate_all(client, prompts, args.max_tokens, run_id)
+    base_mean, tuned_mean = _side_by_side(prompts, base, tuned)
+    run_dir = Path(status["run_dir"])
+    summary = {
+        "run_id": run_id,
+        "wall_seconds": round(time.monotonic() - started, 1),
+        "first_val_loss": m["first_val_loss"],
+        "last_val_loss": m["last_val_loss"],
+        "tokens_per_second": m["tokens_per_second"],
+        "peak_memory_gb": m["peak_memory_gb"],
+        "base_score": base_mean,
+        "tuned_score": tuned_mean,
+        "run_dir": str(run_dir),
+        "adapter": status["adapter_path"],
+    }
+    console.print(
+        f"\nwall time {summary['wall_seconds']} s\nrun folder  {run_dir}\nadapter     {status['adapter_path']}\n"
+        f"worker log  {run_dir / 'worker.log'}\nevents      {run_dir / 'events.jsonl'}\n"
+        f"database    {home / 'runs.sqlite3'}"
+    )
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    reexec_with_blas()
+    parser = argparse.ArgumentParser(prog="python -m mcp_local.demo", description=__doc__)
+    parser.add_argument("--model", default=None, help="repo id, model folder or .gguf (default: bundled SmolLM2)")
+    parser.add_argument("--data", type=Path, default=None, help="dataset folder (default: bundled house style)")
+    parser.add_argument("--iters", type=int, default=40)
+    parser.add_argument("--eval-prompts", type=int, default=6, help="held-out prompts scored before and after")
+    parser.add_argument("--max-tokens", type=int, default=100)
+    parser.add_argument("--home", type=Path, default=Path("demo-output"), help="runs folder (default: %(default)s)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the summary as JSON here")
+    args = parser.parse_args(argv)
+    args.model = args.model or str(smollm2_gguf())
+    args.data = (args.data or house_style_data()).resolve()
+    try:
+        summary = anyio.run(run_demo, args)
+    except DemoError as exc:
+        console.print(f"[red]demo failed: {exc}")
+        return 1
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    return 0 if summary["tuned_score"] > summary["base_score"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
