@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     listing = sub.add_parser("list", help="list runs, newest first")
     listing.add_argument("--state", choices=[s.value for s in JobState])
     listing.add_argument("--limit", type=int, default=20)
+    gguf = sub.add_parser("import-gguf", help="turn a GGUF file into an MLX model folder")
+    gguf.add_argument("gguf", type=Path)
+    gguf.add_argument("out_dir", type=Path)
     tiny = sub.add_parser("make-tiny", help="write a tiny random qwen2 model and a learnable dataset")
     tiny.add_argument("folder", type=Path)
     args = parser.parse_args(argv)
@@ -86,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
             state = JobState(args.state) if args.state else None
             for job in RunStore(home).list_runs(state, args.limit):
                 sys.stdout.write(_describe(job.snapshot()) + "\n")
+        elif args.command == "import-gguf":
+            from .gguf import import_gguf
+
+            log.info("model folder: %s", import_gguf(args.gguf, args.out_dir))
         elif args.command == "make-tiny":
             from .tiny import build_tiny_model, write_synthetic_dataset
 

@@ -1,0 +1,43 @@
+"""README command 1 in short: the demo drives the real server over stdio to fine-tune the real SmolLM2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_fine_tunes_smollm2_and_the_tuned_model_follows_the_house_style(tmp_path: Path) -> None:
+    summary_file = tmp_path / "summary.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mcp_local.demo",
+            "--iters",
+            "24",
+            "--eval-prompts",
+            "3",
+            "--max-tokens",
+            "80",
+            "--home",
+            str(tmp_path / "home"),
+            "--json",
+            str(summary_file),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads(summary_file.read_text())
+    assert summary["last_val_loss"] < 0.5 * summary["first_val_loss"]
+    assert summary["tuned_score"] > summary["base_score"]
+    assert summary["tuned_score"] >= 0.8
+    assert (Path(summary["adapter"]) / "adapters.safetensors").is_file()
+    assert "base vs tuned" in result.stdout
