@@ -12,7 +12,7 @@ import anyio
 from trainer.blas import reexec_with_blas
 
 from .server import build_server, serve_stdio
-from .state import HOME_ENV, MAX_CONCURRENT_ENV, SAMPLE_INTERVAL_ENV, ServerSettings
+from .state import HOME_ENV, MAX_CONCURRENT_ENV, MEMORY_BUDGET_ENV, SAMPLE_INTERVAL_ENV, ServerSettings
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -37,13 +37,22 @@ def main(argv: list[str] | None = None) -> None:
         default=defaults.max_concurrent,
         help=f"runs trained at the same time (env {MAX_CONCURRENT_ENV}; default %(default)s)",
     )
+    parser.add_argument(
+        "--memory-budget-gb",
+        type=float,
+        default=defaults.memory_budget_gb,
+        help=f"default memory budget of a run (env {MEMORY_BUDGET_ENV}; default: min(16 GB, 75%% of RAM))",
+    )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = parser.parse_args(argv)
     logging.basicConfig(
         stream=sys.stderr, level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
     settings = ServerSettings(
-        home=args.home.expanduser().resolve(), sample_interval=args.sample_interval, max_concurrent=args.max_concurrent
+        home=args.home.expanduser().resolve(),
+        sample_interval=args.sample_interval,
+        max_concurrent=args.max_concurrent,
+        memory_budget_gb=args.memory_budget_gb,
     )
     anyio.run(serve_stdio, build_server(settings))
 

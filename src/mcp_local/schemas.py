@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field
 
 from trainer import JobState, MemorySample, RunSnapshot, TrainReport, ValReport
 from trainer.inference import Generation, ModelInfo
+from trainer.memory_estimate import MemoryParts, MemoryPlan
 
 __all__ = ["Generation", "ModelInfo"]
 
@@ -32,6 +33,8 @@ class StartedRun(BaseModel):
     run_dir: str
     queue_position: int = Field(description="0 when it starts at once; n when n runs are ahead of it.")
     resources: dict[str, str]
+    predicted_peak_gb: float | None = Field(description="Predicted peak memory of the run (GB).")
+    memory_budget_gb: float | None = Field(description="The run's memory budget (GB); the watchdog enforces it.")
     next_step: str
 
 
@@ -48,7 +51,19 @@ class WorkerMemory(ProcessMemory):
     sampled_at: float | None = Field(None, description="When the worker last sampled its MLX memory (epoch s).")
 
 
+class RunPrediction(BaseModel):
+    """A training run's predicted peak memory, part by part, against its budget."""
+
+    model: str
+    prediction: MemoryParts
+    plan: MemoryPlan
+    budget_gb: float
+    fits: bool
+    changes: list[str] = Field(description="Settings fit_to_budget would change.")
+
+
 class MemoryProfile(BaseModel):
+    prediction: RunPrediction | None = Field(None, description="Present when a run config or model was given.")
     server: ProcessMemory
     loaded_models: list[ModelInfo]
     workers: list[WorkerMemory]

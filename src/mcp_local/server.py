@@ -38,7 +38,12 @@ def build_server(settings: ServerSettings) -> MCPServer[AppState]:
         store = RunStore(settings.home)
         try:
             async with (
-                JobRunner(store, max_concurrent=settings.max_concurrent, worker_env=settings.worker_env) as runner,
+                JobRunner(
+                    store,
+                    max_concurrent=settings.max_concurrent,
+                    worker_env=settings.worker_env,
+                    memory_budget_gb=settings.memory_budget_gb,
+                ) as runner,
                 anyio.create_task_group() as tg,
             ):
                 state = AppState(settings=settings, runner=runner, models=ModelSession(), bus=bus)

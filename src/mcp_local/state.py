@@ -16,6 +16,7 @@ from trainer.inference import ModelSession
 HOME_ENV = "MCP_LOCAL_HOME"
 SAMPLE_INTERVAL_ENV = "MCP_LOCAL_SAMPLE_INTERVAL"
 MAX_CONCURRENT_ENV = "MCP_LOCAL_MAX_CONCURRENT"
+MEMORY_BUDGET_ENV = "MCP_LOCAL_MEMORY_BUDGET_GB"
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,8 @@ class ServerSettings:
     sample_interval: float = 0.5
     max_concurrent: int = 1
     worker_env: dict[str, str] = field(default_factory=dict)
+    #: None: the smaller of 16 GB and 75% of physical memory
+    memory_budget_gb: float | None = None
 
     @classmethod
     def from_env(cls) -> ServerSettings:
@@ -33,6 +36,7 @@ class ServerSettings:
             home=default_home(),
             sample_interval=float(os.environ.get(SAMPLE_INTERVAL_ENV, "0.5")),
             max_concurrent=int(os.environ.get(MAX_CONCURRENT_ENV, "1")),
+            memory_budget_gb=float(os.environ[MEMORY_BUDGET_ENV]) if os.environ.get(MEMORY_BUDGET_ENV) else None,
         )
 
 

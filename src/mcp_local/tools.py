@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field
 from trainer import JobState, QLoRAConfig, TrainerError, sample_memory
 from trainer.inference import Generation, ModelInfo
 
+from .predict import predict_for_config, predict_for_model
 from .resources import run_status
 from .schemas import (
     MemoryProfile,
@@ -37,7 +38,9 @@ DESCRIPTIONS = {
     "generate": "Generate text with the loaded model, optionally through a fine-tuned adapter or a run's adapter "
     "(run_id). Returns the text, token counts and tokens/s.",
     "profile_memory": "A memory snapshot of the server, of each loaded model and of every live training worker "
-    "(RSS, MLX active/peak/cache, system total/available).",
+    "(RSS, MLX active/peak/cache, system total/available). Given a run config (or a model plus batch size, sequence "
+    "length, LoRA layers, rank, checkpointing), also the run's predicted peak by part against its memory budget, "
+    "without loading weights.",
     "start_qlora_run": "Validate a QLoRA config and queue the run; returns its run_id at once (training never "
     "blocks the call). Follow it with run_status(run_id, wait_seconds=30) or the runs://{run_id}/... resources.",
     "run_status": "State, phase, iteration of total, train/val loss, tokens/s, ETA, peak memory, the latest memory "
@@ -160,8 +163,36 @@ def register_tools(mcp: MCPServer[Any]) -> None:
             read_only_hint=True, destructive_hint=False, idempotent_hint=False, open_world_hint=False
         ),
     )
-    async def profile_memory(ctx: Context[AppState, Any]) -> Annotated[CallToolResult, MemoryProfile]:
+    async def profile_memory(
+        ctx: Context[AppState, Any],
+        config: Annotated[
+            QLoRAConfig | None, Field(description="Predict this run's peak memory (nothing is started).")
+        ] = None,
+        model: Annotated[
+            str | None, Field(description="Or predict for this model with the settings below (no data needed).")
+        ] = None,
+        batch_size: Annotated[int, Field(ge=1)] = 4,
+        seq_len: Annotated[int, Field(ge=8, description="Tokens per example.")] = 2048,
+        num_layers: Annotated[int, Field(ge=-1, description="LoRA layers; -1 for all.")] = 16,
+        rank: Annotated[int, Field(ge=1)] = 16,
+        grad_checkpoint: bool = False,
+        chunked_loss: bool = False,
+    ) -> Annotated[CallToolResult, MemoryProfile]:
         state = _state(ctx)
+        prediction = None
+        with trainer_errors():
+            if config is not None:
+                prediction = await anyio.to_thread.run_sync(predict_for_config, state, config)
+            elif model is not None:
+                settings = {
+                    "batch_size": batch_size,
+                    "max_seq_length": seq_len,
+                    "num_layers": num_layers,
+                    "rank": rank,
+                    "grad_checkpoint": grad_checkpoint,
+                    "chunked_loss": chunked_loss,
+                }
+                prediction = await anyio.to_thread.run_sync(predict_for_model, state, model, settings)
         own = sample_memory()
         workers = []
         for run_id, pid in state.runner.live_workers().items():
@@ -183,6 +214,7 @@ def register_tools(mcp: MCPServer[Any]) -> None:
                 )
             )
         profile = MemoryProfile(
+            prediction=prediction,
             server=ProcessMemory(
                 pid=psutil.Process().pid,
                 rss_gb=own.rss_gb,
@@ -195,7 +227,14 @@ def register_tools(mcp: MCPServer[Any]) -> None:
             system_total_gb=own.system_total_gb,
             system_available_gb=own.system_available_gb,
         )
-        summary = (
+        predicted = ""
+        if prediction is not None:
+            verdict = "fits" if prediction.fits else "does NOT fit"
+            predicted = (
+                f"predicted peak {prediction.prediction.total_gb:.2f} GB {verdict} the budget of "
+                f"{prediction.budget_gb:.2f} GB; "
+            )
+        summary = predicted + (
             f"server RSS {own.rss_gb:.2f} GB (MLX active {own.active_gb:.2f} GB), {len(profile.loaded_models)} "
             f"model(s) loaded, {len(workers)} live worker(s), system {own.system_available_gb:.1f} of "
             f"{own.system_total_gb:.1f} GB available"
@@ -224,9 +263,16 @@ def register_tools(mcp: MCPServer[Any]) -> None:
             run_dir=snap.run_dir,
             queue_position=max(ahead, 0),
             resources=run_resources(snap.id),
+            predicted_peak_gb=snap.metrics.predicted_peak_gb,
+            memory_budget_gb=snap.config.get("memory_budget_gb"),
             next_step=f"call run_status with run_id={snap.id!r} and wait_seconds=30 until the state is final",
         )
-        return tool_result(started, f"run {snap.id} queued ({snap.iters} iterations); folder {snap.run_dir}")
+        predicted = (
+            f", predicted peak {snap.metrics.predicted_peak_gb:.2f} GB of a {started.memory_budget_gb:.2f} GB budget"
+            if snap.metrics.predicted_peak_gb is not None and started.memory_budget_gb is not None
+            else ""
+        )
+        return tool_result(started, f"run {snap.id} queued ({snap.iters} iterations{predicted}); folder {snap.run_dir}")
 
     @mcp.tool(
         name="run_status",

@@ -54,6 +54,32 @@ class QLoRAConfig(BaseModel):
             "and keep CPU math in float32. None: on for CPU and CUDA, off on Metal. False: plain MLX-LM."
         ),
     ] = None
+    chunked_loss: Annotated[
+        bool,
+        Field(
+            description="Compute the output head and loss in sequence chunks, recomputed in backward, so full "
+            "float32 logits never exist for the whole batch (much less memory for large vocabularies)."
+        ),
+    ] = False
+    memory_budget_gb: Annotated[
+        float | None,
+        Field(
+            gt=0,
+            description="Memory budget of this run in GB (MLX peak). Default: the server's, the smaller of "
+            "16 GB and 75% of physical memory. A run predicted over it is refused; one measured over it is stopped "
+            "with its adapter saved.",
+        ),
+    ] = None
+    allow_over_budget: Annotated[
+        bool, Field(description="Start even if the prediction exceeds the budget (the watchdog still applies).")
+    ] = False
+    fit_to_budget: Annotated[
+        bool,
+        Field(
+            description="Pick gradient checkpointing, chunked loss, batch size and sequence length so the run "
+            "is predicted to fit its budget."
+        ),
+    ] = False
     memory_sample_interval: Annotated[
         float, Field(ge=0.05, le=60, description="Seconds between memory samples of the worker.")
     ] = 0.5

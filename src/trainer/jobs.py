@@ -87,6 +87,7 @@ class RunMetrics(BaseModel):
     tokens_per_second: float | None = None
     trained_tokens: int = 0
     peak_memory_gb: float | None = None
+    predicted_peak_gb: float | None = None
 
 
 class RunSnapshot(BaseModel):

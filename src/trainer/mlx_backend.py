@@ -144,6 +144,11 @@ class MlxTrainingBackend:
             max_seq_length=config.max_seq_length,
             grad_checkpoint=config.grad_checkpoint,
         )
+        extra: dict[str, Any] = {}
+        if config.chunked_loss:
+            from .losses import make_chunked_loss
+
+            extra["loss"] = make_chunked_loss()
         try:
             train(
                 model=model,
@@ -153,6 +158,7 @@ class MlxTrainingBackend:
                 args=args,
                 iterate_batches=reporting_batches,
                 training_callback=Reporter(),
+                **extra,
             )
         except Cancelled:
             # keep what was learned: the adapter as of the last finished step, loadable like a final one

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 from .config import QLoRAConfig
 from .dataset_check import DatasetSummary, check_dataset
 from .errors import ConfigError
+from .memory_plan import MemoryCheck, check_memory
+from .memory_plan import default_budget_gb as default_budget_gb_now
 from .modelref import num_hidden_layers, read_model_config, resolve_model_dir
+
+log = logging.getLogger(__name__)
 
 
 def _check_writable(folder: str) -> None:
@@ -20,10 +25,14 @@ def _check_writable(folder: str) -> None:
         raise ConfigError(f"adapter_dir {folder!r} is not writable (checked {str(probe)!r}); pick a folder you own")
 
 
-def preflight(config: QLoRAConfig) -> tuple[QLoRAConfig, DatasetSummary]:
-    """Check a config; return it with paths made absolute (the worker runs elsewhere) and the dataset summary."""
+def preflight(
+    config: QLoRAConfig, default_budget_gb: float | None = None
+) -> tuple[QLoRAConfig, DatasetSummary, MemoryCheck | None]:
+    """Check a config; return it with paths made absolute (the worker runs elsewhere), its budget resolved and
+    fit_to_budget applied, the dataset summary and the memory prediction (None for a model config we cannot read)."""
     model_dir = resolve_model_dir(config.model)
-    layers = num_hidden_layers(read_model_config(model_dir))
+    model_config = read_model_config(model_dir)
+    layers = num_hidden_layers(model_config)
     if layers is not None and config.num_layers > layers:
         raise ConfigError(
             f"num_layers={config.num_layers} but the model {config.model!r} has only {layers} layers; "
@@ -34,4 +43,11 @@ def preflight(config: QLoRAConfig) -> tuple[QLoRAConfig, DatasetSummary]:
     if config.adapter_dir is not None:
         _check_writable(config.adapter_dir)
         updates["adapter_dir"] = str(Path(config.adapter_dir).expanduser().resolve())
-    return config.model_copy(update=updates), summary
+    config = config.model_copy(update=updates)
+    budget = default_budget_gb if default_budget_gb is not None else default_budget_gb_now()
+    try:
+        config, check = check_memory(config, model_config, model_dir, budget)
+    except KeyError as missing:  # a config without the dimensions we need: the watchdog still guards the run
+        log.warning("no memory prediction for %s: its config lacks %s", config.model, missing)
+        return config.model_copy(update={"memory_budget_gb": config.memory_budget_gb or budget}), summary, None
+    return config, summary, check

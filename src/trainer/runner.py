@@ -81,6 +81,7 @@ class JobRunner:
         max_concurrent: int = 1,
         cancel_grace_s: float = 10.0,
         worker_env: Mapping[str, str] | None = None,
+        memory_budget_gb: float | None = None,
     ) -> None:
         if max_concurrent < 1:
             raise ValueError(f"max_concurrent={max_concurrent} must be at least 1")
@@ -88,6 +89,7 @@ class JobRunner:
         self.max_concurrent = max_concurrent
         self.cancel_grace_s = cancel_grace_s
         self.worker_env = dict(worker_env or {})
+        self.memory_budget_gb = memory_budget_gb  # None: the smaller of 16 GB and 75% of physical memory
         self._tracked: dict[str, _Tracked] = {}
         self._queue: deque[str] = deque()
         self._running: set[str] = set()
@@ -135,7 +137,7 @@ class JobRunner:
     def submit(self, config: QLoRAConfig | dict[str, Any]) -> RunSnapshot:
         """Validate and enqueue a run; returns at once. Raises ConfigError and writes nothing on bad input."""
         parsed = config if isinstance(config, QLoRAConfig) else QLoRAConfig.parse(config)
-        checked, _ = preflight(parsed)
+        checked, _, memory = preflight(parsed, self.memory_budget_gb)
         run_id = secrets.token_hex(4)
         job = Job(
             id=run_id,
@@ -143,6 +145,8 @@ class JobRunner:
             run_dir=str(self.store.run_dir(run_id)),
             iters=checked.iters,
         )
+        if memory is not None:
+            job.metrics.predicted_peak_gb = memory.prediction.total_gb
         self.store.create(job)
         self._tracked[run_id] = _Tracked(job)
         self._queue.append(run_id)
@@ -345,6 +349,8 @@ class JobRunner:
             job.iteration = max(job.iteration, event.iteration)
         elif isinstance(event, PhaseChanged):
             job.phase = event.phase
+        elif isinstance(event, Failed) and event.adapter_path:
+            job.adapter_path = event.adapter_path
         elif isinstance(event, Checkpoint | Finished):
             job.adapter_path = str(Path(event.path).parent) if isinstance(event, Checkpoint) else event.adapter_path
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from types import FrameType
 from typing import BinaryIO
 
-from .backend import BackendEvent, Cancelled, load_backend
+from .backend import BackendEvent, Cancelled, adapter_dir_for, load_backend
 from .config import QLoRAConfig
 from .errors import ConfigError
 from .events import Failed, Finished, MemorySample, Started, encode_line
@@ -49,6 +49,29 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise Cancelled()
 
 
+class OverBudget(Cancelled):
+    """Raised in the main thread when the watchdog saw the run's memory pass its budget."""
+
+
+def _on_over_budget(signum: int, frame: FrameType | None) -> None:
+    raise OverBudget()
+
+
+class Watchdog:
+    """Passes memory samples on, and stops the run (SIGUSR1 to ourselves) once MLX's peak passes the budget."""
+
+    def __init__(self, budget_gb: float | None, emit: EventWriter) -> None:
+        self.budget_gb = budget_gb
+        self.emit = emit
+        self.tripped: MemorySample | None = None
+
+    def __call__(self, sample: MemorySample) -> None:
+        self.emit(sample)
+        if self.budget_gb and self.tripped is None and sample.peak_gb > self.budget_gb:
+            self.tripped = sample
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
 def _exit_when_parent_goes() -> None:
     """The parent holds our stdin open; EOF means it died, so stop as if cancelled (the adapter gets saved)."""
     try:
@@ -74,9 +97,26 @@ def run(run_dir: Path, emit: EventWriter) -> int:
     config = QLoRAConfig.model_validate_json((run_dir / "config.json").read_text(encoding="utf-8"))
     backend = load_backend()
     emit(Started(pid=os.getpid(), backend=backend.name, device=backend.device()))
-    with MemorySampler(config.memory_sample_interval, emit):
+    watchdog = Watchdog(config.memory_budget_gb, emit)
+    with MemorySampler(config.memory_sample_interval, watchdog):
         try:
             adapter = backend.train(config, run_dir, emit)
+        except OverBudget:
+            sample = watchdog.tripped
+            measured = f"{sample.peak_gb:.3f} GB" if sample else "more"
+            adapter_dir = adapter_dir_for(config, run_dir)
+            saved = (adapter_dir / "adapters.safetensors").is_file()
+            where = f"the adapter so far is saved in {adapter_dir}" if saved else "no adapter had been trained yet"
+            emit(
+                Failed(
+                    kind=FailureKind.MEMORY_BUDGET,
+                    message=f"stopped: MLX peak memory reached {measured}, over the run's budget of "
+                    f"{config.memory_budget_gb:.3f} GB; {where}; lower batch_size or max_seq_length, or set "
+                    "grad_checkpoint/chunked_loss (fit_to_budget picks them)",
+                    adapter_path=str(adapter_dir) if saved else None,
+                )
+            )
+            return EXIT_FAILED
         except Cancelled:
             log.info("cancelled by SIGTERM")
             return EXIT_CANCELLED
@@ -95,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGUSR1, _on_over_budget)
     threading.Thread(target=_exit_when_parent_goes, name="parent-watch", daemon=True).start()
     with os.fdopen(args.event_fd, "wb", buffering=0) as channel:
         try:

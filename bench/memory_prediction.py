@@ -1,0 +1,178 @@
+"""Predicted vs measured peak memory of QLoRA training steps over a grid of shapes and settings.
+
+uv run python bench/memory_prediction.py [--device cpu|gpu] [--grid cpu|gpu] [--out results.json]
+
+Each configuration runs in a fresh subprocess: a random-weight model of the given shape, quantized to 4 bits
+(group 64), LoRA rank 16, Adam, mlx-lm's compiled training step (as our worker runs it), three steps; the
+measured peak is MLX's peak memory after the first step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from typing import Any
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=8192,
+        tie_word_embeddings=True,
+    ),
+    "smollm2-135m": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    ),
+    "qwen2.5-0.5b": dict(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+    "qwen2.5-coder-7b": dict(
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
+        tie_word_embeddings=False,
+    ),
+}
+GRIDS: dict[str, list[dict[str, Any]]] = {
+    "cpu": [
+        dict(shape="tiny", batch=4, seq=256, ckpt=False, chunked=False),
+        dict(shape="tiny", batch=4, seq=256, ckpt=True, chunked=True),
+        dict(shape="smollm2-135m", batch=1, seq=128, ckpt=False, chunked=False),
+        dict(shape="smollm2-135m", batch=4, seq=128, ckpt=False, chunked=False),
+        dict(shape="smollm2-135m", batch=2, seq=512, ckpt=False, chunked=False),
+        dict(shape="smollm2-135m", batch=2, seq=512, ckpt=True, chunked=False),
+        dict(shape="smollm2-135m", batch=2, seq=512, ckpt=True, chunked=True),
+        dict(shape="qwen2.5-0.5b", batch=1, seq=256, ckpt=False, chunked=False),
+        dict(shape="qwen2.5-0.5b", batch=2, seq=512, ckpt=False, chunked=False),
+        dict(shape="qwen2.5-0.5b", batch=2, seq=512, ckpt=True, chunked=True),
+    ],
+    "gpu": [
+        dict(shape="qwen2.5-coder-7b", batch=1, seq=512, ckpt=False, chunked=False),
+        dict(shape="qwen2.5-coder-7b", batch=1, seq=2048, ckpt=False, chunked=False),
+        dict(shape="qwen2.5-coder-7b", batch=1, seq=2048, ckpt=True, chunked=False),
+        dict(shape="qwen2.5-coder-7b", batch=1, seq=2048, ckpt=True, chunked=True),
+        dict(shape="qwen2.5-coder-7b", batch=4, seq=1024, ckpt=True, chunked=True),
+    ],
+}
+
+CHILD = r"""
+import json, sys, time
+from functools import partial
+import mlx.core as mx, mlx.nn as nn, mlx.optimizers as optim
+from mlx.utils import tree_map
+from mlx_lm.models import qwen2
+from mlx_lm.tuner.trainer import default_loss, grad_checkpoint
+from mlx_lm.tuner.utils import linear_to_lora_layers
+from trainer.fastpath import apply_fast_path
+from trainer.losses import make_chunked_loss
+cfg = json.loads(sys.argv[1])
+shape = dict(cfg["dims"], model_type="qwen2", rms_norm_eps=1e-6, rope_theta=1e6)
+mx.random.seed(0)
+model = qwen2.Model(qwen2.ModelArgs.from_dict(shape))
+if mx.default_device() != mx.cpu:
+    model.set_dtype(mx.bfloat16)
+nn.quantize(model, group_size=64, bits=4)
+mx.eval(model.parameters())
+apply_fast_path(model, cfg["fast"])
+model.freeze()
+linear_to_lora_layers(model, cfg["layers"], {"rank": 16, "scale": 2.0, "dropout": 0.0})
+if cfg["ckpt"]:
+    grad_checkpoint(model.layers[0])
+loss = make_chunked_loss() if cfg["chunked"] else default_loss
+opt = optim.Adam(learning_rate=1e-5)
+vg = nn.value_and_grad(model, loss)
+state = [model.state, opt.state, mx.random.state]
+@partial(mx.compile, inputs=state, outputs=state)
+def step(batch, lengths):
+    (l, n), g = vg(model, batch, lengths)
+    opt.update(model, g)
+    return l, n
+B, T = cfg["batch"], cfg["seq"]
+x = mx.random.randint(0, shape["vocab_size"], (B, T + 1), key=mx.random.key(1))
+lengths = mx.array([[0, T]] * B)
+l, n = step(x, lengths); mx.eval(state, l)
+mx.clear_cache(); mx.reset_peak_memory()
+times = []
+for _ in range(cfg["steps"]):
+    t = time.perf_counter(); l, n = step(x, lengths); mx.eval(state, l); times.append(time.perf_counter() - t)
+print(json.dumps({"peak_gb": mx.get_peak_memory() / 1e9, "tok_s": B * T / min(times), "loss": l.item()}))
+"""
+
+
+def measure(case: dict[str, Any], fast: bool | None, steps: int) -> dict[str, Any]:
+    payload = {
+        "dims": SHAPES[case["shape"]],
+        "batch": case["batch"],
+        "seq": case["seq"],
+        "ckpt": case["ckpt"],
+        "chunked": case["chunked"],
+        "fast": fast,
+        "layers": 16,
+        "steps": steps,
+    }
+    out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(payload)], capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"error": out.stderr[-500:]}
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def predict(case: dict[str, Any], compute_bytes: int) -> float:
+    from trainer.memory_estimate import MemoryPlan, predict_peak
+
+    config = dict(SHAPES[case["shape"]], model_type="qwen2", quantization={"group_size": 64, "bits": 4})
+    plan = MemoryPlan(
+        batch_size=case["batch"],
+        seq_len=case["seq"],
+        num_layers=16,
+        rank=16,
+        grad_checkpoint=case["ckpt"],
+        chunked_loss=case["chunked"],
+        quantize_bits=4,
+        compute_bytes=compute_bytes,
+    )
+    return predict_peak(config, plan).total_gb
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--grid", choices=list(GRIDS), default="cpu")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    compute_bytes = 4 if args.grid == "cpu" else 2
+    rows = []
+    for case in GRIDS[args.grid]:
+        got = measure(case, None, args.steps)
+        predicted = predict(case, compute_bytes)
+        row = {**case, "predicted_gb": round(predicted, 3), **got}
+        if "peak_gb" in got:
+            row["error_pct"] = round(100 * (predicted - got["peak_gb"]) / got["peak_gb"], 1)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Predicting a QLoRA run's peak memory from the model's config and the run's settings alone (no weights loaded).
+
+The peak is the sum of parts: quantized weights, LoRA parameters with their gradients and Adam state, the
+activations the backward pass keeps, the logits and loss, and allocator slack. Activation and logit terms count
+tensors per token (hidden-, kv- and intermediate-sized, and vocabulary-sized); their coefficients were calibrated
+against measured peaks (bench/memory_prediction.py, docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+GB = 1e9
+
+#: tensors kept per token and LoRA layer, in units of hidden / kv / intermediate width; structural counts (10, 4, 6)
+#: scaled by 0.82, the least-squares fit to the CPU grid of bench/memory_prediction.py
+ACT_HIDDEN = 8.2
+ACT_KV = 3.3
+ACT_INTERMEDIATE = 4.9
+#: attention probabilities kept per layer for the backward pass, in units of heads x T x T (same fit)
+ACT_ATTENTION = 0.82
+#: vocabulary-sized tensors alive at the loss: the logits plus float32 log-softmax, gradients and copies (fit: 4.8)
+LOGIT_TENSORS = 4.8
+#: with the chunked loss the head's logits are recomputed, not kept: about half a float32 tensor fewer (fit)
+CHUNKED_LOGIT_SAVING = 0.5
+#: gradient checkpointing: the recomputed layer's activations and its backward intermediates, in layers (fit)
+CHECKPOINT_LAYERS = 2.0
+#: fraction added for the allocator's fragmentation and cache
+SLACK = 0.02
+
+
+class MemoryParts(BaseModel):
+    """Predicted peak memory of a training run, in GB, part by part."""
+
+    weights_gb: float = Field(description="The base model's (quantized) weights.")
+    lora_gb: float = Field(description="LoRA parameters, their gradients and Adam's two moments.")
+    activations_gb: float = Field(description="Activations kept for the backward pass.")
+    logits_gb: float = Field(description="Logits, log-softmax and their gradient at the loss.")
+    slack_gb: float = Field(description="Allocator slack.")
+    total_gb: float = Field(description="Predicted peak.")
+
+
+class MemoryPlan(BaseModel):
+    """The settings a prediction was made for."""
+
+    batch_size: int
+    seq_len: int
+    num_layers: int
+    rank: int
+    grad_checkpoint: bool
+    chunked_loss: bool
+    quantize_bits: int
+    compute_bytes: int = Field(description="2 for bfloat16/float16 (GPU), 4 for float32 (our CPU path).")
+
+
+def _dims(config: dict[str, Any]) -> tuple[int, int, int, int, int, int, int, bool]:
+    text = config.get("text_config", config)
+    hidden = int(text["hidden_size"])
+    heads = int(text["num_attention_heads"])
+    kv_heads = int(text.get("num_key_value_heads", heads))
+    head_dim = int(text.get("head_dim") or hidden // heads)
+    return (
+        hidden,
+        int(text["intermediate_size"]),
+        int(text["num_hidden_layers"]),
+        heads,
+        kv_heads * head_dim,
+        int(text["vocab_size"]),
+        head_dim,
+        bool(text.get("tie_word_embeddings", False)),
+    )
+
+
+def _weight_bytes(rows: int, cols: int, bits: int, group_size: int, scale_bytes: int, dense_bytes: int) -> float:
+    if not bits:
+        return rows * cols * dense_bytes
+    return rows * cols * bits / 8 + rows * (cols / group_size) * 2 * scale_bytes
+
+
+def predict_peak(model_config: dict[str, Any], plan: MemoryPlan) -> MemoryParts:
+    hidden, inter, layers, heads, kv, vocab, head_dim, tied = _dims(model_config)
+    quant = model_config.get("quantization") or {}
+    bits = int(quant.get("bits", plan.quantize_bits))
+    group = int(quant.get("group_size", 64))
+    d = plan.compute_bytes
+    projections = [(heads * head_dim, hidden), (kv, hidden), (kv, hidden), (hidden, heads * head_dim)]
+    projections += [(inter, hidden), (inter, hidden), (hidden, inter)]
+
+    weights = layers * sum(_weight_bytes(r, c, bits, group, d, d) for r, c in projections)
+    weights += _weight_bytes(vocab, hidden, bits, group, d, d) * (1 if tied else 2)
+    weights += (2 * layers + 1) * hidden * d  # norms
+
+    lora_layers = layers if plan.num_layers == -1 else min(plan.num_layers, layers)
+    lora_params = lora_layers * sum(plan.rank * (r + c) for r, c in projections)
+    lora = lora_params * 4 * 4  # float32 parameters, gradients, Adam m and v
+
+    tokens = plan.batch_size * plan.seq_len
+    per_layer = tokens * (ACT_HIDDEN * hidden + ACT_KV * kv + ACT_INTERMEDIATE * inter) * d
+    per_layer += ACT_ATTENTION * plan.batch_size * heads * plan.seq_len**2 * d
+    if plan.grad_checkpoint:  # keep each LoRA layer's input; recompute one layer at a time
+        activations = lora_layers * tokens * hidden * d + CHECKPOINT_LAYERS * per_layer
+    else:
+        activations = lora_layers * per_layer
+    logit_tokens = min(tokens, plan.batch_size * 1024) if plan.chunked_loss else tokens
+    kept = LOGIT_TENSORS - (CHUNKED_LOGIT_SAVING if plan.chunked_loss else 0.0)
+    logits = logit_tokens * vocab * (d + 4 * (kept - 1))
+
+    base = weights + lora + activations + logits
+    slack = SLACK * base
+    return MemoryParts(
+        weights_gb=weights / GB,
+        lora_gb=lora / GB,
+        activations_gb=activations / GB,
+        logits_gb=logits / GB,
+        slack_gb=slack / GB,
+        total_gb=(base + slack) / GB,
+    )

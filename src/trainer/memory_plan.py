@@ -1,0 +1,166 @@
+"""Budgets: predict a run's peak before it starts, refuse or fit it to the budget, with concrete alternatives."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import psutil
+from pydantic import BaseModel, Field
+
+from .config import QLoRAConfig
+from .errors import ConfigError
+from .memory_estimate import MemoryParts, MemoryPlan, predict_peak
+
+log = logging.getLogger(__name__)
+DEFAULT_BUDGET_CAP_GB = 16.0
+TEMPLATE_TOKENS_PER_MESSAGE = 8
+TEMPLATE_TOKENS = 40  # system prompt and markers a chat template may add
+
+
+def default_budget_gb() -> float:
+    """The smaller of 16 GB and 75% of physical memory."""
+    return round(min(DEFAULT_BUDGET_CAP_GB, 0.75 * float(psutil.virtual_memory().total) / 1e9), 2)
+
+
+class MemoryCheck(BaseModel):
+    prediction: MemoryParts
+    plan: MemoryPlan
+    budget_gb: float
+    fits: bool
+    changes: list[str] = Field(default_factory=list, description="Settings fit_to_budget changed.")
+
+
+def compute_bytes(fast_path: bool | None) -> int:
+    """Bytes per activation element on this machine's backend for these settings."""
+    import mlx.core as mx
+
+    from .fastpath import fast_path_default
+
+    on_cpu = mx.default_device() == mx.cpu
+    fast = fast_path_default() if fast_path is None else fast_path
+    return 4 if on_cpu and fast else 2
+
+
+def longest_example_tokens(data_dir: Path, model_dir: Path) -> int | None:
+    """Tokens in the longest training example, counted with the model's tokenizer.json (None if it has none)."""
+    tokenizer_file = model_dir / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    longest = 0
+    for split in ("train.jsonl", "valid.jsonl"):
+        path = data_dir / split
+        if not path.is_file():
+            continue
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            messages = record.get("messages")
+            if messages:
+                texts = [str(m.get("content", "")) for m in messages]
+            else:
+                texts = [str(v) for v in record.values() if isinstance(v, str)]
+            count = sum(len(tokenizer.encode(t).ids) for t in texts)
+            longest = max(longest, count + TEMPLATE_TOKENS_PER_MESSAGE * len(texts) + TEMPLATE_TOKENS)
+    return longest
+
+
+def plan_for(config: QLoRAConfig, seq_len: int, bytes_per_element: int) -> MemoryPlan:
+    return MemoryPlan(
+        batch_size=config.batch_size,
+        seq_len=seq_len,
+        num_layers=config.num_layers,
+        rank=config.rank,
+        grad_checkpoint=config.grad_checkpoint,
+        chunked_loss=config.chunked_loss,
+        quantize_bits=config.quantize_bits,
+        compute_bytes=bytes_per_element,
+    )
+
+
+def _alternatives(config: QLoRAConfig) -> list[dict[str, Any]]:
+    """Candidate settings, least intrusive first: memory-saving options, then smaller batches, then shorter
+    sequences."""
+    steps: list[dict[str, Any]] = []
+    current: dict[str, Any] = {}
+    for option in ("grad_checkpoint", "chunked_loss"):
+        if not getattr(config, option):
+            current = {**current, option: True}
+            steps.append(current)
+    batch = config.batch_size
+    while batch > 1:
+        batch = max(1, batch // 2)
+        current = {**current, "batch_size": batch}
+        steps.append(current)
+    seq = config.max_seq_length
+    while seq > 256:
+        seq = max(256, seq // 2)
+        current = {**current, "max_seq_length": seq}
+        steps.append(current)
+    return steps
+
+
+_FROM_DATA = -1
+
+
+def check_memory(
+    config: QLoRAConfig,
+    model_config: dict[str, Any],
+    model_dir: Path,
+    default_budget: float,
+    longest_tokens: int | None = _FROM_DATA,
+) -> tuple[QLoRAConfig, MemoryCheck]:
+    """Predict the run's peak; apply fit_to_budget; raise ConfigError when it does not fit and is not allowed.
+
+    The sequence length is the longest example of the dataset (counted with the model's tokenizer), capped at
+    max_seq_length; pass `longest_tokens=None` to use max_seq_length as is.
+    """
+    budget = config.memory_budget_gb or default_budget
+    longest = longest_example_tokens(Path(config.data), model_dir) if longest_tokens == _FROM_DATA else longest_tokens
+    bytes_per_element = compute_bytes(config.fast_path)
+
+    def predict(cfg: QLoRAConfig) -> tuple[MemoryPlan, MemoryParts]:
+        seq = min(cfg.max_seq_length, longest) if longest else cfg.max_seq_length
+        plan = plan_for(cfg, seq, bytes_per_element)
+        return plan, predict_peak(model_config, plan)
+
+    plan, parts = predict(config)
+    changes: list[str] = []
+    if parts.total_gb > budget and config.fit_to_budget:
+        for option in _alternatives(config):
+            candidate = config.model_copy(update=option)
+            cand_plan, cand_parts = predict(candidate)
+            if cand_parts.total_gb <= budget:
+                changes = [f"{k}={v}" for k, v in option.items()]
+                config, plan, parts = candidate, cand_plan, cand_parts
+                log.info("fit_to_budget: %s (predicted %.2f GB)", ", ".join(changes), parts.total_gb)
+                break
+    fits = parts.total_gb <= budget
+    check = MemoryCheck(prediction=parts, plan=plan, budget_gb=budget, fits=fits, changes=changes)
+    if not fits and not config.allow_over_budget:
+        raise ConfigError(refusal_message(config, parts, budget, predict))
+    return config.model_copy(update={"memory_budget_gb": budget}), check
+
+
+def refusal_message(config: QLoRAConfig, parts: MemoryParts, budget: float, predict: Any) -> str:
+    breakdown = (
+        f"weights {parts.weights_gb:.2f}, LoRA+optimizer {parts.lora_gb:.2f}, activations "
+        f"{parts.activations_gb:.2f}, logits {parts.logits_gb:.2f}, slack {parts.slack_gb:.2f}"
+    )
+    suggestion = "no smaller setting fits; use a smaller model or raise memory_budget_gb"
+    for option in _alternatives(config):
+        _, cand = predict(config.model_copy(update=option))
+        if cand.total_gb <= budget:
+            settings = ", ".join(f"{k}={json.dumps(v)}" for k, v in option.items())
+            suggestion = f"these settings would fit: {settings} (predicted {cand.total_gb:.2f} GB)"
+            break
+    return (
+        f"run predicted to peak at {parts.total_gb:.2f} GB ({breakdown}), over its memory budget of {budget:.2f} GB; "
+        f"{suggestion}; or pass fit_to_budget=true to choose them, or allow_over_budget=true to start anyway"
+    )
