@@ -7,8 +7,8 @@ from pathlib import Path
 import anyio
 import psutil
 import pytest
-from mcp import Client
 
+from mcp import Client
 from mcp_local import ServerSettings, build_server
 
 
