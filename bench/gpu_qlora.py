@@ -1,0 +1,102 @@
+"""QLoRA of a Qwen2.5-Coder-7B-shaped random 4-bit model on one GPU (MLX's CUDA build), side by side in one run:
+plain MLX-LM, our fast quantized path, and our fast path with our memory options (gradient checkpointing of every
+layer + chunked cross-entropy). Tokens/s, MLX peak memory and our predicted peak for each; then 4-bit decode tokens/s.
+
+python3 bench/gpu_qlora.py [--out results.jsonl] [--only 1x512,1x2048,4x1024]   (see docs/benchmarks.md)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+from memory_prediction import SHAPES, measure, predict  # noqa: E402
+
+MODES = {
+    "plain MLX-LM": {"fast": False, "ckpt": False, "chunked": False},
+    "plain MLX-LM + its grad checkpointing": {"fast": False, "ckpt": True, "chunked": False},
+    "ours: fast path": {"fast": True, "ckpt": False, "chunked": False},
+    "ours: fast path + checkpointing + chunked loss": {"fast": True, "ckpt": True, "chunked": True},
+    "ours: plain kernels + checkpointing + chunked loss": {"fast": False, "ckpt": True, "chunked": True},
+}
+
+DECODE_CHILD = r"""
+import json, sys, time
+import mlx.core as mx, mlx.nn as nn
+from mlx_lm.models import qwen2
+from mlx_lm.models.cache import make_prompt_cache
+from trainer.fastpath import apply_fast_path
+dims, fast = json.loads(sys.argv[1]), sys.argv[2] == "1"
+mx.random.seed(0)
+model = qwen2.Model(qwen2.ModelArgs.from_dict(dict(dims, model_type="qwen2", rms_norm_eps=1e-6, rope_theta=1e6)))
+model.set_dtype(mx.bfloat16)
+nn.quantize(model, group_size=64, bits=4)
+mx.eval(model.parameters())
+apply_fast_path(model, fast)
+out = {}
+for label in ("first", "warm"):
+    cache = make_prompt_cache(model)
+    prompt = mx.random.randint(0, dims["vocab_size"], (1, 128))
+    logits = model(prompt, cache=cache); mx.eval(logits)
+    y = mx.argmax(logits[:, -1:], axis=-1)
+    t = time.perf_counter()
+    for _ in range(128):
+        logits = model(y, cache=cache)
+        y = mx.argmax(logits[:, -1:], axis=-1)
+        mx.async_eval(y)
+    mx.eval(y)
+    out[label] = 128 / (time.perf_counter() - t)
+print(json.dumps(out))
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--only", default="1x512,1x2048,4x1024")
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--no-decode", action="store_true")
+    parser.add_argument("--shape", default="qwen2.5-coder-7b", choices=list(SHAPES))
+    args = parser.parse_args()
+    sink = open(args.out, "a", encoding="utf-8") if args.out else None  # noqa: SIM115
+
+    def report(row: dict[str, Any]) -> None:
+        line = json.dumps(row)
+        print(line, flush=True)
+        if sink:
+            sink.write(line + "\n")
+            sink.flush()
+
+    shape = args.shape
+    for size in args.only.split(","):
+        batch, seq = (int(v) for v in size.split("x"))
+        for name in args.modes.split(","):
+            mode = MODES[name]
+            if name == "plain MLX-LM + its grad checkpointing" and size != "1x2048":
+                continue  # the reference row of the issue
+            case = {"shape": shape, "batch": batch, "seq": seq, "ckpt": mode["ckpt"], "chunked": mode["chunked"]}
+            got = measure(case, mode["fast"], args.steps)
+            report({"size": size, "mode": name, **got, "predicted_gb": round(predict(case, 2), 2)})
+    if not args.no_decode:
+        for fast in (False, True):
+            out = subprocess.run(
+                [sys.executable, "-c", DECODE_CHILD, json.dumps(SHAPES[shape]), "1" if fast else "0"],
+                capture_output=True,
+                text=True,
+            )
+            result = (
+                json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {"error": out.stderr[-400:]}
+            )
+            report({"decode": "ours" if fast else "plain MLX-LM", **result})
+    if sink:
+        sink.close()
+
+
+if __name__ == "__main__":
+    main()
