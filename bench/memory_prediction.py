@@ -96,26 +96,31 @@ mx.eval(model.parameters())
 apply_fast_path(model, cfg["fast"])
 model.freeze()
 linear_to_lora_layers(model, cfg["layers"], {"rank": 16, "scale": 2.0, "dropout": 0.0})
-if cfg["ckpt"]:
+if cfg["ckpt"] == "ordered":
+    from trainer.checkpointing import checkpoint_every_block
+    checkpoint_every_block(model)
+elif cfg["ckpt"]:
     grad_checkpoint(model.layers[0])
 loss = make_chunked_loss() if cfg["chunked"] else default_loss
 opt = optim.Adam(learning_rate=1e-5)
 vg = nn.value_and_grad(model, loss)
 state = [model.state, opt.state, mx.random.state]
-@partial(mx.compile, inputs=state, outputs=state)
 def step(batch, lengths):
     (l, n), g = vg(model, batch, lengths)
     opt.update(model, g)
     return l, n
+if cfg.get("compile", True):
+    step = partial(mx.compile, inputs=state, outputs=state)(step)
 B, T = cfg["batch"], cfg["seq"]
 x = mx.random.randint(0, shape["vocab_size"], (B, T + 1), key=mx.random.key(1))
 lengths = mx.array([[0, T]] * B)
 l, n = step(x, lengths); mx.eval(state, l)
-mx.clear_cache(); mx.reset_peak_memory()
+mx.clear_cache(); mx.reset_peak_memory(); base_gb = mx.get_active_memory() / 1e9
 times = []
 for _ in range(cfg["steps"]):
     t = time.perf_counter(); l, n = step(x, lengths); mx.eval(state, l); times.append(time.perf_counter() - t)
-print(json.dumps({"peak_gb": mx.get_peak_memory() / 1e9, "tok_s": B * T / min(times), "loss": l.item()}))
+peak_gb = mx.get_peak_memory() / 1e9
+print(json.dumps({"peak_gb": peak_gb, "base_gb": base_gb, "tok_s": B * T / min(times), "loss": l.item()}))
 """
 
 
@@ -127,6 +132,7 @@ def measure(case: dict[str, Any], fast: bool | None, steps: int) -> dict[str, An
         "ckpt": case["ckpt"],
         "chunked": case["chunked"],
         "fast": fast,
+        "compile": case.get("compile", True),
         "layers": 16,
         "steps": steps,
     }
