@@ -1,5 +1,8 @@
 """Which settings hold memory on a GPU: the 7B shape at 1 x 2048, checkpointing variants, compiled or not.
 
+(The run recorded in docs/benchmarks.md also tried an "ordered" checkpointing of our own, whose recomputation waits
+for the cotangent via mx.depends; it saved nothing over mlx-lm's on CUDA or the CPU and was removed.)
+
 python3 bench/gpu_memory_variants.py [--out results.jsonl]
 """
 

@@ -96,10 +96,7 @@ mx.eval(model.parameters())
 apply_fast_path(model, cfg["fast"])
 model.freeze()
 linear_to_lora_layers(model, cfg["layers"], {"rank": 16, "scale": 2.0, "dropout": 0.0})
-if cfg["ckpt"] == "ordered":
-    from trainer.checkpointing import checkpoint_every_block
-    checkpoint_every_block(model)
-elif cfg["ckpt"]:
+if cfg["ckpt"]:
     grad_checkpoint(model.layers[0])
 loss = make_chunked_loss() if cfg["chunked"] else default_loss
 opt = optim.Adam(learning_rate=1e-5)
@@ -124,7 +121,7 @@ print(json.dumps({"peak_gb": peak_gb, "base_gb": base_gb, "tok_s": B * T / min(t
 """
 
 
-def measure(case: dict[str, Any], fast: bool | None, steps: int) -> dict[str, Any]:
+def measure(case: dict[str, Any], fast: bool | None, steps: int, env: dict[str, str] | None = None) -> dict[str, Any]:
     payload = {
         "dims": SHAPES[case["shape"]],
         "batch": case["batch"],
@@ -136,7 +133,7 @@ def measure(case: dict[str, Any], fast: bool | None, steps: int) -> dict[str, An
         "layers": 16,
         "steps": steps,
     }
-    out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(payload)], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(payload)], capture_output=True, text=True, env=env)
     if out.returncode != 0:
         return {"error": out.stderr[-500:]}
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))

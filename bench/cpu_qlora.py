@@ -1,0 +1,112 @@
+"""CPU side by side in one run: QLoRA training tokens/s and peak memory, ours vs plain MLX-LM (as installed: the
+wheel's reference BLAS, MLX's quantized kernels) vs PyTorch CPU + PEFT (float32, optional); then decode tokens/s of
+the real SmolLM2-135M-Instruct, ours vs plain MLX-LM.
+
+uv run python bench/cpu_qlora.py [--torch-python /path/to/venv/bin/python] [--out results.jsonl]
+(a PyTorch venv: python3 -m venv /tmp/tv && /tmp/tv/bin/pip install torch==2.13.0 peft transformers)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+from memory_prediction import SHAPES, measure  # noqa: E402
+
+from trainer.blas import find_openblas  # noqa: E402
+
+TORCH_CHILD = r"""
+import json, sys, time, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from peft import LoraConfig, get_peft_model
+dims, B, T = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+torch.manual_seed(0)
+cfg = LlamaConfig(**dims, max_position_embeddings=8192, rope_theta=100000.0)
+m = LlamaForCausalLM(cfg).float()
+first = dims["num_hidden_layers"] - 16
+targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+m = get_peft_model(m, LoraConfig(r=16, lora_alpha=32, target_modules=targets,
+                                 layers_to_transform=list(range(first, dims["num_hidden_layers"]))))
+opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-5)
+x = torch.randint(0, dims["vocab_size"], (B, T))
+def step():
+    out = m(input_ids=x, labels=x); out.loss.backward(); opt.step(); opt.zero_grad()
+step()
+times = []
+for _ in range(3):
+    t = time.perf_counter(); step(); times.append(time.perf_counter() - t)
+print(json.dumps({"tok_s": B * T / min(times), "threads": torch.get_num_threads()}))
+"""
+
+DECODE_CHILD = r"""
+import json, sys
+from trainer.bundled import smollm2_gguf
+from trainer.inference import ModelSession
+session = ModelSession(fast_path=sys.argv[1] == "1")
+session.load(str(smollm2_gguf()))
+prompt = "Write a Python function is_even(n) that returns True when n is even."
+session.generate(prompt, max_tokens=16)
+g = session.generate(prompt, max_tokens=96)
+print(json.dumps({"decode_tok_s": g.tokens_per_second, "prefill_tok_s": g.prompt_tokens_per_second,
+                  "tokens": g.generation_tokens, "text_start": g.text[:40]}))
+"""
+
+
+def plain_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    env["MCP_LOCAL_BLAS"] = "off"
+    return env
+
+
+def ours_env() -> dict[str, str]:
+    env = dict(os.environ)
+    blas = find_openblas()
+    if blas is not None and str(blas) not in env.get("LD_PRELOAD", ""):
+        env["LD_PRELOAD"] = str(blas)
+    return env
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--torch-python", default=None)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--shapes", default="smollm2-135m,qwen2.5-0.5b")
+    parser.add_argument("--size", default="4x64")
+    args = parser.parse_args()
+    batch, seq = (int(v) for v in args.size.split("x"))
+
+    def report(row: dict[str, Any]) -> None:
+        print(json.dumps(row), flush=True)
+        if args.out:
+            with open(args.out, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+
+    for shape in args.shapes.split(","):
+        case = {"shape": shape, "batch": batch, "seq": seq, "ckpt": False, "chunked": False}
+        report({"shape": shape, "size": args.size, "who": "plain MLX-LM", **measure(case, False, 1, plain_env())})
+        report({"shape": shape, "size": args.size, "who": "ours", **measure(case, None, 3, ours_env())})
+        if args.torch_python:
+            dims = dict(SHAPES[shape])
+            out = subprocess.run(
+                [args.torch_python, "-c", TORCH_CHILD, json.dumps(dims), str(batch), str(seq)],
+                capture_output=True,
+                text=True,
+            )
+            got = (
+                json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {"error": out.stderr[-300:]}
+            )
+            report({"shape": shape, "size": args.size, "who": "PyTorch CPU + PEFT (float32)", **got})
+    for who, fast, env in (("plain MLX-LM", "0", plain_env()), ("ours", "1", ours_env())):
+        out = subprocess.run([sys.executable, "-c", DECODE_CHILD, fast], capture_output=True, text=True, env=env)
+        got = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {"error": out.stderr[-300:]}
+        report({"decode": "SmolLM2-135M-Instruct Q4_1", "who": who, **got})
+
+
+if __name__ == "__main__":
+    main()
