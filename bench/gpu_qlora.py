@@ -82,7 +82,7 @@ def main() -> None:
                 continue  # the reference row of the issue
             case = {"shape": shape, "batch": batch, "seq": seq, "ckpt": mode["ckpt"], "chunked": mode["chunked"]}
             got = measure(case, mode["fast"], args.steps)
-            report({"size": size, "mode": name, **got, "predicted_gb": round(predict(case, 2), 2)})
+            report({"size": size, "mode": name, **got, "predicted_gb": round(predict(case, 2, mode["fast"]), 2)})
     if not args.no_decode:
         for fast in (False, True):
             out = subprocess.run(

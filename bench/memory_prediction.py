@@ -139,7 +139,7 @@ def measure(case: dict[str, Any], fast: bool | None, steps: int, env: dict[str, 
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
-def predict(case: dict[str, Any], compute_bytes: int) -> float:
+def predict(case: dict[str, Any], compute_bytes: int, fast: bool = True) -> float:
     from trainer.memory_estimate import MemoryPlan, predict_peak
 
     config = dict(SHAPES[case["shape"]], model_type="qwen2", quantization={"group_size": 64, "bits": 4})
@@ -152,6 +152,8 @@ def predict(case: dict[str, Any], compute_bytes: int) -> float:
         chunked_loss=case["chunked"],
         quantize_bits=4,
         compute_bytes=compute_bytes,
+        device="cpu" if compute_bytes == 4 else "gpu",
+        fast_path=fast,
     )
     return predict_peak(config, plan).total_gb
 

@@ -29,6 +29,10 @@ CHUNKED_LOGIT_SAVING = 0.5
 CHECKPOINT_LAYERS = 2.0
 #: fraction added for the allocator's fragmentation and cache
 SLACK = 0.02
+#: CUDA only (fit to the H200 runs of bench/gpu_qlora.py): MLX's CUDA backend keeps buffers of the whole step
+#: graph alive longer than the CPU does. A constant for workspaces and kernels, and the fast path's dequantized
+#: weights of the LoRA layers, which stay allocated within the step there.
+GPU_OVERHEAD_GB = 3.0
 
 
 class MemoryParts(BaseModel):
@@ -53,6 +57,8 @@ class MemoryPlan(BaseModel):
     chunked_loss: bool
     quantize_bits: int
     compute_bytes: int = Field(description="2 for bfloat16/float16 (GPU), 4 for float32 (our CPU path).")
+    device: str = Field("cpu", description="'cpu' or 'gpu' (MLX's default device).")
+    fast_path: bool = Field(False, description="Whether the dequantize-then-GEMM path is on.")
 
 
 def _dims(config: dict[str, Any]) -> tuple[int, int, int, int, int, int, int, bool]:
@@ -96,18 +102,28 @@ def predict_peak(model_config: dict[str, Any], plan: MemoryPlan) -> MemoryParts:
     lora_params = lora_layers * sum(plan.rank * (r + c) for r, c in projections)
     lora = lora_params * 4 * 4  # float32 parameters, gradients, Adam m and v
 
+    # Measured on CUDA (H200, docs/benchmarks.md): checkpointing and the chunked loss barely lower MLX's peak there,
+    # so a GPU prediction does not count on them.
+    checkpointing = plan.grad_checkpoint and plan.device == "cpu"
+    chunked = plan.chunked_loss and plan.device == "cpu"
     tokens = plan.batch_size * plan.seq_len
     per_layer = tokens * (ACT_HIDDEN * hidden + ACT_KV * kv + ACT_INTERMEDIATE * inter) * d
     per_layer += ACT_ATTENTION * plan.batch_size * heads * plan.seq_len**2 * d
-    if plan.grad_checkpoint:  # keep each LoRA layer's input; recompute one layer at a time
+    if checkpointing:  # keep each LoRA layer's input; recompute one layer at a time
         activations = lora_layers * tokens * hidden * d + CHECKPOINT_LAYERS * per_layer
     else:
         activations = lora_layers * per_layer
-    logit_tokens = min(tokens, plan.batch_size * 1024) if plan.chunked_loss else tokens
-    kept = LOGIT_TENSORS - (CHUNKED_LOGIT_SAVING if plan.chunked_loss else 0.0)
+    logit_tokens = min(tokens, plan.batch_size * 1024) if chunked else tokens
+    kept = LOGIT_TENSORS - (CHUNKED_LOGIT_SAVING if chunked else 0.0)
     logits = logit_tokens * vocab * (d + 4 * (kept - 1))
 
     base = weights + lora + activations + logits
+    if plan.device != "cpu":
+        base += GPU_OVERHEAD_GB * GB
+        if plan.fast_path:
+            dense = sum(r * c for r, c in projections) * d
+            activations += lora_layers * dense
+            base += lora_layers * dense
     slack = SLACK * base
     return MemoryParts(
         weights_gb=weights / GB,

@@ -33,15 +33,15 @@ class MemoryCheck(BaseModel):
     changes: list[str] = Field(default_factory=list, description="Settings fit_to_budget changed.")
 
 
-def compute_bytes(fast_path: bool | None) -> int:
-    """Bytes per activation element on this machine's backend for these settings."""
+def compute_bytes(fast_path: bool | None) -> tuple[int, str, bool]:
+    """Bytes per activation element, the device kind and whether the fast path is on, for these settings."""
     import mlx.core as mx
 
     from .fastpath import fast_path_default
 
     on_cpu = mx.default_device() == mx.cpu
     fast = fast_path_default() if fast_path is None else fast_path
-    return 4 if on_cpu and fast else 2
+    return (4 if on_cpu and fast else 2), ("cpu" if on_cpu else "gpu"), fast
 
 
 def longest_example_tokens(data_dir: Path, model_dir: Path) -> int | None:
@@ -71,7 +71,9 @@ def longest_example_tokens(data_dir: Path, model_dir: Path) -> int | None:
     return longest
 
 
-def plan_for(config: QLoRAConfig, seq_len: int, bytes_per_element: int) -> MemoryPlan:
+def plan_for(
+    config: QLoRAConfig, seq_len: int, bytes_per_element: int, device: str = "cpu", fast: bool = False
+) -> MemoryPlan:
     return MemoryPlan(
         batch_size=config.batch_size,
         seq_len=seq_len,
@@ -81,6 +83,8 @@ def plan_for(config: QLoRAConfig, seq_len: int, bytes_per_element: int) -> Memor
         chunked_loss=config.chunked_loss,
         quantize_bits=config.quantize_bits,
         compute_bytes=bytes_per_element,
+        device=device,
+        fast_path=fast,
     )
 
 
@@ -123,11 +127,11 @@ def check_memory(
     """
     budget = config.memory_budget_gb or default_budget
     longest = longest_example_tokens(Path(config.data), model_dir) if longest_tokens == _FROM_DATA else longest_tokens
-    bytes_per_element = compute_bytes(config.fast_path)
+    bytes_per_element, device, fast = compute_bytes(config.fast_path)
 
     def predict(cfg: QLoRAConfig) -> tuple[MemoryPlan, MemoryParts]:
         seq = min(cfg.max_seq_length, longest) if longest else cfg.max_seq_length
-        plan = plan_for(cfg, seq, bytes_per_element)
+        plan = plan_for(cfg, seq, bytes_per_element, device, fast)
         return plan, predict_peak(model_config, plan)
 
     plan, parts = predict(config)
