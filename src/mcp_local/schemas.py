@@ -95,23 +95,4 @@ def tool_result(model: BaseModel, summary: str) -> CallToolResult:
 
 
 def summarize_run(status: RunStatus) -> str:
-    m = status.metrics
-    parts = [f"run {status.id}: {status.state.value}"]
-    if status.phase and not status.state.terminal:
-        parts.append(f"({status.phase.value})")
-    parts.append(f"iteration {status.iteration}/{status.iters}")
-    if m.last_train_loss is not None:
-        parts.append(f"train loss {m.last_train_loss:.3f}")
-    if m.last_val_loss is not None:
-        parts.append(f"val loss {m.first_val_loss:.3f} -> {m.last_val_loss:.3f}")
-    if m.tokens_per_second:
-        parts.append(f"{m.tokens_per_second:.0f} tok/s")
-    if status.eta_seconds is not None:
-        parts.append(f"ETA {status.eta_seconds:.0f}s")
-    if m.peak_memory_gb:
-        parts.append(f"peak {m.peak_memory_gb:.2f} GB")
-    if status.error:
-        parts.append(f"error ({status.error.kind.value}): {status.error.message}")
-    elif status.adapter_path and status.state is JobState.SUCCEEDED:
-        parts.append(f"adapter {status.adapter_path}")
-    return ", ".join(parts)
+    return status.summary()

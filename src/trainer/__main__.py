@@ -21,19 +21,7 @@ log = logging.getLogger("trainer")
 
 
 def _describe(snap: RunSnapshot) -> str:
-    m = snap.metrics
-    parts = [f"{snap.id}  {snap.state.value:<9}  iter {snap.iteration}/{snap.iters}"]
-    if m.last_train_loss is not None:
-        parts.append(f"train {m.last_train_loss:.3f}")
-    if m.last_val_loss is not None:
-        parts.append(f"val {m.first_val_loss:.3f}->{m.last_val_loss:.3f}")
-    if m.tokens_per_second:
-        parts.append(f"{m.tokens_per_second:.0f} tok/s")
-    if m.peak_memory_gb:
-        parts.append(f"peak {m.peak_memory_gb:.2f} GB")
-    if snap.error:
-        parts.append(f"{snap.error.kind.value}: {snap.error.message}")
-    return "  ".join(parts)
+    return snap.summary()
 
 
 async def _run(raw: dict[str, object], home: Path) -> int:

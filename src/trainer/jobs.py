@@ -110,6 +110,29 @@ class RunSnapshot(BaseModel):
     error: JobError | None
     config: dict[str, Any]
 
+    def summary(self) -> str:
+        """One line a person (or a model that reads only text) can follow a run by."""
+        m = self.metrics
+        parts = [f"run {self.id}: {self.state.value}"]
+        if self.phase and not self.state.terminal:
+            parts.append(f"({self.phase.value})")
+        parts.append(f"iteration {self.iteration}/{self.iters}")
+        if m.last_train_loss is not None:
+            parts.append(f"train loss {m.last_train_loss:.3f}")
+        if m.last_val_loss is not None:
+            parts.append(f"val loss {m.first_val_loss:.3f} -> {m.last_val_loss:.3f}")
+        if m.tokens_per_second:
+            parts.append(f"{m.tokens_per_second:.0f} tok/s")
+        if self.eta_seconds is not None:
+            parts.append(f"ETA {self.eta_seconds:.0f}s")
+        if m.peak_memory_gb:
+            parts.append(f"peak {m.peak_memory_gb:.2f} GB")
+        if self.error:
+            parts.append(f"error ({self.error.kind.value}): {self.error.message}")
+        elif self.adapter_path and self.state is JobState.SUCCEEDED:
+            parts.append(f"adapter {self.adapter_path}")
+        return ", ".join(parts)
+
 
 @dataclass
 class Job:

@@ -117,4 +117,4 @@ def test_cli_runs_the_tiny_example_with_progress(tmp_path: Path) -> None:
     listing = subprocess.run(
         [sys.executable, "-m", "trainer", "--home", str(home), "list"], capture_output=True, text=True, check=True
     )
-    assert "succeeded" in listing.stdout and "iter 60/60" in listing.stdout
+    assert "succeeded" in listing.stdout and "iteration 60/60" in listing.stdout
