@@ -88,11 +88,14 @@ def plan_for(
     )
 
 
-def _alternatives(config: QLoRAConfig) -> list[dict[str, Any]]:
-    """Candidate settings, least intrusive first: memory-saving options, then smaller batches, then shorter
-    sequences."""
+def _alternatives(config: QLoRAConfig, device: str = "cpu") -> list[dict[str, Any]]:
+    """Candidate settings, least intrusive first: (on a GPU) MLX's own kernels instead of the fast path, whose
+    dequantized weights stay allocated there; memory-saving options; smaller batches; shorter sequences."""
     steps: list[dict[str, Any]] = []
     current: dict[str, Any] = {}
+    if device != "cpu" and config.fast_path is not False:
+        current = {"fast_path": False}
+        steps.append(current)
     for option in ("grad_checkpoint", "chunked_loss"):
         if not getattr(config, option):
             current = {**current, option: True}
@@ -127,17 +130,18 @@ def check_memory(
     """
     budget = config.memory_budget_gb or default_budget
     longest = longest_example_tokens(Path(config.data), model_dir) if longest_tokens == _FROM_DATA else longest_tokens
-    bytes_per_element, device, fast = compute_bytes(config.fast_path)
+    _, device, _ = compute_bytes(config.fast_path)
 
     def predict(cfg: QLoRAConfig) -> tuple[MemoryPlan, MemoryParts]:
         seq = min(cfg.max_seq_length, longest) if longest else cfg.max_seq_length
-        plan = plan_for(cfg, seq, bytes_per_element, device, fast)
+        cfg_bytes, _, cfg_fast = compute_bytes(cfg.fast_path)
+        plan = plan_for(cfg, seq, cfg_bytes, device, cfg_fast)
         return plan, predict_peak(model_config, plan)
 
     plan, parts = predict(config)
     changes: list[str] = []
     if parts.total_gb > budget and config.fit_to_budget:
-        for option in _alternatives(config):
+        for option in _alternatives(config, device):
             candidate = config.model_copy(update=option)
             cand_plan, cand_parts = predict(candidate)
             if cand_parts.total_gb <= budget:
@@ -148,17 +152,17 @@ def check_memory(
     fits = parts.total_gb <= budget
     check = MemoryCheck(prediction=parts, plan=plan, budget_gb=budget, fits=fits, changes=changes)
     if not fits and not config.allow_over_budget:
-        raise ConfigError(refusal_message(config, parts, budget, predict))
+        raise ConfigError(refusal_message(config, parts, budget, predict, device))
     return config.model_copy(update={"memory_budget_gb": budget}), check
 
 
-def refusal_message(config: QLoRAConfig, parts: MemoryParts, budget: float, predict: Any) -> str:
+def refusal_message(config: QLoRAConfig, parts: MemoryParts, budget: float, predict: Any, device: str) -> str:
     breakdown = (
         f"weights {parts.weights_gb:.2f}, LoRA+optimizer {parts.lora_gb:.2f}, activations "
         f"{parts.activations_gb:.2f}, logits {parts.logits_gb:.2f}, slack {parts.slack_gb:.2f}"
     )
     suggestion = "no smaller setting fits; use a smaller model or raise memory_budget_gb"
-    for option in _alternatives(config):
+    for option in _alternatives(config, device):
         _, cand = predict(config.model_copy(update=option))
         if cand.total_gb <= budget:
             settings = ", ".join(f"{k}={json.dumps(v)}" for k, v in option.items())
