@@ -94,6 +94,9 @@ if mx.default_device() != mx.cpu:
 nn.quantize(model, group_size=64, bits=4)
 mx.eval(model.parameters())
 apply_fast_path(model, cfg["fast"])
+if cfg.get("dense"):
+    from trainer.fastpath import cache_dense_weights
+    cache_dense_weights(model, 1 << 62)
 model.freeze()
 linear_to_lora_layers(model, cfg["layers"], {"rank": 16, "scale": 2.0, "dropout": 0.0})
 if cfg["ckpt"]:
@@ -130,6 +133,7 @@ def measure(case: dict[str, Any], fast: bool | None, steps: int, env: dict[str, 
         "chunked": case["chunked"],
         "fast": fast,
         "compile": case.get("compile", True),
+        "dense": case.get("dense", False),
         "layers": 16,
         "steps": steps,
     }

@@ -54,6 +54,13 @@ class QLoRAConfig(BaseModel):
             "and keep CPU math in float32. None: on for CPU and CUDA, off on Metal. False: plain MLX-LM."
         ),
     ] = None
+    dense_weights: Annotated[
+        bool,
+        Field(
+            description="CPU only: also keep float32 copies of the frozen 4-bit weights, so training skips "
+            "dequantizing them each step (about 1.5x faster, about 4x the weights' memory)."
+        ),
+    ] = False
     chunked_loss: Annotated[
         bool,
         Field(

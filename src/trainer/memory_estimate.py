@@ -59,6 +59,7 @@ class MemoryPlan(BaseModel):
     compute_bytes: int = Field(description="2 for bfloat16/float16 (GPU), 4 for float32 (our CPU path).")
     device: str = Field("cpu", description="'cpu' or 'gpu' (MLX's default device).")
     fast_path: bool = Field(False, description="Whether the dequantize-then-GEMM path is on.")
+    dense_weights: bool = Field(False, description="CPU: float32 copies of the frozen weights are kept.")
 
 
 def _dims(config: dict[str, Any]) -> tuple[int, int, int, int, int, int, int, bool]:
@@ -97,6 +98,8 @@ def predict_peak(model_config: dict[str, Any], plan: MemoryPlan) -> MemoryParts:
     weights = layers * sum(_weight_bytes(r, c, bits, group, d, d) for r, c in projections)
     weights += _weight_bytes(vocab, hidden, bits, group, d, d) * (1 if tied else 2)
     weights += (2 * layers + 1) * hidden * d  # norms
+    if plan.dense_weights and plan.device == "cpu" and plan.fast_path and bits:
+        weights += (layers * sum(r * c for r, c in projections) + vocab * hidden * (1 if tied else 2)) * 4
 
     lora_layers = layers if plan.num_layers == -1 else min(plan.num_layers, layers)
     lora_params = lora_layers * sum(plan.rank * (r + c) for r, c in projections)

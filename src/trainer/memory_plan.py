@@ -85,6 +85,7 @@ def plan_for(
         compute_bytes=bytes_per_element,
         device=device,
         fast_path=fast,
+        dense_weights=config.dense_weights,
     )
 
 
@@ -93,8 +94,11 @@ def _alternatives(config: QLoRAConfig, device: str = "cpu") -> list[dict[str, An
     dequantized weights stay allocated there; memory-saving options; smaller batches; shorter sequences."""
     steps: list[dict[str, Any]] = []
     current: dict[str, Any] = {}
+    if config.dense_weights:
+        current = {"dense_weights": False}
+        steps.append(current)
     if device != "cpu" and config.fast_path is not False:
-        current = {"fast_path": False}
+        current = {**current, "fast_path": False}
         steps.append(current)
     for option in ("grad_checkpoint", "chunked_loss"):
         if not getattr(config, option):

@@ -29,7 +29,10 @@ def load_for_training(config: QLoRAConfig) -> tuple[Any, Any, dict[str, Any]]:
     if config.quantize_bits and "quantization" not in model_config:
         log.info("quantizing the base model to %d bits, group size %d", config.quantize_bits, config.group_size)
         model, model_config = quantize_model(model, model_config, config.group_size, config.quantize_bits)
-    apply_fast_path(model, config.fast_path)
+    if apply_fast_path(model, config.fast_path) and config.dense_weights:
+        from .fastpath import cache_dense_weights
+
+        cache_dense_weights(model, budget_bytes=1 << 62)  # the run's memory budget and watchdog bound it
     return model, tokenizer, model_config
 
 

@@ -14,7 +14,12 @@ from mlx_lm.tuner.trainer import default_loss
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from trainer import blas
-from trainer.fastpath import FastQuantizedEmbedding, FastQuantizedLinear, enable_fast_quantized
+from trainer.fastpath import (
+    FastQuantizedEmbedding,
+    FastQuantizedLinear,
+    cache_dense_weights,
+    enable_fast_quantized,
+)
 from trainer.inference import ModelSession
 
 VOCAB = 8192
@@ -23,7 +28,7 @@ VOCAB = 8192
 MAX_PEAK_RATIO = 1.2
 
 
-def _model(fast: bool) -> Any:
+def _model(fast: bool, dense: bool = False) -> Any:
     mx.random.seed(0)
     args = qwen2.ModelArgs.from_dict(
         {
@@ -43,13 +48,15 @@ def _model(fast: bool) -> Any:
     mx.eval(model.parameters())
     if fast:
         assert enable_fast_quantized(model) == 4 * 7 + 1  # seven projections per block, plus the tied head
+    if dense:
+        assert cache_dense_weights(model, 1 << 40)
     model.freeze()
     linear_to_lora_layers(model, 4, {"rank": 16, "scale": 2.0, "dropout": 0.0})
     return model
 
 
-def _train(fast: bool, steps: int = 4) -> tuple[list[float], float]:
-    model = _model(fast)
+def _train(fast: bool, steps: int = 4, dense: bool = False) -> tuple[list[float], float]:
+    model = _model(fast, dense)
     optimizer = optim.Adam(learning_rate=1e-3)
     loss_and_grad = value_and_grad(model, default_loss)
     batch = mx.random.randint(0, VOCAB, (4, 129), key=mx.random.key(1))
@@ -72,6 +79,12 @@ def test_fast_path_losses_equal_the_plain_path_with_bounded_memory() -> None:
     assert fast_losses == pytest.approx(plain_losses, rel=1e-4)
     assert plain_losses[-1] < plain_losses[0]  # it really trained
     assert fast_peak <= MAX_PEAK_RATIO * plain_peak, (fast_peak, plain_peak)
+
+
+def test_dense_weight_copies_train_to_the_same_losses() -> None:
+    plain_losses, _ = _train(fast=False, steps=3)
+    dense_losses, _ = _train(fast=True, steps=3, dense=True)
+    assert dense_losses == pytest.approx(plain_losses, rel=1e-4)
 
 
 def test_fast_path_keeps_weights_4bit_and_parameter_names() -> None:
