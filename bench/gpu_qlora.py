@@ -23,6 +23,8 @@ MODES = {
     "ours: fast path": {"fast": True, "ckpt": False, "chunked": False},
     "ours: fast path + checkpointing + chunked loss": {"fast": True, "ckpt": True, "chunked": True},
     "ours: plain kernels + checkpointing + chunked loss": {"fast": False, "ckpt": True, "chunked": True},
+    "ours: layerwise step, fast path": {"fast": True, "ckpt": False, "chunked": True, "layerwise": True},
+    "ours: layerwise step, plain kernels": {"fast": False, "ckpt": False, "chunked": True, "layerwise": True},
 }
 
 DECODE_CHILD = r"""
@@ -80,7 +82,14 @@ def main() -> None:
             mode = MODES[name]
             if name == "plain MLX-LM + its grad checkpointing" and size != "1x2048":
                 continue  # the reference row of the issue
-            case = {"shape": shape, "batch": batch, "seq": seq, "ckpt": mode["ckpt"], "chunked": mode["chunked"]}
+            case = {
+                "shape": shape,
+                "batch": batch,
+                "seq": seq,
+                "ckpt": mode["ckpt"],
+                "chunked": mode["chunked"],
+                "layerwise": mode.get("layerwise", False),
+            }
             got = measure(case, mode["fast"], args.steps)
             report({"size": size, "mode": name, **got, "predicted_gb": round(predict(case, 2, mode["fast"]), 2)})
     if not args.no_decode:

@@ -109,7 +109,13 @@ def step(batch, lengths):
     (l, n), g = vg(model, batch, lengths)
     opt.update(model, g)
     return l, n
-if cfg.get("compile", True):
+if cfg.get("layerwise"):
+    from trainer.layerwise import layerwise_value_and_grad
+    def step(batch, lengths):
+        l, n, g = layerwise_value_and_grad(model, batch, lengths)
+        opt.update(model, g)
+        return l, n
+elif cfg.get("compile", True):
     step = partial(mx.compile, inputs=state, outputs=state)(step)
 B, T = cfg["batch"], cfg["seq"]
 x = mx.random.randint(0, shape["vocab_size"], (B, T + 1), key=mx.random.key(1))
@@ -134,6 +140,7 @@ def measure(case: dict[str, Any], fast: bool | None, steps: int, env: dict[str, 
         "fast": fast,
         "compile": case.get("compile", True),
         "dense": case.get("dense", False),
+        "layerwise": case.get("layerwise", False),
         "layers": 16,
         "steps": steps,
     }

@@ -1,0 +1,88 @@
+"""A training step evaluated one transformer block at a time: the lowest-memory way to train.
+
+Within one fused step graph, MLX's CUDA backend keeps buffers alive far longer than autodiff needs (measured on an
+H200: checkpointing every block lowered the 7B-shape peak at 1x2048 by only 5%). Here the step is split by hand:
+the forward pass is evaluated block by block keeping only each LoRA block's input, the loss is evaluated in
+checkpointed sequence chunks, then each block is recomputed and differentiated (`mx.vjp`) from the last to the
+first, its gradients evaluated before the next. The peak is then the weights, the kept block inputs, and one
+block's forward and backward. The gradients equal those of `default_loss` up to float rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+from mlx.nn.losses import cross_entropy
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .losses import DEFAULT_CHUNK_TOKENS, head_of
+
+
+def supports_layerwise(model: Any) -> bool:
+    inner = getattr(model, "model", None)
+    return all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm")) and head_of(model) is not None
+
+
+def layerwise_value_and_grad(
+    model: Any, batch: mx.array, lengths: mx.array, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+) -> tuple[mx.array, mx.array, dict[str, Any]]:
+    """Loss, token count and the gradients of the model's trainable parameters, all evaluated."""
+    from mlx_lm.models.base import create_attention_mask
+
+    inner, head = model.model, head_of(model)
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    steps = mx.arange(1, targets.shape[1] + 1)
+    mask = mx.logical_and(steps >= lengths[:, 0:1], steps <= lengths[:, 1:])
+    ntoks = mask.sum()
+
+    h = inner.embed_tokens(inputs)
+    attention_mask = create_attention_mask(h, None)
+    layers = list(inner.layers)
+    trainable = [bool(tree_flatten(layer.trainable_parameters())) for layer in layers]
+    first = trainable.index(True) if True in trainable else len(layers)
+    for layer in layers[:first]:  # frozen blocks below the adapters: forward only
+        h = layer(h, attention_mask, None)
+    mx.eval(h)
+    kept = []
+    for layer in layers[first:]:
+        kept.append(h)
+        h = layer(h, attention_mask, None)
+        mx.eval(h)
+
+    def loss_of(hidden: mx.array) -> mx.array:
+        normed = inner.norm(hidden)
+        total = mx.array(0.0, dtype=mx.float32)
+        for start in range(0, targets.shape[1], chunk_tokens):
+            stop = start + chunk_tokens
+            t, m = targets[:, start:stop], mask[:, start:stop]
+
+            def chunk(x: mx.array, t: mx.array = t, m: mx.array = m) -> mx.array:
+                return (cross_entropy(head(x), t) * m).astype(mx.float32).sum()
+
+            total = total + mx.checkpoint(chunk)(normed[:, start:stop])
+        return total / ntoks
+
+    loss, grad_h = mx.value_and_grad(loss_of)(h)
+    mx.eval(loss, grad_h)
+
+    grads: list[tuple[str, mx.array]] = []
+    for offset in reversed(range(len(kept))):
+        index = first + offset
+        layer = layers[index]
+        named = tree_flatten(layer.trainable_parameters())
+        names = [name for name, _ in named]
+        values = [value for _, value in named]
+
+        def block(*arrays: mx.array, layer: Any = layer, names: list[str] = names) -> list[mx.array]:
+            layer.update(tree_unflatten(list(zip(names, arrays[:-1], strict=True))))
+            return [layer(arrays[-1], attention_mask, None)]
+
+        _, vjps = mx.vjp(block, [*values, kept[offset]], [grad_h])
+        layer.update(tree_unflatten(list(zip(names, values, strict=True))))  # the real parameters back
+        grad_h = vjps[-1]
+        block_grads = [(f"model.layers.{index}.{name}", g) for name, g in zip(names, vjps[:-1], strict=True)]
+        mx.eval(grad_h, [g for _, g in block_grads])
+        kept[offset] = mx.array(0)  # this block's input is no longer needed
+        grads.extend(block_grads)
+    return loss, ntoks, tree_unflatten(grads)
