@@ -23,8 +23,8 @@ MODES = {
     "ours: fast path": {"fast": True, "ckpt": False, "chunked": False},
     "ours: fast path + checkpointing + chunked loss": {"fast": True, "ckpt": True, "chunked": True},
     "ours: plain kernels + checkpointing + chunked loss": {"fast": False, "ckpt": True, "chunked": True},
-    "ours: layerwise step, fast path": {"fast": True, "ckpt": False, "chunked": True, "layerwise": True},
-    "ours: layerwise step, plain kernels": {"fast": False, "ckpt": False, "chunked": True, "layerwise": True},
+    "ours: layerwise step + fast path": {"fast": True, "ckpt": False, "chunked": True, "layerwise": True},
+    "ours: layerwise step + plain kernels": {"fast": False, "ckpt": False, "chunked": True, "layerwise": True},
 }
 
 DECODE_CHILD = r"""

@@ -31,6 +31,7 @@ def layerwise_value_and_grad(
     from mlx_lm.models.base import create_attention_mask
 
     inner, head = model.model, head_of(model)
+    assert head is not None, "check supports_layerwise(model) first"
     inputs, targets = batch[:, :-1], batch[:, 1:]
     steps = mx.arange(1, targets.shape[1] + 1)
     mask = mx.logical_and(steps >= lengths[:, 0:1], steps <= lengths[:, 1:])
@@ -70,7 +71,7 @@ def layerwise_value_and_grad(
     for offset in reversed(range(len(kept))):
         index = first + offset
         layer = layers[index]
-        named = tree_flatten(layer.trainable_parameters())
+        named: list[tuple[str, mx.array]] = tree_flatten(layer.trainable_parameters())  # type: ignore[assignment]
         names = [name for name, _ in named]
         values = [value for _, value in named]
 
