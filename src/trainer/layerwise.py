@@ -42,9 +42,10 @@ def layerwise_value_and_grad(
     layers = list(inner.layers)
     trainable = [bool(tree_flatten(layer.trainable_parameters())) for layer in layers]
     first = trainable.index(True) if True in trainable else len(layers)
-    for layer in layers[:first]:  # frozen blocks below the adapters: forward only
-        h = layer(h, attention_mask, None)
     mx.eval(h)
+    for layer in layers[:first]:  # frozen blocks below the adapters: forward only, still one at a time
+        h = layer(h, attention_mask, None)
+        mx.eval(h)
     kept = []
     for layer in layers[first:]:
         kept.append(h)
