@@ -16,7 +16,10 @@ import mlx.core as mx
 from mlx.nn.losses import cross_entropy
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .losses import DEFAULT_CHUNK_TOKENS, head_of
+from .losses import head_of
+
+#: tokens per row of one loss chunk: the logits of one chunk are the largest transient of the step
+LOSS_CHUNK_TOKENS = 512
 
 
 def supports_layerwise(model: Any) -> bool:
@@ -25,7 +28,7 @@ def supports_layerwise(model: Any) -> bool:
 
 
 def layerwise_value_and_grad(
-    model: Any, batch: mx.array, lengths: mx.array, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    model: Any, batch: mx.array, lengths: mx.array, chunk_tokens: int = LOSS_CHUNK_TOKENS
 ) -> tuple[mx.array, mx.array, dict[str, Any]]:
     """Loss, token count and the gradients of the model's trainable parameters, all evaluated."""
     from mlx_lm.models.base import create_attention_mask
@@ -52,20 +55,23 @@ def layerwise_value_and_grad(
         h = layer(h, attention_mask, None)
         mx.eval(h)
 
-    def loss_of(hidden: mx.array) -> mx.array:
-        normed = inner.norm(hidden)
-        total = mx.array(0.0, dtype=mx.float32)
-        for start in range(0, targets.shape[1], chunk_tokens):
-            stop = start + chunk_tokens
-            t, m = targets[:, start:stop], mask[:, start:stop]
+    # The loss, one sequence chunk at a time, each evaluated before the next: the head's logits (and, on the fast
+    # path, its dequantized weight) exist for one chunk only.
+    total = mx.array(0.0, dtype=mx.float32)
+    grad_parts = []
+    for start in range(0, targets.shape[1], chunk_tokens):
+        stop = start + chunk_tokens
+        t, m = targets[:, start:stop], mask[:, start:stop]
 
-            def chunk(x: mx.array, t: mx.array = t, m: mx.array = m) -> mx.array:
-                return (cross_entropy(head(x), t) * m).astype(mx.float32).sum()
+        def chunk_loss(x: mx.array, t: mx.array = t, m: mx.array = m) -> mx.array:
+            return (cross_entropy(head(inner.norm(x)), t) * m).astype(mx.float32).sum()
 
-            total = total + mx.checkpoint(chunk)(normed[:, start:stop])
-        return total / ntoks
-
-    loss, grad_h = mx.value_and_grad(loss_of)(h)
+        part, grad_part = mx.value_and_grad(chunk_loss)(h[:, start:stop])
+        total = total + part
+        mx.eval(total, grad_part)
+        grad_parts.append(grad_part)
+    loss = total / ntoks
+    grad_h = (mx.concatenate(grad_parts, axis=1) if len(grad_parts) > 1 else grad_parts[0]) / ntoks.astype(h.dtype)
     mx.eval(loss, grad_h)
 
     grads: list[tuple[str, mx.array]] = []
