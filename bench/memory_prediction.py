@@ -165,6 +165,7 @@ def predict(case: dict[str, Any], compute_bytes: int, fast: bool = True) -> floa
         compute_bytes=compute_bytes,
         device="cpu" if compute_bytes == 4 else "gpu",
         fast_path=fast,
+        layerwise=bool(case.get("layerwise")),
     )
     return predict_peak(config, plan).total_gb
 

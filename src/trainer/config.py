@@ -68,6 +68,14 @@ class QLoRAConfig(BaseModel):
             "float32 logits never exist for the whole batch (much less memory for large vocabularies)."
         ),
     ] = False
+    layerwise: Annotated[
+        bool,
+        Field(
+            description="Evaluate each training step one transformer block at a time (forward, then backward from "
+            "the last block): the least memory, especially on CUDA (7B shape at 1x2048: 24.6 -> 7.9 GB on an H100), "
+            "at some speed."
+        ),
+    ] = False
     memory_budget_gb: Annotated[
         float | None,
         Field(

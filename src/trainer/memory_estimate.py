@@ -60,6 +60,7 @@ class MemoryPlan(BaseModel):
     device: str = Field("cpu", description="'cpu' or 'gpu' (MLX's default device).")
     fast_path: bool = Field(False, description="Whether the dequantize-then-GEMM path is on.")
     dense_weights: bool = Field(False, description="CPU: float32 copies of the frozen weights are kept.")
+    layerwise: bool = Field(False, description="The step is evaluated one block at a time.")
 
 
 def _dims(config: dict[str, Any]) -> tuple[int, int, int, int, int, int, int, bool]:
@@ -112,21 +113,28 @@ def predict_peak(model_config: dict[str, Any], plan: MemoryPlan) -> MemoryParts:
     tokens = plan.batch_size * plan.seq_len
     per_layer = tokens * (ACT_HIDDEN * hidden + ACT_KV * kv + ACT_INTERMEDIATE * inter) * d
     per_layer += ACT_ATTENTION * plan.batch_size * heads * plan.seq_len**2 * d
-    if checkpointing:  # keep each LoRA layer's input; recompute one layer at a time
+    if plan.layerwise:  # each LoRA block's input is kept; one block's forward and backward at a time
+        activations = lora_layers * tokens * hidden * d + CHECKPOINT_LAYERS * per_layer
+    elif checkpointing:  # keep each LoRA layer's input; recompute one layer at a time
         activations = lora_layers * tokens * hidden * d + CHECKPOINT_LAYERS * per_layer
     else:
         activations = lora_layers * per_layer
-    logit_tokens = min(tokens, plan.batch_size * 1024) if chunked else tokens
+    if plan.layerwise:
+        logit_tokens = plan.batch_size * min(plan.seq_len, 512)
+    else:
+        logit_tokens = min(tokens, plan.batch_size * 1024) if chunked else tokens
     kept = LOGIT_TENSORS - (CHUNKED_LOGIT_SAVING if chunked else 0.0)
     logits = logit_tokens * vocab * (d + 4 * (kept - 1))
 
     base = weights + lora + activations + logits
     if plan.device != "cpu":
-        base += GPU_OVERHEAD_GB * GB
-        if plan.fast_path:
-            dense = sum(r * c for r, c in projections) * d
-            activations += lora_layers * dense
-            base += lora_layers * dense
+        dense = sum(r * c for r, c in projections) * d
+        if plan.layerwise:  # evaluation boundaries: no graph-wide overhead, one block's weights dequantized
+            extra = 2 * dense if plan.fast_path else 0.0
+        else:
+            extra = GPU_OVERHEAD_GB * GB + (lora_layers * dense if plan.fast_path else 0.0)
+        activations += extra
+        base += extra
     slack = SLACK * base
     return MemoryParts(
         weights_gb=weights / GB,

@@ -86,6 +86,7 @@ def plan_for(
         device=device,
         fast_path=fast,
         dense_weights=config.dense_weights,
+        layerwise=config.layerwise,
     )
 
 
@@ -97,11 +98,14 @@ def _alternatives(config: QLoRAConfig, device: str = "cpu") -> list[dict[str, An
     if config.dense_weights:
         current = {"dense_weights": False}
         steps.append(current)
+    if device != "cpu" and not config.layerwise:
+        current = {**current, "layerwise": True}
+        steps.append(current)
     if device != "cpu" and config.fast_path is not False:
         current = {**current, "fast_path": False}
         steps.append(current)
-    for option in ("grad_checkpoint", "chunked_loss"):
-        if not getattr(config, option):
+    for option in ("grad_checkpoint", "chunked_loss", "layerwise"):
+        if not current.get(option) and not getattr(config, option):
             current = {**current, option: True}
             steps.append(current)
     batch = config.batch_size

@@ -152,8 +152,15 @@ class MlxTrainingBackend:
             from .losses import make_chunked_loss
 
             extra["loss"] = make_chunked_loss()
+        trainer_loop: Any = train
+        if config.layerwise:
+            from .layerwise import supports_layerwise, train_layerwise
+
+            if not supports_layerwise(model):
+                raise ConfigError(f"layerwise=true is not supported for {type(model).__module__}; set it to false")
+            trainer_loop, extra = train_layerwise, {}
         try:
-            train(
+            trainer_loop(
                 model=model,
                 optimizer=optim.Adam(learning_rate=config.learning_rate),
                 train_dataset=CacheDataset(train_set),
