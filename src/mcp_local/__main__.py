@@ -10,9 +10,10 @@ from pathlib import Path
 import anyio
 
 from trainer.blas import reexec_with_blas
+from trainer.home import HOME_ENV
 
 from .server import build_server, serve_stdio
-from .state import HOME_ENV, MAX_CONCURRENT_ENV, MEMORY_BUDGET_ENV, SAMPLE_INTERVAL_ENV, ServerSettings
+from .state import MAX_CONCURRENT_ENV, MEMORY_BUDGET_ENV, SAMPLE_INTERVAL_ENV, ServerSettings
 
 
 def main(argv: list[str] | None = None) -> None:

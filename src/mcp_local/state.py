@@ -11,9 +11,9 @@ from mcp.server.session import ServerSession
 from mcp.server.subscriptions import InMemorySubscriptionBus
 
 from trainer import JobRunner
+from trainer.home import default_home
 from trainer.inference import ModelSession
 
-HOME_ENV = "MCP_LOCAL_HOME"
 SAMPLE_INTERVAL_ENV = "MCP_LOCAL_SAMPLE_INTERVAL"
 MAX_CONCURRENT_ENV = "MCP_LOCAL_MAX_CONCURRENT"
 MEMORY_BUDGET_ENV = "MCP_LOCAL_MEMORY_BUDGET_GB"
@@ -30,8 +30,6 @@ class ServerSettings:
 
     @classmethod
     def from_env(cls) -> ServerSettings:
-        from trainer.home import default_home
-
         return cls(
             home=default_home(),
             sample_interval=float(os.environ.get(SAMPLE_INTERVAL_ENV, "0.5")),
