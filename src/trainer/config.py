@@ -55,12 +55,13 @@ class QLoRAConfig(BaseModel):
         ),
     ] = None
     dense_weights: Annotated[
-        bool,
+        bool | None,
         Field(
             description="CPU only: also keep float32 copies of the frozen 4-bit weights, so training skips "
-            "dequantizing them each step (about 1.5x faster, about 4x the weights' memory)."
+            "dequantizing them each step (about 1.5x faster, about 4x the weights' memory). None: on when the "
+            "copies take at most 1 GB and a tenth of the memory budget."
         ),
-    ] = False
+    ] = None
     chunked_loss: Annotated[
         bool,
         Field(

@@ -87,6 +87,13 @@ def _weight_bytes(rows: int, cols: int, bits: int, group_size: int, scale_bytes:
     return rows * cols * bits / 8 + rows * (cols / group_size) * 2 * scale_bytes
 
 
+def dense_copy_bytes(model_config: dict[str, Any]) -> float:
+    """Float32 copies of every quantized weight (the `dense_weights` option)."""
+    hidden, inter, layers, heads, kv, vocab, head_dim, tied = _dims(model_config)
+    per_layer = 2 * heads * head_dim * hidden + 2 * kv * hidden + 3 * inter * hidden
+    return float((layers * per_layer + vocab * hidden * (1 if tied else 2)) * 4)
+
+
 def predict_peak(model_config: dict[str, Any], plan: MemoryPlan) -> MemoryParts:
     hidden, inter, layers, heads, kv, vocab, head_dim, tied = _dims(model_config)
     quant = model_config.get("quantization") or {}
@@ -100,7 +107,7 @@ def predict_peak(model_config: dict[str, Any], plan: MemoryPlan) -> MemoryParts:
     weights += _weight_bytes(vocab, hidden, bits, group, d, d) * (1 if tied else 2)
     weights += (2 * layers + 1) * hidden * d  # norms
     if plan.dense_weights and plan.device == "cpu" and plan.fast_path and bits:
-        weights += (layers * sum(r * c for r, c in projections) + vocab * hidden * (1 if tied else 2)) * 4
+        weights += dense_copy_bytes(model_config)
 
     lora_layers = layers if plan.num_layers == -1 else min(plan.num_layers, layers)
     lora_params = lora_layers * sum(plan.rank * (r + c) for r, c in projections)

@@ -12,10 +12,11 @@ from pydantic import BaseModel, Field
 
 from .config import QLoRAConfig
 from .errors import ConfigError
-from .memory_estimate import MemoryParts, MemoryPlan, predict_peak
+from .memory_estimate import MemoryParts, MemoryPlan, dense_copy_bytes, predict_peak
 
 log = logging.getLogger(__name__)
 DEFAULT_BUDGET_CAP_GB = 16.0
+DENSE_AUTO_MAX_GB = 1.0
 TEMPLATE_TOKENS_PER_MESSAGE = 8
 TEMPLATE_TOKENS = 40  # system prompt and markers a chat template may add
 
@@ -85,7 +86,7 @@ def plan_for(
         compute_bytes=bytes_per_element,
         device=device,
         fast_path=fast,
-        dense_weights=config.dense_weights,
+        dense_weights=bool(config.dense_weights),
         layerwise=config.layerwise,
     )
 
@@ -137,8 +138,11 @@ def check_memory(
     max_seq_length; pass `longest_tokens=None` to use max_seq_length as is.
     """
     budget = config.memory_budget_gb or default_budget
+    _, device, fast = compute_bytes(config.fast_path)
+    if config.dense_weights is None:  # decide now, so that the prediction and the worker agree
+        small = dense_copy_bytes(model_config) <= min(DENSE_AUTO_MAX_GB, 0.1 * budget) * 1e9
+        config = config.model_copy(update={"dense_weights": device == "cpu" and fast and small})
     longest = longest_example_tokens(Path(config.data), model_dir) if longest_tokens == _FROM_DATA else longest_tokens
-    _, device, _ = compute_bytes(config.fast_path)
 
     def predict(cfg: QLoRAConfig) -> tuple[MemoryPlan, MemoryParts]:
         seq = min(cfg.max_seq_length, longest) if longest else cfg.max_seq_length
