@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,3 +30,20 @@ def fake_model(tmp_path: Path) -> Path:
     (folder / "config.json").write_text(json.dumps({"model_type": "qwen2", "num_hidden_layers": 4}))
     (folder / "model.safetensors").write_bytes(b"")
     return folder
+
+
+def tiny_run_config(model: Path, data: Path, /, **overrides: Any) -> dict[str, Any]:
+    """A QLoRA config that visibly trains the tiny model on the synthetic data in a few seconds."""
+    base: dict[str, Any] = {
+        "model": str(model),
+        "data": str(data),
+        "num_layers": 4,
+        "iters": 40,
+        "batch_size": 4,
+        "learning_rate": 1e-3,
+        "max_seq_length": 128,
+        "steps_per_report": 5,
+        "steps_per_eval": 20,
+        "val_batches": 5,
+    }
+    return {**base, **overrides}

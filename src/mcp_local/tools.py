@@ -58,6 +58,13 @@ class ChatMessage(BaseModel):
     content: str
 
 
+def _local(*, read_only: bool = False, destructive: bool = False, idempotent: bool = False) -> ToolAnnotations:
+    """Every tool acts on this machine only: never open-world."""
+    return ToolAnnotations(
+        read_only_hint=read_only, destructive_hint=destructive, idempotent_hint=idempotent, open_world_hint=False
+    )
+
+
 @contextmanager
 def trainer_errors() -> Iterator[None]:
     """Our own errors are the caller's to fix: pass their message on as a tool error."""
@@ -79,9 +86,7 @@ def register_tools(mcp: MCPServer[Any]) -> None:
     @mcp.tool(
         description=DESCRIPTIONS["load_model"],
         title="Load model",
-        annotations=ToolAnnotations(
-            read_only_hint=False, destructive_hint=False, idempotent_hint=True, open_world_hint=False
-        ),
+        annotations=_local(idempotent=True),
     )
     async def load_model(
         ctx: Context[AppState, Any],
@@ -103,9 +108,7 @@ def register_tools(mcp: MCPServer[Any]) -> None:
     @mcp.tool(
         description=DESCRIPTIONS["generate"],
         title="Generate",
-        annotations=ToolAnnotations(
-            read_only_hint=True, destructive_hint=False, idempotent_hint=False, open_world_hint=False
-        ),
+        annotations=_local(read_only=True),
     )
     async def generate(
         ctx: Context[AppState, Any],
@@ -159,9 +162,7 @@ def register_tools(mcp: MCPServer[Any]) -> None:
     @mcp.tool(
         description=DESCRIPTIONS["profile_memory"],
         title="Profile memory",
-        annotations=ToolAnnotations(
-            read_only_hint=True, destructive_hint=False, idempotent_hint=False, open_world_hint=False
-        ),
+        annotations=_local(read_only=True),
     )
     async def profile_memory(
         ctx: Context[AppState, Any],
@@ -244,9 +245,7 @@ def register_tools(mcp: MCPServer[Any]) -> None:
     @mcp.tool(
         description=DESCRIPTIONS["start_qlora_run"],
         title="Start QLoRA run",
-        annotations=ToolAnnotations(
-            read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=False
-        ),
+        annotations=_local(),
     )
     async def start_qlora_run(
         ctx: Context[AppState, Any], config: QLoRAConfig
@@ -278,9 +277,7 @@ def register_tools(mcp: MCPServer[Any]) -> None:
         name="run_status",
         description=DESCRIPTIONS["run_status"],
         title="Run status",
-        annotations=ToolAnnotations(
-            read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False
-        ),
+        annotations=_local(read_only=True, idempotent=True),
     )
     async def run_status_tool(
         ctx: Context[AppState, Any],
@@ -313,9 +310,7 @@ def register_tools(mcp: MCPServer[Any]) -> None:
     @mcp.tool(
         description=DESCRIPTIONS["cancel_run"],
         title="Cancel run",
-        annotations=ToolAnnotations(
-            read_only_hint=False, destructive_hint=True, idempotent_hint=False, open_world_hint=False
-        ),
+        annotations=_local(destructive=True),
     )
     async def cancel_run(
         ctx: Context[AppState, Any], run_id: Annotated[str, Field(description="The run to stop.")]
@@ -329,9 +324,7 @@ def register_tools(mcp: MCPServer[Any]) -> None:
     @mcp.tool(
         description=DESCRIPTIONS["list_runs"],
         title="List runs",
-        annotations=ToolAnnotations(
-            read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False
-        ),
+        annotations=_local(read_only=True, idempotent=True),
     )
     async def list_runs(
         ctx: Context[AppState, Any],

@@ -10,19 +10,11 @@ import pytest
 
 from mcp import Client
 from mcp_local import ServerSettings, build_server
+from tests.conftest import tiny_run_config
 
 
 def tiny_config(model: Path, data: Path, **extra: object) -> dict[str, object]:
-    return {
-        "model": str(model),
-        "data": str(data),
-        "num_layers": 4,
-        "iters": 20,
-        "batch_size": 4,
-        "learning_rate": 1e-3,
-        "max_seq_length": 128,
-        **extra,
-    }
+    return tiny_run_config(model, data, **{"iters": 20, **extra})
 
 
 async def _predicted(client: Client, config: dict[str, object]) -> float:

@@ -18,7 +18,7 @@ from mcp.client.subscriptions import ResourceUpdated
 from mcp.types import ResourceListChangedNotification, ResourceUpdatedNotification
 
 from mcp import Client, StdioServerParameters
-from tests.conftest import REPO
+from tests.conftest import REPO, tiny_run_config
 
 pytestmark = pytest.mark.slow
 SAMPLE_INTERVAL = 0.2
@@ -35,18 +35,7 @@ def server_params(home: Path) -> StdioServerParameters:
 
 
 def run_config(model: Path, data: Path, iters: int) -> dict[str, Any]:
-    return {
-        "model": str(model),
-        "data": str(data),
-        "num_layers": 4,
-        "iters": iters,
-        "batch_size": 4,
-        "learning_rate": 1e-3,
-        "max_seq_length": 128,
-        "steps_per_report": 5,
-        "steps_per_eval": 20,
-        "val_batches": 5,
-    }
+    return tiny_run_config(model, data, iters=iters)
 
 
 async def follow_to_end(

@@ -11,6 +11,7 @@ from mlx.nn.utils import value_and_grad
 from mlx.utils import tree_flatten
 from mlx_lm.tuner.trainer import default_loss
 
+from tests.conftest import tiny_run_config
 from tests.trainer.test_fastpath import VOCAB, _model
 from trainer import JobRunner, JobState, RunStore
 from trainer.layerwise import layerwise_value_and_grad
@@ -38,20 +39,7 @@ def test_layerwise_gradients_equal_the_one_graph_step(fast: bool) -> None:
 async def test_a_layerwise_run_trains_and_saves_its_adapter(tmp_path: Path, tiny_model: Path, tiny_data: Path) -> None:
     async with JobRunner(RunStore(tmp_path)) as runner:
         run = runner.submit(
-            {
-                "model": str(tiny_model),
-                "data": str(tiny_data),
-                "num_layers": 4,
-                "iters": 30,
-                "batch_size": 4,
-                "learning_rate": 1e-3,
-                "max_seq_length": 128,
-                "steps_per_report": 5,
-                "steps_per_eval": 15,
-                "val_batches": 5,
-                "save_every": 15,
-                "layerwise": True,
-            }
+            tiny_run_config(tiny_model, tiny_data, iters=30, steps_per_eval=15, save_every=15, layerwise=True)
         )
         done = await runner.wait_until_done(run.id, 300)
         _, val = runner.reports(run.id)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import tiny_run_config
 from trainer import JobRunner, JobState, RunStore
 from trainer.inference import ModelSession
 
@@ -22,20 +23,7 @@ async def trained(tiny_model: Path, tiny_data: Path, tmp_path_factory: pytest.Te
     home = tmp_path_factory.mktemp("mlx-home")
     async with JobRunner(RunStore(home)) as runner:
         run = runner.submit(
-            {
-                "model": str(tiny_model),
-                "data": str(tiny_data),
-                "num_layers": 4,
-                "iters": 40,
-                "batch_size": 4,
-                "learning_rate": 1e-3,
-                "max_seq_length": 128,
-                "steps_per_report": 5,
-                "steps_per_eval": 20,
-                "val_batches": 5,
-                "save_every": 20,
-                "memory_sample_interval": SAMPLE_INTERVAL,
-            }
+            tiny_run_config(tiny_model, tiny_data, save_every=20, memory_sample_interval=SAMPLE_INTERVAL)
         )
         done = await runner.wait_until_done(run.id, 300)
         train_reports, val_reports = runner.reports(run.id)
