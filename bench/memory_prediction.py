@@ -94,6 +94,19 @@ if mx.default_device() != mx.cpu:
 nn.quantize(model, group_size=64, bits=4)
 mx.eval(model.parameters())
 apply_fast_path(model, cfg["fast"])
+import trainer.fastpath as fp
+impl = cfg.get("fast_impl")
+if impl == "kept":  # the probe: a plain dequantize then GEMM, the dequantized weight kept for the backward
+    fp._dense = lambda module, x: x @ mx.dequantize(module["weight"], module["scales"], module["biases"],
+        group_size=module.group_size, bits=module.bits, mode=module.mode).astype(x.dtype).T
+elif impl == "unordered":  # our recomputing VJP without its ordering on the cotangent
+    mx.depends = lambda inputs, dependencies: inputs
+elif impl == "chunked":  # the GPU chunking of the first H100/H200 runs
+    fp.GPU_CHUNK_ELEMENTS = 64 * 1024 * 1024
+elif impl == "recomputed":  # the layerwise step without keep_dequantized in its block backward
+    import contextlib
+    import trainer.layerwise as lw
+    lw.keep_dequantized = contextlib.nullcontext
 if cfg.get("dense"):
     from trainer.fastpath import cache_dense_weights
     cache_dense_weights(model, 1 << 62)
@@ -112,7 +125,8 @@ def step(batch, lengths):
 if cfg.get("layerwise"):
     from trainer.layerwise import layerwise_value_and_grad
     def step(batch, lengths):
-        l, n, g = layerwise_value_and_grad(model, batch, lengths)
+        l, n, g = layerwise_value_and_grad(model, batch, lengths, compiled=cfg.get("lw_compiled", True),
+                                           pipelined=cfg.get("lw_pipelined"))
         opt.update(model, g)
         return l, n
 elif cfg.get("compile", True):
@@ -143,6 +157,7 @@ def measure(case: dict[str, Any], fast: bool | None, steps: int, env: dict[str, 
         "layerwise": case.get("layerwise", False),
         "layers": 16,
         "steps": steps,
+        **{k: case[k] for k in ("fast_impl", "lw_compiled", "lw_pipelined") if k in case},
     }
     out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(payload)], capture_output=True, text=True, env=env)
     if out.returncode != 0:

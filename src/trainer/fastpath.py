@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import cache
 from typing import Any, cast
 
@@ -28,9 +29,10 @@ FAST_ENV = "MCP_LOCAL_FAST_QUANT"
 DECODE_ROWS = 4
 #: largest dequantized chunk, in elements. Small on the CPU, where it bounds the dequantize's scratch memory
 #: (measured on the SmolLM2 shape: 896 MB unchunked, 731 at 4M, 653 at 1M, 608 at 512K, against 564 for plain
-#: MLX-LM); large on a GPU, where every chunk is a kernel launch.
+#: MLX-LM); unchunked on a GPU, where chunks cost speed and saved nothing (7B shape, 1x2048, H200: 7,048 tokens/s
+#: at 29.5 GB with 64M-element chunks, 12,541 at 29.1 GB unchunked; bench/gpu_step_variants.py).
 CPU_CHUNK_ELEMENTS = 512 * 1024
-GPU_CHUNK_ELEMENTS = 64 * 1024 * 1024
+GPU_CHUNK_ELEMENTS = 1 << 62
 
 
 def chunk_elements() -> int:
@@ -66,6 +68,9 @@ def _dequantized_matmul(group_size: int, bits: int, mode: str, n_chunks: int) ->
 
     @mx.custom_function
     def matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array) -> mx.array:
+        # depend on the input, so the scheduler dequantizes each weight just before its GEMM: the dequantizes are
+        # otherwise leaves of the step graph, free to run (and hold their output) long before they are needed
+        w, scales, biases = mx.depends([w, scales, biases], [x])
         parts = [x @ wd.T for _, _, wd in chunks(w, scales, biases, x.dtype)]
         return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
 
@@ -86,11 +91,37 @@ def _dequantized_matmul(group_size: int, bits: int, mode: str, n_chunks: int) ->
     return cast(Callable[..., mx.array], matmul)
 
 
+class _KeepDequantized:
+    active = False
+
+
+@contextmanager
+def keep_dequantized() -> Iterator[None]:
+    """Within this context (at trace time), multi-row inputs use a plain dequantize-then-GEMM whose dequantized
+    weight autodiff keeps for the backward pass: faster where only a block's weights are alive at once (the layerwise
+    step's recomputation), never for a whole-model graph."""
+    before, _KeepDequantized.active = _KeepDequantized.active, True
+    try:
+        yield
+    finally:
+        _KeepDequantized.active = before
+
+
 def _multi_row(x: mx.array) -> bool:
     return x.size // x.shape[-1] > DECODE_ROWS
 
 
 def _dense(module: Any, x: mx.array) -> mx.array:
+    if _KeepDequantized.active:
+        w = mx.dequantize(
+            module["weight"],
+            module["scales"],
+            module["biases"],
+            group_size=module.group_size,
+            bits=module.bits,
+            mode=module.mode,
+        )
+        return x @ w.astype(x.dtype).T
     n_chunks = len(_row_chunks(module["weight"].shape[0], x.shape[-1]))
     fn = _dequantized_matmul(module.group_size, module.bits, module.mode, n_chunks)
     return fn(x, module["weight"], module["scales"], module["biases"])

@@ -10,6 +10,7 @@ block's forward and backward. The gradients equal those of `default_loss` up to 
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,14 @@ import mlx.core as mx
 from mlx.nn.losses import cross_entropy
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .fastpath import keep_dequantized
 from .losses import head_of
 
-#: tokens per row of one loss chunk: the logits of one chunk are the largest transient of the step
+#: the step is pipelined up to this many tokens (batch x length). Beyond, the second block in flight costs more memory
+#: than the overlap gains (7B shape, H200, 4x1024: 10.0 GB at 12,115 tokens/s unpipelined, 14.9 GB at 13,559
+#: pipelined; at 1x2048 7.55 GB at 9,657 and 7.60 GB at 11,059; bench/gpu_step_variants.py)
+PIPELINE_MAX_TOKENS = 2048
+#: tokens (over the whole batch) of one loss chunk: the logits of one chunk are the largest transient of the step
 LOSS_CHUNK_TOKENS = 512
 
 
@@ -28,14 +34,108 @@ def supports_layerwise(model: Any) -> bool:
     return all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm")) and head_of(model) is not None
 
 
+def block_seeds(count: int) -> list[int]:
+    """Random seeds drawn from MLX's global generator: one per LoRA block, plus one to continue from after the step."""
+    seeds: list[int] = mx.random.randint(0, 2**31 - 1, (count + 1,)).tolist()  # type: ignore[assignment]
+    return seeds
+
+
+def _has_dropout(layers: list[Any]) -> bool:
+    return any(getattr(m, "_p_1", 1.0) < 1.0 for layer in layers for _, m in layer.named_modules())
+
+
+class _Pipeline:
+    """Hands evaluations to the device at most one ahead: while block k runs, block k+1's graph is built and queued,
+    and block k-1 is waited for. Deeper queues would let a GPU allocate several blocks' intermediates at once."""
+
+    def __init__(self, pipelined: bool) -> None:
+        self.pipelined = pipelined
+        self.pending: list[Any] = []
+
+    def submit(self, *arrays: Any) -> None:
+        if not self.pipelined:
+            mx.eval(*arrays)
+            return
+        mx.async_eval(*arrays)
+        if self.pending:
+            mx.eval(*self.pending)
+        self.pending = list(arrays)
+
+    def drain(self) -> None:
+        if self.pending:
+            mx.eval(*self.pending)
+        self.pending = []
+
+
+class _BlockFunctions:
+    """The forward and backward of one block structure as functions of its parameters, compiled once and shared by
+    every block of that structure (the frozen blocks share one pair, the LoRA blocks another)."""
+
+    def __init__(self, template: Any, mask: Any, compiled: bool) -> None:
+        self.template = template
+        named: list[tuple[str, mx.array]] = tree_flatten(template.parameters())  # type: ignore[assignment]
+        trainable_named: list[tuple[str, mx.array]] = tree_flatten(template.trainable_parameters())  # type: ignore[assignment]
+        trainable = {name for name, _ in trainable_named}
+        self.frozen_names = [name for name, _ in named if name not in trainable]
+        self.trainable_names = [name for name, _ in named if name in trainable]
+        self.mask = mask
+        # the global random state is an input and an output, as in mlx-lm's compiled step, so LoRA dropout draws
+        # fresh masks on every call (and a recomputation seeded like its forward pass draws the same ones)
+        wrap = partial(mx.compile, inputs=mx.random.state, outputs=mx.random.state) if compiled else (lambda f: f)
+        self.forward = wrap(self._forward)
+        self.backward = wrap(self._backward)
+
+    def values(self, layer: Any) -> tuple[list[mx.array], list[mx.array]]:
+        params = dict(tree_flatten(layer.parameters()))
+        return [params[n] for n in self.frozen_names], [params[n] for n in self.trainable_names]
+
+    def _apply(self, frozen: list[mx.array], trainable: list[mx.array], h: mx.array) -> mx.array:
+        own = self.values(self.template)
+        names = self.frozen_names + self.trainable_names
+        self.template.update(tree_unflatten(list(zip(names, frozen + trainable, strict=True))))
+        try:
+            out: mx.array = self.template(h, self.mask, None)
+        finally:  # the template's own parameters back
+            self.template.update(tree_unflatten(list(zip(names, own[0] + own[1], strict=True))))
+        return out
+
+    def _forward(self, frozen: list[mx.array], trainable: list[mx.array], h: mx.array) -> mx.array:
+        return self._apply(frozen, trainable, h)
+
+    def _backward(
+        self, frozen: list[mx.array], trainable: list[mx.array], h: mx.array, cotangent: mx.array
+    ) -> tuple[list[mx.array], mx.array]:
+        n = len(trainable)
+
+        def block(*arrays: mx.array) -> mx.array:
+            return self._apply(frozen, list(arrays[:n]), arrays[n])
+
+        with keep_dequantized():  # one block's dequantized weights at a time: keep them for its backward
+            _, vjps = mx.vjp(block, [*trainable, h], [cotangent])
+        return list(vjps[:n]), vjps[n]
+
+
 def layerwise_value_and_grad(
-    model: Any, batch: mx.array, lengths: mx.array, chunk_tokens: int = LOSS_CHUNK_TOKENS
+    model: Any,
+    batch: mx.array,
+    lengths: mx.array,
+    chunk_tokens: int = LOSS_CHUNK_TOKENS,
+    compiled: bool = True,
+    pipelined: bool | None = None,
 ) -> tuple[mx.array, mx.array, dict[str, Any]]:
-    """Loss, token count and the gradients of the model's trainable parameters, all evaluated."""
+    """Loss, token count and the gradients of the model's trainable parameters, all evaluated.
+
+    `compiled`: each block's forward and backward are compiled (fused elementwise kernels, one trace per block
+    structure). `pipelined`: blocks are handed to the device with `mx.async_eval`, so building the next block's graph
+    overlaps running this one (None: when the batch has at most PIPELINE_MAX_TOKENS tokens).
+    """
     from mlx_lm.models.base import create_attention_mask
 
     inner, head = model.model, head_of(model)
     assert head is not None, "check supports_layerwise(model) first"
+    if pipelined is None:
+        pipelined = batch.shape[0] * (batch.shape[1] - 1) <= PIPELINE_MAX_TOKENS
+    queue = _Pipeline(pipelined)
     inputs, targets = batch[:, :-1], batch[:, 1:]
     steps = mx.arange(1, targets.shape[1] + 1)
     mask = mx.logical_and(steps >= lengths[:, 0:1], steps <= lengths[:, 1:])
@@ -46,22 +146,35 @@ def layerwise_value_and_grad(
     layers = list(inner.layers)
     trainable = [bool(tree_flatten(layer.trainable_parameters())) for layer in layers]
     first = trainable.index(True) if True in trainable else len(layers)
-    mx.eval(h)
-    for layer in layers[:first]:  # frozen blocks below the adapters: forward only, still one at a time
-        h = layer(h, attention_mask, None)
-        mx.eval(h)
-    kept = []
-    for layer in layers[first:]:
-        kept.append(h)
-        h = layer(h, attention_mask, None)
-        mx.eval(h)
+    functions: dict[bool, _BlockFunctions] = {}
+
+    def functions_of(index: int) -> _BlockFunctions:
+        kind = trainable[index]
+        if kind not in functions:
+            functions[kind] = _BlockFunctions(layers[index], attention_mask, compiled)
+        return functions[kind]
+
+    queue.submit(h)
+    # with LoRA dropout, each LoRA block runs from its own seed, so that its recomputation replays the same masks
+    seeds = block_seeds(len(layers) - first) if _has_dropout(layers[first:]) else None
+    kept: list[mx.array] = []  # each LoRA block's input
+    for index, layer in enumerate(layers):
+        fns = functions_of(index)
+        if index >= first:
+            kept.append(h)
+            if seeds:
+                mx.random.seed(seeds[index - first])
+        h = fns.forward(*fns.values(layer), h)
+        queue.submit(h)
+    queue.drain()
 
     # The loss, one sequence chunk at a time, each evaluated before the next: the head's logits (and, on the fast
     # path, its dequantized weight) exist for one chunk only.
     total = mx.array(0.0, dtype=mx.float32)
     grad_parts = []
-    for start in range(0, targets.shape[1], chunk_tokens):
-        stop = start + chunk_tokens
+    per_row = max(1, chunk_tokens // targets.shape[0])
+    for start in range(0, targets.shape[1], per_row):
+        stop = start + per_row
         t, m = targets[:, start:stop], mask[:, start:stop]
 
         def chunk_loss(x: mx.array, t: mx.array = t, m: mx.array = m) -> mx.array:
@@ -73,27 +186,22 @@ def layerwise_value_and_grad(
         grad_parts.append(grad_part)
     loss = total / ntoks
     grad_h = (mx.concatenate(grad_parts, axis=1) if len(grad_parts) > 1 else grad_parts[0]) / ntoks.astype(h.dtype)
-    mx.eval(loss, grad_h)
+    queue.submit(loss, grad_h)
 
     grads: list[tuple[str, mx.array]] = []
     for offset in reversed(range(len(kept))):
         index = first + offset
-        layer = layers[index]
-        named: list[tuple[str, mx.array]] = tree_flatten(layer.trainable_parameters())  # type: ignore[assignment]
-        names = [name for name, _ in named]
-        values = [value for _, value in named]
-
-        def block(*arrays: mx.array, layer: Any = layer, names: list[str] = names) -> list[mx.array]:
-            layer.update(tree_unflatten(list(zip(names, arrays[:-1], strict=True))))
-            return [layer(arrays[-1], attention_mask, None)]
-
-        _, vjps = mx.vjp(block, [*values, kept[offset]], [grad_h])
-        layer.update(tree_unflatten(list(zip(names, values, strict=True))))  # the real parameters back
-        grad_h = vjps[-1]
-        block_grads = [(f"model.layers.{index}.{name}", g) for name, g in zip(names, vjps[:-1], strict=True)]
-        mx.eval(grad_h, [g for _, g in block_grads])
-        kept[offset] = mx.array(0)  # this block's input is no longer needed
-        grads.extend(block_grads)
+        fns = functions_of(index)
+        block_input, kept[offset] = kept[offset], mx.array(0)  # the input is not needed after this block
+        if seeds:
+            mx.random.seed(seeds[offset])
+        block_grads, grad_h = fns.backward(*fns.values(layers[index]), block_input, grad_h)
+        named = [(f"model.layers.{index}.{name}", g) for name, g in zip(fns.trainable_names, block_grads, strict=True)]
+        queue.submit(grad_h, block_grads)
+        grads.extend(named)
+    queue.drain()
+    if seeds:
+        mx.random.seed(seeds[-1])
     return loss, ntoks, tree_unflatten(grads)
 
 

@@ -29,10 +29,19 @@ CHUNKED_LOGIT_SAVING = 0.5
 CHECKPOINT_LAYERS = 2.0
 #: fraction added for the allocator's fragmentation and cache
 SLACK = 0.02
-#: CUDA only (fit to the H200 runs of bench/gpu_qlora.py): MLX's CUDA backend keeps buffers of the whole step
-#: graph alive longer than the CPU does. A constant for workspaces and kernels, and the fast path's dequantized
-#: weights of the LoRA layers, which stay allocated within the step there.
-GPU_OVERHEAD_GB = 3.0
+#: CUDA (the 7B shape on an H200 at 512 to 4096 tokens, bench/results-gpu-h200-{fit,sizes}.jsonl): the peak depends
+#: on batch x length only (1x2048 and 2x1024 peak alike, as do 4x1024, 2x2048 and 1x4096), so attention runs fused
+#: there and keeps no T x T probabilities. One-graph steps carry a constant for workspaces and buffers MLX's CUDA
+#: backend keeps alive within the step graph (the minimax fit over those sizes).
+GPU_OVERHEAD_GB = 5.4
+#: CUDA, one-graph step with the fast path: the share of the LoRA blocks' and head's dequantized weights held at the
+#: peak, less the share of the LoRA blocks' activations that reuses their buffers (fit to the same runs)
+FAST_HELD = 0.75
+FAST_REUSED = 0.26
+#: CUDA, layerwise step: one block's forward and backward, in layers of activations (fit to 4x1024 unpipelined)
+GPU_LAYERWISE_BLOCK_LAYERS = 4.5
+#: tokens of one loss chunk in the layerwise step (trainer.layerwise.LOSS_CHUNK_TOKENS)
+LAYERWISE_LOSS_TOKENS = 512
 
 
 class MemoryParts(BaseModel):
@@ -118,30 +127,40 @@ def predict_peak(model_config: dict[str, Any], plan: MemoryPlan) -> MemoryParts:
     checkpointing = plan.grad_checkpoint and plan.device == "cpu"
     chunked = plan.chunked_loss and plan.device == "cpu"
     tokens = plan.batch_size * plan.seq_len
-    per_layer = tokens * (ACT_HIDDEN * hidden + ACT_KV * kv + ACT_INTERMEDIATE * inter) * d
-    per_layer += ACT_ATTENTION * plan.batch_size * heads * plan.seq_len**2 * d
-    if plan.layerwise:  # each LoRA block's input is kept; one block's forward and backward at a time
-        activations = lora_layers * tokens * hidden * d + CHECKPOINT_LAYERS * per_layer
-    elif checkpointing:  # keep each LoRA layer's input; recompute one layer at a time
-        activations = lora_layers * tokens * hidden * d + CHECKPOINT_LAYERS * per_layer
-    else:
-        activations = lora_layers * per_layer
-    if plan.layerwise:
-        logit_tokens = plan.batch_size * min(plan.seq_len, 512)
-    else:
-        logit_tokens = min(tokens, plan.batch_size * 1024) if chunked else tokens
+    act_per_token = (ACT_HIDDEN * hidden + ACT_KV * kv + ACT_INTERMEDIATE * inter) * d
+    per_layer = tokens * act_per_token
+    if plan.device == "cpu":
+        per_layer += ACT_ATTENTION * plan.batch_size * heads * plan.seq_len**2 * d
+    gpu_fast = plan.device != "cpu" and plan.fast_path and bool(bits)
     kept = LOGIT_TENSORS - (CHUNKED_LOGIT_SAVING if chunked else 0.0)
-    logits = logit_tokens * vocab * (d + 4 * (kept - 1))
-
-    base = weights + lora + activations + logits
-    if plan.device != "cpu":
-        dense = sum(r * c for r, c in projections) * d
-        if plan.layerwise:  # evaluation boundaries: no graph-wide overhead, one block's weights dequantized
-            extra = 2 * dense if plan.fast_path else 0.0
+    if plan.layerwise:
+        # Two phases that never overlap, on top of each LoRA block's kept input: the loss, one 512-token chunk at a
+        # time (with the fast path on a GPU, the head's dequantized weight too), and one block's forward and
+        # backward (with that block's dequantized weights). The peak is the larger; the parts shown are its own.
+        kept_inputs = lora_layers * tokens * hidden * d
+        loss_phase = min(tokens, LAYERWISE_LOSS_TOKENS) * vocab * (d + 4 * (kept - 1))
+        loss_phase += vocab * hidden * d if gpu_fast else 0.0
+        block_layers = CHECKPOINT_LAYERS if plan.device == "cpu" else GPU_LAYERWISE_BLOCK_LAYERS
+        block_phase = block_layers * per_layer + (sum(r * c for r, c in projections) * d if gpu_fast else 0.0)
+        activations = kept_inputs + (block_phase if block_phase > loss_phase else 0.0)
+        logits = loss_phase if loss_phase >= block_phase else 0.0
+        base = weights + lora + activations + logits
+    else:
+        if checkpointing:  # keep each LoRA layer's input; recompute one layer at a time
+            activations = lora_layers * tokens * hidden * d + CHECKPOINT_LAYERS * per_layer
         else:
-            extra = GPU_OVERHEAD_GB * GB + (lora_layers * dense if plan.fast_path else 0.0)
-        activations += extra
-        base += extra
+            activations = lora_layers * per_layer
+        logit_tokens = min(tokens, plan.batch_size * 1024) if chunked else tokens
+        logits = logit_tokens * vocab * (d + 4 * (kept - 1))
+        base = weights + lora + activations + logits
+        if plan.device != "cpu":
+            extra = GPU_OVERHEAD_GB * GB
+            if gpu_fast:  # dequantized weights, partly in buffers the activations would otherwise take
+                dense_block, dense_head = sum(r * c for r, c in projections) * d, vocab * hidden * d
+                held = FAST_HELD * (lora_layers * dense_block + dense_head) - FAST_REUSED * lora_layers * per_layer
+                extra += max(dense_block + dense_head, held)
+            activations += extra
+            base += extra
     slack = SLACK * base
     return MemoryParts(
         weights_gb=weights / GB,

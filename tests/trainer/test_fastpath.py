@@ -28,7 +28,7 @@ VOCAB = 8192
 MAX_PEAK_RATIO = 1.2
 
 
-def _model(fast: bool, dense: bool = False) -> Any:
+def _model(fast: bool, dense: bool = False, lora_layers: int = 4, dropout: float = 0.0) -> Any:
     mx.random.seed(0)
     args = qwen2.ModelArgs.from_dict(
         {
@@ -51,7 +51,7 @@ def _model(fast: bool, dense: bool = False) -> Any:
     if dense:
         assert cache_dense_weights(model, 1 << 40)
     model.freeze()
-    linear_to_lora_layers(model, 4, {"rank": 16, "scale": 2.0, "dropout": 0.0})
+    linear_to_lora_layers(model, lora_layers, {"rank": 16, "scale": 2.0, "dropout": dropout})
     return model
 
 

@@ -9,29 +9,52 @@ import mlx.core as mx
 import pytest
 from mlx.nn.utils import value_and_grad
 from mlx.utils import tree_flatten
+from mlx_lm.models import qwen2
 from mlx_lm.tuner.trainer import default_loss
 
 from tests.conftest import tiny_run_config
 from tests.trainer.test_fastpath import VOCAB, _model
 from trainer import JobRunner, JobState, RunStore
-from trainer.layerwise import layerwise_value_and_grad
+from trainer.layerwise import block_seeds, layerwise_value_and_grad
+
+
+def _seeded_call(seed: int) -> Any:
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        mx.random.seed(seed)
+        return qwen2.TransformerBlock.__call__(self, *args, **kwargs)
+
+    return call
 
 
 def _batch() -> tuple[mx.array, mx.array]:
     return mx.random.randint(0, VOCAB, (2, 257), key=mx.random.key(3)), mx.array([[0, 256]] * 2)
 
 
-@pytest.mark.parametrize("fast", [False, True])
-def test_layerwise_gradients_equal_the_one_graph_step(fast: bool) -> None:
-    model: Any = _model(fast)
+@pytest.mark.parametrize(
+    ("fast", "lora_layers", "dropout", "compiled"),
+    [(False, 4, 0.0, False), (True, 4, 0.0, True), (True, 2, 0.0, True), (False, 2, 0.3, True), (True, 3, 0.3, False)],
+)
+def test_layerwise_gradients_equal_the_one_graph_step(
+    fast: bool, lora_layers: int, dropout: float, compiled: bool
+) -> None:
+    """Frozen blocks below the adapters, compiled or not, and LoRA dropout: the recomputation replays the forward
+    pass's dropout masks, so even then the gradients are the one-graph step's."""
+    model: Any = _model(fast, lora_layers=lora_layers, dropout=dropout)
     batch, lengths = _batch()
+    mx.random.seed(7)
+    if dropout:  # the reference seeds each LoRA block as the layerwise step does: one graph, the same masks
+        blocks = model.model.layers[-lora_layers:]
+        for block, seed in zip(blocks, block_seeds(lora_layers), strict=False):
+            block.__class__ = type("Seeded", (type(block),), {"__call__": _seeded_call(seed)})
     (loss, ntoks), grads = value_and_grad(model, default_loss)(model, batch, lengths)
     mx.eval(loss, grads)
-    mx.reset_peak_memory()
-    lw_loss, lw_ntoks, lw_grads = layerwise_value_and_grad(model, batch, lengths)
+    for block in model.model.layers:
+        block.__class__ = qwen2.TransformerBlock
+    mx.random.seed(7)
+    lw_loss, lw_ntoks, lw_grads = layerwise_value_and_grad(model, batch, lengths, compiled=compiled, pipelined=compiled)
     assert lw_loss.item() == pytest.approx(loss.item(), rel=1e-5) and lw_ntoks.item() == ntoks.item()
     expected, got = dict(tree_flatten(grads)), dict(tree_flatten(lw_grads))
-    assert set(got) == set(expected)
+    assert set(got) == set(expected) and len(got) == 14 * lora_layers
     for name, grad in expected.items():
         assert mx.allclose(got[name], grad, rtol=1e-3, atol=1e-5).item(), name
 
