@@ -1,9 +1,11 @@
 """CPU side by side in one run: QLoRA training tokens/s and peak memory, ours vs plain MLX-LM (as installed: the
 wheel's reference BLAS, MLX's quantized kernels) vs PyTorch CPU + PEFT (float32, optional); then decode tokens/s of
-the real SmolLM2-135M-Instruct, ours vs plain MLX-LM.
+the real SmolLM2-135M-Instruct, ours vs plain MLX-LM (vs llama.cpp on the same GGUF, optional).
 
-uv run python bench/cpu_qlora.py [--torch-python /path/to/venv/bin/python] [--out results.jsonl]
-(a PyTorch venv: python3 -m venv /tmp/tv && /tmp/tv/bin/pip install torch==2.13.0 peft transformers)
+uv run python bench/cpu_qlora.py [--torch-python /path/to/venv/bin/python] [--llama-python /path/to/python]
+    [--out results.jsonl]
+(a PyTorch venv: python3 -m venv /tmp/tv && /tmp/tv/bin/pip install torch==2.13.0 peft transformers;
+ a llama.cpp one: python3 -m venv /tmp/llv && /tmp/llv/bin/pip install llama-cpp-python, built here from source)
 """
 
 from __future__ import annotations
@@ -58,6 +60,22 @@ print(json.dumps({"decode_tok_s": g.tokens_per_second, "prefill_tok_s": g.prompt
 """
 
 
+LLAMA_CHILD = r"""
+import json, sys, time
+from llama_cpp import Llama
+llm = Llama(model_path=sys.argv[1], n_threads=2, n_ctx=1024, verbose=False)
+messages = [{"role": "user", "content": "Write a Python function is_even(n) that returns True when n is even."}]
+def run(n):
+    stamps = []
+    for _ in llm.create_chat_completion(messages, max_tokens=n, temperature=0.0, stream=True):
+        stamps.append(time.perf_counter())
+    return stamps
+run(16)
+stamps = run(96)
+print(json.dumps({"decode_tok_s": (len(stamps) - 2) / (stamps[-1] - stamps[1]), "chunks": len(stamps)}))
+"""
+
+
 def plain_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     env["MCP_LOCAL_BLAS"] = "off"
@@ -75,9 +93,11 @@ def ours_env() -> dict[str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--torch-python", default=None)
+    parser.add_argument("--llama-python", default=None, help="a Python with llama-cpp-python, for its decode")
     parser.add_argument("--out", default=None)
     parser.add_argument("--shapes", default="smollm2-135m,qwen2.5-0.5b")
     parser.add_argument("--size", default="4x64")
+    parser.add_argument("--no-train", action="store_true", help="decode only")
     args = parser.parse_args()
     batch, seq = (int(v) for v in args.size.split("x"))
 
@@ -87,7 +107,7 @@ def main() -> None:
             with open(args.out, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
 
-    for shape in args.shapes.split(","):
+    for shape in [] if args.no_train else args.shapes.split(","):
         case = {"shape": shape, "batch": batch, "seq": seq, "ckpt": False, "chunked": False}
         report({"shape": shape, "size": args.size, "who": "plain MLX-LM", **measure(case, False, 1, plain_env())})
         report({"shape": shape, "size": args.size, "who": "ours", **measure(case, None, 3, ours_env())})
@@ -106,6 +126,14 @@ def main() -> None:
         out = subprocess.run([sys.executable, "-c", DECODE_CHILD, fast], capture_output=True, text=True, env=env)
         got = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {"error": out.stderr[-300:]}
         report({"decode": "SmolLM2-135M-Instruct Q4_1", "who": who, **got})
+    if args.llama_python:
+        from trainer.bundled import smollm2_gguf
+
+        out = subprocess.run(
+            [args.llama_python, "-c", LLAMA_CHILD, str(smollm2_gguf())], capture_output=True, text=True
+        )
+        got = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {"error": out.stderr[-300:]}
+        report({"decode": "SmolLM2-135M-Instruct Q4_1", "who": "llama.cpp (llama-cpp-python, 2 threads)", **got})
 
 
 if __name__ == "__main__":

@@ -73,8 +73,8 @@ class QLoRAConfig(BaseModel):
         bool,
         Field(
             description="Evaluate each training step one transformer block at a time (forward, then backward from "
-            "the last block): the least memory, especially on CUDA (7B shape at 1x2048: 24.6 -> 7.9 GB on an H100), "
-            "at some speed."
+            "the last block, each block's step compiled): the least memory, especially on CUDA (7B shape at 1x2048 "
+            "on an H200: 24.6 -> 7.55 GB, and with the fast path 2.1x plain MLX-LM's tokens/s)."
         ),
     ] = False
     memory_budget_gb: Annotated[
