@@ -124,9 +124,10 @@ def step(batch, lengths):
     return l, n
 if cfg.get("layerwise"):
     from trainer.layerwise import layerwise_value_and_grad
+    functions = {}  # traced once, as train_layerwise does
     def step(batch, lengths):
         l, n, g = layerwise_value_and_grad(model, batch, lengths, compiled=cfg.get("lw_compiled", True),
-                                           pipelined=cfg.get("lw_pipelined"))
+                                           pipelined=cfg.get("lw_pipelined"), functions=functions)
         opt.update(model, g)
         return l, n
 elif cfg.get("compile", True):

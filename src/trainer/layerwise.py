@@ -10,6 +10,7 @@ block's forward and backward. The gradients equal those of `default_loss` up to 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -68,8 +69,10 @@ class _Pipeline:
 
 
 class _BlockFunctions:
-    """The forward and backward of one block structure as functions of its parameters, compiled once and shared by
-    every block of that structure (the frozen blocks share one pair, the LoRA blocks another)."""
+    """The forward and backward of one block structure as functions of its arrays, compiled once and shared by every
+    block of that structure (the frozen blocks share one pair, the LoRA blocks another). A block's arrays are its
+    parameters plus the fast path's private float32 copies (`dense_weights`), which are not parameters but are just
+    as much the block's own."""
 
     def __init__(self, template: Any, mask: Any, compiled: bool) -> None:
         self.template = template
@@ -78,6 +81,7 @@ class _BlockFunctions:
         trainable = {name for name, _ in trainable_named}
         self.frozen_names = [name for name, _ in named if name not in trainable]
         self.trainable_names = [name for name, _ in named if name in trainable]
+        self.dense_modules = [n for n, m in template.named_modules() if getattr(m, "_dense_weight", None) is not None]
         self.mask = mask
         # the global random state is an input and an output, as in mlx-lm's compiled step, so LoRA dropout draws
         # fresh masks on every call (and a recomputation seeded like its forward pass draws the same ones)
@@ -86,17 +90,27 @@ class _BlockFunctions:
         self.backward = wrap(self._backward)
 
     def values(self, layer: Any) -> tuple[list[mx.array], list[mx.array]]:
+        """The block's frozen arrays (parameters, then dense copies) and its trainable parameters."""
         params = dict(tree_flatten(layer.parameters()))
-        return [params[n] for n in self.frozen_names], [params[n] for n in self.trainable_names]
+        modules = dict(layer.named_modules())
+        dense = [modules[n]._dense_weight for n in self.dense_modules]
+        return [params[n] for n in self.frozen_names] + dense, [params[n] for n in self.trainable_names]
+
+    def _set(self, layer: Any, frozen: list[mx.array], trainable: list[mx.array]) -> None:
+        k = len(self.frozen_names)
+        names = self.frozen_names + self.trainable_names
+        layer.update(tree_unflatten(list(zip(names, frozen[:k] + trainable, strict=True))))
+        modules = dict(layer.named_modules())
+        for name, dense in zip(self.dense_modules, frozen[k:], strict=True):
+            modules[name]._dense_weight = dense
 
     def _apply(self, frozen: list[mx.array], trainable: list[mx.array], h: mx.array) -> mx.array:
         own = self.values(self.template)
-        names = self.frozen_names + self.trainable_names
-        self.template.update(tree_unflatten(list(zip(names, frozen + trainable, strict=True))))
+        self._set(self.template, frozen, trainable)
         try:
             out: mx.array = self.template(h, self.mask, None)
-        finally:  # the template's own parameters back
-            self.template.update(tree_unflatten(list(zip(names, own[0] + own[1], strict=True))))
+        finally:  # the template's own arrays back
+            self._set(self.template, *own)
         return out
 
     def _forward(self, frozen: list[mx.array], trainable: list[mx.array], h: mx.array) -> mx.array:
@@ -122,12 +136,14 @@ def layerwise_value_and_grad(
     chunk_tokens: int = LOSS_CHUNK_TOKENS,
     compiled: bool = True,
     pipelined: bool | None = None,
+    functions: dict[Any, Any] | None = None,
 ) -> tuple[mx.array, mx.array, dict[str, Any]]:
     """Loss, token count and the gradients of the model's trainable parameters, all evaluated.
 
     `compiled`: each block's forward and backward are compiled (fused elementwise kernels, one trace per block
     structure). `pipelined`: blocks are handed to the device with `mx.async_eval`, so building the next block's graph
-    overlaps running this one (None: when the batch has at most PIPELINE_MAX_TOKENS tokens).
+    overlaps running this one (None: when the batch has at most PIPELINE_MAX_TOKENS tokens). `functions`: a dict
+    kept across steps, so the compiled block functions are traced once per run rather than once per step.
     """
     from mlx_lm.models.base import create_attention_mask
 
@@ -146,13 +162,16 @@ def layerwise_value_and_grad(
     layers = list(inner.layers)
     trainable = [bool(tree_flatten(layer.trainable_parameters())) for layer in layers]
     first = trainable.index(True) if True in trainable else len(layers)
-    functions: dict[bool, _BlockFunctions] = {}
+    # a compiled function captures the mask as a constant: reuse functions across steps only for a mask by name
+    by_name = attention_mask is None or isinstance(attention_mask, str)
+    cache: dict[Any, Any] = functions if functions is not None and by_name else {}
 
     def functions_of(index: int) -> _BlockFunctions:
-        kind = trainable[index]
-        if kind not in functions:
-            functions[kind] = _BlockFunctions(layers[index], attention_mask, compiled)
-        return functions[kind]
+        key = (trainable[index], compiled, attention_mask if by_name else None)
+        if key not in cache:
+            cache[key] = _BlockFunctions(layers[index], attention_mask, compiled)
+        fns: _BlockFunctions = cache[key]
+        return fns
 
     queue.submit(h)
     # with LoRA dropout, each LoRA block runs from its own seed, so that its recomputation replays the same masks
@@ -173,17 +192,21 @@ def layerwise_value_and_grad(
     total = mx.array(0.0, dtype=mx.float32)
     grad_parts = []
     per_row = max(1, chunk_tokens // targets.shape[0])
-    for start in range(0, targets.shape[1], per_row):
-        stop = start + per_row
-        t, m = targets[:, start:stop], mask[:, start:stop]
+    # on a GPU the head's dequantized weight is kept from a chunk's forward to its backward (one copy at a time
+    # either way); on the CPU its dequantize stays chunked, which bounds the scratch memory there
+    keep_head = keep_dequantized() if mx.default_device() != mx.cpu else nullcontext()
+    with keep_head:
+        for start in range(0, targets.shape[1], per_row):
+            stop = start + per_row
+            t, m = targets[:, start:stop], mask[:, start:stop]
 
-        def chunk_loss(x: mx.array, t: mx.array = t, m: mx.array = m) -> mx.array:
-            return (cross_entropy(head(inner.norm(x)), t) * m).astype(mx.float32).sum()
+            def chunk_loss(x: mx.array, t: mx.array = t, m: mx.array = m) -> mx.array:
+                return (cross_entropy(head(inner.norm(x)), t) * m).astype(mx.float32).sum()
 
-        part, grad_part = mx.value_and_grad(chunk_loss)(h[:, start:stop])
-        total = total + part
-        mx.eval(total, grad_part)
-        grad_parts.append(grad_part)
+            part, grad_part = mx.value_and_grad(chunk_loss)(h[:, start:stop])
+            total = total + part
+            mx.eval(total, grad_part)
+            grad_parts.append(grad_part)
     loss = total / ntoks
     grad_h = (mx.concatenate(grad_parts, axis=1) if len(grad_parts) > 1 else grad_parts[0]) / ntoks.astype(h.dtype)
     queue.submit(loss, grad_h)
@@ -228,6 +251,7 @@ def train_layerwise(
         mx.save_safetensors(str(path), dict(tree_flatten(model.trainable_parameters())))
 
     model.train()
+    functions: dict[Any, Any] = {}  # the compiled block functions, traced once for the whole run
     losses, n_tokens, steps, trained_tokens, train_time = 0.0, 0, 0, 0, 0.0
     batches = iterate_batches(
         dataset=train_dataset, batch_size=args.batch_size, max_seq_length=args.max_seq_length, loop=True
@@ -249,7 +273,7 @@ def train_layerwise(
                 {"iteration": it - 1, "val_loss": val_loss, "val_time": time.perf_counter() - tic}
             )
             tic = time.perf_counter()
-        loss, toks, grads = layerwise_value_and_grad(model, *batch)
+        loss, toks, grads = layerwise_value_and_grad(model, batch[0], batch[1], functions=functions)
         optimizer.update(model, grads)
         mx.eval(model.trainable_parameters(), optimizer.state)
         losses += float(loss.item())  # type: ignore[arg-type]

@@ -31,15 +31,24 @@ def _batch() -> tuple[mx.array, mx.array]:
 
 
 @pytest.mark.parametrize(
-    ("fast", "lora_layers", "dropout", "compiled"),
-    [(False, 4, 0.0, False), (True, 4, 0.0, True), (True, 2, 0.0, True), (False, 2, 0.3, True), (True, 3, 0.3, False)],
+    ("fast", "dense", "lora_layers", "dropout", "compiled"),
+    [
+        (False, False, 4, 0.0, False),
+        (True, False, 4, 0.0, True),
+        (True, False, 2, 0.0, True),
+        (True, True, 2, 0.0, True),
+        (True, True, 3, 0.0, False),
+        (False, False, 2, 0.3, True),
+        (True, False, 3, 0.3, False),
+    ],
 )
 def test_layerwise_gradients_equal_the_one_graph_step(
-    fast: bool, lora_layers: int, dropout: float, compiled: bool
+    fast: bool, dense: bool, lora_layers: int, dropout: float, compiled: bool
 ) -> None:
-    """Frozen blocks below the adapters, compiled or not, and LoRA dropout: the recomputation replays the forward
-    pass's dropout masks, so even then the gradients are the one-graph step's."""
-    model: Any = _model(fast, lora_layers=lora_layers, dropout=dropout)
+    """Frozen blocks below the adapters, compiled or not, each block with its own float32 weight copies
+    (`dense_weights`), and LoRA dropout: the recomputation replays the forward pass's dropout masks, so even then the
+    gradients are the one-graph step's."""
+    model: Any = _model(fast, dense=dense, lora_layers=lora_layers, dropout=dropout)
     batch, lengths = _batch()
     mx.random.seed(7)
     if dropout:  # the reference seeds each LoRA block as the layerwise step does: one graph, the same masks
@@ -59,14 +68,22 @@ def test_layerwise_gradients_equal_the_one_graph_step(
         assert mx.allclose(got[name], grad, rtol=1e-3, atol=1e-5).item(), name
 
 
-async def test_a_layerwise_run_trains_and_saves_its_adapter(tmp_path: Path, tiny_model: Path, tiny_data: Path) -> None:
+async def test_a_layerwise_run_trains_like_the_default_step_and_saves_its_adapter(
+    tmp_path: Path, tiny_model: Path, tiny_data: Path
+) -> None:
     async with JobRunner(RunStore(tmp_path)) as runner:
-        run = runner.submit(
-            tiny_run_config(tiny_model, tiny_data, iters=30, steps_per_eval=15, save_every=15, layerwise=True)
-        )
-        done = await runner.wait_until_done(run.id, 300)
-        _, val = runner.reports(run.id)
-    assert done.state is JobState.SUCCEEDED, done.error
-    assert val[-1].val_loss < 0.6 * val[0].val_loss
-    adapters = Path(done.adapter_path or "")
+        runs = {
+            layerwise: runner.submit(
+                tiny_run_config(tiny_model, tiny_data, iters=30, steps_per_eval=15, save_every=15, layerwise=layerwise)
+            )
+            for layerwise in (True, False)
+        }
+        done = {key: await runner.wait_until_done(run.id, 300) for key, run in runs.items()}
+        val = {key: runner.reports(run.id)[1] for key, run in runs.items()}
+    assert all(d.state is JobState.SUCCEEDED for d in done.values()), [d.error for d in done.values()]
+    assert val[True][-1].val_loss < 0.8 * val[True][0].val_loss
+    # the same gradients, so the same learning curve up to float rounding
+    for lw, default in zip(val[True], val[False], strict=True):
+        assert lw.val_loss == pytest.approx(default.val_loss, rel=0.02)
+    adapters = Path(done[True].adapter_path or "")
     assert (adapters / "adapters.safetensors").is_file() and (adapters / "0000015_adapters.safetensors").is_file()
