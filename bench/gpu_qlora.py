@@ -19,7 +19,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 from memory_prediction import SHAPES, measure, predict  # noqa: E402
 
-from trainer.kernel_cache import kernel_cache_env  # noqa: E402
+from trainer.mlx_env import OPS_PER_BUFFER_ENV, mlx_env  # noqa: E402
 
 MODES = {
     "plain MLX-LM": {"fast": False, "ckpt": False, "chunked": False},
@@ -80,6 +80,8 @@ def main() -> None:
             sink.flush()
 
     shape = args.shape
+    plain_env = {k: v for k, v in os.environ.items() if k != OPS_PER_BUFFER_ENV}
+    ours_env = mlx_env(plain_env, Path(tempfile.mkdtemp(prefix="mcp-local-home-")))
     for size in args.only.split(","):
         batch, seq = (int(v) for v in size.split("x"))
         for name in args.modes.split(","):
@@ -94,7 +96,9 @@ def main() -> None:
                 "chunked": mode["chunked"],
                 "layerwise": mode.get("layerwise", False),
             }
-            got = measure(case, mode["fast"], args.steps)
+            # ours runs in the environment our workers get (trainer/mlx_env.py); plain MLX-LM in MLX's defaults
+            env = ours_env if name.startswith("ours") else plain_env
+            got = measure(case, mode["fast"], args.steps, env)
             report({"size": size, "mode": name, **got, "predicted_gb": round(predict(case, 2, mode["fast"]), 2)})
     if not args.no_decode:
         # Each mode decodes in two fresh processes sharing a new, empty kernel cache folder (as our server and
@@ -102,7 +106,7 @@ def main() -> None:
         cache_root = Path(tempfile.mkdtemp(prefix="kernel-cache-"))
         for fast in (False, True):
             label = "ours" if fast else "plain MLX-LM"
-            env = kernel_cache_env(dict(os.environ), cache_root / label)
+            env = mlx_env(dict(os.environ), cache_root / label)
             for process in ("new process, empty kernel cache", "new process, kernel cache of the one before"):
                 out = subprocess.run(
                     [sys.executable, "-c", DECODE_CHILD, json.dumps(SHAPES[shape]), "1" if fast else "0"],

@@ -1,6 +1,6 @@
 """Where the fast path's and the layerwise step's time goes on a GPU: the 7B shape, one size, step variants.
 
-python3 bench/gpu_step_variants.py [--size 1x2048] [--only "name;name"] [--out results.jsonl]
+python3 bench/gpu_step_variants.py [--size 1x2048] [--only "name;name"] [--env KEY=VALUE] [--out results.jsonl]
 
 Each variant runs in a fresh subprocess (`memory_prediction.measure`): tokens/s (best of the timed steps) and MLX's
 peak memory. "kept" is the issue's probe (dequantize then GEMM, autodiff keeps the dequantized weights); "ours" is
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -52,12 +53,15 @@ def main() -> None:
     parser.add_argument("--shape", default="qwen2.5-coder-7b")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the child processes (repeatable)")
     args = parser.parse_args()
+    extra_env = dict(item.split("=", 1) for item in args.env)
+    env = {**os.environ, **extra_env} if extra_env else None
     batch, seq = (int(v) for v in args.size.split("x"))
     for name in args.only.split(";"):
         fast, opts = VARIANTS[name]
         case = {"shape": args.shape, "batch": batch, "seq": seq, "ckpt": False, "chunked": False, **opts}
-        row = {"size": args.size, "variant": name, **measure(case, fast, args.steps)}
+        row = {"size": args.size, "variant": name, **extra_env, **measure(case, fast, args.steps, env)}
         print(json.dumps(row), flush=True)
         if args.out:
             with open(args.out, "a", encoding="utf-8") as f:

@@ -11,7 +11,7 @@ import anyio
 
 from trainer.blas import reexec_with_blas
 from trainer.home import HOME_ENV
-from trainer.kernel_cache import use_kernel_cache
+from trainer.mlx_env import use_mlx_env
 
 from .server import build_server, serve_stdio
 from .state import MAX_CONCURRENT_ENV, MEMORY_BUDGET_ENV, SAMPLE_INTERVAL_ENV, ServerSettings
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         max_concurrent=args.max_concurrent,
         memory_budget_gb=args.memory_budget_gb,
     )
-    use_kernel_cache(settings.home)  # generation compiles CUDA kernels in this process too
+    use_mlx_env(settings.home)  # generation runs in this process too
     anyio.run(serve_stdio, build_server(settings))
 
 

@@ -29,17 +29,16 @@ CHUNKED_LOGIT_SAVING = 0.5
 CHECKPOINT_LAYERS = 2.0
 #: fraction added for the allocator's fragmentation and cache
 SLACK = 0.02
-#: CUDA (the 7B shape on an H200 at 512 to 4096 tokens, bench/results-gpu-h200-{fit,sizes}.jsonl): the peak depends
-#: on batch x length only (1x2048 and 2x1024 peak alike, as do 4x1024, 2x2048 and 1x4096), so attention runs fused
-#: there and keeps no T x T probabilities. One-graph steps carry a constant for workspaces and buffers MLX's CUDA
-#: backend keeps alive within the step graph (the minimax fit over those sizes).
-GPU_OVERHEAD_GB = 5.4
-#: CUDA, one-graph step with the fast path: the share of the LoRA blocks' and head's dequantized weights held at the
-#: peak, less the share of the LoRA blocks' activations that reuses their buffers (fit to the same runs)
-FAST_HELD = 0.75
-FAST_REUSED = 0.26
-#: CUDA, layerwise step: one block's forward and backward, in layers of activations (fit to 4x1024 unpipelined)
-GPU_LAYERWISE_BLOCK_LAYERS = 4.5
+#: CUDA, as our workers run it (8 operations per command buffer, trainer/mlx_env.py), fit to the 7B shape on an H200
+#: at 512 to 4096 tokens (bench/results-gpu-h200-ops-per-buffer.jsonl): the peak is linear in batch x length and
+#: independent of how it splits (1x2048 and 2x1024 peak alike, as do 4x1024, 2x2048 and 1x4096), so attention runs
+#: fused and keeps no T x T probabilities; the per-token tensors are 0.93 of the CPU's; a one-graph step adds 0.9 GB,
+#: and with the fast path the head's and three blocks' dequantized weights.
+GPU_TOKEN_SCALE = 0.93
+GPU_OVERHEAD_GB = 0.9
+FAST_GPU_BLOCKS = 3
+#: CUDA, layerwise step: one block's forward and backward, in layers of activations (fit: 1x2048 and 4x1024)
+GPU_LAYERWISE_BLOCK_LAYERS = 5.0
 #: tokens of one loss chunk in the layerwise step (trainer.layerwise.LOSS_CHUNK_TOKENS)
 LAYERWISE_LOSS_TOKENS = 512
 
@@ -127,7 +126,8 @@ def predict_peak(model_config: dict[str, Any], plan: MemoryPlan) -> MemoryParts:
     checkpointing = plan.grad_checkpoint and plan.device == "cpu"
     chunked = plan.chunked_loss and plan.device == "cpu"
     tokens = plan.batch_size * plan.seq_len
-    act_per_token = (ACT_HIDDEN * hidden + ACT_KV * kv + ACT_INTERMEDIATE * inter) * d
+    token_scale = 1.0 if plan.device == "cpu" else GPU_TOKEN_SCALE
+    act_per_token = (ACT_HIDDEN * hidden + ACT_KV * kv + ACT_INTERMEDIATE * inter) * d * token_scale
     per_layer = tokens * act_per_token
     if plan.device == "cpu":
         per_layer += ACT_ATTENTION * plan.batch_size * heads * plan.seq_len**2 * d
@@ -151,14 +151,12 @@ def predict_peak(model_config: dict[str, Any], plan: MemoryPlan) -> MemoryParts:
         else:
             activations = lora_layers * per_layer
         logit_tokens = min(tokens, plan.batch_size * 1024) if chunked else tokens
-        logits = logit_tokens * vocab * (d + 4 * (kept - 1))
+        logits = logit_tokens * vocab * (d + 4 * (kept - 1)) * token_scale
         base = weights + lora + activations + logits
         if plan.device != "cpu":
             extra = GPU_OVERHEAD_GB * GB
-            if gpu_fast:  # dequantized weights, partly in buffers the activations would otherwise take
-                dense_block, dense_head = sum(r * c for r, c in projections) * d, vocab * hidden * d
-                held = FAST_HELD * (lora_layers * dense_block + dense_head) - FAST_REUSED * lora_layers * per_layer
-                extra += max(dense_block + dense_head, held)
+            if gpu_fast:  # dequantized weights: the head's and a few blocks' at the peak
+                extra += vocab * hidden * d + FAST_GPU_BLOCKS * sum(r * c for r, c in projections) * d
             activations += extra
             base += extra
     slack = SLACK * base

@@ -40,7 +40,7 @@ from .events import (
     decode_line,
 )
 from .jobs import FailureKind, Job, JobError, JobState, RunSnapshot
-from .kernel_cache import kernel_cache_env
+from .mlx_env import mlx_env
 from .preflight import preflight
 from .run_log import read_events, stderr_tail
 from .store import RunStore
@@ -271,7 +271,7 @@ class JobRunner:
         env = dict(os.environ)
         env.update(self.worker_env)
         env["PYTHONUNBUFFERED"] = "1"
-        return blas_env(kernel_cache_env(env, self.store.root))
+        return blas_env(mlx_env(env, self.store.root))
 
     async def _run_worker(self, tracked: _Tracked) -> None:
         job = tracked.job

@@ -1,0 +1,29 @@
+"""Workers and the server get our MLX settings (kernel cache under the home, operations per command buffer), unless
+the user set them."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from trainer import JobRunner, RunStore
+from trainer.mlx_env import DRIVER_CACHE_ENV, OPS_PER_BUFFER_ENV, PTX_CACHE_ENV, mlx_env
+
+
+async def test_workers_get_our_mlx_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in (PTX_CACHE_ENV, DRIVER_CACHE_ENV, OPS_PER_BUFFER_ENV):
+        monkeypatch.delenv(name, raising=False)
+    async with JobRunner(RunStore(tmp_path)) as runner:
+        env = runner._worker_env()
+    assert env[PTX_CACHE_ENV] == str(tmp_path / "cache" / "mlx-ptx")
+    assert env[DRIVER_CACHE_ENV] == str(tmp_path / "cache" / "cuda")
+    assert env.get(OPS_PER_BUFFER_ENV) == (None if sys.platform == "darwin" else "8")
+
+
+def test_settings_the_user_made_are_kept(tmp_path: Path) -> None:
+    env = mlx_env({PTX_CACHE_ENV: "/data/ptx", OPS_PER_BUFFER_ENV: "50", "PATH": os.defpath}, tmp_path)
+    assert env[PTX_CACHE_ENV] == "/data/ptx" and env[OPS_PER_BUFFER_ENV] == "50"
+    assert env[DRIVER_CACHE_ENV] == str(tmp_path / "cache" / "cuda") and env["PATH"] == os.defpath
