@@ -23,10 +23,12 @@ ACT_INTERMEDIATE = 4.9
 ACT_ATTENTION = 0.82
 #: vocabulary-sized tensors alive at the loss: the logits plus float32 log-softmax, gradients and copies (fit: 4.8)
 LOGIT_TENSORS = 4.8
-#: with the chunked loss the head's logits are recomputed, not kept: about half a float32 tensor fewer (fit)
-CHUNKED_LOGIT_SAVING = 0.5
-#: gradient checkpointing: the recomputed layer's activations and its backward intermediates, in layers (fit)
-CHECKPOINT_LAYERS = 2.0
+#: with the chunked loss the head's logits are recomputed, not kept: about one float32 tensor fewer (fit, with the
+#: next one, to the checkpointed rows of the CPU grid of bench/memory_prediction.py, 2026-11-26)
+CHUNKED_LOGIT_SAVING = 0.9
+#: gradient checkpointing: the recomputed layer's activations and its backward intermediates, in layers (fit; lower
+#: since the fast path's forward dequantizes wait for their input, 2.0 before)
+CHECKPOINT_LAYERS = 0.5
 #: fraction added for the allocator's fragmentation and cache
 SLACK = 0.02
 #: CUDA, as our workers run it (8 operations per command buffer, trainer/mlx_env.py), fit to the 7B shape on an H200
@@ -138,7 +140,8 @@ def predict_peak(model_config: dict[str, Any], plan: MemoryPlan) -> MemoryParts:
         # time (with the fast path on a GPU, the head's dequantized weight too), and one block's forward and
         # backward (with that block's dequantized weights). The peak is the larger; the parts shown are its own.
         kept_inputs = lora_layers * tokens * hidden * d
-        loss_phase = min(tokens, LAYERWISE_LOSS_TOKENS) * vocab * (d + 4 * (kept - 1))
+        # each chunk's loss is differentiated directly (nothing recomputed): all its logit tensors are alive
+        loss_phase = min(tokens, LAYERWISE_LOSS_TOKENS) * vocab * (d + 4 * (LOGIT_TENSORS - 1))
         loss_phase += vocab * hidden * d if gpu_fast else 0.0
         block_layers = CHECKPOINT_LAYERS if plan.device == "cpu" else GPU_LAYERWISE_BLOCK_LAYERS
         block_phase = block_layers * per_layer + (sum(r * c for r, c in projections) * d if gpu_fast else 0.0)
