@@ -123,8 +123,9 @@ def predict_peak(model_config: dict[str, Any], plan: MemoryPlan) -> MemoryParts:
     lora_params = lora_layers * sum(plan.rank * (r + c) for r, c in projections)
     lora = lora_params * 4 * 4  # float32 parameters, gradients, Adam m and v
 
-    # Measured on CUDA (H200, docs/benchmarks.md): checkpointing and the chunked loss barely lower MLX's peak there,
-    # so a GPU prediction does not count on them.
+    # Measured on CUDA (H200, docs/benchmarks.md, at MLX's default command-buffer size; not re-measured at ours):
+    # checkpointing and the chunked loss barely lowered MLX's peak there, so a GPU prediction does not count on them
+    # (it errs high if they now help).
     checkpointing = plan.grad_checkpoint and plan.device == "cpu"
     chunked = plan.chunked_loss and plan.device == "cpu"
     tokens = plan.batch_size * plan.seq_len
