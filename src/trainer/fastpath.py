@@ -129,9 +129,9 @@ def _dense(module: Any, x: mx.array) -> mx.array:
 
 class FastQuantizedLinear(QuantizedLinear):
     def __call__(self, x: mx.array) -> mx.array:
-        dense = getattr(self, "_dense_weight", None)
+        dense = getattr(self, "_dense_weight", None)  # stored (input, output): see cache_dense_weights
         if dense is not None:
-            y: mx.array = x @ dense.T
+            y: mx.array = x @ dense
         elif not _multi_row(x):
             return cast(mx.array, super().__call__(x))
         else:
@@ -183,7 +183,9 @@ def cache_dense_weights(model: Module, budget_bytes: int) -> bool:
 
     MLX's CPU quantized matrix-vector kernel is several times slower than an OpenBLAS float32 GEMV (0.59 vs 0.13 ms
     for a 1536x576 layer here), so decode of a small model is bound by it. The 4-bit weights stay the model's
-    parameters (adapters and saving are unaffected); the copies are private attributes, not parameters.
+    parameters (adapters and saving are unaffected); the copies are private attributes, not parameters. Linear
+    layers keep theirs transposed, (input, output): a one-row product is 15-30% faster that way here (0.099 against
+    0.127 ms for 1536x576) and a multi-row one the same; the output head keeps (vocabulary, hidden), faster for it.
     """
     if mx.default_device() != mx.cpu or dense_weight_bytes(model) > budget_bytes:
         return False
@@ -203,6 +205,8 @@ def cache_dense_weights(model: Module, budget_bytes: int) -> bool:
                 for a, b in _row_chunks(rows, cols)
             ]
             dense = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0)
+            if isinstance(module, FastQuantizedLinear):
+                dense = mx.contiguous(dense.T)
             mx.eval(dense)
             module._dense_weight = dense
     return True
