@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from memory_prediction import SHAPES, measure  # noqa: E402
 
 from trainer.blas import find_openblas  # noqa: E402
+from trainer.memory_plan import default_budget_gb, dense_fits  # noqa: E402
 
 TORCH_CHILD = r"""
 import json, sys, time, torch
@@ -110,7 +111,10 @@ def main() -> None:
     for shape in [] if args.no_train else args.shapes.split(","):
         case = {"shape": shape, "batch": batch, "seq": seq, "ckpt": False, "chunked": False}
         report({"shape": shape, "size": args.size, "who": "plain MLX-LM", **measure(case, False, 1, plain_env())})
-        report({"shape": shape, "size": args.size, "who": "ours", **measure(case, None, 3, ours_env())})
+        # ours as a run would get it: dense_weights on where the product turns it on by itself
+        dims = dict(SHAPES[shape], model_type="qwen2", quantization={"group_size": 64, "bits": 4})
+        ours = {**case, "dense": dense_fits(dims, default_budget_gb())}
+        report({"shape": shape, "size": args.size, "who": "ours", **ours, **measure(ours, None, 3, ours_env())})
         if args.torch_python:
             dims = dict(SHAPES[shape])
             out = subprocess.run(

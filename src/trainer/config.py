@@ -59,7 +59,7 @@ class QLoRAConfig(BaseModel):
         Field(
             description="CPU only: also keep float32 copies of the frozen 4-bit weights, so training skips "
             "dequantizing them each step (about 1.5x faster, about 4x the weights' memory). None: on when the "
-            "copies take at most 1 GB and a tenth of the memory budget."
+            "copies take at most 2.5 GB and a fifth of the memory budget."
         ),
     ] = None
     chunked_loss: Annotated[

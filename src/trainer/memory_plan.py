@@ -16,7 +16,11 @@ from .memory_estimate import MemoryParts, MemoryPlan, dense_copy_bytes, predict_
 
 log = logging.getLogger(__name__)
 DEFAULT_BUDGET_CAP_GB = 16.0
-DENSE_AUTO_MAX_GB = 1.0
+#: `dense_weights` turns itself on (CPU, fast path) when the float32 copies take at most this much and this share of
+#: the budget: the Qwen2.5-0.5B shape's 2.0 GB of copies trained at 70 tokens/s against 49 without, at a 3.5 GB peak
+#: (batch 4 x 64, bench/memory_prediction.py child, 2026-11-26)
+DENSE_AUTO_MAX_GB = 2.5
+DENSE_AUTO_BUDGET_SHARE = 0.2
 TEMPLATE_TOKENS_PER_MESSAGE = 8
 TEMPLATE_TOKENS = 40  # system prompt and markers a chat template may add
 
@@ -125,6 +129,11 @@ def _alternatives(config: QLoRAConfig, device: str = "cpu") -> list[dict[str, An
 _FROM_DATA = -1
 
 
+def dense_fits(model_config: dict[str, Any], budget_gb: float) -> bool:
+    """Whether the float32 weight copies are small enough for `dense_weights` to turn itself on."""
+    return dense_copy_bytes(model_config) <= min(DENSE_AUTO_MAX_GB, DENSE_AUTO_BUDGET_SHARE * budget_gb) * 1e9
+
+
 def check_memory(
     config: QLoRAConfig,
     model_config: dict[str, Any],
@@ -140,8 +149,9 @@ def check_memory(
     budget = config.memory_budget_gb or default_budget
     _, device, fast = compute_bytes(config.fast_path)
     if config.dense_weights is None:  # decide now, so that the prediction and the worker agree
-        small = dense_copy_bytes(model_config) <= min(DENSE_AUTO_MAX_GB, 0.1 * budget) * 1e9
-        config = config.model_copy(update={"dense_weights": device == "cpu" and fast and small})
+        config = config.model_copy(
+            update={"dense_weights": device == "cpu" and fast and dense_fits(model_config, budget)}
+        )
     longest = longest_example_tokens(Path(config.data), model_dir) if longest_tokens == _FROM_DATA else longest_tokens
 
     def predict(cfg: QLoRAConfig) -> tuple[MemoryPlan, MemoryParts]:

@@ -107,3 +107,24 @@ def test_public_surface_is_pinned() -> None:
         if not name.startswith("_") and not isinstance(value, types.ModuleType)
     } - {"annotations"}
     assert exported == set(trainer.__all__)
+
+
+def test_dense_weight_copies_turn_themselves_on_for_small_models_only() -> None:
+    from trainer.memory_plan import dense_fits
+
+    def shape(hidden: int, inter: int, layers: int, vocab: int, tied: bool) -> dict[str, object]:
+        return {
+            "hidden_size": hidden,
+            "intermediate_size": inter,
+            "num_hidden_layers": layers,
+            "num_attention_heads": hidden // 64,
+            "num_key_value_heads": 2,
+            "vocab_size": vocab,
+            "tie_word_embeddings": tied,
+        }
+
+    smollm2, qwen_05b = shape(576, 1536, 30, 49152, True), shape(896, 4864, 24, 151936, True)
+    qwen_7b = shape(3584, 18944, 28, 152064, False)
+    assert dense_fits(smollm2, 16.0) and dense_fits(qwen_05b, 16.0)  # 0.5 and 2.0 GB of float32 copies
+    assert not dense_fits(qwen_05b, 8.0)  # more than a fifth of an 8 GB budget
+    assert not dense_fits(qwen_7b, 64.0)  # 30 GB of copies: never by itself
