@@ -21,6 +21,8 @@ from memory_prediction import measure  # noqa: E402
 
 VARIANTS: dict[str, tuple[bool, dict[str, Any]]] = {
     "plain MLX-LM": (False, {}),
+    "plain + mlx-lm checkpointing": (False, {"ckpt": True}),
+    "plain + mlx-lm checkpointing, not compiled": (False, {"ckpt": True, "compile": False}),
     "fast ours, compiled step": (True, {}),
     "fast ours, not compiled": (True, {"compile": False}),
     "fast kept, not compiled (issue probe)": (True, {"compile": False, "fast_impl": "kept"}),
