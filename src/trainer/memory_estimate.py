@@ -135,6 +135,8 @@ def predict_peak(model_config: dict[str, Any], plan: MemoryPlan) -> MemoryParts:
     if plan.device == "cpu":
         per_layer += ACT_ATTENTION * plan.batch_size * heads * plan.seq_len**2 * d
     gpu_fast = plan.device != "cpu" and plan.fast_path and bool(bits)
+    # one block's and the head's weights, dequantized
+    dense_block, dense_head = sum(r * c for r, c in projections) * d, vocab * hidden * d
     kept = LOGIT_TENSORS - (CHUNKED_LOGIT_SAVING if chunked else 0.0)
     if plan.layerwise:
         # Two phases that never overlap, on top of each LoRA block's kept input: the loss, one 512-token chunk at a
@@ -143,9 +145,9 @@ def predict_peak(model_config: dict[str, Any], plan: MemoryPlan) -> MemoryParts:
         kept_inputs = lora_layers * tokens * hidden * d
         # each chunk's loss is differentiated directly (nothing recomputed): all its logit tensors are alive
         loss_phase = min(tokens, LAYERWISE_LOSS_TOKENS) * vocab * (d + 4 * (LOGIT_TENSORS - 1))
-        loss_phase += vocab * hidden * d if gpu_fast else 0.0
+        loss_phase += dense_head if gpu_fast else 0.0
         block_layers = CHECKPOINT_LAYERS if plan.device == "cpu" else GPU_LAYERWISE_BLOCK_LAYERS
-        block_phase = block_layers * per_layer + (sum(r * c for r, c in projections) * d if gpu_fast else 0.0)
+        block_phase = block_layers * per_layer + (dense_block if gpu_fast else 0.0)
         activations = kept_inputs + (block_phase if block_phase > loss_phase else 0.0)
         logits = loss_phase if loss_phase >= block_phase else 0.0
         base = weights + lora + activations + logits
@@ -160,7 +162,7 @@ def predict_peak(model_config: dict[str, Any], plan: MemoryPlan) -> MemoryParts:
         if plan.device != "cpu":
             extra = GPU_OVERHEAD_GB * GB
             if gpu_fast:  # dequantized weights: the head's and a few blocks' at the peak
-                extra += vocab * hidden * d + FAST_GPU_BLOCKS * sum(r * c for r, c in projections) * d
+                extra += dense_head + FAST_GPU_BLOCKS * dense_block
             activations += extra
             base += extra
     slack = SLACK * base
