@@ -22,6 +22,8 @@ import mlx.core as mx
 from mlx.nn.layers.base import Module
 from mlx.nn.layers.quantized import QuantizedEmbedding, QuantizedLinear
 
+from .cpu_math import use_fast_activations
+
 log = logging.getLogger(__name__)
 
 FAST_ENV = "MCP_LOCAL_FAST_QUANT"
@@ -228,5 +230,11 @@ def apply_fast_path(model: Module, wanted: bool | None) -> bool:
         return False
     switched = enable_fast_quantized(model)
     as_float32 = use_float32_on_cpu(model)
-    log.info("fast path on: %d quantized layers use dequantize-then-GEMM; CPU float32: %s", switched, as_float32)
+    fast_act = as_float32 and use_fast_activations(model)
+    log.info(
+        "fast path on: %d quantized layers use dequantize-then-GEMM; CPU float32: %s; CPU SwiGLU: %s",
+        switched,
+        as_float32,
+        fast_act,
+    )
     return True
