@@ -21,8 +21,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 from memory_prediction import SHAPES, measure  # noqa: E402
 
-from trainer.blas import find_openblas  # noqa: E402
 from trainer.memory_plan import default_budget_gb, dense_fits  # noqa: E402
+from trainer.preload import preload_env  # noqa: E402
 
 TORCH_CHILD = r"""
 import json, sys, time, torch
@@ -79,16 +79,13 @@ print(json.dumps({"decode_tok_s": (len(stamps) - 2) / (stamps[-1] - stamps[1]), 
 
 def plain_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-    env["MCP_LOCAL_BLAS"] = "off"
+    env["MCP_LOCAL_BLAS"] = env["MCP_LOCAL_MALLOC"] = "off"
     return env
 
 
 def ours_env() -> dict[str, str]:
-    env = dict(os.environ)
-    blas = find_openblas()
-    if blas is not None and str(blas) not in env.get("LD_PRELOAD", ""):
-        env["LD_PRELOAD"] = str(blas)
-    return env
+    """What our workers run with: OpenBLAS and tcmalloc preloaded (bench/cpu_qlora.py --no-tcmalloc: without it)."""
+    return preload_env(dict(os.environ))
 
 
 def main() -> None:

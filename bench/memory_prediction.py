@@ -81,10 +81,10 @@ from functools import partial
 import mlx.core as mx, mlx.nn as nn, mlx.optimizers as optim
 from mlx.utils import tree_map
 from mlx_lm.models import qwen2
-from mlx_lm.tuner.trainer import default_loss, grad_checkpoint
+from mlx_lm.tuner.trainer import grad_checkpoint
 from mlx_lm.tuner.utils import linear_to_lora_layers
 from trainer.fastpath import apply_fast_path
-from trainer.losses import make_chunked_loss
+from trainer.losses import cross_entropy_for, training_loss
 cfg = json.loads(sys.argv[1])
 shape = dict(cfg["dims"], model_type="qwen2", rms_norm_eps=1e-6, rope_theta=1e6)
 mx.random.seed(0)
@@ -93,7 +93,7 @@ if mx.default_device() != mx.cpu:
     model.set_dtype(mx.bfloat16)
 nn.quantize(model, group_size=64, bits=4)
 mx.eval(model.parameters())
-apply_fast_path(model, cfg["fast"])
+fast = apply_fast_path(model, cfg["fast"])
 import trainer.fastpath as fp
 impl = cfg.get("fast_impl")
 if impl == "kept":  # the probe: a plain dequantize then GEMM, the dequantized weight kept for the backward
@@ -114,7 +114,7 @@ model.freeze()
 linear_to_lora_layers(model, cfg["layers"], {"rank": 16, "scale": 2.0, "dropout": 0.0})
 if cfg["ckpt"]:
     grad_checkpoint(model.layers[0])
-loss = make_chunked_loss() if cfg["chunked"] else default_loss
+loss = training_loss(fast, cfg["chunked"])  # as our worker's step
 opt = optim.Adam(learning_rate=1e-5)
 vg = nn.value_and_grad(model, loss)
 state = [model.state, opt.state, mx.random.state]
@@ -127,7 +127,8 @@ if cfg.get("layerwise"):
     functions = {}  # traced once, as train_layerwise does
     def step(batch, lengths):
         l, n, g = layerwise_value_and_grad(model, batch, lengths, compiled=cfg.get("lw_compiled", True),
-                                           pipelined=cfg.get("lw_pipelined"), functions=functions)
+                                           pipelined=cfg.get("lw_pipelined"), functions=functions,
+                                           ce=cross_entropy_for(fast))
         opt.update(model, g)
         return l, n
 elif cfg.get("compile", True):

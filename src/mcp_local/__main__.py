@@ -9,16 +9,16 @@ from pathlib import Path
 
 import anyio
 
-from trainer.blas import reexec_with_blas
 from trainer.home import HOME_ENV
 from trainer.mlx_env import use_mlx_env
+from trainer.preload import reexec_with_preloads
 
 from .server import build_server, serve_stdio
 from .state import MAX_CONCURRENT_ENV, MEMORY_BUDGET_ENV, SAMPLE_INTERVAL_ENV, ServerSettings
 
 
 def main(argv: list[str] | None = None) -> None:
-    reexec_with_blas()  # generation runs in this process: give MLX OpenBLAS before anything else happens
+    reexec_with_preloads()  # generation runs in this process: give MLX OpenBLAS and tcmalloc before anything else
     defaults = ServerSettings.from_env()
     parser = argparse.ArgumentParser(prog="mcp-local", description=__doc__)
     parser.add_argument(

@@ -22,9 +22,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from mcp import Client, StdioServerParameters
-from trainer.blas import reexec_with_blas
 from trainer.bundled import house_style_data, smollm2_gguf
 from trainer.house_style import load_heldout, score_reply
+from trainer.preload import reexec_with_preloads
 
 console = Console(highlight=False)
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -186,7 +186,7 @@ async def run_demo(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    reexec_with_blas()
+    reexec_with_preloads()
     parser = argparse.ArgumentParser(prog="python -m mcp_local.demo", description=__doc__)
     parser.add_argument("--model", default=None, help="repo id, model folder or .gguf (default: bundled SmolLM2)")
     parser.add_argument("--data", type=Path, default=None, help="dataset folder (default: bundled house style)")

@@ -222,17 +222,21 @@ def use_float32_on_cpu(model: Module) -> bool:
     return True
 
 
+def fast_path_on(wanted: bool | None) -> bool:
+    """The fast path is on when `wanted`, or by backend when None."""
+    return fast_path_default() if wanted is None else wanted
+
+
 def apply_fast_path(model: Module, wanted: bool | None) -> bool:
     """Apply the fast quantized path (and float32 on the CPU) when `wanted`, or by backend when None."""
-    on = fast_path_default() if wanted is None else wanted
-    if not on:
+    if not fast_path_on(wanted):
         log.info("fast path off: plain MLX-LM quantized layers")
         return False
     switched = enable_fast_quantized(model)
     as_float32 = use_float32_on_cpu(model)
     fast_act = as_float32 and use_fast_activations(model)
     log.info(
-        "fast path on: %d quantized layers use dequantize-then-GEMM; CPU float32: %s; CPU SwiGLU: %s",
+        "fast path on: %d quantized layers use dequantize-then-GEMM; CPU float32: %s; CPU SwiGLU and attention: %s",
         switched,
         as_float32,
         fast_act,

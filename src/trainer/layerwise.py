@@ -20,7 +20,7 @@ from mlx.nn.losses import cross_entropy
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .fastpath import keep_dequantized
-from .losses import head_of
+from .losses import CrossEntropy, head_of
 
 #: the step is pipelined up to this many tokens (batch x length). Beyond, the second block in flight costs more memory
 #: than the overlap gains (7B shape, H200, 4x1024: 10.0 GB at 12,115 tokens/s unpipelined, 14.9 GB at 13,559
@@ -137,6 +137,7 @@ def layerwise_value_and_grad(
     compiled: bool = True,
     pipelined: bool | None = None,
     functions: dict[Any, Any] | None = None,
+    ce: CrossEntropy = cross_entropy,
 ) -> tuple[mx.array, mx.array, dict[str, Any]]:
     """Loss, token count and the gradients of the model's trainable parameters, all evaluated.
 
@@ -201,7 +202,7 @@ def layerwise_value_and_grad(
             t, m = targets[:, start:stop], mask[:, start:stop]
 
             def chunk_loss(x: mx.array, t: mx.array = t, m: mx.array = m) -> mx.array:
-                return (cross_entropy(head(inner.norm(x)), t) * m).astype(mx.float32).sum()
+                return (ce(head(inner.norm(x)), t) * m).astype(mx.float32).sum()
 
             part, grad_part = mx.value_and_grad(chunk_loss)(h[:, start:stop])
             total = total + part
@@ -236,6 +237,7 @@ def train_layerwise(
     args: Any,
     iterate_batches: Any,
     training_callback: Any,
+    ce: CrossEntropy = cross_entropy,
 ) -> None:
     """MLX-LM's training loop semantics (its batching, evaluation, report dicts and adapter files) around the
     layerwise step. Used instead of `mlx_lm.tuner.trainer.train`, whose step is one compiled graph."""
@@ -265,7 +267,7 @@ def train_layerwise(
                 batch_size=args.batch_size,
                 num_batches=args.val_batches,
                 max_seq_length=args.max_seq_length,
-                loss=make_chunked_loss(LOSS_CHUNK_TOKENS),
+                loss=make_chunked_loss(LOSS_CHUNK_TOKENS, ce=ce),
                 iterate_batches=iterate_batches,
             )
             model.train()
@@ -273,7 +275,7 @@ def train_layerwise(
                 {"iteration": it - 1, "val_loss": val_loss, "val_time": time.perf_counter() - tic}
             )
             tic = time.perf_counter()
-        loss, toks, grads = layerwise_value_and_grad(model, batch[0], batch[1], functions=functions)
+        loss, toks, grads = layerwise_value_and_grad(model, batch[0], batch[1], functions=functions, ce=ce)
         optimizer.update(model, grads)
         mx.eval(model.trainable_parameters(), optimizer.state)
         losses += float(loss.item())  # type: ignore[arg-type]

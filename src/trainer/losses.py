@@ -1,6 +1,7 @@
-"""A cross-entropy that never holds full-vocabulary float32 logits for the whole batch.
+"""The training losses: mlx-lm's `default_loss` with the CPU's fast cross-entropy, and a chunked one.
 
-mlx-lm's `default_loss` computes `model(inputs)` (B x T x V logits) and the cross-entropy over all of it, keeping the
+The chunked one never holds full-vocabulary float32 logits for the whole batch: mlx-lm's `default_loss` computes
+`model(inputs)` (B x T x V logits) and the cross-entropy over all of it, keeping the
 logits and their float32 softmax for the backward pass: for a 152k vocabulary at 2048 tokens that is gigabytes.
 Here the head and the loss run over sequence chunks under `mx.checkpoint`, so the backward pass recomputes each
 chunk's logits instead of keeping them. The result equals `default_loss` up to float rounding.
@@ -8,12 +9,48 @@ chunk's logits instead of keeping them. The result equals `default_loss` up to f
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
 from mlx.nn.losses import cross_entropy
 
+from .cpu_math import fast_cross_entropy
+
 DEFAULT_CHUNK_TOKENS = 1024
+CrossEntropy = Callable[[mx.array, mx.array], mx.array]
+Loss = Callable[[Any, mx.array, mx.array], tuple[mx.array, mx.array]]
+
+
+def cpu_cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
+    """`fast_cross_entropy` for float32 logits on the CPU (MLX's CPU `exp` is slow), MLX's own otherwise."""
+    if logits.dtype == mx.float32 and mx.default_device() == mx.cpu:
+        return fast_cross_entropy(logits, targets)  # type: ignore[return-value]  # custom_function is untyped
+    return cross_entropy(logits, targets)
+
+
+def cross_entropy_for(fast_path: bool) -> CrossEntropy:
+    """The cross-entropy a run uses: the fast path's on the CPU when it is on, MLX's otherwise."""
+    return cpu_cross_entropy if fast_path else cross_entropy
+
+
+def make_default_loss(ce: CrossEntropy = cross_entropy) -> Loss:
+    """mlx-lm's `default_loss`, its cross-entropy `ce`."""
+
+    def default_loss(model: Any, batch: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        steps = mx.arange(1, targets.shape[1] + 1)
+        mask = mx.logical_and(steps >= lengths[:, 0:1], steps <= lengths[:, 1:])
+        ntoks = mask.sum()
+        return (ce(model(inputs), targets) * mask).astype(mx.float32).sum() / ntoks, ntoks
+
+    return default_loss
+
+
+def training_loss(fast_path: bool, chunked: bool) -> Loss:
+    """The loss a run's step differentiates (and its validation evaluates)."""
+    ce = cross_entropy_for(fast_path)
+    return make_chunked_loss(ce=ce) if chunked else make_default_loss(ce)
 
 
 def head_of(model: Any) -> Any | None:
@@ -27,7 +64,7 @@ def head_of(model: Any) -> Any | None:
     return model.lm_head
 
 
-def make_chunked_loss(chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> Any:
+def make_chunked_loss(chunk_tokens: int = DEFAULT_CHUNK_TOKENS, ce: CrossEntropy = cross_entropy) -> Loss:
     def chunked_loss(model: Any, batch: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
         head = head_of(model)
         inputs, targets = batch[:, :-1], batch[:, 1:]
@@ -35,8 +72,8 @@ def make_chunked_loss(chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> Any:
         mask = mx.logical_and(steps >= lengths[:, 0:1], steps <= lengths[:, 1:])
         ntoks = mask.sum()
         if head is None:  # an unknown layout: fall back to the plain computation
-            ce = cross_entropy(model(inputs), targets) * mask
-            return ce.astype(mx.float32).sum() / ntoks, ntoks
+            per_token = ce(model(inputs), targets) * mask
+            return per_token.astype(mx.float32).sum() / ntoks, ntoks
         hidden = model.model(inputs)
         params = model.trainable_parameters()
 
@@ -47,7 +84,7 @@ def make_chunked_loss(chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> Any:
 
             def chunk_ce(params: Any, h: mx.array, t: mx.array = t, m: mx.array = m) -> mx.array:
                 model.update(params)
-                return (cross_entropy(head(h), t) * m).astype(mx.float32).sum()
+                return (ce(head(h), t) * m).astype(mx.float32).sum()
 
             total = total + mx.checkpoint(chunk_ce)(params, hidden[:, start:stop])
         return total / ntoks, ntoks

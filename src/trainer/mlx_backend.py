@@ -73,6 +73,9 @@ class MlxTrainingBackend:
         from mlx_lm.tuner.utils import linear_to_lora_layers
         from mlx_lm.utils import save_config
 
+        from .fastpath import fast_path_on
+        from .losses import cross_entropy_for, training_loss
+
         mx.random.seed(config.seed)
         np.random.seed(config.seed)  # mlx-lm shuffles batches with numpy
 
@@ -147,18 +150,15 @@ class MlxTrainingBackend:
             max_seq_length=config.max_seq_length,
             grad_checkpoint=config.grad_checkpoint,
         )
-        extra: dict[str, Any] = {}
-        if config.chunked_loss:
-            from .losses import make_chunked_loss
-
-            extra["loss"] = make_chunked_loss()
+        fast = fast_path_on(config.fast_path)
+        extra: dict[str, Any] = {"loss": training_loss(fast, config.chunked_loss)}
         trainer_loop: Any = train
         if config.layerwise:
             from .layerwise import supports_layerwise, train_layerwise
 
             if not supports_layerwise(model):
                 raise ConfigError(f"layerwise=true is not supported for {type(model).__module__}; set it to false")
-            trainer_loop, extra = train_layerwise, {}
+            trainer_loop, extra = train_layerwise, {"ce": cross_entropy_for(fast)}
         try:
             trainer_loop(
                 model=model,

@@ -23,7 +23,6 @@ import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from .blas import blas_env
 from .config import QLoRAConfig
 from .errors import RunConflict
 from .events import (
@@ -42,6 +41,7 @@ from .events import (
 from .jobs import FailureKind, Job, JobError, JobState, RunSnapshot
 from .mlx_env import mlx_env
 from .preflight import preflight
+from .preload import preload_env
 from .run_log import read_events, stderr_tail
 from .store import RunStore
 
@@ -271,7 +271,7 @@ class JobRunner:
         env = dict(os.environ)
         env.update(self.worker_env)
         env["PYTHONUNBUFFERED"] = "1"
-        return blas_env(mlx_env(env, self.store.root))
+        return preload_env(mlx_env(env, self.store.root))
 
     async def _run_worker(self, tracked: _Tracked) -> None:
         job = tracked.job

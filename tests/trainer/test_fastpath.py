@@ -13,7 +13,6 @@ from mlx_lm.models import qwen2
 from mlx_lm.tuner.trainer import default_loss
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
-from trainer import blas
 from trainer.fastpath import (
     FastQuantizedEmbedding,
     FastQuantizedLinear,
@@ -22,11 +21,21 @@ from trainer.fastpath import (
     enable_fast_quantized,
 )
 from trainer.inference import ModelSession
+from trainer.losses import training_loss
 
 VOCAB = 8192
 #: fast-path peak / plain peak on this shape: 1.11 measured on the CPU (the extra is one copy of the logits, from
 #: concatenating the head's row chunks); the bound leaves room for allocator noise
 MAX_PEAK_RATIO = 1.2
+
+
+@pytest.fixture(autouse=True)
+def _mlx_lm_functions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts from mlx-lm's own SwiGLU and attention: the CPU fast path rebinds them module-wide."""
+    from mlx_lm.models import activations, base
+
+    monkeypatch.setattr(qwen2, "swiglu", activations.swiglu)
+    monkeypatch.setattr(qwen2, "scaled_dot_product_attention", base.scaled_dot_product_attention)
 
 
 def _model(fast: bool, dense: bool = False, lora_layers: int = 4, dropout: float = 0.0) -> Any:
@@ -57,9 +66,13 @@ def _model(fast: bool, dense: bool = False, lora_layers: int = 4, dropout: float
 
 
 def _train(fast: bool, steps: int = 4, dense: bool = False) -> tuple[list[float], float]:
+    """`steps` Adam steps on one batch: plain MLX-LM (its quantized layers, SwiGLU, attention and `default_loss`), or
+    the fast path as a run gets it (`apply_fast_path`: float32, CPU SwiGLU and attention; the CPU cross-entropy)."""
     model = _model(fast, dense)
+    if fast:
+        assert apply_fast_path(model, True)
     optimizer = optim.Adam(learning_rate=1e-3)
-    loss_and_grad = value_and_grad(model, default_loss)
+    loss_and_grad = value_and_grad(model, training_loss(True, chunked=False) if fast else default_loss)
     batch = mx.random.randint(0, VOCAB, (4, 129), key=mx.random.key(1))
     lengths = mx.array([[0, 128]] * 4)
     losses = []
@@ -110,16 +123,6 @@ def test_greedy_generation_is_identical_on_both_paths(tiny_model) -> None:
     assert outputs[0] == outputs[1]
 
 
-def test_workers_get_openblas_preloaded_when_it_is_installed() -> None:
-    env = blas.blas_env({"LD_PRELOAD": "/x.so"})
-    found = blas.find_openblas()
-    if found is None:
-        assert env == {"LD_PRELOAD": "/x.so"}
-    else:
-        assert env["LD_PRELOAD"] == f"{found}:/x.so"
-        assert blas.blas_env(env) == env  # idempotent
-
-
 def test_cpu_silu_matches_mlx_and_its_gradient_too() -> None:
     from mlx.nn.layers.activations import silu
 
@@ -136,10 +139,73 @@ def test_cpu_silu_matches_mlx_and_its_gradient_too() -> None:
     assert mx.allclose(ours, theirs, rtol=1e-5, atol=1e-5).item()
 
 
-def test_the_cpu_fast_path_routes_swiglu_through_it() -> None:
-    from mlx_lm.models import qwen2 as qwen2_module
-
-    from trainer.cpu_math import fast_swiglu
+def test_the_cpu_fast_path_routes_swiglu_and_attention_through_it() -> None:
+    from trainer.cpu_math import fast_attention, fast_swiglu
 
     model = _model(True)
-    assert apply_fast_path(model, True) and getattr(qwen2_module, "swiglu") is fast_swiglu  # noqa: B009
+    assert apply_fast_path(model, True)
+    assert getattr(qwen2, "swiglu") is fast_swiglu  # noqa: B009
+    assert getattr(qwen2, "scaled_dot_product_attention") is fast_attention  # noqa: B009
+
+
+def test_cpu_cross_entropy_matches_mlx_and_its_gradient_too() -> None:
+    from mlx.nn.losses import cross_entropy
+
+    from trainer.losses import cpu_cross_entropy
+
+    logits = mx.random.normal((3, 17, 5000), key=mx.random.key(2)) * 8
+    targets = mx.random.randint(0, 5000, (3, 17), key=mx.random.key(3))
+    weights = mx.random.uniform(shape=(3, 17), key=mx.random.key(4))  # a per-token cotangent, as a mask gives
+
+    def loss_of(ce: Any) -> Any:
+        return lambda x: (ce(x, targets) * weights).sum()
+
+    ours, ours_grad = mx.value_and_grad(loss_of(cpu_cross_entropy))(logits)
+    theirs, theirs_grad = mx.value_and_grad(loss_of(cross_entropy))(logits)
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-6)
+    assert mx.allclose(ours_grad, theirs_grad, rtol=1e-5, atol=1e-7).item()
+
+
+@pytest.mark.parametrize(
+    "rows,cols,mask",
+    [
+        (12, 12, "causal"),
+        (5, 12, "causal"),
+        (12, 12, "bool"),
+        (12, 12, "bool per query head"),
+        (12, 12, "additive"),
+        (12, 12, None),
+    ],
+)
+def test_cpu_attention_matches_mlx_and_its_gradient_too(rows: int, cols: int, mask: str | None) -> None:
+    """Grouped-query heads (6 query heads over 2 key/value heads); a causal mask with fewer queries than keys is
+    aligned to the last key, as when a KV cache holds earlier tokens."""
+    from trainer.cpu_math import fast_attention
+
+    key = iter(mx.random.split(mx.random.key(7), 4))
+    q = mx.random.normal((2, 6, rows, 32), key=next(key))
+    k = mx.random.normal((2, 2, cols, 32), key=next(key))
+    v = mx.random.normal((2, 2, cols, 32), key=next(key))
+    masks: dict[str | None, Any] = {
+        "causal": "causal",
+        None: None,
+        "bool": mx.random.uniform(shape=(rows, cols), key=next(key)) > 0.3,
+        "bool per query head": mx.random.uniform(shape=(2, 6, rows, cols), key=mx.random.key(10)) > 0.3,
+        "additive": mx.random.normal((rows, cols), key=mx.random.key(9)),
+    }
+    m = masks[mask]
+    if mask is not None and mask.startswith("bool"):
+        m = m | mx.eye(rows, cols, dtype=mx.bool_)  # every query sees at least one key
+
+    def ours(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
+        return fast_attention(q, k, v, None, scale=0.17, mask=m)
+
+    def theirs(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=0.17, mask=m)
+
+    assert mx.allclose(ours(q, k, v), theirs(q, k, v), rtol=1e-5, atol=1e-5).item()
+    cotangent = mx.random.normal((2, 6, rows, 32), key=mx.random.key(8))
+    ours_grads = mx.vjp(ours, [q, k, v], [cotangent])[1]
+    theirs_grads = mx.vjp(theirs, [q, k, v], [cotangent])[1]
+    for a, b in zip(ours_grads, theirs_grads, strict=True):
+        assert mx.allclose(a, b, rtol=1e-4, atol=1e-5).item()

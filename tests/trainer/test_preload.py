@@ -1,0 +1,47 @@
+"""OpenBLAS and tcmalloc reach the workers' LD_PRELOAD when installed, can be turned off, and are named when missing."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+
+from trainer import preload
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="preloading applies to Linux only")
+def test_workers_get_every_installed_library_preloaded_once() -> None:
+    env = preload.preload_env({"LD_PRELOAD": "/x.so"})
+    found = [str(p) for p in (preload.find(lib) for lib in preload.LIBRARIES) if p is not None]
+    assert env["LD_PRELOAD"] == ":".join([*found, "/x.so"])
+    assert preload.preload_env(env) == env  # idempotent
+    assert preload.preloaded(env)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="preloading applies to Linux only")
+def test_a_library_can_be_turned_off_or_pointed_elsewhere(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(preload.TCMALLOC.env, "off")
+    assert preload.find(preload.TCMALLOC) is None
+    assert "tcmalloc" not in preload.preload_env({}).get("LD_PRELOAD", "")
+    own = tmp_path / "libmymalloc.so"
+    own.write_bytes(b"")
+    monkeypatch.setenv(preload.TCMALLOC.env, str(own))
+    assert str(own) in preload.preload_env({})["LD_PRELOAD"].split(":")
+    monkeypatch.setenv(preload.TCMALLOC.env, str(tmp_path / "missing.so"))
+    assert preload.find(preload.TCMALLOC) is None
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="preloading applies to Linux only")
+def test_a_missing_library_is_named_once_with_the_package_to_install(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(preload, "_warned", set())
+    monkeypatch.setenv(preload.TCMALLOC.env, str(tmp_path / "missing.so"))
+    with caplog.at_level(logging.WARNING, logger=preload.log.name):
+        preload.preload_env({})
+        preload.preload_env({})
+    warnings = [r.getMessage() for r in caplog.records if "tcmalloc" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "libtcmalloc-minimal4" in warnings[0] and preload.TCMALLOC.env in warnings[0]
