@@ -65,6 +65,8 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
         {"shape": "qwen2.5-0.5b", "batch": 1, "seq": 256, "ckpt": False, "chunked": False},
         {"shape": "qwen2.5-0.5b", "batch": 2, "seq": 512, "ckpt": False, "chunked": False},
         {"shape": "qwen2.5-0.5b", "batch": 2, "seq": 512, "ckpt": True, "chunked": True},
+        {"shape": "smollm2-135m", "batch": 2, "seq": 512, "ckpt": False, "chunked": False, "layerwise": True},
+        {"shape": "qwen2.5-0.5b", "batch": 2, "seq": 512, "ckpt": False, "chunked": False, "layerwise": True},
     ],
     "gpu": [
         {"shape": "qwen2.5-coder-7b", "batch": 1, "seq": 512, "ckpt": False, "chunked": False},

@@ -19,16 +19,23 @@ GB = 1e9
 ACT_HIDDEN = 8.2
 ACT_KV = 3.3
 ACT_INTERMEDIATE = 4.9
-#: attention probabilities kept per layer for the backward pass, in units of heads x T x T (same fit)
+#: attention probabilities kept per layer for the backward pass, in units of heads x T x T: MLX's attention (same
+#: fit), and the CPU fast path's (trainer/cpu_math.py, fit with the four below to the CPU grid of
+#: bench/memory_prediction.py on 2026-11-26, third session: all ten rows within 6.2%)
 ACT_ATTENTION = 0.82
-#: vocabulary-sized tensors alive at the loss: the logits plus float32 log-softmax, gradients and copies (fit: 4.8)
+ACT_ATTENTION_CPU_FAST = 0.32
+#: vocabulary-sized tensors alive at the loss: the logits plus float32 log-softmax, gradients and copies (fit: 4.8);
+#: the CPU fast path's cross-entropy recomputes its softmax in pieces instead (fit: 3.05)
 LOGIT_TENSORS = 4.8
-#: with the chunked loss the head's logits are recomputed, not kept: about one float32 tensor fewer (fit, with the
-#: next one, to the checkpointed rows of the CPU grid of bench/memory_prediction.py, 2026-11-26)
-CHUNKED_LOGIT_SAVING = 0.9
-#: gradient checkpointing: the recomputed layer's activations and its backward intermediates, in layers (fit; lower
-#: since the fast path's forward dequantizes wait for their input, 2.0 before)
-CHECKPOINT_LAYERS = 0.5
+LOGIT_TENSORS_CPU_FAST = 3.05
+#: the same in the layerwise step's loss chunks, run eagerly one at a time (fit: SmolLM2 and Qwen2.5-0.5B shapes)
+LAYERWISE_LOGIT_TENSORS_CPU_FAST = 2.35
+#: with the chunked loss the head's logits are recomputed, not kept: part of a float32 tensor fewer (fit)
+CHUNKED_LOGIT_SAVING = 0.4
+#: gradient checkpointing: the recomputed layer's activations and its backward intermediates, in layers (fit)
+CHECKPOINT_LAYERS = 0.22
+#: a CPU step's fixed overhead: MLX's compiled kernels, small arrays and scratch (fit)
+CPU_OVERHEAD_GB = 0.07
 #: fraction added for the allocator's fragmentation and cache
 SLACK = 0.02
 #: CUDA, as our workers run it (8 operations per command buffer, trainer/mlx_env.py), fit to the 7B shape on an H200
@@ -132,19 +139,23 @@ def predict_peak(model_config: dict[str, Any], plan: MemoryPlan) -> MemoryParts:
     token_scale = 1.0 if plan.device == "cpu" else GPU_TOKEN_SCALE
     act_per_token = (ACT_HIDDEN * hidden + ACT_KV * kv + ACT_INTERMEDIATE * inter) * d * token_scale
     per_layer = tokens * act_per_token
+    cpu_fast = plan.device == "cpu" and plan.fast_path
     if plan.device == "cpu":
-        per_layer += ACT_ATTENTION * plan.batch_size * heads * plan.seq_len**2 * d
+        attention = ACT_ATTENTION_CPU_FAST if cpu_fast else ACT_ATTENTION
+        per_layer += attention * plan.batch_size * heads * plan.seq_len**2 * d
     gpu_fast = plan.device != "cpu" and plan.fast_path and bool(bits)
     # one block's and the head's weights, dequantized
     dense_block, dense_head = sum(r * c for r, c in projections) * d, vocab * hidden * d
-    kept = LOGIT_TENSORS - (CHUNKED_LOGIT_SAVING if chunked else 0.0)
+    logit_tensors = LOGIT_TENSORS_CPU_FAST if cpu_fast else LOGIT_TENSORS
+    kept = logit_tensors - (CHUNKED_LOGIT_SAVING if chunked else 0.0)
     if plan.layerwise:
         # Two phases that never overlap, on top of each LoRA block's kept input: the loss, one 512-token chunk at a
         # time (with the fast path on a GPU, the head's dequantized weight too), and one block's forward and
         # backward (with that block's dequantized weights). The peak is the larger; the parts shown are its own.
         kept_inputs = lora_layers * tokens * hidden * d
         # each chunk's loss is differentiated directly (nothing recomputed): all its logit tensors are alive
-        loss_phase = min(tokens, LAYERWISE_LOSS_TOKENS) * vocab * (d + 4 * (LOGIT_TENSORS - 1))
+        chunk_tensors = LAYERWISE_LOGIT_TENSORS_CPU_FAST if cpu_fast else logit_tensors
+        loss_phase = min(tokens, LAYERWISE_LOSS_TOKENS) * vocab * (d + 4 * (chunk_tensors - 1))
         loss_phase += dense_head if gpu_fast else 0.0
         block_layers = CHECKPOINT_LAYERS if plan.device == "cpu" else GPU_LAYERWISE_BLOCK_LAYERS
         block_phase = block_layers * per_layer + (dense_block if gpu_fast else 0.0)
@@ -159,7 +170,10 @@ def predict_peak(model_config: dict[str, Any], plan: MemoryPlan) -> MemoryParts:
         logit_tokens = min(tokens, plan.batch_size * 1024) if chunked else tokens
         logits = logit_tokens * vocab * (d + 4 * (kept - 1)) * token_scale
         base = weights + lora + activations + logits
-        if plan.device != "cpu":
+        if plan.device == "cpu":
+            activations += CPU_OVERHEAD_GB * GB
+            base += CPU_OVERHEAD_GB * GB
+        else:
             extra = GPU_OVERHEAD_GB * GB
             if gpu_fast:  # dequantized weights: the head's and a few blocks' at the peak
                 extra += dense_head + FAST_GPU_BLOCKS * dense_block
