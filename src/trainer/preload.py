@@ -20,6 +20,7 @@ import logging
 import os
 import platform
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,15 +66,18 @@ LIBRARIES = (OPENBLAS, TCMALLOC)
 _warned: set[str] = set()
 
 
-def _applies(lib: NativeLibrary) -> bool:
-    return sys.platform == "linux" and os.environ.get(lib.env, "") != "off"
+Env = Mapping[str, str]
 
 
-def find(lib: NativeLibrary) -> Path | None:
-    """The library to preload on this machine, or None (not Linux, disabled, or not installed)."""
-    if not _applies(lib):
+def _applies(lib: NativeLibrary, env: Env) -> bool:
+    return sys.platform == "linux" and env.get(lib.env, "") != "off"
+
+
+def find(lib: NativeLibrary, env: Env = os.environ) -> Path | None:
+    """The library to preload on this machine (as `env` sets it up), or None (not Linux, off, or not installed)."""
+    if not _applies(lib, env):
         return None
-    explicit = os.environ.get(lib.env)
+    explicit = env.get(lib.env)
     if explicit:
         path = Path(explicit)
         return path if path.is_file() else None
@@ -89,10 +93,10 @@ def find_openblas() -> Path | None:
     return find(OPENBLAS)
 
 
-def preloaded(env: dict[str, str] | os._Environ[str] = os.environ) -> bool:
+def preloaded(env: Env = os.environ) -> bool:
     """Every library this machine has is in `env`'s LD_PRELOAD."""
     current = env.get("LD_PRELOAD", "").split(":")
-    return all(str(path) in current for path in (find(lib) for lib in LIBRARIES) if path is not None)
+    return all(str(path) in current for path in (find(lib, env) for lib in LIBRARIES) if path is not None)
 
 
 def preload_env(base: dict[str, str]) -> dict[str, str]:
@@ -100,9 +104,9 @@ def preload_env(base: dict[str, str]) -> dict[str, str]:
     current = [p for p in base.get("LD_PRELOAD", "").split(":") if p]
     added = []
     for lib in LIBRARIES:
-        path = find(lib)
+        path = find(lib, base)
         if path is None:
-            warn_if_missing(lib)
+            warn_if_missing(lib, base)
         elif str(path) not in current:
             added.append(str(path))
     if not added:
@@ -110,8 +114,8 @@ def preload_env(base: dict[str, str]) -> dict[str, str]:
     return {**base, "LD_PRELOAD": ":".join([*added, *current])}
 
 
-def warn_if_missing(lib: NativeLibrary) -> None:
-    if _applies(lib) and find(lib) is None and lib.name not in _warned:
+def warn_if_missing(lib: NativeLibrary, env: Env = os.environ) -> None:
+    if _applies(lib, env) and find(lib, env) is None and lib.name not in _warned:
         _warned.add(lib.name)
         log.warning("%s not found: %s; %s", lib.name, lib.without, lib.install_hint())
 

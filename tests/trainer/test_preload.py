@@ -22,13 +22,13 @@ def test_workers_get_every_installed_library_preloaded_once() -> None:
 
 @pytest.mark.skipif(sys.platform != "linux", reason="preloading applies to Linux only")
 def test_a_library_can_be_turned_off_or_pointed_elsewhere(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    assert preload.find(preload.TCMALLOC, {preload.TCMALLOC.env: "off"}) is None
+    assert "tcmalloc" not in preload.preload_env({preload.TCMALLOC.env: "off"}).get("LD_PRELOAD", "")
     monkeypatch.setenv(preload.TCMALLOC.env, "off")
-    assert preload.find(preload.TCMALLOC) is None
-    assert "tcmalloc" not in preload.preload_env({}).get("LD_PRELOAD", "")
+    assert preload.find(preload.TCMALLOC) is None  # the process's own environment by default
     own = tmp_path / "libmymalloc.so"
     own.write_bytes(b"")
-    monkeypatch.setenv(preload.TCMALLOC.env, str(own))
-    assert str(own) in preload.preload_env({})["LD_PRELOAD"].split(":")
+    assert str(own) in preload.preload_env({preload.TCMALLOC.env: str(own)})["LD_PRELOAD"].split(":")
     monkeypatch.setenv(preload.TCMALLOC.env, str(tmp_path / "missing.so"))
     assert preload.find(preload.TCMALLOC) is None
 
@@ -38,10 +38,10 @@ def test_a_missing_library_is_named_once_with_the_package_to_install(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(preload, "_warned", set())
-    monkeypatch.setenv(preload.TCMALLOC.env, str(tmp_path / "missing.so"))
+    env = {preload.TCMALLOC.env: str(tmp_path / "missing.so")}
     with caplog.at_level(logging.WARNING, logger=preload.log.name):
-        preload.preload_env({})
-        preload.preload_env({})
+        preload.preload_env(env)
+        preload.preload_env(env)
     warnings = [r.getMessage() for r in caplog.records if "tcmalloc" in r.getMessage()]
     assert len(warnings) == 1
     assert "libtcmalloc-minimal4" in warnings[0] and preload.TCMALLOC.env in warnings[0]
