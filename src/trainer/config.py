@@ -51,7 +51,8 @@ class QLoRAConfig(BaseModel):
         bool | None,
         Field(
             description="Compute multi-row quantized layers as dequantize-then-GEMM (backward recomputes the weight) "
-            "and keep CPU math in float32. None: on for CPU and CUDA, off on Metal. False: plain MLX-LM."
+            "and keep CPU math in float32, with SwiGLU, attention softmax and cross-entropy from fast CPU operations. "
+            "None: on for CPU and CUDA, off on Metal. False: plain MLX-LM."
         ),
     ] = None
     dense_weights: Annotated[
