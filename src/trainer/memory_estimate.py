@@ -46,8 +46,13 @@ SLACK = 0.02
 GPU_TOKEN_SCALE = 0.93
 GPU_OVERHEAD_GB = 0.9
 FAST_GPU_BLOCKS = 3
-#: CUDA, layerwise step: one block's forward and backward, in layers of activations (fit: 1x2048 and 4x1024)
-GPU_LAYERWISE_BLOCK_LAYERS = 5.0
+#: CUDA, layerwise step: one block's forward and backward, in layers of activations, with the next block handed to the
+#: GPU while this one runs (batches up to trainer.layerwise.PIPELINE_MAX_TOKENS) and without (fit to the 7B shape on
+#: an H200 at 1x512, 1x2048 and 4x1024, third session: bench/results-gpu-h200-session3-mlx.jsonl); its loss chunks
+#: hold the head's dequantized weight and one chunk's logits, nothing that scales like the CPU's float32 softmax
+GPU_LAYERWISE_BLOCK_LAYERS_PIPELINED = 6.1
+GPU_LAYERWISE_BLOCK_LAYERS = 4.2
+LAYERWISE_PIPELINE_MAX_TOKENS = 2048
 #: tokens of one loss chunk in the layerwise step (trainer.layerwise.LOSS_CHUNK_TOKENS)
 LAYERWISE_LOSS_TOKENS = 512
 
@@ -154,10 +159,15 @@ def predict_peak(model_config: dict[str, Any], plan: MemoryPlan) -> MemoryParts:
         # backward (with that block's dequantized weights). The peak is the larger; the parts shown are its own.
         kept_inputs = lora_layers * tokens * hidden * d
         # each chunk's loss is differentiated directly (nothing recomputed): all its logit tensors are alive
-        chunk_tensors = LAYERWISE_LOGIT_TENSORS_CPU_FAST if cpu_fast else logit_tensors
-        loss_phase = min(tokens, LAYERWISE_LOSS_TOKENS) * vocab * (d + 4 * (chunk_tensors - 1))
-        loss_phase += dense_head if gpu_fast else 0.0
-        block_layers = CHECKPOINT_LAYERS if plan.device == "cpu" else GPU_LAYERWISE_BLOCK_LAYERS
+        chunk_tokens = min(tokens, LAYERWISE_LOSS_TOKENS)
+        if plan.device == "cpu":
+            chunk_tensors = LAYERWISE_LOGIT_TENSORS_CPU_FAST if cpu_fast else logit_tensors
+            loss_phase = chunk_tokens * vocab * (d + 4 * (chunk_tensors - 1))
+            block_layers = CHECKPOINT_LAYERS
+        else:
+            loss_phase = chunk_tokens * vocab * d + (dense_head if gpu_fast else 0.0)
+            pipelined = tokens <= LAYERWISE_PIPELINE_MAX_TOKENS
+            block_layers = GPU_LAYERWISE_BLOCK_LAYERS_PIPELINED if pipelined else GPU_LAYERWISE_BLOCK_LAYERS
         block_phase = block_layers * per_layer + (dense_block if gpu_fast else 0.0)
         activations = kept_inputs + (block_phase if block_phase > loss_phase else 0.0)
         logits = loss_phase if loss_phase >= block_phase else 0.0

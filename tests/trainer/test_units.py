@@ -128,3 +128,11 @@ def test_dense_weight_copies_turn_themselves_on_for_small_models_only() -> None:
     assert dense_fits(smollm2, 16.0) and dense_fits(qwen_05b, 16.0)  # 0.5 and 2.0 GB of float32 copies
     assert not dense_fits(qwen_05b, 8.0)  # more than a fifth of an 8 GB budget
     assert not dense_fits(qwen_7b, 64.0)  # 30 GB of copies: never by itself
+
+
+def test_the_predictor_knows_the_layerwise_steps_chunk_and_pipeline_sizes() -> None:
+    """memory_estimate stays importable without MLX, so it repeats two of the layerwise step's constants."""
+    from trainer import layerwise, memory_estimate
+
+    assert memory_estimate.LAYERWISE_LOSS_TOKENS == layerwise.LOSS_CHUNK_TOKENS
+    assert memory_estimate.LAYERWISE_PIPELINE_MAX_TOKENS == layerwise.PIPELINE_MAX_TOKENS
