@@ -100,6 +100,16 @@ def ours_env() -> dict[str, str]:
     return preload_env(dict(os.environ))
 
 
+def ours_variants() -> list[tuple[str, dict[str, str]]]:
+    """Ours as this machine is set up, and, where its environment pins OpenBLAS's kernels (OPENBLAS_CORETYPE), with
+    OpenBLAS choosing them itself."""
+    variants = [("ours", ours_env())]
+    if "OPENBLAS_CORETYPE" in os.environ:
+        unpinned = {k: v for k, v in ours_env().items() if k != "OPENBLAS_CORETYPE"}
+        variants.append(("ours, OPENBLAS_CORETYPE unset", unpinned))
+    return variants
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--torch-python", default=None)
@@ -128,16 +138,17 @@ def main() -> None:
         best: dict[str, float] = {}
         # this machine's speed drifts by 10-15% over minutes: ours and PyTorch alternate, each keeps its best run
         for repeat in range(args.repeats):
-            row = {"shape": shape, "size": args.size, "who": "ours", "repeat": repeat, **ours}
-            row.update(measure(ours, None, 3, ours_env()))
-            report(row)
-            best["ours"] = max(best.get("ours", 0.0), float(row.get("tok_s", 0.0)))
+            for who, env in ours_variants():
+                row = {"shape": shape, "size": args.size, "who": who, "repeat": repeat, **ours}
+                row.update(measure(ours, None, 3, env))
+                report(row)
+                best[who] = max(best.get(who, 0.0), float(row.get("tok_s", 0.0)))
             if args.torch_python:
                 got = torch_run(args.torch_python, shape, batch, seq)
                 report({"shape": shape, "size": args.size, "who": TORCH, "repeat": repeat, **got})
                 best[TORCH] = max(best.get(TORCH, 0.0), float(got.get("tok_s", 0.0)))
         report({"shape": shape, "size": args.size, "best_tok_s": best, "repeats": args.repeats})
-    decoders = [("plain MLX-LM", "0", plain_env()), ("ours", "1", ours_env())]
+    decoders = [("plain MLX-LM", "0", plain_env()), *((who, "1", env) for who, env in ours_variants())]
     if args.blis:  # BLIS's one-row products beat OpenBLAS 0.3.21's (which packs the whole weight for each)
         blis_env = preload_env({**os.environ, "MCP_LOCAL_BLAS": args.blis, "BLIS_NUM_THREADS": "2"})
         decoders.append(("ours, BLIS instead of OpenBLAS", "1", blis_env))

@@ -45,3 +45,26 @@ def test_a_missing_library_is_named_once_with_the_package_to_install(
     warnings = [r.getMessage() for r in caplog.records if "tcmalloc" in r.getMessage()]
     assert len(warnings) == 1
     assert "libtcmalloc-minimal4" in warnings[0] and preload.TCMALLOC.env in warnings[0]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="preloading applies to Linux only")
+def test_an_openblas_core_type_older_than_the_cpu_is_named_never_overridden(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    avx512 = tmp_path / "cpuinfo-avx512"
+    avx512.write_text("vendor_id\t: AuthenticAMD\nflags\t\t: fpu avx2 avx512f avx512dq avx512bw avx512vl avx512cd\n")
+    avx2 = tmp_path / "cpuinfo-avx2"
+    avx2.write_text("vendor_id\t: AuthenticAMD\nflags\t\t: fpu avx2 fma\n")
+    blas = tmp_path / "libblas.so.3"
+    blas.write_bytes(b"")
+    env = {preload.OPENBLAS.env: str(blas), preload.OPENBLAS_CORE_ENV: "Haswell"}
+    assert preload.openblas_core_held_back(env, avx512)
+    assert not preload.openblas_core_held_back(env, avx2)
+    assert not preload.openblas_core_held_back({**env, preload.OPENBLAS_CORE_ENV: "SkylakeX"}, avx512)
+    assert not preload.openblas_core_held_back({preload.OPENBLAS.env: str(blas)}, avx512)
+    monkeypatch.setattr(preload, "_warned", set())
+    monkeypatch.setattr(preload, "openblas_core_held_back", lambda env: True)
+    with caplog.at_level(logging.WARNING, logger=preload.log.name):
+        out = preload.preload_env(env)
+    assert out[preload.OPENBLAS_CORE_ENV] == "Haswell"  # the user's setting stands
+    assert any("OPENBLAS_CORETYPE=Haswell" in r.getMessage() for r in caplog.records)
