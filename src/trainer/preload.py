@@ -89,10 +89,6 @@ def find(lib: NativeLibrary, env: Env = os.environ) -> Path | None:
     return None
 
 
-def find_openblas() -> Path | None:
-    return find(OPENBLAS)
-
-
 #: A machine-wide OPENBLAS_CORETYPE (this project's machines set "Haswell") makes OpenBLAS run those kernels even on
 #: a CPU it would give faster ones: on this project's 2-core AMD Zen 4, with the variable unset OpenBLAS 0.3.21 picks
 #: its AVX-512 (SkylakeX) kernels and the SmolLM2-shape QLoRA step trains about 1.4x faster (docs/benchmarks.md). We
