@@ -1,10 +1,11 @@
 """The training losses: mlx-lm's `default_loss` with the CPU's fast cross-entropy, and a chunked one.
 
-The chunked one never holds full-vocabulary float32 logits for the whole batch: mlx-lm's `default_loss` computes
-`model(inputs)` (B x T x V logits) and the cross-entropy over all of it, keeping the
-logits and their float32 softmax for the backward pass: for a 152k vocabulary at 2048 tokens that is gigabytes.
-Here the head and the loss run over sequence chunks under `mx.checkpoint`, so the backward pass recomputes each
-chunk's logits instead of keeping them. The result equals `default_loss` up to float rounding.
+`make_default_loss` is mlx-lm's `default_loss` line for line with the cross-entropy as a parameter (mlx-lm's names
+`nn.losses.cross_entropy` inside it). The chunked one never holds full-vocabulary float32 logits for the whole batch:
+`default_loss` computes `model(inputs)` (B x T x V logits) and the cross-entropy over all of it, keeping the logits
+and their float32 softmax for the backward pass: for a 152k vocabulary at 2048 tokens that is gigabytes. Here the
+head and the loss run over sequence chunks under `mx.checkpoint`, so the backward pass recomputes each chunk's logits
+instead of keeping them. The result equals `default_loss` up to float rounding.
 """
 
 from __future__ import annotations
