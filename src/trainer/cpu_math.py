@@ -57,9 +57,14 @@ def _fast_softmax_vjp(primals: mx.array, cotangent: mx.array, output: mx.array) 
 CROSS_ENTROPY_PIECE_ELEMENTS = 1 << 18
 
 
-def _row_pieces(rows: int, cols: int) -> list[tuple[int, int]]:
-    step = max(1, CROSS_ENTROPY_PIECE_ELEMENTS // max(cols, 1))
+def row_ranges(rows: int, cols: int, max_elements: int) -> list[tuple[int, int]]:
+    """[start, stop) row ranges of a rows x cols array, each at most `max_elements` (and at least one row)."""
+    step = max(1, min(rows, max_elements // max(cols, 1)))
     return [(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def _row_pieces(rows: int, cols: int) -> list[tuple[int, int]]:
+    return row_ranges(rows, cols, CROSS_ENTROPY_PIECE_ELEMENTS)
 
 
 def _logsumexp_rows(logits: mx.array) -> mx.array:

@@ -22,7 +22,7 @@ import mlx.core as mx
 from mlx.nn.layers.base import Module
 from mlx.nn.layers.quantized import QuantizedEmbedding, QuantizedLinear
 
-from .cpu_math import use_fast_activations
+from .cpu_math import row_ranges, use_fast_activations
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,7 @@ def fast_path_default() -> bool:
 
 
 def _row_chunks(rows: int, cols: int) -> list[tuple[int, int]]:
-    step = max(1, min(rows, chunk_elements() // max(cols, 1)))
-    return [(start, min(start + step, rows)) for start in range(0, rows, step)]
+    return row_ranges(rows, cols, chunk_elements())
 
 
 @cache
