@@ -96,7 +96,7 @@ def plain_env() -> dict[str, str]:
 
 
 def ours_env() -> dict[str, str]:
-    """What our workers run with: OpenBLAS and tcmalloc preloaded (bench/cpu_qlora.py --no-tcmalloc: without it)."""
+    """What our workers run with: OpenBLAS and tcmalloc preloaded."""
     return preload_env(dict(os.environ))
 
 
@@ -149,7 +149,7 @@ def main() -> None:
                 best[TORCH] = max(best.get(TORCH, 0.0), float(got.get("tok_s", 0.0)))
         report({"shape": shape, "size": args.size, "best_tok_s": best, "repeats": args.repeats})
     decoders = [("plain MLX-LM", "0", plain_env()), *((who, "1", env) for who, env in ours_variants())]
-    if args.blis:  # BLIS's one-row products beat OpenBLAS 0.3.21's (which packs the whole weight for each)
+    if args.blis:  # BLIS's one-row products are faster than OpenBLAS's here (its multi-row GEMMs slower)
         blis_env = preload_env({**os.environ, "MCP_LOCAL_BLAS": args.blis, "BLIS_NUM_THREADS": "2"})
         decoders.append(("ours, BLIS instead of OpenBLAS", "1", blis_env))
     for who, fast, env in decoders:

@@ -20,8 +20,8 @@ ACT_HIDDEN = 8.2
 ACT_KV = 3.3
 ACT_INTERMEDIATE = 4.9
 #: attention probabilities kept per layer for the backward pass, in units of heads x T x T: MLX's attention (same
-#: fit), and the CPU fast path's (trainer/cpu_math.py, fit with the four below to the CPU grid of
-#: bench/memory_prediction.py on 2026-11-26, third session: all ten rows within 6.2%)
+#: fit), and the CPU fast path's (trainer/cpu_math.py, fit with the CPU terms below to the CPU grid of
+#: bench/memory_prediction.py on 2026-11-26, third session: all twelve rows within 6.8%)
 ACT_ATTENTION = 0.82
 ACT_ATTENTION_CPU_FAST = 0.32
 #: vocabulary-sized tensors alive at the loss: the logits plus float32 log-softmax, gradients and copies (fit: 4.8);

@@ -129,12 +129,6 @@ def warn_if_core_held_back(env: Env = os.environ) -> None:
         )
 
 
-def preloaded(env: Env = os.environ) -> bool:
-    """Every library this machine has is in `env`'s LD_PRELOAD."""
-    current = env.get("LD_PRELOAD", "").split(":")
-    return all(str(path) in current for path in (find(lib, env) for lib in LIBRARIES) if path is not None)
-
-
 def preload_env(base: dict[str, str]) -> dict[str, str]:
     """`base` with the libraries this machine has added to LD_PRELOAD (and a warning for each one missing, or for an
     OPENBLAS_CORETYPE that holds OpenBLAS back)."""
