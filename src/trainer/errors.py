@@ -5,7 +5,8 @@ TrainerError
  ├── RunNotFound        no run with that id
  ├── RunConflict        the run is in a state that does not allow the request
  ├── ModelError         a model could not be loaded or used for generation
- └── InvalidTransition  a job state change that the state machine forbids (a bug if raised)
+ ├── InvalidTransition  a job state change that the state machine forbids (a bug if raised)
+ └── KernelBuildError   the CPU decode kernel cannot be built here (decode falls back)
 """
 
 from __future__ import annotations
@@ -35,3 +36,7 @@ class ModelError(TrainerError):
 
 class InvalidTransition(TrainerError):
     """A state change that TRANSITIONS forbids."""
+
+
+class KernelBuildError(TrainerError):
+    """The CPU decode kernel could not be built here; the message says why and what to install."""

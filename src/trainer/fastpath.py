@@ -1,7 +1,8 @@
 """A fast path for quantized layers off Apple silicon, with weights still stored 4-bit.
 
 MLX's CPU (and, for multi-row inputs, CUDA) quantized matmul is far slower than a dequantize-then-GEMM. We compute
-multi-row inputs (training, prompt prefill) as dequantize + GEMM, and keep MLX's own kernel for decode (a few rows).
+multi-row inputs (training, prompt prefill) as dequantize + GEMM. Decode (a few rows) uses our CPU kernel for 4- and
+8-bit layers where it could be built (`decode_kernel.py`), else MLX's own kernel (on CUDA always MLX's: fast there).
 
 Memory: a plain dequantize-then-GEMM keeps every layer's dequantized weight alive for the backward pass. Here the
 backward recomputes it (an `mx.custom_function` whose VJP dequantizes again), and each dequantize is done in row
@@ -22,6 +23,7 @@ import mlx.core as mx
 from mlx.nn.layers.base import Module
 from mlx.nn.layers.quantized import QuantizedEmbedding, QuantizedLinear
 
+from . import decode_kernel
 from .cpu_math import row_ranges, use_fast_activations
 
 log = logging.getLogger(__name__)
@@ -128,22 +130,36 @@ def _dense(module: Any, x: mx.array) -> mx.array:
     return fn(x, module["weight"], module["scales"], module["biases"])
 
 
+def _decode(module: Any, x: mx.array) -> mx.array | None:
+    """A few rows through the CPU decode kernel, when the layer has it (see attach_decode_kernel) and x is float32."""
+    kernel = getattr(module, "_decode_kernel", None)
+    if kernel is None or x.dtype != mx.float32 or _multi_row(x):
+        return None
+    return cast(
+        mx.array, kernel.qgemv(x, module["weight"], module["scales"], module["biases"], module.group_size, module.bits)
+    )
+
+
 class FastQuantizedLinear(QuantizedLinear):
     def __call__(self, x: mx.array) -> mx.array:
-        dense = getattr(self, "_dense_weight", None)  # stored (input, output): see cache_dense_weights
-        if dense is not None:
-            y: mx.array = x @ dense
-        elif not _multi_row(x):
-            return cast(mx.array, super().__call__(x))
-        else:
-            y = _dense(self, x)
+        y = _decode(self, x)
+        if y is None:
+            dense = getattr(self, "_dense_weight", None)  # stored (input, output): see cache_dense_weights
+            if dense is not None:
+                y = x @ dense
+            elif not _multi_row(x):
+                return cast(mx.array, super().__call__(x))
+            else:
+                y = _dense(self, x)
         return y + self["bias"] if "bias" in self else y
 
 
 class FastQuantizedEmbedding(QuantizedEmbedding):
     def as_linear(self, x: mx.array) -> mx.array:
-        dense = getattr(self, "_dense_weight", None)
-        if dense is not None:
+        y = _decode(self, x)
+        if y is not None:
+            return y
+        if (dense := getattr(self, "_dense_weight", None)) is not None:
             return cast(mx.array, x @ dense.T)
         if not _multi_row(x):
             return cast(mx.array, super().as_linear(x))
@@ -170,13 +186,26 @@ def enable_fast_quantized(model: Module) -> int:
     return switched
 
 
-def dense_weight_bytes(model: Module) -> int:
-    """What caching every fast layer's dequantized float32 weight would cost."""
-    total = 0
+def _fast_layers(model: Module) -> Iterator[Any]:
     for _, module in model.named_modules():
         if isinstance(module, FastQuantizedLinear | FastQuantizedEmbedding):
-            total += module["weight"].shape[0] * module["weight"].shape[1] * 32 // module.bits * 4
-    return total
+            yield module
+
+
+def attach_decode_kernel(model: Module, kernel: Any) -> int:
+    """Give the kernel to every fast layer it can compute (4 or 8 bits, float32 scales, groups of a multiple of 16);
+    returns how many. The kernel is a plain attribute: parameters, adapters and saving are unaffected."""
+    attached = 0
+    for module in _fast_layers(model):
+        if module.bits in (4, 8) and module.group_size % 16 == 0 and module["scales"].dtype == mx.float32:
+            module._decode_kernel = kernel
+            attached += 1
+    return attached
+
+
+def dense_weight_bytes(model: Module) -> int:
+    """What caching every fast layer's dequantized float32 weight would cost."""
+    return sum(m["weight"].shape[0] * m["weight"].shape[1] * 32 // m.bits * 4 for m in _fast_layers(model))
 
 
 def cache_dense_weights(model: Module, budget_bytes: int) -> bool:
@@ -234,9 +263,13 @@ def apply_fast_path(model: Module, wanted: bool | None) -> bool:
     switched = enable_fast_quantized(model)
     as_float32 = use_float32_on_cpu(model)
     fast_act = as_float32 and use_fast_activations(model)
+    kernel = decode_kernel.load() if as_float32 else None
+    decoded = attach_decode_kernel(model, kernel) if kernel is not None else 0
     log.info(
-        "fast path on: %d quantized layers use dequantize-then-GEMM; CPU float32: %s; CPU SwiGLU and attention: %s",
+        "fast path on: %d quantized layers use dequantize-then-GEMM, %d the CPU decode kernel; CPU float32: %s; "
+        "CPU SwiGLU and attention: %s",
         switched,
+        decoded,
         as_float32,
         fast_act,
     )

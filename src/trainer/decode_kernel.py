@@ -1,0 +1,179 @@
+"""The CPU decode kernel (`native/qgemv.cpp`): built once per machine against the installed MLX, then loaded.
+
+MLX's CPU quantized matrix-vector product unpacks one weight at a time, so decode on a CPU was bound by it (or, with
+float32 weight copies, by reading 4 bytes per weight). The kernel reads the 4-bit weights directly. It is a C++ MLX
+primitive, so it must be compiled against the MLX that is installed: we build it with CMake and the C++ compiler the
+first time it is needed (seconds), keyed by everything that makes a build differ, in the user's cache folder. Where
+that cannot work (no compiler, another OS) decode falls back to what it did before, with one warning naming why.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from functools import cache
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from types import ModuleType
+
+from .errors import KernelBuildError
+
+log = logging.getLogger(__name__)
+
+KERNEL_ENV = "MCP_LOCAL_DECODE_KERNEL"  # "off" to keep MLX's own kernel
+CACHE_ENV = "MCP_LOCAL_CACHE"  # where built kernels live; default ~/.cache/mcp-local
+SOURCE_DIR = Path(__file__).parent / "native"
+SOURCES = ("qgemv.cpp", "CMakeLists.txt")
+MODULE = "_qgemv"
+
+
+def cache_root() -> Path:
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mcp-local"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def build_key() -> str:
+    """Everything that makes one build differ from another: sources, MLX, Python, machine and its CPU features (the
+    kernel is compiled for the CPU it runs on)."""
+    digest = hashlib.sha256()
+    for name in SOURCES:
+        digest.update((SOURCE_DIR / name).read_bytes())
+    for part in (version("mlx"), sys.version, platform.machine(), _cpu_flags(), _nanobind_version()):
+        digest.update(part.encode())
+    return digest.hexdigest()[:16]
+
+
+def _nanobind_version() -> str:
+    try:
+        return version("nanobind")
+    except PackageNotFoundError:
+        return "missing"
+
+
+def _cmake() -> str:
+    beside_python = Path(sys.executable).parent / "cmake"  # the `cmake` wheel in our environment
+    found = str(beside_python) if beside_python.exists() else shutil.which("cmake")
+    if not found:
+        raise KernelBuildError("CMake was not found; install it (`uv sync` installs the cmake package)")
+    return found
+
+
+def _compiler_check() -> None:
+    if os.environ.get("CXX"):
+        return
+    if not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+        raise KernelBuildError("no C++ compiler was found; install one (Debian/Ubuntu: apt install g++)")
+
+
+def build(dest: Path) -> Path:
+    """Configure and compile into a scratch folder, then move the module into `dest` (atomically)."""
+    if sys.platform != "linux":
+        raise KernelBuildError(f"the decode kernel is built for Linux only, not {sys.platform}")
+    _compiler_check()
+    cmake = _cmake()
+    try:
+        import mlx
+        import nanobind
+    except ImportError as exc:
+        raise KernelBuildError(f"{exc.name} is missing; `uv sync` installs it") from exc
+    dest.mkdir(parents=True, exist_ok=True)
+    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+    with tempfile.TemporaryDirectory(dir=dest.parent) as scratch:
+        configure = [
+            cmake,
+            "-S",
+            str(SOURCE_DIR),
+            "-B",
+            scratch,
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dnanobind_DIR={nanobind.cmake_dir()}",
+            f"-DMLX_DIR={Path(mlx.__path__[0]) / 'share' / 'cmake' / 'MLX'}",
+        ]
+        for command in (configure, [cmake, "--build", scratch, "-j", str(os.cpu_count() or 2)]):
+            done = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+            if done.returncode != 0:
+                tail = (done.stdout + done.stderr)[-1500:]
+                raise KernelBuildError(f"building the decode kernel failed ({' '.join(command[:2])}):\n{tail}")
+        built = Path(scratch) / f"{MODULE}{suffix}"
+        target = dest / built.name
+        os.replace(built, target)
+    return target
+
+
+def _import(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(MODULE, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def kernel_path() -> Path:
+    """Build the kernel unless this machine has it already; returns its path. Raises KernelBuildError."""
+    dest = cache_root() / "decode-kernel" / build_key()
+    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+    target = dest / f"{MODULE}{suffix}"
+    if target.exists():
+        return target
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest.parent / ".lock", "w") as lock:  # one build at a time: the server and a worker may both want it
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not target.exists():
+            log.info("building the CPU decode kernel into %s (once per machine and MLX version)", dest)
+            build(dest)
+    return target
+
+
+def wanted() -> bool:
+    return os.environ.get(KERNEL_ENV, "on").lower() not in ("0", "off", "false", "no")
+
+
+@cache
+def load() -> ModuleType | None:
+    """The kernel module, or None (with one warning saying why) where it is turned off or cannot be built."""
+    if not wanted():
+        log.info("CPU decode kernel off (%s)", KERNEL_ENV)
+        return None
+    try:
+        return _import(kernel_path())
+    except (KernelBuildError, ImportError, OSError) as exc:
+        log.warning(
+            "CPU decode kernel unavailable, decode uses float32 weight copies or MLX's quantized kernel: %s", exc
+        )
+        return None
+
+
+def main() -> None:
+    """`python -m trainer.decode_kernel`: build (or find) the kernel now, so the first generation does not wait."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    try:
+        path = kernel_path()
+    except KernelBuildError as exc:
+        log.warning("decode kernel not built: %s", exc)
+        return
+    log.info("decode kernel: %s", path)
+
+
+if __name__ == "__main__":
+    main()
