@@ -57,7 +57,7 @@ prompt = "Write a Python function is_even(n) that returns True when n is even."
 session.generate(prompt, max_tokens=16)
 g = session.generate(prompt, max_tokens=96)
 print(json.dumps({"decode_tok_s": g.tokens_per_second, "prefill_tok_s": g.prompt_tokens_per_second,
-                  "tokens": g.generation_tokens, "text_start": g.text[:40]}))
+                  "tokens": g.generation_tokens, "peak_gb": g.peak_memory_gb, "text_start": g.text[:40]}))
 """
 
 
@@ -149,6 +149,8 @@ def main() -> None:
                 best[TORCH] = max(best.get(TORCH, 0.0), float(got.get("tok_s", 0.0)))
         report({"shape": shape, "size": args.size, "best_tok_s": best, "repeats": args.repeats})
     decoders = [("plain MLX-LM", "0", plain_env()), *((who, "1", env) for who, env in ours_variants())]
+    # what decode did before the kernel: float32 weight copies through OpenBLAS's one-row products
+    decoders.append(("ours, decode kernel off", "1", {**ours_env(), "MCP_LOCAL_DECODE_KERNEL": "off"}))
     if args.blis:  # BLIS's one-row products are faster than OpenBLAS's here (its multi-row GEMMs slower)
         blis_env = preload_env({**os.environ, "MCP_LOCAL_BLAS": args.blis, "BLIS_NUM_THREADS": "2"})
         decoders.append(("ours, BLIS instead of OpenBLAS", "1", blis_env))

@@ -167,6 +167,9 @@ def load() -> ModuleType | None:
 def main() -> None:
     """`python -m trainer.decode_kernel`: build (or find) the kernel now, so the first generation does not wait."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    if sys.platform != "linux":
+        log.info("no CPU decode kernel needed on %s", sys.platform)
+        return
     try:
         path = kernel_path()
     except KernelBuildError as exc:
