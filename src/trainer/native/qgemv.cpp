@@ -149,6 +149,21 @@ void qgemv_float32(const float* x, const uint8_t* w, const float* scales, const 
   }
 }
 
+// A view's elements in row-major order (x may be a slice; copying here saves an extra graph node per product).
+const float* gather(const mx::array& x, std::vector<float>& packed) {
+  packed.resize(x.size());
+  const float* base = x.data<float>();
+  const int nd = x.ndim();
+  std::vector<int> index(nd, 0);
+  for (size_t e = 0; e < x.size(); ++e) {
+    int64_t offset = 0;
+    for (int d = 0; d < nd; ++d) offset += int64_t(index[d]) * x.strides()[d];
+    packed[e] = base[offset];
+    for (int d = nd - 1; d >= 0 && ++index[d] == x.shape(d); --d) index[d] = 0;
+  }
+  return packed.data();
+}
+
 void require_row_contiguous(const mx::array& a, const char* what) {
   if (!a.flags().row_contiguous) {
     throw std::invalid_argument(std::string("[mcp_local qgemv] ") + what + " must be row-contiguous");
@@ -166,7 +181,6 @@ class QuantizedGemv : public mx::UnaryPrimitive {
     const mx::array& w = inputs[1];
     const mx::array& scales = inputs[2];
     const mx::array& biases = inputs[3];
-    require_row_contiguous(x, "x");
     require_row_contiguous(w, "the packed weight");
     require_row_contiguous(scales, "the scales");
     require_row_contiguous(biases, "the biases");
@@ -183,9 +197,11 @@ class QuantizedGemv : public mx::UnaryPrimitive {
                       scales = mx::array::unsafe_weak_copy(scales), biases = mx::array::unsafe_weak_copy(biases),
                       out = mx::array::unsafe_weak_copy(out), rows, n, k, group_size = group_size_,
                       bits = bits_]() mutable {
+      std::vector<float> packed;
+      const float* xp = x.flags().row_contiguous ? x.data<float>() : gather(x, packed);
       auto run = bits == 4 ? qgemv_float32<4> : qgemv_float32<8>;
-      run(x.data<float>(), reinterpret_cast<const uint8_t*>(w.data<uint32_t>()), scales.data<float>(),
-          biases.data<float>(), out.data<float>(), rows, n, k, group_size);
+      run(xp, reinterpret_cast<const uint8_t*>(w.data<uint32_t>()), scales.data<float>(), biases.data<float>(),
+          out.data<float>(), rows, n, k, group_size);
     });
   }
 
@@ -236,9 +252,7 @@ mx::array qgemv(const mx::array& x, const mx::array& w, const mx::array& scales,
   mx::Shape out_shape = x.shape();
   out_shape.back() = w.shape(0);
   mx::Stream s = mx::default_stream(mx::Device::cpu);
-  // x may be a view (a slice of a prompt); the weights are parameters, contiguous as loaded
-  return mx::array(out_shape, mx::float32, std::make_shared<QuantizedGemv>(s, group_size, bits),
-                   {mx::contiguous(x, false, s), w, scales, biases});
+  return mx::array(out_shape, mx::float32, std::make_shared<QuantizedGemv>(s, group_size, bits), {x, w, scales, biases});
 }
 
 }  // namespace
