@@ -12,9 +12,11 @@ cross-entropy (`fast_cross_entropy`), each with its own VJP, each tested against
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
+
+from . import decode_kernel
 
 _LOG2E = 1.4426950408889634
 _LN2_HI = 0.693359375  # ln 2 split so that n * _LN2_HI is exact in float32
@@ -112,10 +114,17 @@ def fast_attention(
     mask: Any,
     sinks: mx.array | None = None,
 ) -> mx.array:
-    """mlx-lm's `scaled_dot_product_attention` for multi-row float32 queries on the CPU, where MLX's fused kernel falls
-    back to a composed one whose softmax uses the slow `exp`; anything else goes to mlx-lm's own."""
-    if queries.shape[2] == 1 or sinks is not None or hasattr(cache, "bits") or queries.dtype != mx.float32:
+    """mlx-lm's `scaled_dot_product_attention` for float32 queries on the CPU, where MLX's fused kernel falls back to a
+    composed one whose softmax uses the slow `exp`: one query row (decode) through our kernel where it was built,
+    more rows composed here; anything else goes to mlx-lm's own."""
+    if sinks is not None or hasattr(cache, "bits") or queries.dtype != mx.float32:
         return _mlx_lm_attention(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
+    if queries.shape[2] == 1:
+        # one row sees every key: a "causal" mask aligned to the last key masks nothing
+        kernel = decode_kernel.load() if mask is None or isinstance(mask, str) else None
+        if kernel is None or keys.dtype != mx.float32 or values.dtype != mx.float32:
+            return _mlx_lm_attention(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
+        return cast(mx.array, kernel.attention(queries, keys, values, scale))
     batch, heads, rows, dim = queries.shape
     kv_heads, cols = keys.shape[1], keys.shape[2]
     # grouped-query attention: query head h reads key/value head h // (heads // kv_heads), as MLX's kernel does

@@ -1,8 +1,10 @@
-"""The CPU decode kernel (`native/qgemv.cpp`): built once per machine against the installed MLX, then loaded.
+"""The CPU decode kernels (`native/cpu_decode.cpp`): built once per machine against the installed MLX, then loaded.
 
 MLX's CPU quantized matrix-vector product unpacks one weight at a time, so decode on a CPU was bound by it (or, with
-float32 weight copies, by reading 4 bytes per weight). The kernel reads the 4-bit weights directly. It is a C++ MLX
-primitive, so it must be compiled against the MLX that is installed: we build it with CMake and the C++ compiler the
+float32 weight copies, by reading 4 bytes per weight), and its RMS norm, RoPE and attention are composed of a dozen
+small operations each, whose scheduling cost more than their arithmetic. Our kernels read 4-bit weights directly and
+make each of the others one operation. They are C++ MLX primitives, so they must be compiled against the MLX that is
+installed: we build it with CMake and the C++ compiler the
 first time it is needed (seconds), keyed by everything that makes a build differ, in the user's cache folder. Where
 that cannot work (no compiler, another OS) decode falls back to what it did before, with one warning naming why.
 """
@@ -29,11 +31,13 @@ from .errors import KernelBuildError
 
 log = logging.getLogger(__name__)
 
-KERNEL_ENV = "MCP_LOCAL_DECODE_KERNEL"  # "off" to keep MLX's own kernel
+KERNEL_ENV = "MCP_LOCAL_DECODE_KERNEL"  # "off" to keep MLX's own operations
+#: inputs with at most this many rows (decode) use the kernels; more rows (training, prefill) go to GEMMs
+DECODE_ROWS = 4
 CACHE_ENV = "MCP_LOCAL_CACHE"  # where built kernels live; default ~/.cache/mcp-local
 SOURCE_DIR = Path(__file__).parent / "native"
-SOURCES = ("qgemv.cpp", "CMakeLists.txt")
-MODULE = "_qgemv"
+SOURCES = ("cpu_decode.cpp", "CMakeLists.txt")
+MODULE = "_cpu_decode"
 
 
 def cache_root() -> Path:

@@ -25,12 +25,12 @@ from mlx.nn.layers.quantized import QuantizedEmbedding, QuantizedLinear
 
 from . import decode_kernel
 from .cpu_math import row_ranges, use_fast_activations
+from .decode_kernel import DECODE_ROWS
+from .decode_layers import use_decode_layers
 
 log = logging.getLogger(__name__)
 
 FAST_ENV = "MCP_LOCAL_FAST_QUANT"
-#: inputs with at most this many rows (decode) keep MLX's quantized kernel
-DECODE_ROWS = 4
 #: largest dequantized chunk, in elements. Small on the CPU, where it bounds the dequantize's scratch memory
 #: (measured on the SmolLM2 shape: 896 MB unchunked, 731 at 4M, 653 at 1M, 608 at 512K, against 564 for plain
 #: MLX-LM); unchunked on a GPU, where chunks cost speed and saved nothing (7B shape, 1x2048, H200: 7,048 tokens/s
@@ -193,11 +193,11 @@ def _fast_layers(model: Module) -> Iterator[Any]:
 
 
 def attach_decode_kernel(model: Module, kernel: Any) -> int:
-    """Give the kernel to every fast layer it can compute (4 or 8 bits, float32 scales, groups of a multiple of 16);
+    """Give the kernel to every fast layer it can compute (4 or 8 bits, float32 scales, groups of a multiple of 32);
     returns how many. The kernel is a plain attribute: parameters, adapters and saving are unaffected."""
     attached = 0
     for module in _fast_layers(model):
-        if module.bits in (4, 8) and module.group_size % 16 == 0 and module["scales"].dtype == mx.float32:
+        if module.bits in (4, 8) and module.group_size % 32 == 0 and module["scales"].dtype == mx.float32:
             module._decode_kernel = kernel
             attached += 1
     return attached
@@ -264,10 +264,10 @@ def apply_fast_path(model: Module, wanted: bool | None) -> bool:
     as_float32 = use_float32_on_cpu(model)
     fast_act = as_float32 and use_fast_activations(model)
     kernel = decode_kernel.load() if as_float32 else None
-    decoded = attach_decode_kernel(model, kernel) if kernel is not None else 0
+    decoded = attach_decode_kernel(model, kernel) + use_decode_layers(model, kernel) if kernel is not None else 0
     log.info(
-        "fast path on: %d quantized layers use dequantize-then-GEMM, %d the CPU decode kernel; CPU float32: %s; "
-        "CPU SwiGLU and attention: %s",
+        "fast path on: %d quantized layers use dequantize-then-GEMM; %d layers decode through our CPU kernels; CPU "
+        "float32: %s; CPU SwiGLU and attention: %s",
         switched,
         decoded,
         as_float32,

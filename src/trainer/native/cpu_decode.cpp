@@ -1,0 +1,539 @@
+// CPU kernels for decode (one to a few query rows), as MLX primitives: products with 4- or 8-bit affine-quantized
+// weights, RMS norm, rotary embedding and attention.
+//
+// MLX's CPU quantized matmul unpacks one weight at a time; decode of a small model spent most of each token there.
+// `qgemv` reads the 4-bit weights directly with SIMD, so decode reads 0.56 bytes per 4-bit weight instead of the 4
+// of a float32 copy. The arithmetic stays float32: each output is sum_g (scale_g * sum_i q_i x_i + bias_g * sum_i
+// x_i), equal to MLX's up to summation order. MLX's CPU backend has no RMS norm, RoPE or attention kernels: each is a
+// dozen or more small graph operations per call, and at decode sizes their scheduling, not their arithmetic, is the
+// cost (about 4,000 operations per SmolLM2 token); each of ours is one operation. Gradients go through MLX's own
+// functions (vjp of the reference op), so these primitives are correct anywhere, though used for decode only.
+#include <nanobind/nanobind.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+#include <cmath>
+#include <functional>
+
+#include "mlx/allocator.h"
+#include "mlx/array.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/fast.h"
+#include "mlx/ops.h"
+#include "mlx/primitives.h"
+#include "mlx/stream.h"
+#include "mlx/transforms.h"
+
+namespace mx = mlx::core;
+namespace nb = nanobind;
+
+namespace {
+
+// 4-bit weights are handled 32 at a time: 16 packed bytes, whose low nibbles are weights 0, 2, 4, ... and high
+// nibbles 1, 3, 5, ... of each 16. The inputs are reordered once per call to match (see deinterleave). MLX's group
+// sizes (32, 64, 128) are multiples of 32.
+constexpr int kChunk = 32;
+// SmolLM2 decode on 2 cores, tokens/s: 63 with 16M weights per thread (every layer on one thread), 47 with 4M (its
+// 28M-weight output head on two)
+constexpr int64_t kWeightsPerThread = int64_t(1) << 24;
+
+// x reordered per 32 elements as [evens of 0-15, evens of 16-31, odds of 0-15, odds of 16-31].
+void deinterleave(const float* x, float* out, int k) {
+  for (int c = 0; c < k; c += kChunk) {
+    for (int half = 0; half < 2; ++half) {
+      for (int j = 0; j < 8; ++j) {
+        out[c + half * 8 + j] = x[c + half * 16 + 2 * j];
+        out[c + 16 + half * 8 + j] = x[c + half * 16 + 2 * j + 1];
+      }
+    }
+  }
+}
+
+#if defined(__AVX512F__)
+// 4 bits: each group's 16 possible weights (scale * q + bias) in one register, looked up by nibble (vpermps reads an
+// index's low 4 bits), so a weight costs no integer-to-float conversion and no separate bias term.
+inline float row_dot4(const uint8_t* w, const float* scales, const float* biases, const float* xd, int k,
+                      int group_size) {
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512 acc_a = _mm512_setzero_ps();
+  __m512 acc_b = _mm512_setzero_ps();
+  for (int g = 0; g < k / group_size; ++g) {
+    const __m512 table = _mm512_fmadd_ps(iota, _mm512_set1_ps(scales[g]), _mm512_set1_ps(biases[g]));
+    for (int c = g * group_size; c < (g + 1) * group_size; c += kChunk) {
+      __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c / 2)));
+      acc_a = _mm512_fmadd_ps(_mm512_permutexvar_ps(bytes, table), _mm512_loadu_ps(xd + c), acc_a);
+      acc_b = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table), _mm512_loadu_ps(xd + c + 16),
+                              acc_b);
+    }
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(acc_a, acc_b));
+}
+
+// 8 bits: sum_g scale_g * (q . x)_g as 16 partial sums; the bias term is added by the caller
+inline float row_dot8(const uint8_t* w, const float* scales, const float* x, int k, int group_size) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int g = 0; g < k / group_size; ++g) {
+    __m512 part_a = _mm512_setzero_ps();
+    __m512 part_b = _mm512_setzero_ps();
+    for (int c = g * group_size; c < (g + 1) * group_size; c += kChunk) {
+      __m512i a = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c)));
+      __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c + 16)));
+      part_a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_loadu_ps(x + c), part_a);
+      part_b = _mm512_fmadd_ps(_mm512_cvtepi32_ps(b), _mm512_loadu_ps(x + c + 16), part_b);
+    }
+    acc = _mm512_fmadd_ps(_mm512_set1_ps(scales[g]), _mm512_add_ps(part_a, part_b), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+template <int bits>
+float row_dot(const uint8_t* w, const float* scales, const float* biases, const float* xd, const float* xsum, int k,
+              int group_size) {
+  if constexpr (bits == 4) {
+    return row_dot4(w, scales, biases, xd, k, group_size);
+  } else {
+    float bias_part = 0.0f;
+#pragma omp simd reduction(+ : bias_part)
+    for (int g = 0; g < k / group_size; ++g) bias_part += biases[g] * xsum[g];
+    return row_dot8(w, scales, xd, k, group_size) + bias_part;
+  }
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+inline __m256 widen(const uint8_t* bytes) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes))));
+}
+
+template <int bits>
+inline __m256 group_dot(const uint8_t* packed, const float* x, int group_size) {
+  __m256 acc_a = _mm256_setzero_ps();
+  __m256 acc_b = _mm256_setzero_ps();
+  for (int c = 0; c < group_size; c += kChunk) {
+    if constexpr (bits == 4) {
+      const __m256i low_mask = _mm256_set1_epi32(0xF);
+      for (int half = 0; half < 2; ++half) {
+        __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(packed + c / 2 + 8 * half)));
+        __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(bytes, low_mask));
+        __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4));
+        acc_a = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x + c + 8 * half), acc_a);
+        acc_b = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x + c + 16 + 8 * half), acc_b);
+      }
+    } else {
+      for (int j = 0; j < kChunk; j += 16) {
+        acc_a = _mm256_fmadd_ps(widen(packed + c + j), _mm256_loadu_ps(x + c + j), acc_a);
+        acc_b = _mm256_fmadd_ps(widen(packed + c + j + 8), _mm256_loadu_ps(x + c + j + 8), acc_b);
+      }
+    }
+  }
+  return _mm256_add_ps(acc_a, acc_b);
+}
+
+inline float horizontal_sum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+template <int bits>
+float row_dot(const uint8_t* w, const float* scales, const float* biases, const float* xd, const float* xsum, int k,
+              int group_size) {
+  __m256 acc = _mm256_setzero_ps();
+  float bias_part = 0.0f;
+  for (int g = 0; g < k / group_size; ++g) {
+    __m256 part = group_dot<bits>(w + g * group_size * bits / 8, xd + g * group_size, group_size);
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(scales[g]), part, acc);
+    bias_part += biases[g] * xsum[g];
+  }
+  return horizontal_sum(acc) + bias_part;
+}
+#else
+template <int bits>
+float row_dot(const uint8_t* w, const float* scales, const float* biases, const float* xd, const float* xsum, int k,
+              int group_size) {
+  float acc = 0.0f;
+  for (int g = 0; g < k / group_size; ++g) {
+    float part = 0.0f;
+    for (int c = g * group_size; c < (g + 1) * group_size; c += kChunk) {
+      if constexpr (bits == 8) {
+        for (int j = 0; j < kChunk; ++j) part += float(w[c + j]) * xd[c + j];
+      } else {
+        const uint8_t* bytes = w + c / 2;
+        for (int j = 0; j < 16; ++j) {
+          part += float(bytes[j] & 0xF) * xd[c + j] + float(bytes[j] >> 4) * xd[c + 16 + j];
+        }
+      }
+    }
+    acc += scales[g] * part + biases[g] * xsum[g];
+  }
+  return acc;
+}
+#endif
+
+template <int bits>
+void qgemv_float32(const float* x, const uint8_t* w, const float* scales, const float* biases, float* out, int rows,
+                   int n, int k, int group_size) {
+  const int groups = k / group_size;
+  std::vector<float> xd(size_t(rows) * k);
+  std::vector<float> xsum(size_t(rows) * groups, 0.0f);
+  for (int m = 0; m < rows; ++m) {
+    if constexpr (bits == 4) {
+      deinterleave(x + size_t(m) * k, xd.data() + size_t(m) * k, k);
+    } else {
+      std::copy(x + size_t(m) * k, x + size_t(m + 1) * k, xd.data() + size_t(m) * k);
+    }
+    for (int i = 0; i < k; ++i) xsum[size_t(m) * groups + i / group_size] += x[size_t(m) * k + i];
+  }
+  const size_t row_bytes = size_t(k) * bits / 8;
+  // A layer of a few million weights takes tens of microseconds on one core: more threads cost more to wake than
+  // they save, and during decode the other cores are busy (MLX-LM builds the next token's graph meanwhile).
+  const int threads = std::max(1, std::min(omp_get_max_threads(), int(int64_t(n) * k / kWeightsPerThread)));
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int o = 0; o < n; ++o) {
+    const uint8_t* wo = w + size_t(o) * row_bytes;
+    const float* so = scales + size_t(o) * groups;
+    const float* bo = biases + size_t(o) * groups;
+    for (int m = 0; m < rows; ++m) {
+      out[size_t(m) * n + o] =
+          row_dot<bits>(wo, so, bo, xd.data() + size_t(m) * k, xsum.data() + size_t(m) * groups, k, group_size);
+    }
+  }
+}
+
+// An array's float32 elements in row-major order: its own buffer, or for a view (a slice) a copy in `packed`
+// (copying here saves a graph node per call).
+const float* dense(const mx::array& x, std::vector<float>& packed) {
+  if (x.flags().row_contiguous) return x.data<float>();
+  packed.resize(x.size());
+  const float* base = x.data<float>();
+  const int nd = x.ndim();
+  const int last = x.shape(-1);
+  const int64_t last_stride = x.strides()[nd - 1];
+  std::vector<int> index(nd, 0);  // index[nd - 1] stays 0: whole rows at a time
+  for (size_t row = 0; row < x.size() / last; ++row) {
+    int64_t offset = 0;
+    for (int d = 0; d < nd - 1; ++d) offset += int64_t(index[d]) * x.strides()[d];
+    float* to = packed.data() + row * last;
+    if (last_stride == 1) {
+      std::copy(base + offset, base + offset + last, to);
+    } else {
+      for (int i = 0; i < last; ++i) to[i] = base[offset + i * last_stride];
+    }
+    for (int d = nd - 2; d >= 0 && ++index[d] == x.shape(d); --d) index[d] = 0;
+  }
+  return packed.data();
+}
+
+void require_row_contiguous(const mx::array& a, const char* what) {
+  if (!a.flags().row_contiguous) {
+    throw std::invalid_argument(std::string("[mcp_local qgemv] ") + what + " must be row-contiguous");
+  }
+}
+
+class QuantizedGemv : public mx::UnaryPrimitive {
+ public:
+  QuantizedGemv(mx::Stream stream, int group_size, int bits)
+      : mx::UnaryPrimitive(stream), group_size_(group_size), bits_(bits) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    const mx::array& x = inputs[0];
+    const mx::array& w = inputs[1];
+    const mx::array& scales = inputs[2];
+    const mx::array& biases = inputs[3];
+    require_row_contiguous(w, "the packed weight");
+    require_row_contiguous(scales, "the scales");
+    require_row_contiguous(biases, "the biases");
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    encoder.set_input_array(x);
+    encoder.set_input_array(w);
+    encoder.set_input_array(scales);
+    encoder.set_input_array(biases);
+    encoder.set_output_array(out);
+    const int k = x.shape(-1);
+    const int n = out.shape(-1);
+    const int rows = int(x.size() / k);
+    encoder.dispatch([x = mx::array::unsafe_weak_copy(x), w = mx::array::unsafe_weak_copy(w),
+                      scales = mx::array::unsafe_weak_copy(scales), biases = mx::array::unsafe_weak_copy(biases),
+                      out = mx::array::unsafe_weak_copy(out), rows, n, k, group_size = group_size_,
+                      bits = bits_]() mutable {
+      std::vector<float> packed;
+      const float* xp = dense(x, packed);
+      auto run = bits == 4 ? qgemv_float32<4> : qgemv_float32<8>;
+      run(xp, reinterpret_cast<const uint8_t*>(w.data<uint32_t>()), scales.data<float>(), biases.data<float>(),
+          out.data<float>(), rows, n, k, group_size);
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("[mcp_local qgemv] CPU only");
+  }
+
+  // the gradient with respect to x, through MLX's own op; the quantized weights get none (they are frozen)
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>&) override {
+    std::vector<mx::array> grads;
+    for (int arg : argnums) {
+      if (arg == 0) {
+        grads.push_back(mx::quantized_matmul(cotangents[0], primals[1], primals[2], primals[3], false, group_size_,
+                                             bits_, "affine", stream()));
+      } else {
+        grads.push_back(mx::zeros_like(primals[arg], stream()));
+      }
+    }
+    return grads;
+  }
+
+  const char* name() const override { return "McpLocalQuantizedGemv"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const QuantizedGemv&>(other);
+    return group_size_ == o.group_size_ && bits_ == o.bits_;
+  }
+
+ private:
+  int group_size_;
+  int bits_;
+};
+
+// Gradients of our primitives: those of MLX's own op, computed by MLX.
+using Reference = std::function<std::vector<mx::array>(const std::vector<mx::array>&)>;
+
+std::vector<mx::array> reference_vjp(const Reference& reference, const std::vector<mx::array>& primals,
+                                     const std::vector<mx::array>& cotangents, const std::vector<int>& argnums) {
+  auto grads = mx::vjp(reference, primals, cotangents).second;
+  std::vector<mx::array> picked;
+  for (int arg : argnums) picked.push_back(grads[arg]);
+  return picked;
+}
+
+// A primitive computed by `kernel(inputs as row-major float32, out)` on the CPU stream, one operation in the graph.
+class DecodeOp : public mx::UnaryPrimitive {
+ public:
+  using Kernel = std::function<void(const std::vector<const float*>&, const std::vector<mx::array>&, float*)>;
+
+  // inputs listed in `strided` are passed as they are (the kernel reads their strides); the others row-major
+  DecodeOp(mx::Stream stream, const char* name, Kernel kernel, Reference reference, std::vector<bool> strided)
+      : mx::UnaryPrimitive(stream),
+        name_(name),
+        kernel_(std::move(kernel)),
+        reference_(std::move(reference)),
+        strided_(std::move(strided)) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (const auto& a : inputs) encoder.set_input_array(a);
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    encoder.set_output_array(out);
+    std::vector<mx::array> weak;
+    for (const auto& a : inputs) weak.push_back(mx::array::unsafe_weak_copy(a));
+    encoder.dispatch([weak = std::move(weak), out = mx::array::unsafe_weak_copy(out), kernel = kernel_,
+                      strided = strided_]() mutable {
+      std::vector<std::vector<float>> buffers(weak.size());
+      std::vector<const float*> data;
+      for (size_t i = 0; i < weak.size(); ++i) {
+        data.push_back(i < strided.size() && strided[i] ? weak[i].data<float>() : dense(weak[i], buffers[i]));
+      }
+      kernel(data, weak, out.data<float>());
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error(std::string("[mcp_local ") + name_ + "] CPU only");
+  }
+
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>&) override {
+    return reference_vjp(reference_, primals, cotangents, argnums);
+  }
+
+  const char* name() const override { return name_; }
+
+ private:
+  const char* name_;
+  Kernel kernel_;
+  Reference reference_;
+  std::vector<bool> strided_;
+};
+
+void require_float32(const std::vector<mx::array>& arrays, const char* op) {
+  for (const auto& a : arrays) {
+    if (a.dtype() != mx::float32) {
+      throw std::invalid_argument(std::string("[mcp_local ") + op + "] needs float32 inputs");
+    }
+  }
+}
+
+mx::array make_op(const char* name, const mx::Shape& shape, const std::vector<mx::array>& inputs,
+                  DecodeOp::Kernel kernel, Reference reference, std::vector<bool> strided = {}) {
+  require_float32(inputs, name);
+  mx::Stream s = mx::default_stream(mx::Device::cpu);
+  auto op = std::make_shared<DecodeOp>(s, name, std::move(kernel), std::move(reference), std::move(strided));
+  return mx::array(shape, mx::float32, std::move(op), inputs);
+}
+
+// y = x * rsqrt(mean(x^2) + eps) * weight over the last axis, as mx.fast.rms_norm.
+mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps) {
+  const int d = x.shape(-1);
+  if (weight.ndim() != 1 || weight.shape(0) != d) throw std::invalid_argument("[mcp_local rms_norm] weight shape");
+  auto kernel = [eps, d](const std::vector<const float*>& in, const std::vector<mx::array>& arrays, float* out) {
+    const float* x = in[0];
+    const float* w = in[1];
+    const size_t rows = arrays[0].size() / d;
+    for (size_t r = 0; r < rows; ++r) {
+      const float* xr = x + r * d;
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int i = 0; i < d; ++i) sum += xr[i] * xr[i];
+      const float inv = 1.0f / std::sqrt(sum / d + eps);
+      float* yr = out + r * d;
+#pragma omp simd
+      for (int i = 0; i < d; ++i) yr[i] = w[i] * (xr[i] * inv);
+    }
+  };
+  auto reference = [eps](const std::vector<mx::array>& in) {
+    return std::vector<mx::array>{mx::fast::rms_norm(in[0], in[1], eps)};
+  };
+  return make_op("rms_norm", x.shape(), {x, weight}, kernel, reference);
+}
+
+// Rotary embedding of x (..., L, D) at positions offset .. offset + L - 1, as mx.fast.rope with a base.
+mx::array rope(const mx::array& x, int dims, bool traditional, float base, float scale, int offset) {
+  const int d = x.shape(-1);
+  const int length = x.shape(-2);
+  if (dims % 2 != 0 || dims > d) throw std::invalid_argument("[mcp_local rope] dims must be even and <= last axis");
+  auto kernel = [=](const std::vector<const float*>& in, const std::vector<mx::array>& arrays, float* out) {
+    const float* x = in[0];
+    const int half = dims / 2;
+    const float step = -std::log(base) / half;  // MLX: inverse frequencies exp(arange(0, -log(base), step))
+    std::vector<float> cos_t(size_t(length) * half), sin_t(size_t(length) * half);
+    for (int l = 0; l < length; ++l) {
+      const float position = float(offset + l) * scale;
+      for (int i = 0; i < half; ++i) {
+        const float theta = position * std::exp(float(i) * step);
+        cos_t[size_t(l) * half + i] = std::cos(theta);
+        sin_t[size_t(l) * half + i] = std::sin(theta);
+      }
+    }
+    const size_t rows = arrays[0].size() / d;
+    for (size_t r = 0; r < rows; ++r) {
+      const float* xr = x + r * d;
+      float* yr = out + r * d;
+      const float* c = cos_t.data() + size_t(r % length) * half;
+      const float* sn = sin_t.data() + size_t(r % length) * half;
+      for (int i = 0; i < half; ++i) {
+        const int a = traditional ? 2 * i : i;
+        const int b = traditional ? 2 * i + 1 : i + half;
+        yr[a] = xr[a] * c[i] - xr[b] * sn[i];
+        yr[b] = xr[a] * sn[i] + xr[b] * c[i];
+      }
+      for (int i = dims; i < d; ++i) yr[i] = xr[i];
+    }
+  };
+  auto reference = [=](const std::vector<mx::array>& in) {
+    return std::vector<mx::array>{mx::fast::rope(in[0], dims, traditional, base, scale, offset)};
+  };
+  return make_op("rope", x.shape(), {x}, kernel, reference);
+}
+
+// softmax(scale * q k^T) v for q (B, Hq, L, D) and k, v (B, Hkv, S, D): every query sees every key (decode's one
+// query row needs no mask); Hq a multiple of Hkv (grouped-query attention).
+mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale) {
+  if (q.ndim() != 4 || k.ndim() != 4 || v.ndim() != 4 || k.shape(0) != q.shape(0) || v.shape(0) != q.shape(0) ||
+      k.shape(-1) != q.shape(-1) || k.shape(1) != v.shape(1) || k.shape(2) != v.shape(2) ||
+      q.shape(1) % k.shape(1) != 0) {
+    throw std::invalid_argument("[mcp_local attention] needs q (B, Hq, L, D), k and v (B, Hkv, S, D)");
+  }
+  const int batch = q.shape(0), heads = q.shape(1), length = q.shape(2), dk = q.shape(3);
+  const int kv_heads = k.shape(1), keys = k.shape(2), dv = v.shape(3);
+  // k and v are usually views of the KV cache's larger buffer: read in place when their last axis is contiguous
+  const bool k_in_place = k.strides()[3] == 1, v_in_place = v.strides()[3] == 1;
+  auto kernel = [=](const std::vector<const float*>& in, const std::vector<mx::array>& arrays, float* out) {
+    const float* q = in[0];
+    const float* k = in[1];
+    const float* v = in[2];
+    auto strides = [](const mx::array& a, bool in_place, int rows, int cols) {
+      if (in_place) return std::array<int64_t, 3>{a.strides()[0], a.strides()[1], a.strides()[2]};
+      return std::array<int64_t, 3>{int64_t(a.shape(1)) * rows * cols, int64_t(rows) * cols, cols};
+    };
+    const auto ks = strides(arrays[1], k_in_place, keys, dk);
+    const auto vs = strides(arrays[2], v_in_place, keys, dv);
+    std::vector<float> p(keys);
+    for (int b = 0; b < batch; ++b) {
+      for (int h = 0; h < heads; ++h) {
+        const int kh = h / (heads / kv_heads);
+        const float* kb = k + b * ks[0] + kh * ks[1];
+        const float* vb = v + b * vs[0] + kh * vs[1];
+        for (int l = 0; l < length; ++l) {
+          const float* qr = q + ((size_t(b) * heads + h) * length + l) * dk;
+          float top = -INFINITY;
+          for (int j = 0; j < keys; ++j) {
+            const float* kr = kb + j * ks[2];
+            float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+            for (int i = 0; i < dk; ++i) dot += qr[i] * kr[i];
+            p[j] = dot * scale;
+            top = std::max(top, p[j]);
+          }
+          float total = 0.0f;
+          for (int j = 0; j < keys; ++j) total += (p[j] = std::exp(p[j] - top));
+          float* yr = out + ((size_t(b) * heads + h) * length + l) * dv;
+          std::fill(yr, yr + dv, 0.0f);
+          for (int j = 0; j < keys; ++j) {
+            const float* vr = vb + j * vs[2];
+            const float weight = p[j] / total;
+#pragma omp simd
+            for (int i = 0; i < dv; ++i) yr[i] += weight * vr[i];
+          }
+        }
+      }
+    }
+  };
+  auto reference = [scale](const std::vector<mx::array>& in) {
+    return std::vector<mx::array>{mx::fast::scaled_dot_product_attention(in[0], in[1], in[2], scale)};
+  };
+  return make_op("attention", {batch, heads, length, dv}, {q, k, v}, kernel, reference,
+                 {false, k_in_place, v_in_place});
+}
+
+mx::array qgemv(const mx::array& x, const mx::array& w, const mx::array& scales, const mx::array& biases,
+                int group_size, int bits) {
+  const int k = x.shape(-1);
+  if (bits != 4 && bits != 8) {
+    throw std::invalid_argument("[mcp_local qgemv] 4 or 8 bits only, got " + std::to_string(bits));
+  }
+  if (x.dtype() != mx::float32 || scales.dtype() != mx::float32 || biases.dtype() != mx::float32 ||
+      w.dtype() != mx::uint32) {
+    throw std::invalid_argument("[mcp_local qgemv] needs float32 x, scales and biases and uint32 weights");
+  }
+  if (w.ndim() != 2 || w.shape(1) * 32 / bits != k || k % group_size != 0 || group_size % kChunk != 0 ||
+      scales.shape(0) != w.shape(0) || scales.shape(1) != k / group_size || biases.shape() != scales.shape()) {
+    throw std::invalid_argument("[mcp_local qgemv] shapes do not match an affine-quantized layer");
+  }
+  mx::Shape out_shape = x.shape();
+  out_shape.back() = w.shape(0);
+  mx::Stream s = mx::default_stream(mx::Device::cpu);
+  return mx::array(out_shape, mx::float32, std::make_shared<QuantizedGemv>(s, group_size, bits), {x, w, scales, biases});
+}
+
+}  // namespace
+
+NB_MODULE(_cpu_decode, m) {
+  m.def("qgemv", &qgemv, nb::arg("x"), nb::arg("w"), nb::arg("scales"), nb::arg("biases"), nb::arg("group_size"),
+        nb::arg("bits"), "x @ dequantize(w).T for a 4- or 8-bit affine layer, float32, on the CPU.");
+  m.def("rms_norm", &rms_norm, nb::arg("x"), nb::arg("weight"), nb::arg("eps"), "mx.fast.rms_norm, float32, CPU.");
+  m.def("rope", &rope, nb::arg("x"), nb::arg("dims"), nb::arg("traditional"), nb::arg("base"), nb::arg("scale"),
+        nb::arg("offset"), "mx.fast.rope with a base and an integer offset, float32, CPU.");
+  m.def("attention", &attention, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("scale"),
+        "Unmasked grouped-query attention (decode), float32, CPU.");
+  m.def("threads", []() { return omp_get_max_threads(); });
+}
