@@ -24,7 +24,8 @@ DENSE_CACHE_MAX_BYTES = 2 * 1024**3
 
 
 def dense_cache_budget() -> int:
-    """Float32 weight copies speed up CPU decode; allow them up to 2 GB and a quarter of the free memory."""
+    """Float32 weight copies speed up CPU prefill (and decode where our decode kernels could not be built); allow them
+    up to 2 GB and a quarter of the free memory."""
     import psutil
 
     return min(DENSE_CACHE_MAX_BYTES, int(psutil.virtual_memory().available) // 4)

@@ -1,5 +1,5 @@
-"""The CPU decode kernel: built here for real, equal to MLX's quantized product, used by decode, and a clear fallback
-where it cannot be built."""
+"""The CPU decode kernels: built here for real, equal to MLX's operations (values and gradients), used by decode, and a
+clear fallback where they cannot be built."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 
 from trainer import decode_kernel
 from trainer.bundled import smollm2_gguf
+from trainer.decode_layers import DecodeRMSNorm, DecodeRoPE
 from trainer.errors import KernelBuildError
 from trainer.fastpath import FastQuantizedEmbedding, FastQuantizedLinear
 from trainer.inference import ModelSession
@@ -55,17 +56,50 @@ def test_kernel_takes_strided_inputs_and_has_mlx_gradient(kernel: Any) -> None:
     assert mx.allclose(grad, grad_want).item()
 
 
+def test_rms_norm_and_rope_equal_mlx_with_its_gradients(kernel: Any) -> None:
+    mx.random.seed(2)
+    x, weight = mx.random.normal((2, 3, 96)), mx.random.normal((96,))
+    assert mx.allclose(kernel.rms_norm(x, weight, 1e-5), mx.fast.rms_norm(x, weight, 1e-5), atol=1e-5).item()
+    grads = [
+        mx.grad(lambda v, f=f: (f(v) ** 2).sum())(x)
+        for f in (lambda v: kernel.rms_norm(v, weight, 1e-5), lambda v: mx.fast.rms_norm(v, weight, 1e-5))
+    ]
+    assert mx.allclose(grads[0], grads[1], atol=1e-4).item()
+    q = mx.random.normal((1, 4, 2, 64))
+    for traditional in (False, True):
+        for offset in (0, 5, 700):
+            got = kernel.rope(q, 48, traditional, 10000.0, 1.0, offset)  # the last 16 of 64 dims pass through
+            want = mx.fast.rope(q, 48, traditional=traditional, base=10000.0, scale=1.0, offset=offset)
+            assert mx.allclose(got, want, atol=5e-5).item(), (traditional, offset)
+
+
+def test_attention_reads_cache_views_and_equals_mlx(kernel: Any) -> None:
+    mx.random.seed(3)
+    q = mx.random.normal((2, 8, 1, 32))
+    # a KV cache hands over views: the first 37 of 64 slots
+    k, v = mx.random.normal((2, 2, 64, 32))[:, :, :37], mx.random.normal((2, 2, 64, 32))[:, :, :37]
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.17)
+    assert mx.allclose(kernel.attention(q, k, v, 0.17), want, atol=1e-5).item()
+    grad = mx.grad(lambda t: kernel.attention(t, k, v, 0.17).sum())(q)
+    grad_want = mx.grad(lambda t: mx.fast.scaled_dot_product_attention(t, k, v, scale=0.17).sum())(q)
+    assert mx.allclose(grad, grad_want, atol=1e-5).item()
+
+
 def test_kernel_names_what_it_cannot_compute(kernel: Any) -> None:
     w, scales, biases = _layer(64, 64, 32, 4)
     with pytest.raises(ValueError, match="4 or 8 bits only, got 2"):
         kernel.qgemv(mx.zeros((1, 64)), w, scales, biases, 32, 2)
     with pytest.raises(ValueError, match="float32"):
         kernel.qgemv(mx.zeros((1, 64), dtype=mx.float16), w, scales, biases, 32, 4)
+    with pytest.raises(ValueError, match="rope.*float32"):
+        kernel.rope(mx.zeros((1, 1, 1, 64), dtype=mx.bfloat16), 64, False, 10000.0, 1.0, 0)
+    with pytest.raises(ValueError, match="q \\(B, Hq, L, D\\)"):
+        kernel.attention(mx.zeros((1, 3, 1, 8)), mx.zeros((1, 2, 4, 8)), mx.zeros((1, 2, 4, 8)), 1.0)
 
 
 def test_greedy_decode_through_the_kernel_equals_plain_mlx_lm(kernel: Any) -> None:
-    """The real SmolLM2 (4-bit layers, 8-bit tied head): every quantized layer decodes through the kernel, and the
-    greedy text is plain MLX-LM's."""
+    """The real SmolLM2 (4-bit layers, 8-bit tied head, traditional RoPE, grouped-query attention): every quantized
+    layer, RMS norm and RoPE decodes through the kernels, and the greedy text is plain MLX-LM's."""
     prompt = "Write a Python function is_even(n) that returns True when n is even."
     texts = []
     for fast in (False, True):
@@ -76,6 +110,8 @@ def test_greedy_decode_through_the_kernel_equals_plain_mlx_lm(kernel: Any) -> No
             fast_types = FastQuantizedLinear | FastQuantizedEmbedding
             layers = [m for _, m in model.named_modules() if isinstance(m, fast_types)]
             assert len(layers) == 30 * 7 + 1 and all(getattr(m, "_decode_kernel", None) is kernel for m in layers)
+            norms = [m for _, m in model.named_modules() if isinstance(m, DecodeRMSNorm | DecodeRoPE)]
+            assert len(norms) == 30 * 3 + 1 and all(m._decode_kernel is kernel for m in norms)
         texts.append(session.generate(prompt, max_tokens=24).text)
     assert texts[0] == texts[1]
 
