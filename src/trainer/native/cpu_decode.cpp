@@ -44,9 +44,10 @@ namespace {
 // nibbles 1, 3, 5, ... of each 16. The inputs are reordered once per call to match (see deinterleave). MLX's group
 // sizes (32, 64, 128) are multiples of 32.
 constexpr int kChunk = 32;
-// SmolLM2 decode on 2 cores, tokens/s: 63 with 16M weights per thread (every layer on one thread), 47 with 4M (its
-// 28M-weight output head on two)
-constexpr int64_t kWeightsPerThread = int64_t(1) << 24;
+// Measured on 2 cores, decode tokens/s with OMP_WAIT_POLICY=passive (decode_kernel.py sets it; spinning threads took
+// the core MLX-LM builds the next token's graph on): the Qwen2.5-0.5B shape 37 with 0.5M or 2M weights per thread,
+// 33 with 16M (its MLP layers on one thread); SmolLM2 83-86 with any of them.
+constexpr int64_t kWeightsPerThread = int64_t(1) << 20;
 
 // x reordered per 32 elements as [evens of 0-15, evens of 16-31, odds of 0-15, odds of 16-31].
 void deinterleave(const float* x, float* out, int k) {
@@ -195,8 +196,7 @@ void qgemv_float32(const float* x, const uint8_t* w, const float* scales, const 
     for (int i = 0; i < k; ++i) xsum[size_t(m) * groups + i / group_size] += x[size_t(m) * k + i];
   }
   const size_t row_bytes = size_t(k) * bits / 8;
-  // A layer of a few million weights takes tens of microseconds on one core: more threads cost more to wake than
-  // they save, and during decode the other cores are busy (MLX-LM builds the next token's graph meanwhile).
+  // small layers are not worth waking another thread for
   const int threads = std::max(1, std::min(omp_get_max_threads(), int(int64_t(n) * k / kWeightsPerThread)));
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int o = 0; o < n; ++o) {
