@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
+from cpu_decode_shape import decode_shape  # noqa: E402
 from memory_prediction import SHAPES, measure  # noqa: E402
 
 from trainer.memory_plan import default_budget_gb, dense_fits  # noqa: E402
@@ -59,34 +60,6 @@ g = session.generate(prompt, max_tokens=96)
 print(json.dumps({"decode_tok_s": g.tokens_per_second, "prefill_tok_s": g.prompt_tokens_per_second,
                   "tokens": g.generation_tokens, "peak_gb": g.peak_memory_gb, "text_start": g.text[:40]}))
 """
-
-# decode of a random-weight model of a training shape (4-bit, group 64), as ModelSession would run it
-SHAPE_DECODE_CHILD = r"""
-import json, sys, time
-import mlx.core as mx, mlx.nn as nn
-from mlx_lm.generate import generate_step
-from mlx_lm.models import qwen2
-from trainer.fastpath import apply_fast_path, cache_dense_weights
-from trainer.inference import dense_cache_budget
-dims, fast = json.loads(sys.argv[1]), sys.argv[2] == "1"
-mx.random.seed(0)
-model = qwen2.Model(qwen2.ModelArgs.from_dict(dict(dims, model_type="qwen2", rms_norm_eps=1e-6, rope_theta=1e6)))
-nn.quantize(model, group_size=64, bits=4)
-mx.eval(model.parameters())
-if apply_fast_path(model, fast):
-    cache_dense_weights(model, dense_cache_budget())
-mx.eval(model.parameters())
-prompt = mx.random.randint(0, dims["vocab_size"], (32,), key=mx.random.key(1))
-def run(n):
-    stamps, tokens = [], []
-    for token, _ in generate_step(prompt, model, max_tokens=n):
-        stamps.append(time.perf_counter()); tokens.append(int(token))
-    return stamps, tokens
-run(8)
-stamps, tokens = run(64)
-print(json.dumps({"decode_tok_s": (len(stamps) - 2) / (stamps[-1] - stamps[1]), "first_tokens": tokens[:12]}))
-"""
-
 
 LLAMA_CHILD = r"""
 import json, sys, time
@@ -188,11 +161,7 @@ def main() -> None:
         report({"decode": "SmolLM2-135M-Instruct Q4_1", "who": who, **got})
     for shape in args.decode_shapes.split(",") if args.decode_shapes else []:
         for who, fast, env in decoders:
-            child = [sys.executable, "-c", SHAPE_DECODE_CHILD, json.dumps(SHAPES[shape]), fast]
-            out = subprocess.run(child, capture_output=True, text=True, env=env)
-            ok = out.returncode == 0
-            got = json.loads(out.stdout.strip().splitlines()[-1]) if ok else {"error": out.stderr[-300:]}
-            report({"decode": f"{shape} shape, random 4-bit weights", "who": who, **got})
+            report({"decode": f"{shape} shape, random 4-bit weights", "who": who, **decode_shape(shape, fast, env)})
     if args.llama_python:
         from trainer.bundled import smollm2_gguf
 

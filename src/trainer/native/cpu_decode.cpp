@@ -373,10 +373,17 @@ void require_float32(const std::vector<mx::array>& arrays, const char* op) {
   }
 }
 
+// The stream in use (MLX-LM generates on a stream of its own): on another stream, each of our operations would wait
+// for that stream's work and it for ours.
+mx::Stream cpu_stream() {
+  mx::Stream s = mx::to_stream(std::monostate{});
+  return s.device == mx::Device::cpu ? s : mx::default_stream(mx::Device::cpu);
+}
+
 mx::array make_op(const char* name, const mx::Shape& shape, const std::vector<mx::array>& inputs,
                   DecodeOp::Kernel kernel, Reference reference, std::vector<bool> strided = {}) {
   require_float32(inputs, name);
-  mx::Stream s = mx::default_stream(mx::Device::cpu);
+  mx::Stream s = cpu_stream();
   auto op = std::make_shared<DecodeOp>(s, name, std::move(kernel), std::move(reference), std::move(strided));
   return mx::array(shape, mx::float32, std::move(op), inputs);
 }
@@ -521,7 +528,7 @@ mx::array qgemv(const mx::array& x, const mx::array& w, const mx::array& scales,
   }
   mx::Shape out_shape = x.shape();
   out_shape.back() = w.shape(0);
-  mx::Stream s = mx::default_stream(mx::Device::cpu);
+  mx::Stream s = cpu_stream();
   return mx::array(out_shape, mx::float32, std::make_shared<QuantizedGemv>(s, group_size, bits), {x, w, scales, biases});
 }
 
