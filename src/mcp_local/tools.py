@@ -34,7 +34,7 @@ from .state import AppState
 
 DESCRIPTIONS = {
     "load_model": "Load a model (and keep it loaded) for generate. Returns architecture, parameter count, "
-    "quantization, load time and memory used.",
+    "quantization, load time, memory used and how many layers decode through our CPU kernels.",
     "generate": "Generate text with the loaded model, optionally through a fine-tuned adapter or a run's adapter "
     "(run_id). Returns the text, token counts and tokens/s.",
     "profile_memory": "A memory snapshot of the server, of each loaded model and of every live training worker "

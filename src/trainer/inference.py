@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from .errors import ConfigError, ModelError
 from .memory import GB
@@ -40,6 +40,11 @@ class ModelInfo(BaseModel):
     load_seconds: float
     memory_gb: float
     has_chat_template: bool
+    decode_kernel_layers: int = Field(
+        0,
+        description="Layers that decode through our CPU kernels (quantized products, RMS norms, RoPEs); 0 where "
+        "MLX's own operations run (Metal, CUDA, fast path off, or the kernels could not be built: see the log).",
+    )
 
 
 class Generation(BaseModel):
@@ -120,6 +125,7 @@ class ModelSession:
             load_seconds=time.perf_counter() - start,
             memory_gb=(mx.get_active_memory() - before) / GB,
             has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
+            decode_kernel_layers=sum(getattr(m, "_decode_kernel", None) is not None for _, m in model.named_modules()),
         )
         while len(self._loaded) >= MAX_CACHED:  # drop the oldest; MLX frees its arrays with it
             self._loaded.pop(next(iter(self._loaded)))

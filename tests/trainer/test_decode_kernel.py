@@ -104,7 +104,8 @@ def test_greedy_decode_through_the_kernel_equals_plain_mlx_lm(kernel: Any) -> No
     texts = []
     for fast in (False, True):
         session = ModelSession(fast_path=fast)
-        session.load(str(smollm2_gguf()))
+        info = session.load(str(smollm2_gguf()))
+        assert info.decode_kernel_layers == (30 * 7 + 1 + 30 * 3 + 1 if fast else 0)
         if fast:
             model = session._loaded[session.current].model  # type: ignore[index]
             fast_types = FastQuantizedLinear | FastQuantizedEmbedding
