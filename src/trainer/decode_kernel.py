@@ -4,9 +4,9 @@ MLX's CPU quantized matrix-vector product unpacks one weight at a time, so decod
 float32 weight copies, by reading 4 bytes per weight), and its RMS norm, RoPE and attention are composed of a dozen
 small operations each, whose scheduling cost more than their arithmetic. Our kernels read 4-bit weights directly and
 make each of the others one operation. They are C++ MLX primitives, so they must be compiled against the MLX that is
-installed: we build it with CMake and the C++ compiler the
-first time it is needed (seconds), keyed by everything that makes a build differ, in the user's cache folder. Where
-that cannot work (no compiler, another OS) decode falls back to what it did before, with one warning naming why.
+installed: we build them with CMake and the C++ compiler the first time they are needed (7-10 s), keyed by everything
+that makes a build differ, in the user's cache folder. Where that cannot work (no compiler, another OS) decode falls
+back to MLX's operations, with one warning naming why.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def _compiler_check() -> None:
 def build(dest: Path) -> Path:
     """Configure and compile into a scratch folder, then move the module into `dest` (atomically)."""
     if sys.platform != "linux":
-        raise KernelBuildError(f"the decode kernel is built for Linux only, not {sys.platform}")
+        raise KernelBuildError(f"the decode kernels are built for Linux only, not {sys.platform}")
     _compiler_check()
     cmake = _cmake()
     try:
@@ -165,9 +165,7 @@ def load() -> ModuleType | None:
     try:
         return _import(kernel_path())
     except (KernelBuildError, ImportError, OSError) as exc:
-        log.warning(
-            "CPU decode kernel unavailable, decode uses float32 weight copies or MLX's quantized kernel: %s", exc
-        )
+        log.warning("CPU decode kernels unavailable, decode uses MLX's own operations, several times slower: %s", exc)
         return None
 
 

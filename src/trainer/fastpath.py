@@ -211,34 +211,34 @@ def dense_weight_bytes(model: Module) -> int:
 def cache_dense_weights(model: Module, budget_bytes: int) -> bool:
     """For inference on the CPU: keep float32 copies of the weights when they fit `budget_bytes`.
 
-    MLX's CPU quantized matrix-vector kernel is several times slower than an OpenBLAS float32 GEMV (0.59 vs 0.13 ms
-    for a 1536x576 layer here), so decode of a small model is bound by it. The 4-bit weights stay the model's
-    parameters (adapters and saving are unaffected); the copies are private attributes, not parameters. Linear
-    layers keep theirs transposed, (input, output): a one-row product is 15-30% faster that way here (0.099 against
-    0.127 ms for 1536x576) and a multi-row one the same; the output head keeps (vocabulary, hidden), faster for it.
+    They make multi-row products (training steps, prompt prefill) skip the dequantize; decode uses them only where our
+    decode kernels could not be built (MLX's CPU quantized matrix-vector kernel is several times slower than an
+    OpenBLAS float32 GEMV: 0.59 vs 0.13 ms for a 1536x576 layer here). The 4-bit weights stay the model's parameters
+    (adapters and saving are unaffected); the copies are private attributes, not parameters. Linear layers keep theirs
+    transposed, (input, output): a one-row product is 15-30% faster that way here (0.099 against 0.127 ms for
+    1536x576) and a multi-row one the same; the output head keeps (vocabulary, hidden), faster for it.
     """
     if mx.default_device() != mx.cpu or dense_weight_bytes(model) > budget_bytes:
         return False
-    for _, module in model.named_modules():
-        if isinstance(module, FastQuantizedLinear | FastQuantizedEmbedding):
-            w = module["weight"]
-            rows, cols = w.shape[0], w.shape[1] * 32 // module.bits
-            parts = [
-                mx.dequantize(
-                    w[a:b],
-                    module["scales"][a:b],
-                    module["biases"][a:b],
-                    group_size=module.group_size,
-                    bits=module.bits,
-                    mode=module.mode,
-                ).astype(mx.float32)
-                for a, b in _row_chunks(rows, cols)
-            ]
-            dense = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0)
-            if isinstance(module, FastQuantizedLinear):
-                dense = mx.contiguous(dense.T)
-            mx.eval(dense)
-            module._dense_weight = dense
+    for module in _fast_layers(model):
+        w = module["weight"]
+        rows, cols = w.shape[0], w.shape[1] * 32 // module.bits
+        parts = [
+            mx.dequantize(
+                w[a:b],
+                module["scales"][a:b],
+                module["biases"][a:b],
+                group_size=module.group_size,
+                bits=module.bits,
+                mode=module.mode,
+            ).astype(mx.float32)
+            for a, b in _row_chunks(rows, cols)
+        ]
+        dense = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0)
+        if isinstance(module, FastQuantizedLinear):
+            dense = mx.contiguous(dense.T)
+        mx.eval(dense)
+        module._dense_weight = dense
     return True
 
 
