@@ -159,23 +159,32 @@ float row_dot(const uint8_t* w, const float* scales, const float* biases, const 
   return horizontal_sum(acc) + bias_part;
 }
 #else
+// Portable: dequantize a group into a small buffer (scale * q + bias, as the SIMD paths' table), then a dot product
+// the compiler vectorizes (NEON on ARM, SSE on older x86).
 template <int bits>
-float row_dot(const uint8_t* w, const float* scales, const float* biases, const float* xd, const float* xsum, int k,
+float row_dot(const uint8_t* w, const float* scales, const float* biases, const float* xd, const float*, int k,
               int group_size) {
   float acc = 0.0f;
+  float weights[128];  // MLX's largest group
   for (int g = 0; g < k / group_size; ++g) {
-    float part = 0.0f;
-    for (int c = g * group_size; c < (g + 1) * group_size; c += kChunk) {
-      if constexpr (bits == 8) {
-        for (int j = 0; j < kChunk; ++j) part += float(w[c + j]) * xd[c + j];
-      } else {
-        const uint8_t* bytes = w + c / 2;
+    const float scale = scales[g], bias = biases[g];
+    const int base = g * group_size;
+    if constexpr (bits == 8) {
+#pragma omp simd
+      for (int j = 0; j < group_size; ++j) weights[j] = scale * float(w[base + j]) + bias;
+    } else {
+      for (int c = 0; c < group_size; c += kChunk) {
+        const uint8_t* bytes = w + (base + c) / 2;
+#pragma omp simd
         for (int j = 0; j < 16; ++j) {
-          part += float(bytes[j] & 0xF) * xd[c + j] + float(bytes[j] >> 4) * xd[c + 16 + j];
+          weights[c + j] = scale * float(bytes[j] & 0xF) + bias;
+          weights[c + 16 + j] = scale * float(bytes[j] >> 4) + bias;
         }
       }
     }
-    acc += scales[g] * part + biases[g] * xsum[g];
+    const float* x = xd + base;
+#pragma omp simd reduction(+ : acc)
+    for (int j = 0; j < group_size; ++j) acc += weights[j] * x[j];
   }
   return acc;
 }
