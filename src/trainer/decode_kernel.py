@@ -90,8 +90,9 @@ def _compiler_check() -> None:
         raise KernelBuildError("no C++ compiler was found; install one (Debian/Ubuntu: apt install g++)")
 
 
-def build(dest: Path) -> Path:
-    """Configure and compile into a scratch folder, then move the module into `dest` (atomically)."""
+def build(dest: Path, march: str = "native") -> Path:
+    """Configure and compile into a scratch folder, then move the module into `dest` (atomically). `march`: the CPU
+    to compile for (this one by default; tests build the AVX2 and portable paths too)."""
     if sys.platform != "linux":
         raise KernelBuildError(f"the decode kernels are built for Linux only, not {sys.platform}")
     _compiler_check()
@@ -113,6 +114,7 @@ def build(dest: Path) -> Path:
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-Dnanobind_DIR={nanobind.cmake_dir()}",
             f"-DMLX_DIR={Path(mlx.__path__[0]) / 'share' / 'cmake' / 'MLX'}",
+            f"-DDECODE_KERNEL_MARCH={march}",
         ]
         for command in (configure, [cmake, "--build", scratch, "-j", str(os.cpu_count() or 2)]):
             done = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
@@ -125,7 +127,7 @@ def build(dest: Path) -> Path:
     return target
 
 
-def _import(path: Path) -> ModuleType:
+def import_kernel(path: Path) -> ModuleType:
     # OpenMP threads that spin between a token's products take the core MLX-LM builds the next token's graph on
     # (SmolLM2 decode: 66 tokens/s spinning, 83 passive); libgomp reads this once, when the module loads it
     os.environ.setdefault("OMP_WAIT_POLICY", "passive")
@@ -163,7 +165,7 @@ def load() -> ModuleType | None:
         log.info("CPU decode kernel off (%s)", KERNEL_ENV)
         return None
     try:
-        return _import(kernel_path())
+        return import_kernel(kernel_path())
     except (KernelBuildError, ImportError, OSError) as exc:
         log.warning("CPU decode kernels unavailable, decode uses MLX's own operations, several times slower: %s", exc)
         return None

@@ -4,6 +4,7 @@ clear fallback where they cannot be built."""
 from __future__ import annotations
 
 import logging
+import platform
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,19 @@ def test_kernel_equals_mlx_quantized_matmul(kernel: Any, bits: int, group_size: 
     got = kernel.qgemv(x, w, scales, biases, group_size, bits)
     assert got.shape == want.shape == (1, rows, 1536)
     assert mx.allclose(got, want, rtol=1e-5, atol=1e-4).item()
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86 code paths")
+@pytest.mark.parametrize("march", ["haswell", "x86-64"])
+def test_the_avx2_and_portable_paths_equal_mlx_too(march: str, tmp_path: Path) -> None:
+    """This machine builds the AVX-512 path; other CPUs get AVX2 (haswell) or portable code (x86-64)."""
+    other = decode_kernel.import_kernel(decode_kernel.build(tmp_path, march=march))
+    mx.random.seed(4)
+    for bits in (4, 8):
+        w, scales, biases = _layer(1536, 512, 64, bits)
+        x = mx.random.normal((1, 2, 512))
+        want = mx.quantized_matmul(x, w, scales, biases, group_size=64, bits=bits)
+        assert mx.allclose(other.qgemv(x, w, scales, biases, 64, bits), want, rtol=1e-5, atol=1e-4).item(), bits
 
 
 def test_kernel_takes_strided_inputs_and_has_mlx_gradient(kernel: Any) -> None:
