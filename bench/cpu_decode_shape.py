@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from memory_prediction import SHAPES  # noqa: E402
+from memory_prediction import SHAPES, report  # noqa: E402
 
 from trainer.preload import preload_env  # noqa: E402
 
@@ -76,10 +76,7 @@ def main() -> None:
             env["MCP_LOCAL_BLAS"] = env["MCP_LOCAL_MALLOC"] = "off"
         row = {"decode": f"{args.shape} shape, random 4-bit weights", "who": mode, "prompt": args.prompt}
         row.update(decode_shape(args.shape, "1" if mode == "ours" else "0", env, args.tokens, args.prompt))
-        print(json.dumps(row), flush=True)
-        if args.out:
-            with open(args.out, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
+        report(row, args.out)
 
 
 if __name__ == "__main__":

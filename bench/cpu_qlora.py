@@ -21,6 +21,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 from cpu_decode_shape import decode_shape  # noqa: E402
 from memory_prediction import SHAPES, measure  # noqa: E402
+from memory_prediction import report as report_row  # noqa: E402
 
 from trainer.memory_plan import default_budget_gb, dense_fits  # noqa: E402
 from trainer.preload import preload_env  # noqa: E402
@@ -126,10 +127,7 @@ def main() -> None:
     batch, seq = (int(v) for v in args.size.split("x"))
 
     def report(row: dict[str, Any]) -> None:
-        print(json.dumps(row), flush=True)
-        if args.out:
-            with open(args.out, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
+        report_row(row, args.out)
 
     for shape in [] if args.no_train else args.shapes.split(","):
         case = {"shape": shape, "batch": batch, "seq": seq, "ckpt": False, "chunked": False}

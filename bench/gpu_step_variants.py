@@ -10,14 +10,13 @@ peak memory. "kept" is the issue's probe (dequantize then GEMM, autodiff keeps t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from memory_prediction import measure  # noqa: E402
+from memory_prediction import measure, report  # noqa: E402
 
 VARIANTS: dict[str, tuple[bool, dict[str, Any]]] = {
     "plain MLX-LM": (False, {}),
@@ -64,10 +63,7 @@ def main() -> None:
         fast, opts = VARIANTS[name]
         case = {"shape": args.shape, "batch": batch, "seq": seq, "ckpt": False, "chunked": False, **opts}
         row = {"size": args.size, "variant": name, **extra_env, **measure(case, fast, args.steps, env)}
-        print(json.dumps(row), flush=True)
-        if args.out:
-            with open(args.out, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
+        report(row, args.out)
 
 
 if __name__ == "__main__":

@@ -148,6 +148,14 @@ print(json.dumps({"peak_gb": peak_gb, "base_gb": base_gb, "tok_s": B * T / min(t
 """
 
 
+def report(row: dict[str, Any], out: str | None) -> None:
+    """A result row: printed, and appended to `out` (JSON lines) when given."""
+    print(json.dumps(row), flush=True)
+    if out:
+        with open(out, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+
 def measure(case: dict[str, Any], fast: bool | None, steps: int, env: dict[str, str] | None = None) -> dict[str, Any]:
     payload = {
         "dims": SHAPES[case["shape"]],
