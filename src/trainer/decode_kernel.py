@@ -26,6 +26,7 @@ from functools import cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from .errors import KernelBuildError
 
@@ -38,6 +39,11 @@ CACHE_ENV = "MCP_LOCAL_CACHE"  # where built kernels live; default ~/.cache/mcp-
 SOURCE_DIR = Path(__file__).parent / "native"
 SOURCES = ("cpu_decode.cpp", "CMakeLists.txt")
 MODULE = "_cpu_decode"
+
+
+def few_rows(x: Any) -> bool:
+    """Whether an input (rows x last axis) is decode-sized."""
+    return bool(x.size // x.shape[-1] <= DECODE_ROWS)
 
 
 def cache_root() -> Path:

@@ -14,17 +14,13 @@ from mlx.nn.layers.base import Module
 from mlx.nn.layers.normalization import RMSNorm
 from mlx.nn.layers.positional_encoding import RoPE
 
-from .decode_kernel import DECODE_ROWS
-
-
-def _few_rows(x: mx.array) -> bool:
-    return x.size // x.shape[-1] <= DECODE_ROWS
+from .decode_kernel import DECODE_ROWS, few_rows
 
 
 class DecodeRMSNorm(RMSNorm):
     def __call__(self, x: mx.array) -> mx.array:
         kernel = getattr(self, "_decode_kernel", None)
-        if kernel is None or x.dtype != mx.float32 or not _few_rows(x):
+        if kernel is None or x.dtype != mx.float32 or not few_rows(x):
             return cast(mx.array, super().__call__(x))
         return cast(mx.array, kernel.rms_norm(x, self["weight"], self.eps))
 

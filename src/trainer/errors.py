@@ -6,7 +6,7 @@ TrainerError
  ├── RunConflict        the run is in a state that does not allow the request
  ├── ModelError         a model could not be loaded or used for generation
  ├── InvalidTransition  a job state change that the state machine forbids (a bug if raised)
- └── KernelBuildError   the CPU decode kernel cannot be built here (decode falls back)
+ └── KernelBuildError   the CPU decode kernels cannot be built here (decode falls back)
 """
 
 from __future__ import annotations
@@ -39,4 +39,4 @@ class InvalidTransition(TrainerError):
 
 
 class KernelBuildError(TrainerError):
-    """The CPU decode kernel could not be built here; the message says why and what to install."""
+    """The CPU decode kernels could not be built here; the message says why and what to install."""

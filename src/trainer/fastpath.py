@@ -25,7 +25,7 @@ from mlx.nn.layers.quantized import QuantizedEmbedding, QuantizedLinear
 
 from . import decode_kernel
 from .cpu_math import row_ranges, use_fast_activations
-from .decode_kernel import DECODE_ROWS
+from .decode_kernel import few_rows
 from .decode_layers import use_decode_layers
 
 log = logging.getLogger(__name__)
@@ -110,10 +110,6 @@ def keep_dequantized() -> Iterator[None]:
         _KeepDequantized.active = before
 
 
-def _multi_row(x: mx.array) -> bool:
-    return x.size // x.shape[-1] > DECODE_ROWS
-
-
 def _dense(module: Any, x: mx.array) -> mx.array:
     if _KeepDequantized.active:
         w = mx.dequantize(
@@ -133,7 +129,7 @@ def _dense(module: Any, x: mx.array) -> mx.array:
 def _decode(module: Any, x: mx.array) -> mx.array | None:
     """A few rows through the CPU decode kernel, when the layer has it (see attach_decode_kernel) and x is float32."""
     kernel = getattr(module, "_decode_kernel", None)
-    if kernel is None or x.dtype != mx.float32 or _multi_row(x):
+    if kernel is None or x.dtype != mx.float32 or not few_rows(x):
         return None
     return cast(
         mx.array, kernel.qgemv(x, module["weight"], module["scales"], module["biases"], module.group_size, module.bits)
@@ -147,7 +143,7 @@ class FastQuantizedLinear(QuantizedLinear):
             dense = getattr(self, "_dense_weight", None)  # stored (input, output): see cache_dense_weights
             if dense is not None:
                 y = x @ dense
-            elif not _multi_row(x):
+            elif few_rows(x):
                 return cast(mx.array, super().__call__(x))
             else:
                 y = _dense(self, x)
@@ -161,7 +157,7 @@ class FastQuantizedEmbedding(QuantizedEmbedding):
             return y
         if (dense := getattr(self, "_dense_weight", None)) is not None:
             return cast(mx.array, x @ dense.T)
-        if not _multi_row(x):
+        if few_rows(x):
             return cast(mx.array, super().as_linear(x))
         return _dense(self, x)
 
