@@ -17,7 +17,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 from memory_prediction import SHAPES, report  # noqa: E402
 
-from trainer.preload import preload_env  # noqa: E402
+from trainer.environment.preload import preload_env  # noqa: E402
 
 # decode of a random-weight model of a training shape (4-bit, group 64), as ModelSession would run it
 SHAPE_DECODE_CHILD = r"""
@@ -25,8 +25,8 @@ import json, os, sys, time
 import mlx.core as mx, mlx.nn as nn
 from mlx_lm.generate import generate_step
 from mlx_lm.models import qwen2
-from trainer.fastpath import apply_fast_path, cache_dense_weights
-from trainer.inference import dense_cache_budget
+from trainer.engine.fastpath import apply_fast_path, cache_dense_weights
+from trainer.engine.inference import dense_cache_budget
 dims, fast, n, prompt_len = json.loads(sys.argv[1]), sys.argv[2] == "1", int(sys.argv[3]), int(sys.argv[4])
 start = time.perf_counter()
 mx.random.seed(0)
@@ -45,7 +45,7 @@ def run(n):
     return stamps, tokens
 run(max(2, n // 8))
 stamps, tokens = run(n)
-from trainer.decode_kernel import load
+from trainer.engine.decode_kernel import load
 print(json.dumps({"decode_tok_s": (len(stamps) - 2) / (stamps[-1] - stamps[1]), "first_tokens": tokens[:12],
                   "tokens": len(tokens), "build_s": built - start, "threads": os.cpu_count(),
                   "kernel": fast and load() is not None, "preload": os.environ.get("LD_PRELOAD", "")}))

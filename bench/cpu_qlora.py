@@ -23,8 +23,8 @@ from cpu_decode_shape import decode_shape  # noqa: E402
 from memory_prediction import SHAPES, measure  # noqa: E402
 from memory_prediction import report as report_row  # noqa: E402
 
-from trainer.memory_plan import default_budget_gb, dense_fits  # noqa: E402
-from trainer.preload import preload_env  # noqa: E402
+from trainer.environment.preload import preload_env  # noqa: E402
+from trainer.planning.memory_plan import default_budget_gb, dense_fits  # noqa: E402
 
 TORCH_CHILD = r"""
 import json, sys, time, torch
@@ -51,8 +51,8 @@ print(json.dumps({"tok_s": B * T / min(times), "threads": torch.get_num_threads(
 
 DECODE_CHILD = r"""
 import json, sys
-from trainer.bundled import smollm2_gguf
-from trainer.inference import ModelSession
+from mcp_local_demo.bundled import smollm2_gguf
+from trainer.engine.inference import ModelSession
 session = ModelSession(fast_path=sys.argv[1] == "1")
 session.load(str(smollm2_gguf()))
 prompt = "Write a Python function is_even(n) that returns True when n is even."
@@ -162,7 +162,7 @@ def main() -> None:
         for who, fast, env in decoders:
             report({"decode": f"{shape} shape, random 4-bit weights", "who": who, **decode_shape(shape, fast, env)})
     if args.llama_python:
-        from trainer.bundled import smollm2_gguf
+        from mcp_local_demo.bundled import smollm2_gguf
 
         out = subprocess.run(
             [args.llama_python, "-c", LLAMA_CHILD, str(smollm2_gguf())], capture_output=True, text=True

@@ -19,7 +19,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 from memory_prediction import SHAPES, measure, predict  # noqa: E402
 
-from trainer.mlx_env import OPS_PER_BUFFER_ENV, mlx_env  # noqa: E402
+from trainer.environment.mlx_env import OPS_PER_BUFFER_ENV, mlx_env  # noqa: E402
 
 MODES = {
     "plain MLX-LM": {"fast": False, "ckpt": False, "chunked": False},
@@ -36,7 +36,7 @@ import json, sys, time
 import mlx.core as mx, mlx.nn as nn
 from mlx_lm.models import qwen2
 from mlx_lm.models.cache import make_prompt_cache
-from trainer.fastpath import apply_fast_path
+from trainer.engine.fastpath import apply_fast_path
 dims, fast = json.loads(sys.argv[1]), sys.argv[2] == "1"
 mx.random.seed(0)
 model = qwen2.Model(qwen2.ModelArgs.from_dict(dict(dims, model_type="qwen2", rms_norm_eps=1e-6, rope_theta=1e6)))

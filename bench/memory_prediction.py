@@ -85,8 +85,8 @@ from mlx.utils import tree_map
 from mlx_lm.models import qwen2
 from mlx_lm.tuner.trainer import grad_checkpoint
 from mlx_lm.tuner.utils import linear_to_lora_layers
-from trainer.fastpath import apply_fast_path
-from trainer.losses import cross_entropy_for, training_loss
+from trainer.engine.fastpath import apply_fast_path
+from trainer.engine.losses import cross_entropy_for, training_loss
 cfg = json.loads(sys.argv[1])
 shape = dict(cfg["dims"], model_type="qwen2", rms_norm_eps=1e-6, rope_theta=1e6)
 mx.random.seed(0)
@@ -110,7 +110,7 @@ elif impl == "recomputed":  # the layerwise step without keep_dequantized in its
     import trainer.layerwise as lw
     lw.keep_dequantized = contextlib.nullcontext
 if cfg.get("dense"):
-    from trainer.fastpath import cache_dense_weights
+    from trainer.engine.fastpath import cache_dense_weights
     cache_dense_weights(model, 1 << 62)
 model.freeze()
 linear_to_lora_layers(model, cfg["layers"], {"rank": 16, "scale": 2.0, "dropout": 0.0})
@@ -125,7 +125,7 @@ def step(batch, lengths):
     opt.update(model, g)
     return l, n
 if cfg.get("layerwise"):
-    from trainer.layerwise import layerwise_value_and_grad
+    from trainer.engine.layerwise import layerwise_value_and_grad
     functions = {}  # traced once, as train_layerwise does
     def step(batch, lengths):
         l, n, g = layerwise_value_and_grad(model, batch, lengths, compiled=cfg.get("lw_compiled", True),
@@ -178,7 +178,7 @@ def measure(case: dict[str, Any], fast: bool | None, steps: int, env: dict[str, 
 
 
 def predict(case: dict[str, Any], compute_bytes: int, fast: bool = True) -> float:
-    from trainer.memory_estimate import MemoryPlan, predict_peak
+    from trainer.planning.memory_estimate import MemoryPlan, predict_peak
 
     config = dict(SHAPES[case["shape"]], model_type="qwen2", quantization={"group_size": 64, "bits": 4})
     plan = MemoryPlan(

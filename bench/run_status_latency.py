@@ -16,7 +16,7 @@ from pathlib import Path
 import anyio
 
 from mcp import Client, StdioServerParameters
-from trainer.tiny import build_tiny_model, write_synthetic_dataset
+from trainer.engine.tiny import build_tiny_model, write_synthetic_dataset
 
 
 async def main(calls: int) -> None:

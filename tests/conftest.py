@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from trainer.tiny import build_tiny_model, write_synthetic_dataset
+from trainer.engine.tiny import build_tiny_model, write_synthetic_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 

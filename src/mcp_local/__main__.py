@@ -9,9 +9,9 @@ from pathlib import Path
 
 import anyio
 
-from trainer.home import HOME_ENV
-from trainer.mlx_env import use_mlx_env
-from trainer.preload import reexec_with_preloads
+from trainer.environment.mlx_env import use_mlx_env
+from trainer.environment.preload import reexec_with_preloads
+from trainer.settings import HOME_ENV
 
 from .server import build_server, serve_stdio
 from .state import MAX_CONCURRENT_ENV, MEMORY_BUDGET_ENV, SAMPLE_INTERVAL_ENV, ServerSettings

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from trainer import ConfigError, QLoRAConfig
-from trainer.memory_plan import check_memory, default_budget_gb
-from trainer.modelref import read_model_config, resolve_model_dir
-from trainer.preflight import preflight
+from trainer.planning.memory_plan import check_memory, default_budget_gb
+from trainer.planning.modelref import read_model_config, resolve_model_dir
+from trainer.planning.preflight import preflight
 
 from .schemas import RunPrediction
 from .state import AppState

@@ -8,8 +8,8 @@ from mcp.types import CallToolResult, TextContent
 from pydantic import BaseModel, Field
 
 from trainer import JobState, MemorySample, RunSnapshot, TrainReport, ValReport
-from trainer.inference import Generation, ModelInfo
-from trainer.memory_estimate import MemoryParts, MemoryPlan
+from trainer.engine.inference import Generation, ModelInfo
+from trainer.planning.memory_estimate import MemoryParts, MemoryPlan
 
 __all__ = ["Generation", "ModelInfo"]
 

@@ -12,7 +12,7 @@ from mcp.server.stdio import stdio_server
 from mcp.server.subscriptions import InMemorySubscriptionBus
 
 from trainer import JobRunner, RunStore
-from trainer.inference import ModelSession
+from trainer.engine.inference import ModelSession
 
 from .notify import bridge
 from .resources import register_resource_templates, register_run_resources

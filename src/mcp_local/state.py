@@ -11,8 +11,8 @@ from mcp.server.session import ServerSession
 from mcp.server.subscriptions import InMemorySubscriptionBus
 
 from trainer import JobRunner
-from trainer.home import default_home
-from trainer.inference import ModelSession
+from trainer.engine.inference import ModelSession
+from trainer.settings import default_home
 
 SAMPLE_INTERVAL_ENV = "MCP_LOCAL_SAMPLE_INTERVAL"
 MAX_CONCURRENT_ENV = "MCP_LOCAL_MAX_CONCURRENT"

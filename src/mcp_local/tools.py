@@ -15,7 +15,7 @@ from mcp.types import CallToolResult, ToolAnnotations
 from pydantic import BaseModel, Field
 
 from trainer import JobState, QLoRAConfig, TrainerError, sample_memory
-from trainer.inference import Generation, ModelInfo
+from trainer.engine.inference import Generation, ModelInfo
 
 from .predict import predict_for_config, predict_for_model
 from .resources import run_status

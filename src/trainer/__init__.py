@@ -3,13 +3,23 @@
 Usable without MCP; `python -m trainer` is its command line.
 """
 
-from .config import QLoRAConfig
 from .errors import ConfigError, InvalidTransition, ModelError, RunConflict, RunNotFound, TrainerError
-from .events import Checkpoint, Event, Failed, Finished, MemorySample, PhaseChanged, Progress, TrainReport, ValReport
-from .jobs import FailureKind, JobError, JobState, Phase, RunMetrics, RunSnapshot
-from .memory import sample_memory
-from .runner import JobRunner, RunUpdate
-from .store import RunStore
+from .lifecycle.events import (
+    Checkpoint,
+    Event,
+    Failed,
+    Finished,
+    MemorySample,
+    PhaseChanged,
+    Progress,
+    TrainReport,
+    ValReport,
+)
+from .lifecycle.jobs import FailureKind, JobError, JobState, Phase, RunMetrics, RunSnapshot
+from .lifecycle.memory import sample_memory
+from .lifecycle.runner import JobRunner, RunUpdate
+from .lifecycle.store import RunStore
+from .planning.config import QLoRAConfig
 
 __all__ = [
     "Checkpoint",

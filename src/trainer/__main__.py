@@ -12,10 +12,10 @@ import anyio
 from tqdm import tqdm
 
 from .errors import TrainerError
-from .home import default_home
-from .jobs import JobState, RunSnapshot
-from .runner import JobRunner
-from .store import RunStore
+from .lifecycle.jobs import JobState, RunSnapshot
+from .lifecycle.runner import JobRunner
+from .lifecycle.store import RunStore
+from .settings import default_home
 
 log = logging.getLogger("trainer")
 
@@ -78,11 +78,11 @@ def main(argv: list[str] | None = None) -> int:
             for job in RunStore(home).list_runs(state, args.limit):
                 sys.stdout.write(_describe(job.snapshot()) + "\n")
         elif args.command == "import-gguf":
-            from .gguf import import_gguf
+            from .engine.gguf import import_gguf
 
             log.info("model folder: %s", import_gguf(args.gguf, args.out_dir))
         elif args.command == "make-tiny":
-            from .tiny import build_tiny_model, write_synthetic_dataset
+            from .engine.tiny import build_tiny_model, write_synthetic_dataset
 
             build_tiny_model(args.folder / "model")
             write_synthetic_dataset(args.folder / "data")

@@ -18,7 +18,7 @@ def test_demo_fine_tunes_smollm2_and_the_tuned_model_follows_the_house_style(tmp
         [
             sys.executable,
             "-m",
-            "mcp_local.demo",
+            "mcp_local_demo",
             "--iters",
             "24",
             "--eval-prompts",

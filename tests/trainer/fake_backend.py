@@ -11,10 +11,10 @@ import sys
 import time
 from pathlib import Path
 
-from trainer.backend import Emit, adapter_dir_for
-from trainer.config import QLoRAConfig
-from trainer.events import PhaseChanged, Progress, TrainReport, ValReport
-from trainer.jobs import Phase
+from trainer.lifecycle.backend import Emit, adapter_dir_for
+from trainer.lifecycle.events import PhaseChanged, Progress, TrainReport, ValReport
+from trainer.lifecycle.jobs import Phase
+from trainer.planning.config import QLoRAConfig
 
 SPEC = "tests.trainer.fake_backend:FakeBackend"
 

@@ -11,12 +11,12 @@ from typing import Any
 import mlx.core as mx
 import pytest
 
-from trainer import decode_kernel
-from trainer.bundled import smollm2_gguf
-from trainer.decode_layers import DecodeRMSNorm, DecodeRoPE
+from mcp_local_demo.bundled import smollm2_gguf
+from trainer.engine import decode_kernel
+from trainer.engine.decode_layers import DecodeRMSNorm, DecodeRoPE
+from trainer.engine.fastpath import FastQuantizedEmbedding, FastQuantizedLinear
+from trainer.engine.inference import ModelSession
 from trainer.errors import KernelBuildError
-from trainer.fastpath import FastQuantizedEmbedding, FastQuantizedLinear
-from trainer.inference import ModelSession
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +150,7 @@ def test_a_failed_build_is_named_and_decode_falls_back(
     assert not list(tmp_path.glob("decode-kernel/*/_cpu_decode*")), "a failed build must leave no module behind"
     decode_kernel.load.cache_clear()
     try:
-        with caplog.at_level(logging.WARNING, logger="trainer.decode_kernel"):
+        with caplog.at_level(logging.WARNING, logger="trainer.engine.decode_kernel"):
             assert decode_kernel.load() is None
         assert "CPU decode kernels unavailable" in caplog.text
     finally:

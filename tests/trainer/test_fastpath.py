@@ -13,15 +13,15 @@ from mlx_lm.models import qwen2
 from mlx_lm.tuner.trainer import default_loss
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
-from trainer.fastpath import (
+from trainer.engine.fastpath import (
     FastQuantizedEmbedding,
     FastQuantizedLinear,
     apply_fast_path,
     cache_dense_weights,
     enable_fast_quantized,
 )
-from trainer.inference import ModelSession
-from trainer.losses import training_loss
+from trainer.engine.inference import ModelSession
+from trainer.engine.losses import training_loss
 
 VOCAB = 8192
 #: fast-path peak / plain peak on this shape: 1.11 measured on the CPU (the extra is one copy of the logits, from
@@ -126,7 +126,7 @@ def test_greedy_generation_is_identical_on_both_paths(tiny_model) -> None:
 def test_cpu_silu_matches_mlx_and_its_gradient_too() -> None:
     from mlx.nn.layers.activations import silu
 
-    from trainer.cpu_math import fast_exp, fast_silu
+    from trainer.engine.cpu_math import fast_exp, fast_silu
 
     ours_silu = cast(Any, fast_silu)
     x = mx.linspace(-87.0, 87.0, 200_001)
@@ -140,7 +140,7 @@ def test_cpu_silu_matches_mlx_and_its_gradient_too() -> None:
 
 
 def test_the_cpu_fast_path_routes_swiglu_and_attention_through_it() -> None:
-    from trainer.cpu_math import fast_attention, fast_swiglu
+    from trainer.engine.cpu_math import fast_attention, fast_swiglu
 
     model = _model(True)
     assert apply_fast_path(model, True)
@@ -151,7 +151,7 @@ def test_the_cpu_fast_path_routes_swiglu_and_attention_through_it() -> None:
 def test_cpu_cross_entropy_matches_mlx_and_its_gradient_too() -> None:
     from mlx.nn.losses import cross_entropy
 
-    from trainer.losses import cpu_cross_entropy
+    from trainer.engine.losses import cpu_cross_entropy
 
     logits = mx.random.normal((3, 17, 5000), key=mx.random.key(2)) * 8
     targets = mx.random.randint(0, 5000, (3, 17), key=mx.random.key(3))
@@ -180,7 +180,7 @@ def test_cpu_cross_entropy_matches_mlx_and_its_gradient_too() -> None:
 def test_cpu_attention_matches_mlx_and_its_gradient_too(rows: int, cols: int, mask: str | None) -> None:
     """Grouped-query heads (6 query heads over 2 key/value heads); a causal mask with fewer queries than keys is
     aligned to the last key, as when a KV cache holds earlier tokens."""
-    from trainer.cpu_math import fast_attention
+    from trainer.engine.cpu_math import fast_attention
 
     key = iter(mx.random.split(mx.random.key(7), 4))
     q = mx.random.normal((2, 6, rows, 32), key=next(key))

@@ -11,11 +11,11 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.utils import load
 
+from mcp_local_demo.bundled import smollm2_gguf
 from trainer import ConfigError
-from trainer.bundled import smollm2_gguf
-from trainer.gguf import cached_import, import_gguf
-from trainer.inference import ModelSession
-from trainer.modelref import resolve_model_dir
+from trainer.engine.gguf import cached_import, import_gguf
+from trainer.engine.inference import ModelSession
+from trainer.planning.modelref import resolve_model_dir
 
 QWEN2_TO_GGUF = {
     "self_attn.q_proj": "attn_q",

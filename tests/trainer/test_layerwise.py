@@ -15,8 +15,8 @@ from mlx_lm.tuner.trainer import default_loss
 from tests.conftest import tiny_run_config
 from tests.trainer.test_fastpath import VOCAB, _model
 from trainer import JobRunner, JobState, RunStore
-from trainer.layerwise import block_seeds, layerwise_value_and_grad
-from trainer.losses import cross_entropy_for
+from trainer.engine.layerwise import block_seeds, layerwise_value_and_grad
+from trainer.engine.losses import cross_entropy_for
 
 
 def _seeded_call(seed: int) -> Any:

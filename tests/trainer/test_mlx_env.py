@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from trainer import JobRunner, RunStore
-from trainer.mlx_env import DRIVER_CACHE_ENV, OPS_PER_BUFFER_ENV, PTX_CACHE_ENV, mlx_env
+from trainer.environment.mlx_env import DRIVER_CACHE_ENV, OPS_PER_BUFFER_ENV, PTX_CACHE_ENV, mlx_env
 
 
 async def test_workers_get_our_mlx_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import tiny_run_config
 from trainer import JobRunner, JobState, RunStore
-from trainer.inference import ModelSession
+from trainer.engine.inference import ModelSession
 
 pytestmark = pytest.mark.slow
 PROMPT = "Write add_gamma adding 7."

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer import preload
+from trainer.environment import preload
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="preloading applies to Linux only")

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from trainer import FailureKind, InvalidTransition, JobError, JobState, MemorySample, QLoRAConfig, RunStore
-from trainer.events import Progress, TrainReport, decode_line, encode_line
-from trainer.jobs import TRANSITIONS, Job
+from trainer.lifecycle.events import Progress, TrainReport, decode_line, encode_line
+from trainer.lifecycle.jobs import TRANSITIONS, Job
 
 
 def test_reference_defaults_are_qlora_rank_16_alpha_32_4bit_group_64_16_layers() -> None:
@@ -89,7 +89,8 @@ def test_store_create_that_fails_leaves_no_folder(tmp_path: Path) -> None:
 
 def test_trainer_never_imports_mcp() -> None:
     code = (
-        "import sys, trainer, trainer.__main__, trainer.worker, trainer.mlx_backend, trainer.inference; "
+        "import sys, trainer, trainer.__main__, trainer.lifecycle.worker, trainer.engine.mlx_backend, "
+        "trainer.engine.inference; "
         "print(sorted(m for m in sys.modules if m == 'mcp' or m.startswith('mcp.')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -110,7 +111,7 @@ def test_public_surface_is_pinned() -> None:
 
 
 def test_dense_weight_copies_turn_themselves_on_for_small_models_only() -> None:
-    from trainer.memory_plan import dense_fits
+    from trainer.planning.memory_plan import dense_fits
 
     def shape(hidden: int, inter: int, layers: int, vocab: int, tied: bool) -> dict[str, object]:
         return {
@@ -132,7 +133,8 @@ def test_dense_weight_copies_turn_themselves_on_for_small_models_only() -> None:
 
 def test_the_predictor_knows_the_layerwise_steps_chunk_and_pipeline_sizes() -> None:
     """memory_estimate stays importable without MLX, so it repeats two of the layerwise step's constants."""
-    from trainer import layerwise, memory_estimate
+    from trainer.engine import layerwise
+    from trainer.planning import memory_estimate
 
     assert memory_estimate.LAYERWISE_LOSS_TOKENS == layerwise.LOSS_CHUNK_TOKENS
     assert memory_estimate.LAYERWISE_PIPELINE_MAX_TOKENS == layerwise.PIPELINE_MAX_TOKENS

@@ -9,11 +9,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
-from .backend import Cancelled, Emit, adapter_dir_for
-from .config import QLoRAConfig
-from .errors import ConfigError
-from .events import Checkpoint, PhaseChanged, Progress, TrainReport, ValReport
-from .jobs import Phase
+from ..errors import ConfigError
+from ..lifecycle.backend import Cancelled, Emit, adapter_dir_for
+from ..lifecycle.events import Checkpoint, PhaseChanged, Progress, TrainReport, ValReport
+from ..lifecycle.jobs import Phase
+from ..planning.config import QLoRAConfig
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 0.25

@@ -25,6 +25,11 @@ TINY_ARGS: dict[str, Any] = {
     "max_position_embeddings": 1024,
     "tie_word_embeddings": True,
 }
+CORPUS_EXTRA = (
+    "Write a Python function that returns the sum of a list of numbers. Use type hints and a docstring.\n"
+    'def total(values: list[int]) -> int:\n    """Return the sum of values."""\n    return sum(values)\n'
+    "The quick brown fox jumps over the lazy dog; reply with one code block and no prose.\n"
+)
 NAMES = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta", "lambda_", "zeta"]
 
 
@@ -49,13 +54,10 @@ def write_synthetic_dataset(folder: Path, train: int = 200, valid: int = 40, see
 
 
 def _corpus() -> list[str]:
-    """Text in the repo: the bundled dataset (fixed data, not source code, so that editing the package does not change
-    the tokenizer, the tiny model and every test's losses), plus the synthetic task's phrasing."""
-    folder = Path(__file__).parent / "datasets" / "house_style"
-    texts = [p.read_text(encoding="utf-8") for p in sorted(folder.glob("*.jsonl"))]
+    """Fixed text (not source code, so that editing the package does not change the tokenizer, the tiny model and
+    every test's losses): the synthetic task's phrasing and a few lines of Python and English."""
     rng = random.Random(1)
-    texts += [json.dumps(synthetic_example(rng)) for _ in range(200)]
-    return texts
+    return [json.dumps(synthetic_example(rng)) for _ in range(200)] + [CORPUS_EXTRA]
 
 
 def build_tokenizer(folder: Path, vocab_size: int = 512) -> int:

@@ -1,4 +1,4 @@
-"""The worker process: `python -m trainer.worker RUN_DIR --event-fd N`.
+"""The worker process: `python -m trainer.lifecycle.worker RUN_DIR --event-fd N`.
 
 Events go to a pipe of their own (fd N); stdout and stderr are the run's worker.log, so whatever MLX-LM prints
 never reaches the event channel. The exit status tells the parent how it ended: 0 success, 1 a reported failure,
@@ -18,14 +18,14 @@ from pathlib import Path
 from types import FrameType
 from typing import BinaryIO
 
+from ..errors import ConfigError
+from ..planning.config import QLoRAConfig
 from .backend import BackendEvent, Cancelled, adapter_dir_for, load_backend
-from .config import QLoRAConfig
-from .errors import ConfigError
 from .events import Failed, Finished, MemorySample, Started, encode_line
 from .jobs import FailureKind
 from .memory import MemorySampler
 
-log = logging.getLogger("trainer.worker")
+log = logging.getLogger(__name__)
 EXIT_FAILED = 1
 EXIT_CANCELLED = 128 + signal.SIGTERM
 
@@ -129,7 +129,7 @@ def run(run_dir: Path, emit: EventWriter) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.worker")
+    parser = argparse.ArgumentParser(prog="python -m trainer.lifecycle.worker")
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--event-fd", type=int, required=True)
     args = parser.parse_args(argv)

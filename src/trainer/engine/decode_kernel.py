@@ -28,7 +28,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from .errors import KernelBuildError
+from ..errors import KernelBuildError
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ def load() -> ModuleType | None:
 
 
 def main() -> None:
-    """`python -m trainer.decode_kernel`: build (or find) the kernel now, so the first generation does not wait."""
+    """`python -m trainer.engine.decode_kernel`: build (or find) the kernel now, so the first generation won't wait."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     if sys.platform != "linux":
         log.info("no CPU decode kernel needed on %s", sys.platform)

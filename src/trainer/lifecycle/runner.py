@@ -23,8 +23,11 @@ import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from .config import QLoRAConfig
-from .errors import RunConflict
+from ..environment.mlx_env import mlx_env
+from ..environment.preload import preload_env
+from ..errors import RunConflict
+from ..planning.config import QLoRAConfig
+from ..planning.preflight import preflight
 from .events import (
     Checkpoint,
     Event,
@@ -39,9 +42,6 @@ from .events import (
     decode_line,
 )
 from .jobs import FailureKind, Job, JobError, JobState, RunSnapshot
-from .mlx_env import mlx_env
-from .preflight import preflight
-from .preload import preload_env
 from .run_log import read_events, stderr_tail
 from .store import RunStore
 
@@ -283,7 +283,7 @@ class JobRunner:
             with open(run_dir / "worker.log", "ab") as worker_log, os.fdopen(read_fd, "rb") as channel:  # noqa: ASYNC230
                 try:
                     tracked.process = await anyio.open_process(
-                        [sys.executable, "-m", "trainer.worker", str(run_dir), "--event-fd", str(write_fd)],
+                        [sys.executable, "-m", "trainer.lifecycle.worker", str(run_dir), "--event-fd", str(write_fd)],
                         stdin=subprocess.PIPE,
                         stdout=worker_log,
                         stderr=worker_log,

@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any, cast
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
-from .home import default_home
+from ..errors import ConfigError
+from ..settings import default_home
 
 log = logging.getLogger(__name__)
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -33,7 +33,7 @@ def resolve_model_dir(ref: str) -> Path:
             "or a Hugging Face repo id such as Qwen/Qwen2.5-Coder-7B-Instruct"
         )
     if path.is_file() and path.suffix == ".gguf":
-        from .gguf import cached_import
+        from ..engine.gguf import cached_import
 
         return cached_import(path.resolve(), default_home() / "models")
     return _check_folder(path, ref)

@@ -2,7 +2,7 @@
 
 The house style (see trainer.house_style): answer with exactly one ```python block and no prose; every function has
 full type hints and a one-line docstring. Written for this project (MIT, like the code). Re-run to regenerate:
-    uv run python src/trainer/datasets/house_style/make_dataset.py
+    uv run python tools/make_house_style_dataset.py
 """
 
 from __future__ import annotations
@@ -532,7 +532,7 @@ def example(spec: tuple[str, str, str, str, str], phrasing: str) -> dict[str, ob
 
 
 def main() -> None:
-    folder = Path(__file__).parent
+    folder = Path(__file__).resolve().parent.parent / "src" / "mcp_local_demo" / "datasets" / "house_style"
     rng = random.Random(0)
     seen, heldout = SPECS[:-HELDOUT], SPECS[-HELDOUT:]
     train, valid = [], []

@@ -1,4 +1,4 @@
-"""The main job end to end, as an MCP host would run it: `scripts/demo` (or `python -m mcp_local.demo`).
+"""The main job end to end, as an MCP host would run it: `scripts/demo` (or `python -m mcp_local_demo`).
 
 Starts `mcp-local` as a subprocess, drives it over stdio with the SDK's client (2025 handshake, like Claude
 Desktop): load the model, generate before training, profile memory, start a QLoRA run on the dataset, follow it with
@@ -22,9 +22,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from mcp import Client, StdioServerParameters
-from trainer.bundled import house_style_data, smollm2_gguf
-from trainer.house_style import load_heldout, score_reply
-from trainer.preload import reexec_with_preloads
+from trainer.environment.preload import reexec_with_preloads
+
+from .bundled import house_style_data, smollm2_gguf
+from .house_style import load_heldout, score_reply
 
 console = Console(highlight=False)
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -187,7 +188,7 @@ async def run_demo(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     reexec_with_preloads()
-    parser = argparse.ArgumentParser(prog="python -m mcp_local.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m mcp_local_demo", description=__doc__)
     parser.add_argument("--model", default=None, help="repo id, model folder or .gguf (default: bundled SmolLM2)")
     parser.add_argument("--data", type=Path, default=None, help="dataset folder (default: bundled house style)")
     parser.add_argument("--iters", type=int, default=40)

@@ -15,9 +15,9 @@ from typing import Any, cast
 
 from pydantic import BaseModel, Field
 
-from .errors import ConfigError, ModelError
-from .memory import GB
-from .modelref import read_model_config, resolve_model_dir
+from ..errors import ConfigError, ModelError
+from ..lifecycle.memory import GB
+from ..planning.modelref import read_model_config, resolve_model_dir
 
 MAX_CACHED = 3
 DENSE_CACHE_MAX_BYTES = 2 * 1024**3

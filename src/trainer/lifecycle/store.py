@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import RunNotFound
+from ..errors import RunNotFound
 from .jobs import Job, JobError, JobState, Phase, RunMetrics
 
 _SCHEMA = """

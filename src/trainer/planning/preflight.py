@@ -6,9 +6,9 @@ import logging
 import os
 from pathlib import Path
 
+from ..errors import ConfigError
 from .config import QLoRAConfig
 from .dataset_check import DatasetSummary, check_dataset
-from .errors import ConfigError
 from .memory_plan import MemoryCheck, check_memory
 from .memory_plan import default_budget_gb as default_budget_gb_now
 from .modelref import num_hidden_layers, read_model_config, resolve_model_dir

@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from .errors import InvalidTransition
+from ..errors import InvalidTransition
 
 
 class JobState(StrEnum):

@@ -10,8 +10,8 @@ from typing import Any
 import psutil
 from pydantic import BaseModel, Field
 
+from ..errors import ConfigError
 from .config import QLoRAConfig
-from .errors import ConfigError
 from .memory_estimate import MemoryParts, MemoryPlan, dense_copy_bytes, predict_peak
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def compute_bytes(fast_path: bool | None) -> tuple[int, str, bool]:
     """Bytes per activation element, the device kind and whether the fast path is on, for these settings."""
     import mlx.core as mx
 
-    from .fastpath import fast_path_default
+    from ..engine.fastpath import fast_path_default
 
     on_cpu = mx.default_device() == mx.cpu
     fast = fast_path_default() if fast_path is None else fast_path
