@@ -24,7 +24,8 @@ from memory_prediction import SHAPES, measure  # noqa: E402
 from memory_prediction import report as report_row  # noqa: E402
 
 from trainer.environment.preload import preload_env  # noqa: E402
-from trainer.planning.memory_plan import default_budget_gb, dense_fits  # noqa: E402
+from trainer.planning.memory_plan import dense_fits  # noqa: E402
+from trainer.settings import default_budget_gb  # noqa: E402
 
 TORCH_CHILD = r"""
 import json, sys, time, torch

@@ -9,9 +9,7 @@ from pathlib import Path
 
 import anyio
 
-from trainer.environment.mlx_env import use_mlx_env
-from trainer.environment.preload import reexec_with_preloads
-from trainer.settings import HOME_ENV
+from trainer import HOME_ENV, reexec_with_preloads, use_mlx_env
 
 from .server import build_server, serve_stdio
 from .state import MAX_CONCURRENT_ENV, MEMORY_BUDGET_ENV, SAMPLE_INTERVAL_ENV, ServerSettings

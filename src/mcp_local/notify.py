@@ -12,6 +12,7 @@ from mcp.server.subscriptions import ResourcesListChanged, ResourceUpdated
 
 from trainer import RunUpdate
 
+from .schemas import run_uri
 from .state import AppState
 
 log = logging.getLogger(__name__)
@@ -79,10 +80,10 @@ async def bridge(state: AppState, on_created: Callable[[str], None]) -> None:
         update: RunUpdate
         async for update in cues:
             try:
-                if update.aspect == "created":
+                if update.created:
                     on_created(update.run_id)
                     await publish_list_changed(state)
-                for aspect in ASPECT_URIS.get(update.aspect, ()):
-                    await throttle(f"runs://{update.run_id}/{aspect}")
+                for aspect in sorted(update.aspects):
+                    await throttle(run_uri(update.run_id, aspect))
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):  # a client went away mid-send
                 log.info("a subscriber disconnected while being notified")

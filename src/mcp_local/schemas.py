@@ -7,11 +7,18 @@ from typing import Any
 from mcp.types import CallToolResult, TextContent
 from pydantic import BaseModel, Field
 
-from trainer import JobState, MemorySample, RunSnapshot, TrainReport, ValReport
-from trainer.engine.inference import Generation, ModelInfo
-from trainer.planning.memory_estimate import MemoryParts, MemoryPlan
-
-__all__ = ["Generation", "ModelInfo"]
+from trainer import (
+    JobState,
+    MemorySample,
+    ModelInfo,
+    ProcessMemory,
+    RunAspect,
+    RunPrediction,
+    RunSnapshot,
+    TrainReport,
+    ValReport,
+    WorkerMemory,
+)
 
 
 class RunStatus(RunSnapshot):
@@ -38,30 +45,6 @@ class StartedRun(BaseModel):
     next_step: str
 
 
-class ProcessMemory(BaseModel):
-    pid: int
-    rss_gb: float
-    mlx_active_gb: float | None = None
-    mlx_peak_gb: float | None = None
-    mlx_cache_gb: float | None = None
-
-
-class WorkerMemory(ProcessMemory):
-    run_id: str
-    sampled_at: float | None = Field(None, description="When the worker last sampled its MLX memory (epoch s).")
-
-
-class RunPrediction(BaseModel):
-    """A training run's predicted peak memory, part by part, against its budget."""
-
-    model: str
-    prediction: MemoryParts
-    plan: MemoryPlan
-    budget_gb: float
-    fits: bool
-    changes: list[str] = Field(description="Settings fit_to_budget would change.")
-
-
 class MemoryProfile(BaseModel):
     prediction: RunPrediction | None = Field(None, description="Present when a run config or model was given.")
     server: ProcessMemory
@@ -83,8 +66,12 @@ class RunMetricsResource(BaseModel):
     validation: list[ValReport]
 
 
+def run_uri(run_id: str, aspect: RunAspect) -> str:
+    return f"runs://{run_id}/{aspect.value}"
+
+
 def run_resources(run_id: str) -> dict[str, str]:
-    return {aspect: f"runs://{run_id}/{aspect}" for aspect in ("status", "memory", "metrics")}
+    return {aspect.value: run_uri(run_id, aspect) for aspect in RunAspect}
 
 
 def tool_result(model: BaseModel, summary: str) -> CallToolResult:
@@ -92,7 +79,3 @@ def tool_result(model: BaseModel, summary: str) -> CallToolResult:
     data: dict[str, Any] = model.model_dump(mode="json")
     text = summary + "\n" + model.model_dump_json(indent=1)
     return CallToolResult(content=[TextContent(type="text", text=text)], structured_content=data)
-
-
-def summarize_run(status: RunStatus) -> str:
-    return status.summary()

@@ -11,8 +11,7 @@ from mcp.server import MCPServer, NotificationOptions
 from mcp.server.stdio import stdio_server
 from mcp.server.subscriptions import InMemorySubscriptionBus
 
-from trainer import JobRunner, RunStore
-from trainer.engine.inference import ModelSession
+from trainer import JobRunner, ModelSession, RunStore
 
 from .notify import bridge
 from .resources import register_resource_templates, register_run_resources
@@ -42,11 +41,12 @@ def build_server(settings: ServerSettings) -> MCPServer[AppState]:
                     store,
                     max_concurrent=settings.max_concurrent,
                     worker_env=settings.worker_env,
-                    memory_budget_gb=settings.memory_budget_gb,
+                    defaults=settings.run_defaults(),
                 ) as runner,
                 anyio.create_task_group() as tg,
             ):
-                state = AppState(settings=settings, runner=runner, models=ModelSession(), bus=bus)
+                models = ModelSession(models_root=settings.home / "models")
+                state = AppState(settings=settings, runner=runner, models=models, bus=bus)
                 for snap in runner.list_runs(limit=RECENT_RUNS_LISTED):
                     register_run_resources(mcp, state, snap.id)
                 tg.start_soon(bridge, state, lambda run_id: register_run_resources(mcp, state, run_id))

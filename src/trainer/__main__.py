@@ -7,14 +7,17 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import anyio
 from tqdm import tqdm
 
-from .errors import TrainerError
+from .errors import ConfigError, TrainerError
 from .lifecycle.jobs import JobState, RunSnapshot
 from .lifecycle.runner import JobRunner
 from .lifecycle.store import RunStore
+from .planning.config import QLoRAConfig
+from .planning.preflight import RunDefaults, prepare_run
 from .settings import default_home
 
 log = logging.getLogger("trainer")
@@ -24,10 +27,12 @@ def _describe(snap: RunSnapshot) -> str:
     return snap.summary()
 
 
-async def _run(raw: dict[str, object], home: Path) -> int:
+async def _run(raw: dict[str, Any], home: Path) -> int:
     store = RunStore(home)
-    async with JobRunner(store) as runner:
-        snap = runner.submit(raw)
+    defaults = RunDefaults.for_home(home)
+    prepared = await anyio.to_thread.run_sync(prepare_run, QLoRAConfig.parse(raw), defaults)  # refusals before start
+    async with JobRunner(store, defaults=defaults) as runner:
+        snap = runner.enqueue(prepared)
         log.info("run %s queued; folder %s", snap.id, snap.run_dir)
         with tqdm(total=snap.iters, desc=f"run {snap.id}", unit="it", file=sys.stderr) as bar:
             while not snap.state.terminal:
@@ -46,6 +51,16 @@ async def _run(raw: dict[str, object], home: Path) -> int:
     if snap.adapter_path:
         log.info("adapter: %s", snap.adapter_path)
     return 0 if snap.state is JobState.SUCCEEDED else 1
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read run config {str(path)!r}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"run config {str(path)!r} must be a JSON object of settings")
+    return raw
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     home = (args.home or default_home()).resolve()
     try:
         if args.command == "run":
-            return anyio.run(_run, json.loads(args.config.read_text(encoding="utf-8")), home)
+            return anyio.run(_run, _read_config(args.config), home)
         if args.command == "status":
             snap = RunStore(home).get(args.run_id).snapshot()
             sys.stdout.write(snap.model_dump_json(indent=2) + "\n")

@@ -69,6 +69,6 @@ async def test_bad_input_is_a_clear_error_and_leaves_no_record(
     home = tmp_path / "home"
     async with JobRunner(RunStore(home)) as runner:
         with pytest.raises(ConfigError, match=expected):
-            runner.submit(config(fake_model, data, **overrides))
+            await runner.submit(config(fake_model, data, **overrides))
     assert RunStore(home).list_runs() == []
     assert list((home / "runs").iterdir()) == []

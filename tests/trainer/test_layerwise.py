@@ -78,7 +78,7 @@ async def test_a_layerwise_run_trains_like_the_default_step_and_saves_its_adapte
 ) -> None:
     async with JobRunner(RunStore(tmp_path)) as runner:
         runs = {
-            layerwise: runner.submit(
+            layerwise: await runner.submit(
                 tiny_run_config(tiny_model, tiny_data, iters=30, steps_per_eval=15, save_every=15, layerwise=layerwise)
             )
             for layerwise in (True, False)

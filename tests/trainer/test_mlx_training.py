@@ -22,7 +22,7 @@ SAMPLE_INTERVAL = 0.2
 async def trained(tiny_model: Path, tiny_data: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     home = tmp_path_factory.mktemp("mlx-home")
     async with JobRunner(RunStore(home)) as runner:
-        run = runner.submit(
+        run = await runner.submit(
             tiny_run_config(tiny_model, tiny_data, save_every=20, memory_sample_interval=SAMPLE_INTERVAL)
         )
         done = await runner.wait_until_done(run.id, 300)

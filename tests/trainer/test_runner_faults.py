@@ -22,7 +22,7 @@ async def _wait_running(runner, run_id: str) -> None:  # type: ignore[no-untyped
 
 async def test_successful_run_is_recorded_with_its_metrics_and_adapter(tmp_path: Path, fake_model, tiny_data) -> None:
     async with fake_runner(tmp_path, "succeed") as runner:
-        run = runner.submit(config(fake_model, tiny_data, memory_sample_interval=0.05))
+        run = await runner.submit(config(fake_model, tiny_data, memory_sample_interval=0.05))
         done = await runner.wait_until_done(run.id, START_TIMEOUT)
     assert done.state is JobState.SUCCEEDED
     assert done.iteration == 5 and done.metrics.last_train_loss == pytest.approx(0.2)
@@ -36,7 +36,7 @@ async def test_successful_run_is_recorded_with_its_metrics_and_adapter(tmp_path:
 
 async def test_reported_failure_keeps_the_workers_kind_and_message(tmp_path: Path, fake_model, tiny_data) -> None:
     async with fake_runner(tmp_path, "fail") as runner:
-        run = runner.submit(config(fake_model, tiny_data))
+        run = await runner.submit(config(fake_model, tiny_data))
         done = await runner.wait_until_done(run.id, START_TIMEOUT)
     assert done.state is JobState.FAILED
     assert done.error is not None and done.error.kind is FailureKind.BACKEND and done.error.exit_code == 1
@@ -50,7 +50,7 @@ async def test_worker_killed_by_signal_marks_run_failed_crashed(
     tmp_path: Path, fake_model, tiny_data, mode: str, signal_name: str
 ) -> None:
     async with fake_runner(tmp_path, mode) as runner:
-        run = runner.submit(config(fake_model, tiny_data))
+        run = await runner.submit(config(fake_model, tiny_data))
         done = await runner.wait_until_done(run.id, START_TIMEOUT)
     assert done.state is JobState.FAILED and done.error is not None
     assert done.error.kind is FailureKind.CRASHED and done.error.exit_code is not None and done.error.exit_code < 0
@@ -60,7 +60,7 @@ async def test_worker_killed_by_signal_marks_run_failed_crashed(
 
 async def test_hung_worker_is_cancelled_and_its_process_is_gone(tmp_path: Path, fake_model, tiny_data) -> None:
     async with fake_runner(tmp_path, "hang") as runner:
-        run = runner.submit(config(fake_model, tiny_data))
+        run = await runner.submit(config(fake_model, tiny_data))
         await _wait_running(runner, run.id)
         pid = runner.live_workers()[run.id]
         with anyio.fail_after(10):
@@ -74,7 +74,7 @@ async def test_hung_worker_is_cancelled_and_its_process_is_gone(tmp_path: Path, 
 
 async def test_worker_ignoring_sigterm_is_killed_after_the_grace_period(tmp_path: Path, fake_model, tiny_data) -> None:
     async with fake_runner(tmp_path, "hang_ignoring_term", cancel_grace_s=0.5) as runner:
-        run = runner.submit(config(fake_model, tiny_data))
+        run = await runner.submit(config(fake_model, tiny_data))
         await _wait_running(runner, run.id)
         pid = runner.live_workers()[run.id]
         with anyio.fail_after(10):
@@ -84,8 +84,8 @@ async def test_worker_ignoring_sigterm_is_killed_after_the_grace_period(tmp_path
 
 async def test_cancel_while_queued_never_starts_a_worker(tmp_path: Path, fake_model, tiny_data) -> None:
     async with fake_runner(tmp_path, "hang") as runner:
-        first = runner.submit(config(fake_model, tiny_data))
-        second = runner.submit(config(fake_model, tiny_data))
+        first = await runner.submit(config(fake_model, tiny_data))
+        second = await runner.submit(config(fake_model, tiny_data))
         await _wait_running(runner, first.id)
         assert runner.get(second.id).state is JobState.QUEUED  # one run at a time by default
         cancelled = await runner.cancel(second.id)
@@ -98,7 +98,7 @@ async def test_cancel_while_queued_never_starts_a_worker(tmp_path: Path, fake_mo
 
 async def test_queue_runs_in_fifo_order_and_respects_max_concurrent(tmp_path: Path, fake_model, tiny_data) -> None:
     async with fake_runner(tmp_path, "succeed", max_concurrent=2) as runner:
-        runs = [runner.submit(config(fake_model, tiny_data)) for _ in range(3)]
+        runs = [await runner.submit(config(fake_model, tiny_data)) for _ in range(3)]
         done = [await runner.wait_until_done(r.id, START_TIMEOUT) for r in runs]
     assert all(d.state is JobState.SUCCEEDED for d in done)
     assert done[0].started_at and done[2].started_at and done[0].started_at <= done[2].started_at
@@ -106,7 +106,7 @@ async def test_queue_runs_in_fifo_order_and_respects_max_concurrent(tmp_path: Pa
 
 async def test_workers_stdout_goes_to_the_log_not_the_event_channel(tmp_path: Path, fake_model, tiny_data) -> None:
     async with fake_runner(tmp_path, "noisy") as runner:
-        run = runner.submit(config(fake_model, tiny_data))
+        run = await runner.submit(config(fake_model, tiny_data))
         done = await runner.wait_until_done(run.id, START_TIMEOUT)
     assert done.state is JobState.SUCCEEDED
     run_dir = Path(done.run_dir)
@@ -118,8 +118,8 @@ async def test_runs_left_running_by_a_dead_server_are_orphaned_and_queued_ones_r
     tmp_path: Path, fake_model, tiny_data
 ) -> None:
     async with fake_runner(tmp_path, "hang") as runner:
-        running = runner.submit(config(fake_model, tiny_data))
-        queued = runner.submit(config(fake_model, tiny_data))
+        running = await runner.submit(config(fake_model, tiny_data))
+        queued = await runner.submit(config(fake_model, tiny_data))
         await _wait_running(runner, running.id)
     store = RunStore(tmp_path)
     interrupted = store.get(running.id)  # a clean shutdown stops the worker and says so
@@ -142,6 +142,6 @@ async def test_runs_left_running_by_a_dead_server_are_orphaned_and_queued_ones_r
 async def test_bad_config_is_rejected_before_anything_is_written(tmp_path: Path, fake_model, tiny_data) -> None:
     async with fake_runner(tmp_path, "succeed") as runner:
         with pytest.raises(ConfigError, match="rank"):
-            runner.submit(config(fake_model, tiny_data, rank=0))
+            await runner.submit(config(fake_model, tiny_data, rank=0))
         assert runner.list_runs() == []
     assert list((tmp_path / "runs").iterdir()) == []

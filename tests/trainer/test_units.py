@@ -13,6 +13,8 @@ from trainer import FailureKind, InvalidTransition, JobError, JobState, MemorySa
 from trainer.lifecycle.events import Progress, TrainReport, decode_line, encode_line
 from trainer.lifecycle.jobs import TRANSITIONS, Job
 
+CFG = QLoRAConfig(model="m", data="d")
+
 
 def test_reference_defaults_are_qlora_rank_16_alpha_32_4bit_group_64_16_layers() -> None:
     cfg = QLoRAConfig(model="m", data="d")
@@ -24,19 +26,19 @@ def test_reference_defaults_are_qlora_rank_16_alpha_32_4bit_group_64_16_layers()
         64,
         16,
     )
-    assert cfg.memory_sample_interval == 0.5
+    assert cfg.memory_sample_interval is None  # the server's default (settings.DEFAULT_SAMPLE_INTERVAL_S) applies
 
 
 def test_terminal_states_accept_no_transition() -> None:
     for state in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED):
         assert TRANSITIONS[state] == frozenset()
-        job = Job(id="x", config={}, run_dir="/tmp/x", iters=1, state=state)
+        job = Job(id="x", config=CFG, run_dir="/tmp/x", iters=1, state=state)
         with pytest.raises(InvalidTransition):
             job.transition(JobState.RUNNING)
 
 
 def test_transition_stamps_times_and_failure_needs_an_error() -> None:
-    job = Job(id="x", config={}, run_dir="/tmp/x", iters=1)
+    job = Job(id="x", config=CFG, run_dir="/tmp/x", iters=1)
     with pytest.raises(InvalidTransition):
         job.transition(JobState.SUCCEEDED)  # queued cannot succeed without running
     job.transition(JobState.RUNNING)
@@ -66,7 +68,7 @@ def test_events_round_trip_as_one_json_line() -> None:
 
 def test_store_uses_wal_and_round_trips_a_job(tmp_path: Path) -> None:
     store = RunStore(tmp_path)
-    job = Job(id="abc", config={"k": 1}, run_dir=str(store.run_dir("abc")), iters=3)
+    job = Job(id="abc", config=CFG.model_copy(update={"iters": 3}), run_dir=str(store.run_dir("abc")), iters=3)
     store.create(job)
     job.transition(JobState.RUNNING)
     job.iteration = 2
@@ -81,9 +83,9 @@ def test_store_uses_wal_and_round_trips_a_job(tmp_path: Path) -> None:
 
 def test_store_create_that_fails_leaves_no_folder(tmp_path: Path) -> None:
     store = RunStore(tmp_path)
-    store.create(Job(id="dup", config={}, run_dir=str(tmp_path / "runs" / "dup"), iters=1))
+    store.create(Job(id="dup", config=CFG, run_dir=str(tmp_path / "runs" / "dup"), iters=1))
     with pytest.raises(sqlite3.IntegrityError):
-        store.create(Job(id="dup", config={}, run_dir=str(tmp_path / "runs" / "other"), iters=1))
+        store.create(Job(id="dup", config=CFG, run_dir=str(tmp_path / "runs" / "other"), iters=1))
     assert not (tmp_path / "runs" / "other").exists()
 
 

@@ -13,7 +13,6 @@ chunks: on the CPU `mx.dequantize` briefly needs twice its output, so an unchunk
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cache
@@ -23,6 +22,7 @@ import mlx.core as mx
 from mlx.nn.layers.base import Module
 from mlx.nn.layers.quantized import QuantizedEmbedding, QuantizedLinear
 
+from ..planning.device import fast_path_on
 from . import decode_kernel
 from .cpu_math import row_ranges, use_fast_activations
 from .decode_kernel import few_rows
@@ -30,7 +30,6 @@ from .decode_layers import use_decode_layers
 
 log = logging.getLogger(__name__)
 
-FAST_ENV = "MCP_LOCAL_FAST_QUANT"
 #: largest dequantized chunk, in elements. Small on the CPU, where it bounds the dequantize's scratch memory
 #: (measured on the SmolLM2 shape: 896 MB unchunked, 731 at 4M, 653 at 1M, 608 at 512K, against 564 for plain
 #: MLX-LM); unchunked on a GPU, where chunks cost speed and saved nothing (7B shape, 1x2048, H200: 7,048 tokens/s
@@ -41,14 +40,6 @@ GPU_CHUNK_ELEMENTS = 1 << 62
 
 def chunk_elements() -> int:
     return CPU_CHUNK_ELEMENTS if mx.default_device() == mx.cpu else GPU_CHUNK_ELEMENTS
-
-
-def fast_path_default() -> bool:
-    """On where it helps: the CPU and CUDA backends; off on Metal, where MLX's own kernels are fast."""
-    env = os.environ.get(FAST_ENV)
-    if env is not None:
-        return env not in ("0", "false", "off", "no")
-    return not mx.metal.is_available()
 
 
 def _row_chunks(rows: int, cols: int) -> list[tuple[int, int]]:
@@ -244,11 +235,6 @@ def use_float32_on_cpu(model: Module) -> bool:
         return False
     model.set_dtype(mx.float32)
     return True
-
-
-def fast_path_on(wanted: bool | None) -> bool:
-    """The fast path is on when `wanted`, or by backend when None."""
-    return fast_path_default() if wanted is None else wanted
 
 
 def apply_fast_path(model: Module, wanted: bool | None) -> bool:

@@ -12,15 +12,16 @@ keep MLX-LM's default (`rope_traditional: false`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, cast
 
 from ..errors import ConfigError
+from ..planning.modelref import GGUF_IMPORT_VERSION, GGUF_REFUSED_EXIT, gguf_cache_folder
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,6 @@ _TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output
 _QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-IMPORT_VERSION = 1
 
 
 def _scalar(meta: dict[str, Any], key: str, default: Any = None) -> Any:
@@ -207,7 +207,7 @@ def import_gguf(gguf_path: Path, out_dir: Path) -> Path:
     (tmp / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     _write_tokenizer(meta, tmp)
     (tmp / "gguf_source.json").write_text(
-        json.dumps({"gguf": str(gguf_path), "import_version": IMPORT_VERSION}), encoding="utf-8"
+        json.dumps({"gguf": str(gguf_path), "import_version": GGUF_IMPORT_VERSION}), encoding="utf-8"
     )
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)  # a folder appears complete or not at all
@@ -217,9 +217,23 @@ def import_gguf(gguf_path: Path, out_dir: Path) -> Path:
 
 def cached_import(gguf_path: Path, cache_root: Path) -> Path:
     """Import once per GGUF file (keyed by path, size and mtime) into `cache_root`, reusing earlier imports."""
-    stat = gguf_path.stat()
-    key = f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{IMPORT_VERSION}"
-    folder = cache_root / f"{gguf_path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    folder = gguf_cache_folder(gguf_path, cache_root)
     if (folder / "config.json").is_file():
         return folder
     return import_gguf(gguf_path, folder)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m trainer.engine.gguf FILE OUT_DIR`: the isolated importer `resolve_model_dir` runs."""
+    args = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(message)s")
+    try:
+        import_gguf(Path(args[0]), Path(args[1]))
+    except ConfigError as exc:
+        sys.stderr.write(f"{exc}\n")
+        return GGUF_REFUSED_EXIT
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

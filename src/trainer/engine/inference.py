@@ -83,17 +83,24 @@ def resolve_adapter_dir(adapter: str) -> Path:
 
 
 class ModelSession:
-    def __init__(self, fast_path: bool | None = None) -> None:
+    """Models loaded in this process for generation. MLX is imported on the first load, not before."""
+
+    def __init__(self, fast_path: bool | None = None, models_root: Path | None = None) -> None:
         self.fast_path = fast_path
+        self.models_root = models_root  # where GGUF imports go
         self._lock = threading.Lock()
         self._loaded: dict[tuple[str, str | None], _Loaded] = {}
         self.current: tuple[str, str | None] | None = None
 
-    def load(self, model: str, adapter: str | None = None) -> ModelInfo:
-        model_dir = resolve_model_dir(model)
+    def _key(self, model: str, adapter: str | None) -> tuple[str, str | None]:
+        model_dir = resolve_model_dir(model, self.models_root)
         read_model_config(model_dir)
         adapter_dir = resolve_adapter_dir(adapter) if adapter else None
-        key = (str(model_dir), str(adapter_dir) if adapter_dir else None)
+        return str(model_dir), str(adapter_dir) if adapter_dir else None
+
+    def load(self, model: str, adapter: str | None = None) -> ModelInfo:
+        """Load (or reuse) a model, optionally with an adapter, and make it the one plain `generate` uses."""
+        key = self._key(model, adapter)
         with self._lock:
             loaded = self._loaded.get(key) or self._load(key)
             self.current = key
@@ -133,6 +140,11 @@ class ModelSession:
         self._loaded[key] = loaded
         return loaded
 
+    def _current(self) -> tuple[str, str | None]:
+        if self.current is None:
+            raise ModelError("no model is loaded; call load_model with a model folder first")
+        return self.current
+
     def loaded_models(self) -> list[ModelInfo]:
         return [loaded.info for loaded in self._loaded.values()]
 
@@ -148,23 +160,18 @@ class ModelSession:
         adapter: str | None = None,
         model: str | None = None,
     ) -> Generation:
-        """Generate from the current model (or `model`), through its chat template when it has one."""
+        """Generate from the current model, or from `model` and/or `adapter` for this call only (the current model
+        stays what load_model chose), through the model's chat template when it has one."""
         if (prompt is None) == (messages is None):
             raise ConfigError("pass exactly one of prompt (a string) or messages (a chat list)")
-        if model is None and self.current is None:
-            raise ModelError("no model is loaded; call load_model with a model folder first")
-        base = model or (self.current[0] if self.current else "")
-        if adapter is not None or model is not None:
-            self.load(base, adapter)
-        elif self.current is not None:
-            base = self.current[0]
+        key = self._key(model or self._current()[0], adapter) if adapter or model else None
         import mlx.core as mx
         from mlx_lm.generate import stream_generate
         from mlx_lm.sample_utils import make_sampler
 
         with self._lock:
-            assert self.current is not None
-            loaded = self._loaded[self.current]
+            key = key or self._current()
+            loaded = self._loaded.get(key) or self._load(key)
             tokenizer = loaded.tokenizer
             chat = messages if messages is not None else [{"role": "user", "content": prompt or ""}]
             if getattr(tokenizer, "chat_template", None):

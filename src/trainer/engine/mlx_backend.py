@@ -73,7 +73,7 @@ class MlxTrainingBackend:
         from mlx_lm.tuner.utils import linear_to_lora_layers
         from mlx_lm.utils import save_config
 
-        from .fastpath import fast_path_on
+        from ..planning.device import fast_path_on
         from .losses import cross_entropy_for, training_loss
 
         mx.random.seed(config.seed)

@@ -1,10 +1,13 @@
-"""The worker -> runner wire format: one versioned JSON object per line.
+"""The worker -> runner wire format: one versioned JSON object per line (docs/events.md).
 
-The fields of `train_report` and `val_report` mirror mlx-lm's `TrainingCallback` dicts.
+The fields of `train_report` and `val_report` mirror mlx-lm's `TrainingCallback` dicts. Compatibility: a reader
+accepts only its own `v`; adding an optional field keeps the version (readers ignore fields they do not know),
+anything else bumps it. `seq` starts at 1 and increases by one per event of a worker.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Annotated, Literal
 
@@ -12,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from .jobs import FailureKind, Phase
 
+log = logging.getLogger(__name__)
 WIRE_VERSION = 1
 
 
@@ -103,5 +107,34 @@ def encode_line(event: _Event) -> bytes:
     return event.model_dump_json().encode() + b"\n"
 
 
+class WireError(ValueError):
+    """A line that is not an event of this wire version, or out of sequence."""
+
+
 def decode_line(line: bytes | str) -> Event:
-    return _EVENT.validate_json(line)
+    """One event; raises WireError for another wire version and ValueError for anything that is not an event."""
+    event = _EVENT.validate_json(line)
+    if event.v != WIRE_VERSION:
+        raise WireError(f"event of wire version {event.v}, this reader understands {WIRE_VERSION}")
+    return event
+
+
+class EventReader:
+    """Decodes one worker's lines and checks that `seq` strictly increases (no replay, no reordering)."""
+
+    def __init__(self) -> None:
+        self.last_seq = 0
+
+    def decode(self, line: bytes | str) -> Event:
+        event = decode_line(line)
+        if event.seq <= self.last_seq:
+            raise WireError(f"event seq {event.seq} after {self.last_seq}: replayed or out of order")
+        if event.seq != self.last_seq + 1:
+            log.warning(
+                "event seq jumped from %d to %d: %d events lost",
+                self.last_seq,
+                event.seq,
+                event.seq - self.last_seq - 1,
+            )
+        self.last_seq = event.seq
+        return event

@@ -1,15 +1,19 @@
-"""The job state machine: states, failure kinds, the transition table and the one place state changes."""
+"""The job state machine: states, failure kinds, the transition table and the one place state changes.
+
+`Job.transition` is the only way a run's state changes; `JobRunner` calls it with what `tracking.final_outcome`
+decides from the worker's last event and exit status.
+"""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
 from ..errors import InvalidTransition
+from ..planning.config import QLoRAConfig
 
 
 class JobState(StrEnum):
@@ -108,15 +112,13 @@ class RunSnapshot(BaseModel):
     adapter_path: str | None
     run_dir: str
     error: JobError | None
-    config: dict[str, Any]
+    config: QLoRAConfig
 
     def summary(self) -> str:
         """One line a person (or a model that reads only text) can follow a run by."""
         m = self.metrics
-        parts = [f"run {self.id}: {self.state.value}"]
-        if self.phase and not self.state.terminal:
-            parts.append(f"({self.phase.value})")
-        parts.append(f"iteration {self.iteration}/{self.iters}")
+        phase = f" ({self.phase.value})" if self.phase and not self.state.terminal else ""
+        parts = [f"run {self.id}: {self.state.value}{phase}", f"iteration {self.iteration}/{self.iters}"]
         if m.last_train_loss is not None:
             parts.append(f"train loss {m.last_train_loss:.3f}")
         if m.last_val_loss is not None:
@@ -139,7 +141,7 @@ class Job:
     """The mutable record of one run; `transition` is the only way its state changes."""
 
     id: str
-    config: dict[str, Any]
+    config: QLoRAConfig
     run_dir: str
     iters: int
     state: JobState = JobState.QUEUED
@@ -163,6 +165,8 @@ class Job:
         if to.terminal:
             self.ended_at = now
             self.pid = None
+        if to is JobState.SUCCEEDED:
+            self.phase = None  # the last phase (saving) is over
         if to is JobState.FAILED:
             self.error = error or JobError(kind=FailureKind.CRASHED, message="failed for an unknown reason")
 
@@ -187,5 +191,5 @@ class Job:
             adapter_path=self.adapter_path,
             run_dir=self.run_dir,
             error=self.error,
-            config=dict(self.config),
+            config=self.config,
         )

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import threading
 from collections.abc import Callable
 
 import psutil
+from pydantic import BaseModel, Field
 
 from .events import MemorySample
 
@@ -15,17 +18,18 @@ GB = 1e9
 
 
 def _mlx_memory() -> tuple[float, float, float]:
-    try:
-        import mlx.core as mx
-    except ImportError:  # a fake backend or an MLX-less install still gets RSS and system numbers
+    """MLX's allocator, if this process has loaded MLX (it holds nothing otherwise; importing it here would load it
+    into the server just to read zeros)."""
+    mx = sys.modules.get("mlx.core")
+    if mx is None:
         return 0.0, 0.0, 0.0
     return mx.get_active_memory() / GB, mx.get_peak_memory() / GB, mx.get_cache_memory() / GB
 
 
-def sample_memory(process: psutil.Process | None = None, *, with_mlx: bool = True) -> MemorySample:
+def sample_memory(process: psutil.Process | None = None) -> MemorySample:
     proc = process or psutil.Process()
     system = psutil.virtual_memory()
-    active, peak, cache = _mlx_memory() if with_mlx else (0.0, 0.0, 0.0)
+    active, peak, cache = _mlx_memory()
     return MemorySample(
         rss_gb=proc.memory_info().rss / GB,
         active_gb=active,
@@ -39,10 +43,9 @@ def sample_memory(process: psutil.Process | None = None, *, with_mlx: bool = Tru
 class MemorySampler:
     """Samples memory every `interval` seconds on a daemon thread, independent of the training loop."""
 
-    def __init__(self, interval: float, emit: Callable[[MemorySample], None], *, with_mlx: bool = True) -> None:
+    def __init__(self, interval: float, emit: Callable[[MemorySample], None]) -> None:
         self.interval = interval
         self._emit = emit
-        self._with_mlx = with_mlx
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="memory-sampler", daemon=True)
         self._process = psutil.Process()
@@ -50,7 +53,7 @@ class MemorySampler:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                self._emit(sample_memory(self._process, with_mlx=self._with_mlx))
+                self._emit(sample_memory(self._process))
             except OSError:  # the event channel closed: the parent is gone, nothing left to report to
                 log.warning("memory sampler stopped: event channel closed")
                 return
@@ -63,3 +66,30 @@ class MemorySampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+class ProcessMemory(BaseModel):
+    pid: int
+    rss_gb: float
+    mlx_active_gb: float | None = None
+    mlx_peak_gb: float | None = None
+    mlx_cache_gb: float | None = None
+
+
+class WorkerMemory(ProcessMemory):
+    run_id: str
+    sampled_at: float | None = Field(None, description="When the worker last sampled its MLX memory (epoch s).")
+
+
+def process_memory(pid: int | None = None) -> ProcessMemory:
+    """This process's memory (or another's RSS only: MLX's numbers are per process)."""
+    if pid is None or pid == os.getpid():
+        own = sample_memory()
+        return ProcessMemory(
+            pid=os.getpid(),
+            rss_gb=own.rss_gb,
+            mlx_active_gb=own.active_gb,
+            mlx_peak_gb=own.peak_gb,
+            mlx_cache_gb=own.cache_gb,
+        )
+    return ProcessMemory(pid=pid, rss_gb=psutil.Process(pid).memory_info().rss / GB)

@@ -1,7 +1,7 @@
-"""The async job runner: a FIFO queue of runs, each trained by a worker subprocess whose events it reads.
+"""The job runner: accepts runs, queues them, trains each in a worker subprocess and keeps their records current.
 
-The runner is the one place that changes a run's state (through `Job.transition`), and the parent decides the
-final state from the worker's exit status and its last event, as rq does.
+It is the one place that changes a run's state (through `Job.transition`), with what `tracking.final_outcome`
+decides from the worker's last event and exit status. Watchers get `RunUpdate` cues naming what changed.
 """
 
 from __future__ import annotations
@@ -10,14 +10,12 @@ import logging
 import os
 import secrets
 import signal
-import subprocess
-import sys
-from collections import deque
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -27,26 +25,19 @@ from ..environment.mlx_env import mlx_env
 from ..environment.preload import preload_env
 from ..errors import RunConflict
 from ..planning.config import QLoRAConfig
-from ..planning.preflight import preflight
-from .events import (
-    Checkpoint,
-    Event,
-    Failed,
-    Finished,
-    MemorySample,
-    PhaseChanged,
-    Progress,
-    Started,
-    TrainReport,
-    ValReport,
-    decode_line,
-)
+from ..planning.preflight import PreparedRun, RunDefaults, prepare_run
+from .events import Event, EventReader, Failed, Finished, MemorySample, TrainReport, ValReport
 from .jobs import FailureKind, Job, JobError, JobState, RunSnapshot
+from .memory import WorkerMemory
+from .process import WorkerProcess
 from .run_log import read_events, stderr_tail
+from .scheduler import Scheduler
 from .store import RunStore
+from .tracking import Ending, RunAspect, RunHistory, apply_event, final_outcome
 
 log = logging.getLogger(__name__)
-MEMORY_RING = 2000
+#: finished runs from earlier sessions kept rebuilt in memory (each rebuild reads its events.jsonl)
+REBUILT_CACHE = 32
 
 
 @dataclass(frozen=True)
@@ -54,7 +45,8 @@ class RunUpdate:
     """A cue that something about a run changed; watchers re-read what they need."""
 
     run_id: str
-    aspect: str  # "created" | "state" | "progress" | "memory" | "metrics"
+    aspects: frozenset[RunAspect]
+    created: bool = False
 
 
 @dataclass
@@ -62,11 +54,9 @@ class _Tracked:
     """What the runner keeps in memory about a run it has seen this session."""
 
     job: Job
-    memory: deque[MemorySample] = field(default_factory=lambda: deque(maxlen=MEMORY_RING))
-    train_reports: list[TrainReport] = field(default_factory=list)
-    val_reports: list[ValReport] = field(default_factory=list)
+    history: RunHistory = field(default_factory=RunHistory)
     changed: anyio.Event = field(default_factory=anyio.Event)
-    process: anyio.abc.Process | None = None
+    worker: WorkerProcess | None = None
     cancel_requested: bool = False
     shutting_down: bool = False
     done: anyio.Event = field(default_factory=anyio.Event)
@@ -82,19 +72,15 @@ class JobRunner:
         max_concurrent: int = 1,
         cancel_grace_s: float = 10.0,
         worker_env: Mapping[str, str] | None = None,
-        memory_budget_gb: float | None = None,
+        defaults: RunDefaults | None = None,
     ) -> None:
-        if max_concurrent < 1:
-            raise ValueError(f"max_concurrent={max_concurrent} must be at least 1")
         self.store = store
-        self.max_concurrent = max_concurrent
         self.cancel_grace_s = cancel_grace_s
         self.worker_env = dict(worker_env or {})
-        self.memory_budget_gb = memory_budget_gb  # None: the smaller of 16 GB and 75% of physical memory
+        self.defaults = defaults or RunDefaults.for_home(store.root)
+        self._scheduler = Scheduler(max_concurrent)
         self._tracked: dict[str, _Tracked] = {}
-        self._queue: deque[str] = deque()
-        self._running: set[str] = set()
-        self._wake = anyio.Event()
+        self._rebuilt: OrderedDict[str, _Tracked] = OrderedDict()
         self._watchers: set[MemoryObjectSendStream[RunUpdate]] = set()
         self._tg: anyio.abc.TaskGroup | None = None
 
@@ -104,15 +90,16 @@ class JobRunner:
         self._recover()
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
-        self._tg.start_soon(self._schedule)
+        self._tg.start_soon(self._scheduler.run, self._tg, self._run_worker)
         return self
 
     async def __aexit__(self, *exc: object) -> bool | None:
         assert self._tg is not None
         with anyio.CancelScope(shield=True):
-            for run_id in list(self._running):
-                self._tracked[run_id].shutting_down = True
-                await self._stop_worker(self._tracked[run_id], reason="shutdown")
+            for run_id in self._scheduler.running:
+                tracked = self._tracked[run_id]
+                tracked.shutting_down = True
+                await self._stop(tracked)
         self._tg.cancel_scope.cancel()
         return await self._tg.__aexit__(*exc)  # type: ignore[arg-type]
 
@@ -121,62 +108,105 @@ class JobRunner:
         for job in self.store.live():
             if job.state is JobState.QUEUED:
                 self._tracked[job.id] = _Tracked(job)
-                self._queue.append(job.id)
-            else:
-                job.transition(
-                    JobState.FAILED,
-                    error=JobError(
-                        kind=FailureKind.ORPHANED,
-                        message="the server stopped while this run was training; its last adapter checkpoint "
-                        "is in the run folder; start a new run to continue",
-                    ),
-                )
-                self.store.save(job)
+                self._scheduler.enqueue(job.id)
+                continue
+            message = (
+                "the server stopped while this run was training; its last adapter checkpoint is in the run folder; "
+                "start a new run to continue"
+            )
+            job.transition(JobState.FAILED, error=JobError(kind=FailureKind.ORPHANED, message=message))
+            self.store.save(job)
 
     # ---- public API --------------------------------------------------------------------------------------------
 
-    def submit(self, config: QLoRAConfig | dict[str, Any]) -> RunSnapshot:
-        """Validate and enqueue a run; returns at once. Raises ConfigError and writes nothing on bad input."""
+    async def submit(self, config: QLoRAConfig | dict[str, Any]) -> RunSnapshot:
+        """Check and enqueue a run; returns once it is queued. Raises ConfigError and writes nothing on bad input.
+
+        The checks (model resolution, a GGUF import, reading the dataset) run in a thread: they may take seconds.
+        """
         parsed = config if isinstance(config, QLoRAConfig) else QLoRAConfig.parse(config)
-        checked, _, memory = preflight(parsed, self.memory_budget_gb)
+        prepared = await anyio.to_thread.run_sync(prepare_run, parsed, self.defaults)
+        return self.enqueue(prepared)
+
+    def enqueue(self, prepared: PreparedRun) -> RunSnapshot:
         run_id = secrets.token_hex(4)
         job = Job(
-            id=run_id,
-            config=checked.model_dump(mode="json"),
-            run_dir=str(self.store.run_dir(run_id)),
-            iters=checked.iters,
+            id=run_id, config=prepared.config, run_dir=str(self.store.run_dir(run_id)), iters=prepared.config.iters
         )
-        if memory is not None:
-            job.metrics.predicted_peak_gb = memory.prediction.total_gb
-        self.store.create(job)
+        job.metrics.predicted_peak_gb = prepared.predicted_peak_gb
+        self.store.create(job, prepared.model_dump_json(indent=2))
         self._tracked[run_id] = _Tracked(job)
-        self._queue.append(run_id)
-        self._wake.set()
-        self._publish(run_id, "created")
+        self._scheduler.enqueue(run_id)
+        self._publish(RunUpdate(run_id, frozenset({RunAspect.STATUS}), created=True))
         return job.snapshot()
 
     def get(self, run_id: str) -> RunSnapshot:
-        return self._job(run_id).snapshot()
+        tracked = self._tracked.get(run_id)
+        return (tracked.job if tracked else self.store.get(run_id)).snapshot()
 
     def list_runs(self, state: JobState | None = None, limit: int = 50) -> list[RunSnapshot]:
-        live = {rid: t.job for rid, t in self._tracked.items()}
-        return [live.get(j.id, j).snapshot() for j in self.store.list_runs(state, limit)]
+        return [
+            self._tracked[j.id].job.snapshot() if j.id in self._tracked else j.snapshot()
+            for j in self.store.list_runs(state, limit)
+        ]
 
     def memory_samples(self, run_id: str, limit: int | None = None) -> list[MemorySample]:
-        samples = list(self._tracker(run_id).memory)
-        return samples[-limit:] if limit else samples
+        """The run's latest memory samples, oldest first: `limit` of them (0: none), or all that are kept."""
+        samples = list(self._tracker(run_id).history.memory)
+        if limit is None:
+            return samples
+        return samples[-limit:] if limit > 0 else []
 
     def reports(self, run_id: str) -> tuple[list[TrainReport], list[ValReport]]:
-        tracked = self._tracker(run_id)
-        return list(tracked.train_reports), list(tracked.val_reports)
+        history = self._tracker(run_id).history
+        return list(history.train_reports), list(history.val_reports)
+
+    def queue_position(self, run_id: str) -> int:
+        """0 when the run is not waiting; n when n runs (running or queued) start before it."""
+        return self._scheduler.position(run_id)
 
     def live_workers(self) -> dict[str, int]:
         """run id -> worker pid, for every worker process alive now."""
         return {
-            rid: t.process.pid
-            for rid in self._running
-            if (t := self._tracked[rid]).process is not None and t.process.returncode is None
+            rid: t.worker.pid
+            for rid in self._scheduler.running
+            if (t := self._tracked[rid]).worker is not None and t.worker.alive
         }
+
+    def worker_memory(self) -> list[WorkerMemory]:
+        """Each live worker's RSS now and its latest MLX numbers (MLX's allocator is only readable from inside)."""
+        from .memory import process_memory
+
+        workers = []
+        for run_id, pid in self.live_workers().items():
+            try:
+                rss = process_memory(pid).rss_gb
+            except ProcessLookupError:
+                continue
+            last = self.memory_samples(run_id, 1)
+            sample = last[0] if last else None
+            workers.append(
+                WorkerMemory(
+                    run_id=run_id,
+                    pid=pid,
+                    rss_gb=rss,
+                    mlx_active_gb=sample.active_gb if sample else None,
+                    mlx_peak_gb=sample.peak_gb if sample else None,
+                    mlx_cache_gb=sample.cache_gb if sample else None,
+                    sampled_at=sample.ts if sample else None,
+                )
+            )
+        return workers
+
+    def adapter_for(self, run_id: str) -> tuple[str, str]:
+        """The run's base model and adapter folder, for generating through it; RunConflict if it has none yet."""
+        snap = self.get(run_id)
+        if not snap.adapter_path:
+            raise RunConflict(
+                f"run {run_id} has no adapter yet (it is {snap.state.value}); wait until it has saved a checkpoint "
+                "or succeeded (run_status shows adapter_path)"
+            )
+        return snap.config.model, snap.adapter_path
 
     async def wait_for_change(self, run_id: str, timeout: float) -> RunSnapshot:
         """Return when the run's state or iteration changes, or after `timeout` seconds."""
@@ -200,12 +230,11 @@ class JobRunner:
         job = tracked.job
         if job.state.terminal:
             raise RunConflict(f"run {run_id} already ended ({job.state.value}); there is nothing to cancel")
-        if job.state is JobState.QUEUED:
-            self._queue.remove(run_id)
+        if job.state is JobState.QUEUED and self._scheduler.remove(run_id):
             self._change_state(tracked, JobState.CANCELLED)
             return job.snapshot()
         tracked.cancel_requested = True
-        await self._stop_worker(tracked, reason="cancel")
+        await self._stop(tracked)
         return job.snapshot()
 
     @asynccontextmanager
@@ -222,50 +251,42 @@ class JobRunner:
 
     # ---- internals ---------------------------------------------------------------------------------------------
 
-    def _job(self, run_id: str) -> Job:
-        tracked = self._tracked.get(run_id)
-        return tracked.job if tracked else self.store.get(run_id)
-
     def _tracker(self, run_id: str) -> _Tracked:
-        """The in-memory view of a run; a run from an earlier session is rebuilt from its events.jsonl."""
-        tracked = self._tracked.get(run_id)
-        if tracked is None:
-            tracked = _Tracked(self.store.get(run_id))
-            for event in read_events(Path(tracked.job.run_dir)):
-                self._remember(tracked, event)
-            self._tracked[run_id] = tracked
+        """The in-memory view of a run; a run from an earlier session is rebuilt from its events.jsonl (and kept
+        among the last REBUILT_CACHE such runs)."""
+        tracked = self._tracked.get(run_id) or self._rebuilt.get(run_id)
+        if tracked is not None:
+            if run_id in self._rebuilt:
+                self._rebuilt.move_to_end(run_id)
+            return tracked
+        tracked = _Tracked(self.store.get(run_id))
+        for event in read_events(Path(tracked.job.run_dir)):
+            apply_event(tracked.job, tracked.history, event)
+        self._rebuilt[run_id] = tracked
+        while len(self._rebuilt) > REBUILT_CACHE:
+            self._rebuilt.popitem(last=False)
         return tracked
 
-    def _publish(self, run_id: str, aspect: str) -> None:
+    def _publish(self, update: RunUpdate) -> None:
         for send in list(self._watchers):
             try:
-                send.send_nowait(RunUpdate(run_id, aspect))
+                send.send_nowait(update)
             except anyio.WouldBlock:
                 pass
             except (anyio.ClosedResourceError, anyio.BrokenResourceError):
                 self._watchers.discard(send)
 
-    def _touch(self, tracked: _Tracked, aspect: str) -> None:
+    def _touch(self, tracked: _Tracked, aspects: frozenset[RunAspect]) -> None:
         tracked.changed.set()
         tracked.changed = anyio.Event()
-        self._publish(tracked.job.id, aspect)
+        self._publish(RunUpdate(tracked.job.id, aspects))
 
     def _change_state(self, tracked: _Tracked, to: JobState, error: JobError | None = None) -> None:
         tracked.job.transition(to, error=error)
         self.store.save(tracked.job)
         if to.terminal:
             tracked.done.set()
-        self._touch(tracked, "state")
-
-    async def _schedule(self) -> None:
-        assert self._tg is not None
-        while True:
-            while self._queue and len(self._running) < self.max_concurrent:
-                run_id = self._queue.popleft()
-                self._running.add(run_id)
-                self._tg.start_soon(self._run_worker, self._tracked[run_id])
-            await self._wake.wait()
-            self._wake = anyio.Event()
+        self._touch(tracked, frozenset({RunAspect.STATUS}))
 
     def _worker_env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -273,154 +294,61 @@ class JobRunner:
         env["PYTHONUNBUFFERED"] = "1"
         return preload_env(mlx_env(env, self.store.root))
 
-    async def _run_worker(self, tracked: _Tracked) -> None:
+    async def _run_worker(self, run_id: str) -> None:
+        tracked = self._tracked[run_id]
         job = tracked.job
-        run_dir = Path(job.run_dir)
         try:
             self._change_state(tracked, JobState.RUNNING)
-            read_fd, write_fd = os.pipe()
-            # local files opened once per run: not worth a thread hop
-            with open(run_dir / "worker.log", "ab") as worker_log, os.fdopen(read_fd, "rb") as channel:  # noqa: ASYNC230
-                try:
-                    tracked.process = await anyio.open_process(
-                        [sys.executable, "-m", "trainer.lifecycle.worker", str(run_dir), "--event-fd", str(write_fd)],
-                        stdin=subprocess.PIPE,
-                        stdout=worker_log,
-                        stderr=worker_log,
-                        pass_fds=[write_fd],
-                        start_new_session=True,  # its own process group, so cancel reaches its children too
-                        env=self._worker_env(),
-                    )
-                finally:
-                    os.close(write_fd)
-                job.pid = tracked.process.pid
+            run_dir = Path(job.run_dir)
+            try:
+                tracked.worker = worker = await WorkerProcess.start(run_dir, self._worker_env())
+            except OSError as exc:  # the worker could not be started at all
+                log.exception("run %s: could not start its worker", job.id)
+                failure = JobError(kind=FailureKind.BACKEND, message=f"could not start the worker process: {exc}")
+                self._change_state(tracked, JobState.FAILED, failure)
+                return
+            try:
+                job.pid = worker.pid
                 self.store.save(job)
-                if tracked.cancel_requested:  # cancelled while the process was starting
-                    _signal_group(job.pid, signal.SIGTERM)
-                last = await self._pump_events(tracked, channel, run_dir / "events.jsonl")
-                exit_code = await tracked.process.wait()
-            self._finish(tracked, last, exit_code)
-        except OSError as exc:  # the worker could not be started at all
-            log.exception("run %s: could not start its worker", job.id)
-            error = JobError(kind=FailureKind.BACKEND, message=f"could not start the worker process: {exc}")
-            self._change_state(tracked, JobState.FAILED, error)
+                if tracked.cancel_requested or tracked.shutting_down:  # stopped while the process was starting
+                    worker.signal(signal.SIGTERM)
+                last = await self._pump_events(tracked, worker, run_dir / "events.jsonl")
+                exit_code = await worker.wait()
+            finally:
+                worker.close()
+            ending = Ending(last, exit_code, tracked.cancel_requested, tracked.shutting_down, stderr_tail(run_dir))
+            state, error = final_outcome(job, ending)
+            if state is JobState.SUCCEEDED:
+                job.iteration = job.iters
+            self._change_state(tracked, state, error)
         finally:
-            self._running.discard(job.id)
-            self._wake.set()
+            self._scheduler.done(job.id)
 
-    async def _pump_events(self, tracked: _Tracked, channel: BinaryIO, events_path: Path) -> Event | None:
+    async def _pump_events(self, tracked: _Tracked, worker: WorkerProcess, events_path: Path) -> Event | None:
+        """Append each line to events.jsonl, fold each event into the run; return its Finished or Failed."""
         last: Event | None = None
+        reader = EventReader()
         with open(events_path, "ab") as events_file:  # noqa: ASYNC230
-            while True:
-                line = await anyio.to_thread.run_sync(channel.readline, abandon_on_cancel=True)
-                if not line:
-                    return last  # EOF: the worker (and anything it started) closed the channel
+            async for line in worker.lines():
                 events_file.write(line)
                 events_file.flush()
                 try:
-                    event = decode_line(line)
-                except ValueError:
-                    log.warning("run %s: ignoring a malformed event line %r", tracked.job.id, line[:200])
+                    event = reader.decode(line)
+                except ValueError as exc:
+                    log.warning("run %s: ignoring an event line (%s): %r", tracked.job.id, exc, line[:200])
                     continue
                 if isinstance(event, Finished | Failed):
                     last = event
-                self._apply(tracked, event)
+                aspects = apply_event(tracked.job, tracked.history, event)
+                if aspects and not isinstance(event, MemorySample):
+                    self.store.save(tracked.job)
+                if aspects:
+                    self._touch(tracked, aspects)
+        return last
 
-    def _remember(self, tracked: _Tracked, event: Event) -> None:
-        """Update the in-memory view and the run record from one event (no state change here)."""
-        job, metrics = tracked.job, tracked.job.metrics
-        if isinstance(event, MemorySample):
-            tracked.memory.append(event)
-            metrics.peak_memory_gb = max(metrics.peak_memory_gb or 0.0, event.peak_gb)
-        elif isinstance(event, TrainReport):
-            tracked.train_reports.append(event)
-            job.iteration = max(job.iteration, event.iteration)
-            metrics.last_train_loss = event.train_loss
-            metrics.learning_rate = event.learning_rate
-            metrics.iterations_per_second = event.iterations_per_second
-            metrics.tokens_per_second = event.tokens_per_second
-            metrics.trained_tokens = event.trained_tokens
-            metrics.peak_memory_gb = max(metrics.peak_memory_gb or 0.0, event.peak_memory)
-        elif isinstance(event, ValReport):
-            tracked.val_reports.append(event)
-            if metrics.first_val_loss is None:
-                metrics.first_val_loss = event.val_loss
-            metrics.last_val_loss = event.val_loss
-        elif isinstance(event, Progress):
-            job.iteration = max(job.iteration, event.iteration)
-        elif isinstance(event, PhaseChanged):
-            job.phase = event.phase
-        elif isinstance(event, Failed) and event.adapter_path:
-            job.adapter_path = event.adapter_path
-        elif isinstance(event, Checkpoint | Finished):
-            job.adapter_path = str(Path(event.path).parent) if isinstance(event, Checkpoint) else event.adapter_path
-
-    def _apply(self, tracked: _Tracked, event: Event) -> None:
-        self._remember(tracked, event)
-        if isinstance(event, Started):
-            return
-        if not isinstance(event, MemorySample):
-            self.store.save(tracked.job)
-        aspect = {MemorySample: "memory", TrainReport: "metrics", ValReport: "metrics"}.get(type(event), "progress")
-        self._touch(tracked, aspect)
-
-    def _finish(self, tracked: _Tracked, last: Event | None, exit_code: int) -> None:
-        """The parent decides: the worker's last event and its exit status give the final state."""
-        run_dir = Path(tracked.job.run_dir)
-        if isinstance(last, Finished) and exit_code == 0:
-            tracked.job.iteration = tracked.job.iters
-            self._change_state(tracked, JobState.SUCCEEDED)
-        elif tracked.cancel_requested:
-            self._change_state(tracked, JobState.CANCELLED)
-        elif tracked.shutting_down:
-            error = JobError(
-                kind=FailureKind.INTERRUPTED,
-                message=f"the server shut down at iteration {tracked.job.iteration}; the adapter so far is in "
-                f"{tracked.job.config.get('adapter_dir') or run_dir / 'adapters'}",
-                exit_code=exit_code,
-            )
-            self._change_state(tracked, JobState.FAILED, error)
-        elif isinstance(last, Failed):
-            error = JobError(
-                kind=last.kind, message=last.message, exit_code=exit_code, stderr_tail=stderr_tail(run_dir)
-            )
-            self._change_state(tracked, JobState.FAILED, error)
-        else:
-            self._change_state(tracked, JobState.FAILED, crash_error(exit_code, run_dir))
-
-    async def _stop_worker(self, tracked: _Tracked, *, reason: str) -> None:
-        process = tracked.process
-        if process is None or process.returncode is not None:
-            if reason == "cancel":  # starting or ending right now; _run_worker sees cancel_requested
-                await tracked.done.wait()
-            return
-        log.info("run %s: stopping worker %d (%s)", tracked.job.id, process.pid, reason)
-        _signal_group(process.pid, signal.SIGTERM)
-        with anyio.move_on_after(self.cancel_grace_s):
+    async def _stop(self, tracked: _Tracked) -> None:
+        worker = tracked.worker
+        if worker is None or not worker.alive:  # starting or ending right now: _run_worker sees the flags
             await tracked.done.wait()
             return
-        log.warning("run %s: worker ignored SIGTERM for %.0fs; killing it", tracked.job.id, self.cancel_grace_s)
-        _signal_group(process.pid, signal.SIGKILL)
-        await tracked.done.wait()
-
-
-def _signal_group(pid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def crash_error(exit_code: int, run_dir: Path) -> JobError:
-    if exit_code < 0:
-        how = f"was killed by signal {signal.Signals(-exit_code).name}"
-        if -exit_code == signal.SIGKILL:
-            how += " (often the kernel's out-of-memory killer; check the memory samples)"
-    else:
-        how = f"exited with status {exit_code} without reporting a result"
-    return JobError(
-        kind=FailureKind.CRASHED,
-        message=f"the worker {how}; see {run_dir / 'worker.log'}",
-        exit_code=exit_code,
-        stderr_tail=stderr_tail(run_dir),
-    )
+        await worker.stop(self.cancel_grace_s, tracked.done, f"run {tracked.job.id}")

@@ -1,6 +1,7 @@
 """The run store: one SQLite database (WAL) of run records, plus a folder per run.
 
-runs/<id>/config.json    the accepted config
+runs/<id>/config.json    the accepted config, as the worker reads it
+runs/<id>/prepared.json  what the checks found: the dataset summary and the memory prediction
 runs/<id>/events.jsonl   every event the worker sent, append-only
 runs/<id>/worker.log     the worker's stdout and stderr (MLX-LM's own prints land here)
 runs/<id>/adapters/      adapter_config.json, adapters.safetensors and checkpoints
@@ -8,7 +9,6 @@ runs/<id>/adapters/      adapter_config.json, adapters.safetensors and checkpoin
 
 from __future__ import annotations
 
-import json
 import shutil
 import sqlite3
 from collections.abc import Iterator
@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import RunNotFound
+from ..planning.config import QLoRAConfig
 from .jobs import Job, JobError, JobState, Phase, RunMetrics
 
 _SCHEMA = """
@@ -71,12 +72,14 @@ class RunStore:
     def run_dir(self, run_id: str) -> Path:
         return self.runs_dir / run_id
 
-    def create(self, job: Job) -> None:
+    def create(self, job: Job, prepared_json: str | None = None) -> None:
         """Write the run folder and its record together: either both exist afterwards or neither does."""
         folder = Path(job.run_dir)
         folder.mkdir(parents=True)
         try:
-            (folder / "config.json").write_text(json.dumps(job.config, indent=2), encoding="utf-8")
+            (folder / "config.json").write_text(job.config.model_dump_json(indent=2), encoding="utf-8")
+            if prepared_json is not None:
+                (folder / "prepared.json").write_text(prepared_json, encoding="utf-8")
             with self._transaction() as db:
                 db.execute(f"INSERT INTO runs ({_COLUMNS}) VALUES ({', '.join('?' * 14)})", _row(job))
         except BaseException:
@@ -121,7 +124,7 @@ def _row(job: Job) -> tuple[object, ...]:
         job.id,
         job.state.value,
         job.phase.value if job.phase else None,
-        json.dumps(job.config),
+        job.config.model_dump_json(),
         job.run_dir,
         job.iters,
         job.iteration,
@@ -139,7 +142,7 @@ def _job(row: tuple[object, ...]) -> Job:
     (id_, state, phase, config, run_dir, iters, iteration, created, started, ended, pid, adapter, metrics, error) = row
     return Job(
         id=str(id_),
-        config=json.loads(str(config)),
+        config=QLoRAConfig.model_validate_json(str(config)),
         run_dir=str(run_dir),
         iters=int(str(iters)),
         state=JobState(str(state)),

@@ -20,6 +20,7 @@ from typing import BinaryIO
 
 from ..errors import ConfigError
 from ..planning.config import QLoRAConfig
+from ..settings import DEFAULT_SAMPLE_INTERVAL_S
 from .backend import BackendEvent, Cancelled, adapter_dir_for, load_backend
 from .events import Failed, Finished, MemorySample, Started, encode_line
 from .jobs import FailureKind
@@ -98,7 +99,7 @@ def run(run_dir: Path, emit: EventWriter) -> int:
     backend = load_backend()
     emit(Started(pid=os.getpid(), backend=backend.name, device=backend.device()))
     watchdog = Watchdog(config.memory_budget_gb, emit)
-    with MemorySampler(config.memory_sample_interval, watchdog):
+    with MemorySampler(config.memory_sample_interval or DEFAULT_SAMPLE_INTERVAL_S, watchdog):
         try:
             adapter = backend.train(config, run_dir, emit)
         except OverBudget:

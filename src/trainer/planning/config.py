@@ -98,8 +98,9 @@ class QLoRAConfig(BaseModel):
         ),
     ] = False
     memory_sample_interval: Annotated[
-        float, Field(ge=0.05, le=60, description="Seconds between memory samples of the worker.")
-    ] = 0.5
+        float | None,
+        Field(ge=0.05, le=60, description="Seconds between memory samples of the worker. Default: the server's (0.5)."),
+    ] = None
 
     @model_validator(mode="after")
     def _nonzero_layers(self) -> QLoRAConfig:

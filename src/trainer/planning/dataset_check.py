@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import ConfigError
 
@@ -15,11 +17,44 @@ FORMATS = {
 }
 
 
-@dataclass(frozen=True)
-class DatasetSummary:
+#: tokens a chat template adds per message, and for a system prompt and markers
+TEMPLATE_TOKENS_PER_MESSAGE = 8
+TEMPLATE_TOKENS = 40
+
+
+class DatasetSummary(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
     format: str
     train_examples: int
     valid_examples: int
+    longest_tokens: int | None = Field(
+        None, description="Tokens of the longest example with its template (None: the model has no tokenizer.json)."
+    )
+
+
+class _TokenCounter:
+    """Counts an example's tokens with the model's tokenizer.json, as the training set will see them."""
+
+    def __init__(self, tokenizer_file: Path | None) -> None:
+        self.longest: int | None = None
+        self._tokenizer = None
+        if tokenizer_file is not None and tokenizer_file.is_file():
+            from tokenizers import Tokenizer
+
+            self._tokenizer = Tokenizer.from_file(str(tokenizer_file))
+            self.longest = 0
+
+    def add(self, record: dict[str, Any]) -> None:
+        if self._tokenizer is None or self.longest is None:
+            return
+        messages = record.get("messages")
+        if messages:
+            texts = [str(m.get("content", "")) if isinstance(m, dict) else str(m) for m in messages]
+        else:
+            texts = [str(v) for v in record.values() if isinstance(v, str)]
+        count = sum(len(self._tokenizer.encode(t).ids) for t in texts)
+        self.longest = max(self.longest, count + TEMPLATE_TOKENS_PER_MESSAGE * len(texts) + TEMPLATE_TOKENS)
 
 
 def _record_format(record: object, where: str) -> str:
@@ -34,7 +69,7 @@ def _record_format(record: object, where: str) -> str:
     )
 
 
-def _check_file(path: Path) -> tuple[str | None, int]:
+def _check_file(path: Path, counter: _TokenCounter) -> tuple[str | None, int]:
     fmt: str | None = None
     count = 0
     with path.open(encoding="utf-8") as lines:
@@ -47,6 +82,7 @@ def _check_file(path: Path) -> tuple[str | None, int]:
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"{where} is not valid JSON ({exc.msg}); fix or remove that line") from None
             line_fmt = _record_format(record, where)
+            counter.add(record)
             if fmt is None:
                 fmt = line_fmt
             elif line_fmt != fmt:
@@ -55,14 +91,16 @@ def _check_file(path: Path) -> tuple[str | None, int]:
     return fmt, count
 
 
-def check_dataset(data: str, batch_size: int) -> DatasetSummary:
+def check_dataset(data: str, batch_size: int, tokenizer_file: Path | None = None) -> DatasetSummary:
+    """Read the data folder once: check every record, count examples and (with a tokenizer) the longest one."""
     folder = Path(data).expanduser()
     if not folder.is_dir():
         raise ConfigError(f"data folder {data!r} does not exist; pass a folder holding train.jsonl (and valid.jsonl)")
     train = folder / "train.jsonl"
     if not train.is_file():
         raise ConfigError(f"data folder {data!r} has no train.jsonl; put the training examples there, one per line")
-    fmt, n_train = _check_file(train)
+    counter = _TokenCounter(tokenizer_file)
+    fmt, n_train = _check_file(train, counter)
     if n_train == 0 or fmt is None:
         raise ConfigError(f"{train} is empty; it needs at least batch_size={batch_size} examples")
     if n_train < batch_size:
@@ -73,7 +111,7 @@ def check_dataset(data: str, batch_size: int) -> DatasetSummary:
     n_valid = 0
     valid = folder / "valid.jsonl"
     if valid.is_file():
-        valid_fmt, n_valid = _check_file(valid)
+        valid_fmt, n_valid = _check_file(valid, counter)
         if n_valid and valid_fmt != fmt:
             raise ConfigError(f"{valid} holds {valid_fmt} records but train.jsonl holds {fmt}; use one format")
         if 0 < n_valid < batch_size:
@@ -81,4 +119,4 @@ def check_dataset(data: str, batch_size: int) -> DatasetSummary:
                 f"batch_size={batch_size} is larger than the {n_valid} examples in {valid}; "
                 f"lower batch_size or add validation examples"
             )
-    return DatasetSummary(format=fmt, train_examples=n_train, valid_examples=n_valid)
+    return DatasetSummary(format=fmt, train_examples=n_train, valid_examples=n_valid, longest_tokens=counter.longest)

@@ -4,30 +4,21 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
-import psutil
 from pydantic import BaseModel, Field
 
 from ..errors import ConfigError
 from .config import QLoRAConfig
+from .device import device_kind, fast_path_on
 from .memory_estimate import MemoryParts, MemoryPlan, dense_copy_bytes, predict_peak
 
 log = logging.getLogger(__name__)
-DEFAULT_BUDGET_CAP_GB = 16.0
 #: `dense_weights` turns itself on (CPU, fast path) when the float32 copies take at most this much and this share of
 #: the budget: the Qwen2.5-0.5B shape's 2.0 GB of copies trained at 70 tokens/s against 49 without, at a 3.5 GB peak
 #: (batch 4 x 64, bench/memory_prediction.py child, 2026-11-26)
 DENSE_AUTO_MAX_GB = 2.5
 DENSE_AUTO_BUDGET_SHARE = 0.2
-TEMPLATE_TOKENS_PER_MESSAGE = 8
-TEMPLATE_TOKENS = 40  # system prompt and markers a chat template may add
-
-
-def default_budget_gb() -> float:
-    """The smaller of 16 GB and 75% of physical memory."""
-    return round(min(DEFAULT_BUDGET_CAP_GB, 0.75 * float(psutil.virtual_memory().total) / 1e9), 2)
 
 
 class MemoryCheck(BaseModel):
@@ -40,40 +31,9 @@ class MemoryCheck(BaseModel):
 
 def compute_bytes(fast_path: bool | None) -> tuple[int, str, bool]:
     """Bytes per activation element, the device kind and whether the fast path is on, for these settings."""
-    import mlx.core as mx
-
-    from ..engine.fastpath import fast_path_default
-
-    on_cpu = mx.default_device() == mx.cpu
-    fast = fast_path_default() if fast_path is None else fast_path
-    return (4 if on_cpu and fast else 2), ("cpu" if on_cpu else "gpu"), fast
-
-
-def longest_example_tokens(data_dir: Path, model_dir: Path) -> int | None:
-    """Tokens in the longest training example, counted with the model's tokenizer.json (None if it has none)."""
-    tokenizer_file = model_dir / "tokenizer.json"
-    if not tokenizer_file.is_file():
-        return None
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(tokenizer_file))
-    longest = 0
-    for split in ("train.jsonl", "valid.jsonl"):
-        path = data_dir / split
-        if not path.is_file():
-            continue
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            messages = record.get("messages")
-            if messages:
-                texts = [str(m.get("content", "")) for m in messages]
-            else:
-                texts = [str(v) for v in record.values() if isinstance(v, str)]
-            count = sum(len(tokenizer.encode(t).ids) for t in texts)
-            longest = max(longest, count + TEMPLATE_TOKENS_PER_MESSAGE * len(texts) + TEMPLATE_TOKENS)
-    return longest
+    device = device_kind()
+    fast = fast_path_on(fast_path)
+    return (4 if device == "cpu" and fast else 2), device, fast
 
 
 def plan_for(
@@ -126,9 +86,6 @@ def _alternatives(config: QLoRAConfig, device: str = "cpu") -> list[dict[str, An
     return steps
 
 
-_FROM_DATA = -1
-
-
 def dense_fits(model_config: dict[str, Any], budget_gb: float) -> bool:
     """Whether the float32 weight copies are small enough for `dense_weights` to turn itself on."""
     return dense_copy_bytes(model_config) <= min(DENSE_AUTO_MAX_GB, DENSE_AUTO_BUDGET_SHARE * budget_gb) * 1e9
@@ -137,14 +94,13 @@ def dense_fits(model_config: dict[str, Any], budget_gb: float) -> bool:
 def check_memory(
     config: QLoRAConfig,
     model_config: dict[str, Any],
-    model_dir: Path,
     default_budget: float,
-    longest_tokens: int | None = _FROM_DATA,
+    longest_tokens: int | None,
 ) -> tuple[QLoRAConfig, MemoryCheck]:
     """Predict the run's peak; apply fit_to_budget; raise ConfigError when it does not fit and is not allowed.
 
-    The sequence length is the longest example of the dataset (counted with the model's tokenizer), capped at
-    max_seq_length; pass `longest_tokens=None` to use max_seq_length as is.
+    The sequence length is `longest_tokens` (the dataset's longest example), capped at max_seq_length; None uses
+    max_seq_length as is.
     """
     budget = config.memory_budget_gb or default_budget
     _, device, fast = compute_bytes(config.fast_path)
@@ -152,7 +108,7 @@ def check_memory(
         config = config.model_copy(
             update={"dense_weights": device == "cpu" and fast and dense_fits(model_config, budget)}
         )
-    longest = longest_example_tokens(Path(config.data), model_dir) if longest_tokens == _FROM_DATA else longest_tokens
+    longest = longest_tokens
 
     def predict(cfg: QLoRAConfig) -> tuple[MemoryPlan, MemoryParts]:
         seq = min(cfg.max_seq_length, longest) if longest else cfg.max_seq_length
@@ -183,14 +139,16 @@ def refusal_message(config: QLoRAConfig, parts: MemoryParts, budget: float, pred
         f"weights {parts.weights_gb:.2f}, LoRA+optimizer {parts.lora_gb:.2f}, activations "
         f"{parts.activations_gb:.2f}, logits {parts.logits_gb:.2f}, slack {parts.slack_gb:.2f}"
     )
-    suggestion = "no smaller setting fits; use a smaller model or raise memory_budget_gb"
+    head = f"run predicted to peak at {parts.total_gb:.2f} GB ({breakdown}), over its memory budget of {budget:.2f} GB"
     for option in _alternatives(config, device):
         _, cand = predict(config.model_copy(update=option))
         if cand.total_gb <= budget:
             settings = ", ".join(f"{k}={json.dumps(v)}" for k, v in option.items())
-            suggestion = f"these settings would fit: {settings} (predicted {cand.total_gb:.2f} GB)"
-            break
+            return (
+                f"{head}; these settings would fit: {settings} (predicted {cand.total_gb:.2f} GB); pass "
+                "fit_to_budget=true to choose them, or allow_over_budget=true to start anyway"
+            )
     return (
-        f"run predicted to peak at {parts.total_gb:.2f} GB ({breakdown}), over its memory budget of {budget:.2f} GB; "
-        f"{suggestion}; or pass fit_to_budget=true to choose them, or allow_over_budget=true to start anyway"
+        f"{head}; no smaller setting of this run fits: use a smaller model, raise memory_budget_gb, or pass "
+        "allow_over_budget=true to start anyway"
     )

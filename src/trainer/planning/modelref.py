@@ -6,15 +6,24 @@ id such as `Qwen/Qwen2.5-Coder-7B-Instruct` (downloaded where the hub is reachab
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
 from ..settings import default_home
+
+#: bump when the GGUF importer's output changes, so earlier imports are redone
+GGUF_IMPORT_VERSION = 1
+#: the importer's exit status for a file it refused with a message (its last stderr line)
+GGUF_REFUSED_EXIT = 2
 
 log = logging.getLogger(__name__)
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -22,8 +31,10 @@ REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
 
 
-def resolve_model_dir(ref: str) -> Path:
-    """Return the local model folder for `ref`, or raise a ConfigError that says what is wrong and how to fix it."""
+def resolve_model_dir(ref: str, models_root: Path | None = None) -> Path:
+    """Return the local model folder for `ref`, or raise a ConfigError that says what is wrong and how to fix it.
+
+    GGUF imports are cached under `models_root` (default: the default home's models/)."""
     path = Path(ref).expanduser()
     if not path.exists() and REPO_ID.match(ref) and not ref.startswith((".", "/", "~")):
         return _check_folder(resolve_hub_model(ref), ref)
@@ -33,9 +44,7 @@ def resolve_model_dir(ref: str) -> Path:
             "or a Hugging Face repo id such as Qwen/Qwen2.5-Coder-7B-Instruct"
         )
     if path.is_file() and path.suffix == ".gguf":
-        from ..engine.gguf import cached_import
-
-        return cached_import(path.resolve(), default_home() / "models")
+        return import_gguf_isolated(path.resolve(), models_root or default_home() / "models")
     return _check_folder(path, ref)
 
 
@@ -63,6 +72,34 @@ def resolve_hub_model(repo_id: str) -> Path:
             "the model is not in the local cache; connect to the internet, or download it elsewhere and pass the "
             f"folder (if {repo_id!r} was meant as a local folder: it does not exist)"
         ) from None
+
+
+def gguf_cache_folder(gguf_path: Path, models_root: Path) -> Path:
+    """Where a GGUF file's import lives: keyed by path, size, mtime and the importer's version."""
+    stat = gguf_path.stat()
+    key = f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{GGUF_IMPORT_VERSION}"
+    return models_root / f"{gguf_path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def import_gguf_isolated(gguf_path: Path, models_root: Path) -> Path:
+    """Import a GGUF once, in a subprocess: MLX's reader can crash on a malformed file, and the server must not."""
+    folder = gguf_cache_folder(gguf_path, models_root)
+    if (folder / "config.json").is_file():
+        return folder
+    log.info("importing %s into %s", gguf_path, folder)
+    cmd = [sys.executable, "-m", "trainer.engine.gguf", str(gguf_path), str(folder)]
+    done = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False)
+    if done.returncode == 0 and (folder / "config.json").is_file():
+        return folder
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    if done.returncode == GGUF_REFUSED_EXIT and lines:
+        raise ConfigError(lines[-1])
+    how = f"signal {signal.Signals(-done.returncode).name}" if done.returncode < 0 else f"status {done.returncode}"
+    detail = f": {lines[-1]}" if lines else ""
+    raise ConfigError(
+        f"{str(gguf_path)!r} could not be imported (the importer stopped with {how}{detail}); the file is damaged or "
+        "not a GGUF model: download it again, or pass a model folder"
+    )
 
 
 def _check_folder(path: Path, ref: str) -> Path:

@@ -1,4 +1,9 @@
-"""Everything checked before a run is accepted, without loading MLX: config, model folder, data, output folder."""
+"""Everything checked before a run is accepted, without loading MLX: config, model folder, data, output folder.
+
+`prepare_run` turns a parsed config into a frozen `PreparedRun`: paths resolved (the worker runs elsewhere), the
+memory budget and sample interval filled in, fit_to_budget applied, the dataset read once and the memory predicted.
+This is where a run predicted over its budget is refused (the worker's watchdog enforces the budget while it runs).
+"""
 
 from __future__ import annotations
 
@@ -6,14 +11,50 @@ import logging
 import os
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict
+
 from ..errors import ConfigError
+from ..settings import DEFAULT_SAMPLE_INTERVAL_S, default_budget_gb, default_home
 from .config import QLoRAConfig
 from .dataset_check import DatasetSummary, check_dataset
 from .memory_plan import MemoryCheck, check_memory
-from .memory_plan import default_budget_gb as default_budget_gb_now
 from .modelref import num_hidden_layers, read_model_config, resolve_model_dir
 
 log = logging.getLogger(__name__)
+
+
+class RunDefaults(BaseModel):
+    """What a run gets where its config is silent: the server's (or CLI's) settings."""
+
+    model_config = ConfigDict(frozen=True)
+
+    memory_budget_gb: float | None = None  # None: settings.default_budget_gb()
+    sample_interval_s: float = DEFAULT_SAMPLE_INTERVAL_S
+    models_root: Path | None = None  # where GGUF imports go; None: the default home's models/
+
+    @classmethod
+    def for_home(cls, home: Path, **settings: object) -> RunDefaults:
+        return cls.model_validate({"models_root": home / "models", **settings})
+
+    def budget_gb(self) -> float:
+        return self.memory_budget_gb if self.memory_budget_gb is not None else default_budget_gb()
+
+    def models(self) -> Path:
+        return self.models_root or default_home() / "models"
+
+
+class PreparedRun(BaseModel):
+    """A run ready to queue: the config the worker will use and what the checks found."""
+
+    model_config = ConfigDict(frozen=True)
+
+    config: QLoRAConfig
+    dataset: DatasetSummary
+    memory: MemoryCheck | None  # None: the model's config.json lacks the dimensions a prediction needs
+
+    @property
+    def predicted_peak_gb(self) -> float | None:
+        return self.memory.prediction.total_gb if self.memory else None
 
 
 def _check_writable(folder: str) -> None:
@@ -25,12 +66,10 @@ def _check_writable(folder: str) -> None:
         raise ConfigError(f"adapter_dir {folder!r} is not writable (checked {str(probe)!r}); pick a folder you own")
 
 
-def preflight(
-    config: QLoRAConfig, default_budget_gb: float | None = None
-) -> tuple[QLoRAConfig, DatasetSummary, MemoryCheck | None]:
-    """Check a config; return it with paths made absolute (the worker runs elsewhere), its budget resolved and
-    fit_to_budget applied, the dataset summary and the memory prediction (None for a model config we cannot read)."""
-    model_dir = resolve_model_dir(config.model)
+def prepare_run(config: QLoRAConfig, defaults: RunDefaults | None = None) -> PreparedRun:
+    """Check a config and prepare it; raises ConfigError (and writes nothing) when the run cannot start."""
+    defaults = defaults or RunDefaults()
+    model_dir = resolve_model_dir(config.model, defaults.models())
     model_config = read_model_config(model_dir)
     layers = num_hidden_layers(model_config)
     if layers is not None and config.num_layers > layers:
@@ -38,16 +77,21 @@ def preflight(
             f"num_layers={config.num_layers} but the model {config.model!r} has only {layers} layers; "
             f"use at most {layers} (or -1 for all)"
         )
-    summary = check_dataset(config.data, config.batch_size)
-    updates: dict[str, str] = {"model": str(model_dir), "data": str(Path(config.data).expanduser().resolve())}
+    summary = check_dataset(config.data, config.batch_size, model_dir / "tokenizer.json")
+    updates: dict[str, object] = {
+        "model": str(model_dir),
+        "data": str(Path(config.data).expanduser().resolve()),
+        "memory_sample_interval": config.memory_sample_interval or defaults.sample_interval_s,
+    }
     if config.adapter_dir is not None:
         _check_writable(config.adapter_dir)
         updates["adapter_dir"] = str(Path(config.adapter_dir).expanduser().resolve())
     config = config.model_copy(update=updates)
-    budget = default_budget_gb if default_budget_gb is not None else default_budget_gb_now()
+    budget = defaults.budget_gb()
     try:
-        config, check = check_memory(config, model_config, model_dir, budget)
+        config, check = check_memory(config, model_config, budget, summary.longest_tokens)
     except KeyError as missing:  # a config without the dimensions we need: the watchdog still guards the run
         log.warning("no memory prediction for %s: its config lacks %s", config.model, missing)
-        return config.model_copy(update={"memory_budget_gb": config.memory_budget_gb or budget}), summary, None
-    return config, summary, check
+        config = config.model_copy(update={"memory_budget_gb": config.memory_budget_gb or budget})
+        return PreparedRun(config=config, dataset=summary, memory=None)
+    return PreparedRun(config=config, dataset=summary, memory=check)

@@ -1,0 +1,124 @@
+"""Events -> run state: a pure reducer over one run's record, and the decision of how a run ended.
+
+Nothing here does I/O or changes `Job.state`: `apply_event` folds what a worker reports into the record and its
+history and says which aspects of the run changed; `final_outcome` is where a run's final state is decided, from the
+worker's last event and exit status (the parent decides, as in rq). `JobRunner` applies both.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections import deque
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+from .events import Checkpoint, Event, Failed, Finished, MemorySample, PhaseChanged, Progress, TrainReport, ValReport
+from .jobs import FailureKind, Job, JobError, JobState
+
+#: memory samples kept per run in memory (at 0.5 s, the last 16 minutes); events.jsonl keeps them all
+MEMORY_RING = 2000
+
+
+class RunAspect(StrEnum):
+    """What about a run changed; each is one resource (runs://{run_id}/{aspect})."""
+
+    STATUS = "status"
+    MEMORY = "memory"
+    METRICS = "metrics"
+
+
+@dataclass
+class RunHistory:
+    """What a run's events say beyond its record: the memory samples and every report."""
+
+    memory: deque[MemorySample] = field(default_factory=lambda: deque(maxlen=MEMORY_RING))
+    train_reports: list[TrainReport] = field(default_factory=list)
+    val_reports: list[ValReport] = field(default_factory=list)
+
+
+_STATUS = frozenset({RunAspect.STATUS})
+_MEMORY = frozenset({RunAspect.MEMORY, RunAspect.STATUS})  # the status shows the latest samples
+_METRICS = frozenset({RunAspect.METRICS, RunAspect.STATUS})
+
+
+def apply_event(job: Job, history: RunHistory, event: Event) -> frozenset[RunAspect]:
+    """Fold one event into the run's record and history; returns the aspects it changed."""
+    metrics = job.metrics
+    if isinstance(event, MemorySample):
+        history.memory.append(event)
+        metrics.peak_memory_gb = max(metrics.peak_memory_gb or 0.0, event.peak_gb)
+        return _MEMORY
+    if isinstance(event, TrainReport):
+        history.train_reports.append(event)
+        job.iteration = max(job.iteration, event.iteration)
+        metrics.last_train_loss = event.train_loss
+        metrics.learning_rate = event.learning_rate
+        metrics.iterations_per_second = event.iterations_per_second
+        metrics.tokens_per_second = event.tokens_per_second
+        metrics.trained_tokens = event.trained_tokens
+        metrics.peak_memory_gb = max(metrics.peak_memory_gb or 0.0, event.peak_memory)
+        return _METRICS
+    if isinstance(event, ValReport):
+        history.val_reports.append(event)
+        if metrics.first_val_loss is None:
+            metrics.first_val_loss = event.val_loss
+        metrics.last_val_loss = event.val_loss
+        return _METRICS
+    if isinstance(event, Progress):
+        job.iteration = max(job.iteration, event.iteration)
+    elif isinstance(event, PhaseChanged):
+        job.phase = event.phase
+    elif isinstance(event, Failed):
+        job.adapter_path = event.adapter_path or job.adapter_path
+    elif isinstance(event, Checkpoint):
+        job.adapter_path = str(Path(event.path).parent)
+    elif isinstance(event, Finished):
+        job.adapter_path = event.adapter_path
+    else:  # Started: nothing a reader of the run sees changes
+        return frozenset()
+    return _STATUS
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How the worker's life ended, as the runner saw it."""
+
+    last_event: Event | None  # the worker's Finished or Failed, if it sent one
+    exit_code: int
+    cancel_requested: bool = False
+    shutting_down: bool = False
+    stderr_tail: str = ""
+
+
+def final_outcome(job: Job, ending: Ending) -> tuple[JobState, JobError | None]:
+    """The run's final state: success needs both a Finished event and exit status 0; otherwise the reason."""
+    last, code = ending.last_event, ending.exit_code
+    if isinstance(last, Finished) and code == 0:
+        return JobState.SUCCEEDED, None
+    if ending.cancel_requested:
+        return JobState.CANCELLED, None
+    if ending.shutting_down:
+        where = job.config.adapter_dir or str(Path(job.run_dir) / "adapters")
+        message = f"the server shut down at iteration {job.iteration}; the adapter so far is in {where}"
+        return JobState.FAILED, JobError(kind=FailureKind.INTERRUPTED, message=message, exit_code=code)
+    if isinstance(last, Failed):
+        return JobState.FAILED, JobError(
+            kind=last.kind, message=last.message, exit_code=code, stderr_tail=ending.stderr_tail
+        )
+    return JobState.FAILED, crash_error(code, Path(job.run_dir), ending.stderr_tail)
+
+
+def crash_error(exit_code: int, run_dir: Path, stderr_tail: str) -> JobError:
+    if exit_code < 0:
+        how = f"was killed by signal {signal.Signals(-exit_code).name}"
+        if -exit_code == signal.SIGKILL:
+            how += " (often the kernel's out-of-memory killer; check the memory samples)"
+    else:
+        how = f"exited with status {exit_code} without reporting a result"
+    return JobError(
+        kind=FailureKind.CRASHED,
+        message=f"the worker {how}; see {run_dir / 'worker.log'}",
+        exit_code=exit_code,
+        stderr_tail=stderr_tail,
+    )

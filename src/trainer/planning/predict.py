@@ -1,0 +1,46 @@
+"""Memory predictions without starting anything: for a whole run config, or for a model plus a few settings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from ..errors import ConfigError
+from .config import QLoRAConfig
+from .memory_estimate import MemoryParts, MemoryPlan
+from .memory_plan import check_memory
+from .modelref import read_model_config, resolve_model_dir
+from .preflight import RunDefaults, prepare_run
+
+
+class RunPrediction(BaseModel):
+    """A training run's predicted peak memory, part by part, against its budget."""
+
+    model: str
+    prediction: MemoryParts
+    plan: MemoryPlan
+    budget_gb: float
+    fits: bool
+    changes: list[str] = Field(description="Settings fit_to_budget would change.")
+
+
+def predict_run(config: QLoRAConfig, defaults: RunDefaults | None = None) -> RunPrediction:
+    """The prediction `start_qlora_run` would make for this config (reading its dataset), never refused."""
+    prepared = prepare_run(config.model_copy(update={"allow_over_budget": True}), defaults)
+    if prepared.memory is None:
+        raise ConfigError(f"cannot predict memory for {config.model!r}: its config.json lacks the model dimensions")
+    return RunPrediction(model=prepared.config.model, **prepared.memory.model_dump())
+
+
+def predict_model(model: str, settings: dict[str, Any], defaults: RunDefaults | None = None) -> RunPrediction:
+    """The prediction for `model` with run settings (batch_size, max_seq_length, ...) and no dataset."""
+    defaults = defaults or RunDefaults()
+    model_dir = resolve_model_dir(model, defaults.models())
+    model_config = read_model_config(model_dir)
+    config = QLoRAConfig.parse({**settings, "model": str(model_dir), "data": str(model_dir), "allow_over_budget": True})
+    try:
+        _, memory = check_memory(config, model_config, defaults.budget_gb(), longest_tokens=None)
+    except KeyError as missing:
+        raise ConfigError(f"cannot predict memory for {model!r}: its config.json lacks {missing}") from None
+    return RunPrediction(model=str(model_dir), **memory.model_dump())
