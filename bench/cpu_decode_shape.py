@@ -35,6 +35,9 @@ nn.quantize(model, group_size=64, bits=4)
 mx.eval(model.parameters())
 if apply_fast_path(model, fast):
     cache_dense_weights(model, dense_cache_budget())
+from trainer.engine.patches import fast_activations
+patched = fast_activations(model)  # held for the whole child process, as a generation holds it
+patched.__enter__()
 mx.eval(model.parameters())
 built = time.perf_counter()
 prompt = mx.random.randint(0, dims["vocab_size"], (prompt_len,), key=mx.random.key(1))

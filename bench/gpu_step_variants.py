@@ -4,7 +4,7 @@ python3 bench/gpu_step_variants.py [--size 1x2048] [--only "name;name"] [--env K
 
 Each variant runs in a fresh subprocess (`memory_prediction.measure`): tokens/s (best of the timed steps) and MLX's
 peak memory. "kept" is the issue's probe (dequantize then GEMM, autodiff keeps the dequantized weights); "ours" is
-`trainer.fastpath` (the backward re-dequantizes).
+`trainer.engine.fastpath` (the backward re-dequantizes).
 """
 
 from __future__ import annotations

@@ -96,7 +96,10 @@ if mx.default_device() != mx.cpu:
 nn.quantize(model, group_size=64, bits=4)
 mx.eval(model.parameters())
 fast = apply_fast_path(model, cfg["fast"])
-import trainer.fastpath as fp
+from trainer.engine.patches import fast_activations
+patched = fast_activations(model)  # held for the whole child process
+patched.__enter__()
+import trainer.engine.fastpath as fp
 impl = cfg.get("fast_impl")
 if impl == "kept":  # the probe: a plain dequantize then GEMM, the dequantized weight kept for the backward
     fp._dense = lambda module, x: x @ mx.dequantize(module["weight"], module["scales"], module["biases"],
@@ -107,7 +110,7 @@ elif impl == "chunked":  # the GPU chunking of the first H100/H200 runs
     fp.GPU_CHUNK_ELEMENTS = 64 * 1024 * 1024
 elif impl == "recomputed":  # the layerwise step without keep_dequantized in its block backward
     import contextlib
-    import trainer.layerwise as lw
+    import trainer.engine.layerwise as lw
     lw.keep_dequantized = contextlib.nullcontext
 if cfg.get("dense"):
     from trainer.engine.fastpath import cache_dense_weights

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, cast
 
 import mlx.core as mx
@@ -22,20 +23,12 @@ from trainer.engine.fastpath import (
 )
 from trainer.engine.inference import ModelSession
 from trainer.engine.losses import training_loss
+from trainer.engine.patches import fast_activations
 
 VOCAB = 8192
 #: fast-path peak / plain peak on this shape: 1.11 measured on the CPU (the extra is one copy of the logits, from
 #: concatenating the head's row chunks); the bound leaves room for allocator noise
 MAX_PEAK_RATIO = 1.2
-
-
-@pytest.fixture(autouse=True)
-def _mlx_lm_functions(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each test starts from mlx-lm's own SwiGLU and attention: the CPU fast path rebinds them module-wide."""
-    from mlx_lm.models import activations, base
-
-    monkeypatch.setattr(qwen2, "swiglu", activations.swiglu)
-    monkeypatch.setattr(qwen2, "scaled_dot_product_attention", base.scaled_dot_product_attention)
 
 
 def _model(fast: bool, dense: bool = False, lora_layers: int = 4, dropout: float = 0.0) -> Any:
@@ -71,6 +64,12 @@ def _train(fast: bool, steps: int = 4, dense: bool = False) -> tuple[list[float]
     model = _model(fast, dense)
     if fast:
         assert apply_fast_path(model, True)
+    with fast_activations(model, fast) as patched:
+        assert patched is fast
+        return _steps(model, fast, steps)
+
+
+def _steps(model: Any, fast: bool, steps: int) -> tuple[list[float], float]:
     optimizer = optim.Adam(learning_rate=1e-3)
     loss_and_grad = value_and_grad(model, training_loss(True, chunked=False) if fast else default_loss)
     batch = mx.random.randint(0, VOCAB, (4, 129), key=mx.random.key(1))
@@ -139,13 +138,48 @@ def test_cpu_silu_matches_mlx_and_its_gradient_too() -> None:
     assert mx.allclose(ours, theirs, rtol=1e-5, atol=1e-5).item()
 
 
-def test_the_cpu_fast_path_routes_swiglu_and_attention_through_it() -> None:
+def test_fast_activations_patch_mlx_lm_only_inside_their_context() -> None:
+    from mlx_lm.models import activations, base
+
     from trainer.engine.cpu_math import fast_attention, fast_swiglu
 
     model = _model(True)
     assert apply_fast_path(model, True)
-    assert getattr(qwen2, "swiglu") is fast_swiglu  # noqa: B009
-    assert getattr(qwen2, "scaled_dot_product_attention") is fast_attention  # noqa: B009
+    assert getattr(qwen2, "swiglu") is activations.swiglu  # noqa: B009  # applying the fast path changes only this model's layers
+    with fast_activations(model) as patched:
+        assert patched
+        assert getattr(qwen2, "swiglu") is fast_swiglu  # noqa: B009
+        assert getattr(qwen2, "scaled_dot_product_attention") is fast_attention  # noqa: B009
+    assert getattr(qwen2, "swiglu") is activations.swiglu  # noqa: B009
+    assert getattr(qwen2, "scaled_dot_product_attention") is base.scaled_dot_product_attention  # noqa: B009
+    with pytest.raises(RuntimeError), fast_activations(model):
+        raise RuntimeError("a run that fails still restores mlx-lm")
+    assert getattr(qwen2, "swiglu") is activations.swiglu  # noqa: B009
+
+
+def test_an_untested_mlx_lm_gets_its_own_functions_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from mlx_lm.models import activations
+
+    from trainer.engine import patches
+
+    model = _model(True)
+    assert apply_fast_path(model, True)
+    monkeypatch.setattr(patches, "mlx_lm_version", lambda: "99.0")
+    patches.patches_allowed.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger=patches.__name__), fast_activations(model) as patched:
+            assert not patched and getattr(qwen2, "swiglu") is activations.swiglu  # noqa: B009
+        assert "99.0" in caplog.text and "not a version" in caplog.text
+    finally:
+        patches.patches_allowed.cache_clear()
+
+
+def test_the_patches_are_checked_against_the_installed_mlx_lm() -> None:
+    from trainer.engine.patches import TESTED_MLX_LM, mlx_lm_version
+
+    assert mlx_lm_version() in TESTED_MLX_LM  # bumping mlx-lm means re-running the parity tests above
 
 
 def test_cpu_cross_entropy_matches_mlx_and_its_gradient_too() -> None:

@@ -11,7 +11,6 @@ cross-entropy (`fast_cross_entropy`), each with its own VJP, each tested against
 
 from __future__ import annotations
 
-import sys
 from typing import Any, cast
 
 import mlx.core as mx
@@ -177,18 +176,3 @@ def _fast_silu_vjp(primals: mx.array, cotangent: mx.array, output: mx.array) -> 
 def fast_swiglu(gate: mx.array, x: mx.array) -> mx.array:
     silu: mx.array = fast_silu(gate)  # type: ignore[assignment]  # custom_function is untyped
     return silu * x
-
-
-def use_fast_activations(model: Any) -> bool:
-    """Route the model's SwiGLU (mlx-lm's `swiglu`, in llama/qwen2-style MLPs) through `fast_swiglu` and its attention
-    through `fast_attention`; float32 CPU only.
-
-    mlx-lm's model modules import both by name, so the module's names are rebound (for every model of that type in
-    this process: the two agree to float32 rounding)."""
-    module = sys.modules.get(type(model).__module__)
-    if mx.default_device() != mx.cpu or module is None or not hasattr(module, "swiglu"):
-        return False
-    module.swiglu = fast_swiglu  # type: ignore[attr-defined]
-    if hasattr(module, "scaled_dot_product_attention"):
-        module.scaled_dot_product_attention = fast_attention  # type: ignore[attr-defined]
-    return True

@@ -24,7 +24,7 @@ from mlx.nn.layers.quantized import QuantizedEmbedding, QuantizedLinear
 
 from ..planning.device import fast_path_on
 from . import decode_kernel
-from .cpu_math import row_ranges, use_fast_activations
+from .cpu_math import row_ranges
 from .decode_kernel import few_rows
 from .decode_layers import use_decode_layers
 
@@ -234,6 +234,7 @@ def use_float32_on_cpu(model: Module) -> bool:
     if mx.default_device() != mx.cpu:
         return False
     model.set_dtype(mx.float32)
+    model._float32_on_cpu = True  # patches.fast_activations may then swap in the CPU SwiGLU and attention
     return True
 
 
@@ -244,15 +245,13 @@ def apply_fast_path(model: Module, wanted: bool | None) -> bool:
         return False
     switched = enable_fast_quantized(model)
     as_float32 = use_float32_on_cpu(model)
-    fast_act = as_float32 and use_fast_activations(model)
     kernel = decode_kernel.load() if as_float32 else None
     decoded = attach_decode_kernel(model, kernel) + use_decode_layers(model, kernel) if kernel is not None else 0
     log.info(
         "fast path on: %d quantized layers use dequantize-then-GEMM; %d layers decode through our CPU kernels; CPU "
-        "float32: %s; CPU SwiGLU and attention: %s",
+        "float32: %s",
         switched,
         decoded,
         as_float32,
-        fast_act,
     )
     return True

@@ -169,6 +169,8 @@ class ModelSession:
         from mlx_lm.generate import stream_generate
         from mlx_lm.sample_utils import make_sampler
 
+        from .patches import fast_activations
+
         with self._lock:
             key = key or self._current()
             loaded = self._loaded.get(key) or self._load(key)
@@ -185,14 +187,12 @@ class ModelSession:
             mx.reset_peak_memory()
             pieces: list[str] = []
             last = None
-            for last in stream_generate(
-                loaded.model,
-                tokenizer,
-                text_prompt,
-                max_tokens=max_tokens,
-                sampler=make_sampler(temp=temperature, top_p=top_p),
-            ):
-                pieces.append(last.text)
+            sampler = make_sampler(temp=temperature, top_p=top_p)
+            with fast_activations(loaded.model):
+                for last in stream_generate(
+                    loaded.model, tokenizer, text_prompt, max_tokens=max_tokens, sampler=sampler
+                ):
+                    pieces.append(last.text)
             if last is None:
                 raise ModelError("generation produced nothing")
             return Generation(

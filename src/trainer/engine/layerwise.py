@@ -129,6 +129,89 @@ class _BlockFunctions:
         return list(vjps[:n]), vjps[n]
 
 
+class _BlockStack:
+    """The model's blocks for one step: which train, their (cached) compiled functions and their dropout seeds."""
+
+    def __init__(self, model: Any, attention_mask: Any, compiled: bool, functions: dict[Any, Any] | None) -> None:
+        self.layers = list(model.model.layers)
+        self.trainable = [bool(tree_flatten(layer.trainable_parameters())) for layer in self.layers]
+        self.first = self.trainable.index(True) if True in self.trainable else len(self.layers)
+        self.attention_mask, self.compiled = attention_mask, compiled
+        # a compiled function captures the mask as a constant: reuse functions across steps only for a mask by name
+        self.by_name = attention_mask is None or isinstance(attention_mask, str)
+        self.cache: dict[Any, Any] = functions if functions is not None and self.by_name else {}
+        # with LoRA dropout, each LoRA block runs from its own seed, so that its recomputation replays the same masks
+        lora = self.layers[self.first :]
+        self.seeds = block_seeds(len(lora)) if _has_dropout(lora) else None
+
+    def functions_of(self, index: int) -> _BlockFunctions:
+        key = (self.trainable[index], self.compiled, self.attention_mask if self.by_name else None)
+        if key not in self.cache:
+            self.cache[key] = _BlockFunctions(self.layers[index], self.attention_mask, self.compiled)
+        fns: _BlockFunctions = self.cache[key]
+        return fns
+
+    def forward(self, h: mx.array, queue: _Pipeline) -> tuple[mx.array, list[mx.array]]:
+        """The last hidden state, and each LoRA block's input (kept for its recomputation)."""
+        kept: list[mx.array] = []
+        for index, layer in enumerate(self.layers):
+            fns = self.functions_of(index)
+            if index >= self.first:
+                kept.append(h)
+                if self.seeds:
+                    mx.random.seed(self.seeds[index - self.first])
+            h = fns.forward(*fns.values(layer), h)
+            queue.submit(h)
+        queue.drain()
+        return h, kept
+
+    def backward(self, kept: list[mx.array], grad_h: mx.array, queue: _Pipeline) -> list[tuple[str, mx.array]]:
+        """Each LoRA block recomputed and differentiated, from the last to the first."""
+        grads: list[tuple[str, mx.array]] = []
+        for offset in reversed(range(len(kept))):
+            index = self.first + offset
+            fns = self.functions_of(index)
+            block_input, kept[offset] = kept[offset], mx.array(0)  # the input is not needed after this block
+            if self.seeds:
+                mx.random.seed(self.seeds[offset])
+            block_grads, grad_h = fns.backward(*fns.values(self.layers[index]), block_input, grad_h)
+            names = fns.trainable_names
+            grads.extend((f"model.layers.{index}.{name}", g) for name, g in zip(names, block_grads, strict=True))
+            queue.submit(grad_h, block_grads)
+        queue.drain()
+        if self.seeds:
+            mx.random.seed(self.seeds[-1])
+        return grads
+
+
+def _chunked_loss(
+    model: Any, h: mx.array, targets: mx.array, mask: mx.array, chunk_tokens: int, ce: CrossEntropy
+) -> tuple[mx.array, list[mx.array]]:
+    """The loss sum and its gradient by hidden state, one sequence chunk at a time, each evaluated before the next:
+    the head's logits (and, on the fast path, its dequantized weight) exist for one chunk only."""
+    inner, head = model.model, head_of(model)
+    assert head is not None, "check supports_layerwise(model) first"
+    total = mx.array(0.0, dtype=mx.float32)
+    grad_parts = []
+    per_row = max(1, chunk_tokens // targets.shape[0])
+    # on a GPU the head's dequantized weight is kept from a chunk's forward to its backward (one copy at a time
+    # either way); on the CPU its dequantize stays chunked, which bounds the scratch memory there
+    keep_head = keep_dequantized() if mx.default_device() != mx.cpu else nullcontext()
+    with keep_head:
+        for start in range(0, targets.shape[1], per_row):
+            stop = start + per_row
+            t, m = targets[:, start:stop], mask[:, start:stop]
+
+            def chunk_loss(x: mx.array, t: mx.array = t, m: mx.array = m) -> mx.array:
+                return (ce(head(inner.norm(x)), t) * m).astype(mx.float32).sum()
+
+            part, grad_part = mx.value_and_grad(chunk_loss)(h[:, start:stop])
+            total = total + part
+            mx.eval(total, grad_part)
+            grad_parts.append(grad_part)
+    return total, grad_parts
+
+
 def layerwise_value_and_grad(
     model: Any,
     batch: mx.array,
@@ -148,8 +231,6 @@ def layerwise_value_and_grad(
     """
     from mlx_lm.models.base import create_attention_mask
 
-    inner, head = model.model, head_of(model)
-    assert head is not None, "check supports_layerwise(model) first"
     if pipelined is None:
         pipelined = batch.shape[0] * (batch.shape[1] - 1) <= PIPELINE_MAX_TOKENS
     queue = _Pipeline(pipelined)
@@ -158,74 +239,15 @@ def layerwise_value_and_grad(
     mask = mx.logical_and(steps >= lengths[:, 0:1], steps <= lengths[:, 1:])
     ntoks = mask.sum()
 
-    h = inner.embed_tokens(inputs)
-    attention_mask = create_attention_mask(h, None)
-    layers = list(inner.layers)
-    trainable = [bool(tree_flatten(layer.trainable_parameters())) for layer in layers]
-    first = trainable.index(True) if True in trainable else len(layers)
-    # a compiled function captures the mask as a constant: reuse functions across steps only for a mask by name
-    by_name = attention_mask is None or isinstance(attention_mask, str)
-    cache: dict[Any, Any] = functions if functions is not None and by_name else {}
-
-    def functions_of(index: int) -> _BlockFunctions:
-        key = (trainable[index], compiled, attention_mask if by_name else None)
-        if key not in cache:
-            cache[key] = _BlockFunctions(layers[index], attention_mask, compiled)
-        fns: _BlockFunctions = cache[key]
-        return fns
-
+    h = model.model.embed_tokens(inputs)
+    blocks = _BlockStack(model, create_attention_mask(h, None), compiled, functions)
     queue.submit(h)
-    # with LoRA dropout, each LoRA block runs from its own seed, so that its recomputation replays the same masks
-    seeds = block_seeds(len(layers) - first) if _has_dropout(layers[first:]) else None
-    kept: list[mx.array] = []  # each LoRA block's input
-    for index, layer in enumerate(layers):
-        fns = functions_of(index)
-        if index >= first:
-            kept.append(h)
-            if seeds:
-                mx.random.seed(seeds[index - first])
-        h = fns.forward(*fns.values(layer), h)
-        queue.submit(h)
-    queue.drain()
-
-    # The loss, one sequence chunk at a time, each evaluated before the next: the head's logits (and, on the fast
-    # path, its dequantized weight) exist for one chunk only.
-    total = mx.array(0.0, dtype=mx.float32)
-    grad_parts = []
-    per_row = max(1, chunk_tokens // targets.shape[0])
-    # on a GPU the head's dequantized weight is kept from a chunk's forward to its backward (one copy at a time
-    # either way); on the CPU its dequantize stays chunked, which bounds the scratch memory there
-    keep_head = keep_dequantized() if mx.default_device() != mx.cpu else nullcontext()
-    with keep_head:
-        for start in range(0, targets.shape[1], per_row):
-            stop = start + per_row
-            t, m = targets[:, start:stop], mask[:, start:stop]
-
-            def chunk_loss(x: mx.array, t: mx.array = t, m: mx.array = m) -> mx.array:
-                return (ce(head(inner.norm(x)), t) * m).astype(mx.float32).sum()
-
-            part, grad_part = mx.value_and_grad(chunk_loss)(h[:, start:stop])
-            total = total + part
-            mx.eval(total, grad_part)
-            grad_parts.append(grad_part)
+    h, kept = blocks.forward(h, queue)
+    total, grad_parts = _chunked_loss(model, h, targets, mask, chunk_tokens, ce)
     loss = total / ntoks
     grad_h = (mx.concatenate(grad_parts, axis=1) if len(grad_parts) > 1 else grad_parts[0]) / ntoks.astype(h.dtype)
     queue.submit(loss, grad_h)
-
-    grads: list[tuple[str, mx.array]] = []
-    for offset in reversed(range(len(kept))):
-        index = first + offset
-        fns = functions_of(index)
-        block_input, kept[offset] = kept[offset], mx.array(0)  # the input is not needed after this block
-        if seeds:
-            mx.random.seed(seeds[offset])
-        block_grads, grad_h = fns.backward(*fns.values(layers[index]), block_input, grad_h)
-        named = [(f"model.layers.{index}.{name}", g) for name, g in zip(fns.trainable_names, block_grads, strict=True)]
-        queue.submit(grad_h, block_grads)
-        grads.extend(named)
-    queue.drain()
-    if seeds:
-        mx.random.seed(seeds[-1])
+    grads = blocks.backward(kept, grad_h, queue)
     return loss, ntoks, tree_unflatten(grads)
 
 

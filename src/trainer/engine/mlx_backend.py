@@ -54,6 +54,105 @@ def adapter_config(config: QLoRAConfig, num_layers: int) -> dict[str, Any]:
     }
 
 
+class _RunEvents:
+    """Phase, progress and checkpoint events around mlx-lm's loop, which has no hooks but its batch iterator and
+    its report callback."""
+
+    def __init__(self, config: QLoRAConfig, adapter_dir: Path, emit: Emit) -> None:
+        self.config, self.adapter_dir, self.emit = config, adapter_dir, emit
+        self.phase = Phase.LOADING_DATA
+        self.last_progress = 0.0
+
+    def set_phase(self, new: Phase) -> None:
+        if new is not self.phase:
+            self.phase = new
+            self.emit(PhaseChanged(phase=new))
+
+    def callback(self) -> Any:
+        from mlx_lm.tuner.callbacks import TrainingCallback
+
+        events = self
+
+        class Reporter(TrainingCallback):  # type: ignore[misc]
+            def on_train_loss_report(self, train_info: dict[str, Any]) -> None:
+                events.emit(TrainReport(**train_info))
+
+            def on_val_loss_report(self, val_info: dict[str, Any]) -> None:
+                events.emit(ValReport(**val_info))
+                events.set_phase(Phase.TRAINING)  # mlx-lm reports right after the validation pass ends
+
+        return Reporter()
+
+    def batches(
+        self, dataset: Any, batch_size: int, max_seq_length: int, loop: bool = False, **kw: Any
+    ) -> Iterator[Any]:
+        """mlx-lm's own batching, plus phase, progress and checkpoint events."""
+        from mlx_lm.tuner.trainer import iterate_batches
+
+        if not loop:  # a validation pass; mlx-lm stops reading it early, so no code runs after it
+            self.set_phase(Phase.EVALUATING)
+            yield from iterate_batches(dataset, batch_size, max_seq_length, loop=loop, **kw)
+            return
+        self.set_phase(Phase.TRAINING)
+        save_every, iters = self.config.save_every, self.config.iters
+        for it, batch in enumerate(iterate_batches(dataset, batch_size, max_seq_length, loop=loop, **kw), start=1):
+            done = it - 1
+            if done and done % save_every == 0:  # mlx-lm saved this checkpoint before asking again
+                self.emit(Checkpoint(iteration=done, path=str(self.adapter_dir / f"{done:07d}_adapters.safetensors")))
+            now = time.monotonic()
+            if it == 1 or now - self.last_progress >= PROGRESS_EVERY_S:
+                self.last_progress = now
+                self.emit(Progress(iteration=it, iters=iters))
+            yield batch
+
+
+def _training_args(config: QLoRAConfig, adapter_file: Path) -> Any:
+    from mlx_lm.tuner.trainer import TrainingArgs
+
+    return TrainingArgs(
+        batch_size=config.batch_size,
+        iters=config.iters,
+        val_batches=config.val_batches,
+        steps_per_report=config.steps_per_report,
+        steps_per_eval=config.steps_per_eval,
+        steps_per_save=config.save_every,
+        adapter_file=str(adapter_file),
+        max_seq_length=config.max_seq_length,
+        grad_checkpoint=config.grad_checkpoint,
+    )
+
+
+def _training_loop(config: QLoRAConfig, model: Any) -> tuple[Any, dict[str, Any]]:
+    """mlx-lm's `train` with our loss, or the layerwise loop; and the extra arguments it takes."""
+    from mlx_lm.tuner.trainer import train
+
+    from ..planning.device import fast_path_on
+    from .losses import cross_entropy_for, training_loss
+
+    fast = fast_path_on(config.fast_path)
+    if not config.layerwise:
+        return train, {"loss": training_loss(fast, config.chunked_loss)}
+    from .layerwise import supports_layerwise, train_layerwise
+
+    if not supports_layerwise(model):
+        raise ConfigError(f"layerwise=true is not supported for {type(model).__module__}; set it to false")
+    return train_layerwise, {"ce": cross_entropy_for(fast)}
+
+
+def _add_lora(config: QLoRAConfig, model: Any) -> int:
+    """Freeze the base and put LoRA on the last `num_layers` blocks; returns how many."""
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    num_layers = len(model.layers) if config.num_layers == -1 else config.num_layers
+    if num_layers > len(model.layers):
+        raise ConfigError(f"num_layers={num_layers} but the model has only {len(model.layers)} layers")
+    model.freeze()
+    linear_to_lora_layers(
+        model, num_layers, {"rank": config.rank, "scale": config.lora_scale, "dropout": config.dropout}
+    )
+    return num_layers
+
+
 class MlxTrainingBackend:
     name = "mlx"
 
@@ -67,109 +166,37 @@ class MlxTrainingBackend:
         import mlx.optimizers as optim
         import numpy as np
         from mlx.utils import tree_flatten
-        from mlx_lm.tuner.callbacks import TrainingCallback
         from mlx_lm.tuner.datasets import CacheDataset, load_local_dataset
-        from mlx_lm.tuner.trainer import TrainingArgs, iterate_batches, train
-        from mlx_lm.tuner.utils import linear_to_lora_layers
         from mlx_lm.utils import save_config
 
-        from ..planning.device import fast_path_on
-        from .losses import cross_entropy_for, training_loss
+        from .patches import fast_activations
 
         mx.random.seed(config.seed)
         np.random.seed(config.seed)  # mlx-lm shuffles batches with numpy
-
         emit(PhaseChanged(phase=Phase.LOADING_MODEL))
         model, tokenizer, _ = load_for_training(config)
-
         emit(PhaseChanged(phase=Phase.LOADING_DATA))
-        train_set, valid_set, _ = load_local_dataset(
-            Path(config.data), tokenizer, types.SimpleNamespace(mask_prompt=config.mask_prompt)
-        )
-        if len(train_set) == 0:
-            raise ConfigError(f"no training examples in {config.data}/train.jsonl")
-
-        num_layers = len(model.layers) if config.num_layers == -1 else config.num_layers
-        if num_layers > len(model.layers):
-            raise ConfigError(f"num_layers={num_layers} but the model has only {len(model.layers)} layers")
-        model.freeze()
-        linear_to_lora_layers(
-            model, num_layers, {"rank": config.rank, "scale": config.lora_scale, "dropout": config.dropout}
-        )
+        options = types.SimpleNamespace(mask_prompt=config.mask_prompt)
+        train_set, valid_set, _ = load_local_dataset(Path(config.data), tokenizer, options)
+        num_layers = _add_lora(config, model)
         adapter_dir = adapter_dir_for(config, run_dir)
         adapter_dir.mkdir(parents=True, exist_ok=True)
         save_config(adapter_config(config, num_layers), adapter_dir / "adapter_config.json")
         adapter_file = adapter_dir / "adapters.safetensors"
-
-        last_progress = 0.0
-        phase = Phase.LOADING_DATA
-
-        def set_phase(new: Phase) -> None:
-            nonlocal phase
-            if new is not phase:
-                phase = new
-                emit(PhaseChanged(phase=new))
-
-        class Reporter(TrainingCallback):  # type: ignore[misc]
-            def on_train_loss_report(self, train_info: dict[str, Any]) -> None:
-                emit(TrainReport(**train_info))
-
-            def on_val_loss_report(self, val_info: dict[str, Any]) -> None:
-                emit(ValReport(**val_info))
-                set_phase(Phase.TRAINING)  # mlx-lm reports right after the validation pass ends
-
-        def reporting_batches(
-            dataset: Any, batch_size: int, max_seq_length: int, loop: bool = False, **kwargs: Any
-        ) -> Iterator[Any]:
-            """mlx-lm's own batching, plus phase, progress and checkpoint events (its train loop has no hooks)."""
-            nonlocal last_progress
-            if not loop:  # a validation pass; mlx-lm stops reading it early, so no code runs after it
-                set_phase(Phase.EVALUATING)
-                yield from iterate_batches(dataset, batch_size, max_seq_length, loop=loop, **kwargs)
-                return
-            set_phase(Phase.TRAINING)
-            batches = iterate_batches(dataset, batch_size, max_seq_length, loop=loop, **kwargs)
-            for it, batch in enumerate(batches, start=1):
-                done = it - 1
-                if done and done % config.save_every == 0:  # mlx-lm saved this checkpoint before asking again
-                    emit(Checkpoint(iteration=done, path=str(adapter_dir / f"{done:07d}_adapters.safetensors")))
-                now = time.monotonic()
-                if it == 1 or now - last_progress >= PROGRESS_EVERY_S:
-                    last_progress = now
-                    emit(Progress(iteration=it, iters=config.iters))
-                yield batch
-
-        args = TrainingArgs(
-            batch_size=config.batch_size,
-            iters=config.iters,
-            val_batches=config.val_batches,
-            steps_per_report=config.steps_per_report,
-            steps_per_eval=config.steps_per_eval,
-            steps_per_save=config.save_every,
-            adapter_file=str(adapter_file),
-            max_seq_length=config.max_seq_length,
-            grad_checkpoint=config.grad_checkpoint,
-        )
-        fast = fast_path_on(config.fast_path)
-        extra: dict[str, Any] = {"loss": training_loss(fast, config.chunked_loss)}
-        trainer_loop: Any = train
-        if config.layerwise:
-            from .layerwise import supports_layerwise, train_layerwise
-
-            if not supports_layerwise(model):
-                raise ConfigError(f"layerwise=true is not supported for {type(model).__module__}; set it to false")
-            trainer_loop, extra = train_layerwise, {"ce": cross_entropy_for(fast)}
+        events = _RunEvents(config, adapter_dir, emit)
+        loop, extra = _training_loop(config, model)
         try:
-            trainer_loop(
-                model=model,
-                optimizer=optim.Adam(learning_rate=config.learning_rate),
-                train_dataset=CacheDataset(train_set),
-                val_dataset=CacheDataset(valid_set) if len(valid_set) else None,
-                args=args,
-                iterate_batches=reporting_batches,
-                training_callback=Reporter(),
-                **extra,
-            )
+            with fast_activations(model):
+                loop(
+                    model=model,
+                    optimizer=optim.Adam(learning_rate=config.learning_rate),
+                    train_dataset=CacheDataset(train_set),
+                    val_dataset=CacheDataset(valid_set) if len(valid_set) else None,
+                    args=_training_args(config, adapter_file),
+                    iterate_batches=events.batches,
+                    training_callback=events.callback(),
+                    **extra,
+                )
         except Cancelled:
             # keep what was learned: the adapter as of the last finished step, loadable like a final one
             mx.save_safetensors(str(adapter_file), dict(tree_flatten(model.trainable_parameters())))

@@ -116,6 +116,30 @@ def dense_copy_bytes(model_config: dict[str, Any]) -> float:
     return float((layers * per_layer + vocab * hidden * (1 if tied else 2)) * 4)
 
 
+def _layerwise_phases(
+    plan: MemoryPlan, tokens: int, vocab: int, per_layer: float, logit_tensors: float, dense: tuple[float, float]
+) -> tuple[float, float]:
+    """The layerwise step's two phases, which never overlap (on top of each LoRA block's kept input): the loss, one
+    512-token chunk at a time (with the fast path on a GPU, the head's dequantized weight too), and one block's
+    forward and backward (with that block's dequantized weights). Returns (activations, logits): the larger phase in
+    its own part, the other 0."""
+    d = plan.compute_bytes
+    dense_block, dense_head = dense
+    cpu_fast = plan.device == "cpu" and plan.fast_path
+    # each chunk's loss is differentiated directly (nothing recomputed): all its logit tensors are alive
+    chunk_tokens = min(tokens, LAYERWISE_LOSS_TOKENS)
+    if plan.device == "cpu":
+        chunk_tensors = LAYERWISE_LOGIT_TENSORS_CPU_FAST if cpu_fast else logit_tensors
+        loss_phase = chunk_tokens * vocab * (d + 4 * (chunk_tensors - 1))
+        block_layers = CHECKPOINT_LAYERS
+    else:
+        loss_phase = chunk_tokens * vocab * d + dense_head
+        pipelined = tokens <= LAYERWISE_PIPELINE_MAX_TOKENS
+        block_layers = GPU_LAYERWISE_BLOCK_LAYERS_PIPELINED if pipelined else GPU_LAYERWISE_BLOCK_LAYERS
+    block_phase = block_layers * per_layer + dense_block
+    return (block_phase if block_phase > loss_phase else 0.0), (loss_phase if loss_phase >= block_phase else 0.0)
+
+
 def predict_peak(model_config: dict[str, Any], plan: MemoryPlan) -> MemoryParts:
     hidden, inter, layers, heads, kv, vocab, head_dim, tied = _dims(model_config)
     quant = model_config.get("quantization") or {}
@@ -154,23 +178,10 @@ def predict_peak(model_config: dict[str, Any], plan: MemoryPlan) -> MemoryParts:
     logit_tensors = LOGIT_TENSORS_CPU_FAST if cpu_fast else LOGIT_TENSORS
     kept = logit_tensors - (CHUNKED_LOGIT_SAVING if chunked else 0.0)
     if plan.layerwise:
-        # Two phases that never overlap, on top of each LoRA block's kept input: the loss, one 512-token chunk at a
-        # time (with the fast path on a GPU, the head's dequantized weight too), and one block's forward and
-        # backward (with that block's dequantized weights). The peak is the larger; the parts shown are its own.
+        dense = (dense_block, dense_head) if gpu_fast else (0.0, 0.0)
         kept_inputs = lora_layers * tokens * hidden * d
-        # each chunk's loss is differentiated directly (nothing recomputed): all its logit tensors are alive
-        chunk_tokens = min(tokens, LAYERWISE_LOSS_TOKENS)
-        if plan.device == "cpu":
-            chunk_tensors = LAYERWISE_LOGIT_TENSORS_CPU_FAST if cpu_fast else logit_tensors
-            loss_phase = chunk_tokens * vocab * (d + 4 * (chunk_tensors - 1))
-            block_layers = CHECKPOINT_LAYERS
-        else:
-            loss_phase = chunk_tokens * vocab * d + (dense_head if gpu_fast else 0.0)
-            pipelined = tokens <= LAYERWISE_PIPELINE_MAX_TOKENS
-            block_layers = GPU_LAYERWISE_BLOCK_LAYERS_PIPELINED if pipelined else GPU_LAYERWISE_BLOCK_LAYERS
-        block_phase = block_layers * per_layer + (dense_block if gpu_fast else 0.0)
-        activations = kept_inputs + (block_phase if block_phase > loss_phase else 0.0)
-        logits = loss_phase if loss_phase >= block_phase else 0.0
+        activations, logits = _layerwise_phases(plan, tokens, vocab, per_layer, logit_tensors, dense)
+        activations += kept_inputs
         base = weights + lora + activations + logits
     else:
         if checkpointing:  # keep each LoRA layer's input; recompute one layer at a time

@@ -1,0 +1,166 @@
+"""The layout's rules, checked: which layer may import which, where MLX may be imported, module and function sizes.
+
+The layers of `trainer` (docs/architecture.md), lowest first; a layer imports only from itself and the ones listed:
+
+    base         trainer.errors, trainer.settings
+    environment  base                                      (no MLX: sets up the processes MLX runs in)
+    planning     base                                      (no MLX: config, model and data checks, memory)
+    lifecycle    base, environment, planning               (no MLX: jobs, events, store, runner, worker)
+    engine       base, environment, planning, lifecycle    (everything that imports MLX)
+    trainer      everything (the package's __init__ and __main__: the public API and the CLI)
+
+`mcp_local` and `mcp_local_demo` use only the names `trainer` exports (`from trainer import ...`).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO
+from tests.trainer.helpers import fake_env
+
+SRC = REPO / "src"
+ALLOWED = {
+    "base": {"base"},
+    "environment": {"base", "environment"},
+    "planning": {"base", "planning"},
+    "lifecycle": {"base", "environment", "planning", "lifecycle"},
+    "engine": {"base", "environment", "planning", "lifecycle", "engine"},
+}
+NO_MLX = {"base", "environment", "planning", "lifecycle"}
+MAX_MODULE_LINES = 400
+MAX_FUNCTION_LINES = 80
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _layer(module: str) -> str | None:
+    parts = module.split(".")
+    if parts[0] != "trainer":
+        return None
+    if len(parts) == 1 or parts[1] in ("__main__",):
+        return "trainer"
+    if parts[1] in ("errors", "settings"):
+        return "base"
+    return parts[1]
+
+
+def _imports(path: Path) -> list[str]:
+    """Every module a file imports, anywhere in it (lazy imports included), relative ones resolved."""
+    module = _module_name(path)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            found.append(target)
+            found += [f"{target}.{alias.name}" for alias in node.names]  # `from . import submodule`
+    return found
+
+
+def _sources(package: str) -> list[Path]:
+    return sorted((SRC / package).rglob("*.py"))
+
+
+def test_each_trainer_layer_imports_only_the_layers_below_it() -> None:
+    broken = []
+    for path in _sources("trainer"):
+        layer = _layer(_module_name(path))
+        if layer == "trainer" or layer is None:
+            continue
+        for target in _imports(path):
+            target_layer = _layer(target)
+            if target_layer is not None and (target_layer == "trainer" or target_layer not in ALLOWED[layer]):
+                broken.append(f"{path.relative_to(SRC)} ({layer}) imports {target} ({target_layer})")
+    assert broken == []
+
+
+def test_only_the_engine_imports_mlx() -> None:
+    offenders = [
+        f"{path.relative_to(SRC)} imports {target}"
+        for path in _sources("trainer")
+        if _layer(_module_name(path)) in NO_MLX
+        for target in _imports(path)
+        if target.split(".")[0] in ("mlx", "mlx_lm")
+    ]
+    assert offenders == []
+
+
+def test_the_mcp_layer_uses_only_the_public_trainer_api() -> None:
+    import trainer
+
+    offenders = []
+    for package in ("mcp_local", "mcp_local_demo"):
+        for path in _sources(package):
+            for target in _imports(path):
+                if target.startswith("trainer.") and target.removeprefix("trainer.") not in trainer.__all__:
+                    offenders.append(f"{path.relative_to(SRC)} imports {target}")
+    assert offenders == []
+
+
+def test_no_module_over_400_lines_and_no_function_over_80() -> None:
+    too_long = []
+    for path in sorted(SRC.rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        if text.count("\n") > MAX_MODULE_LINES:
+            too_long.append(f"{path.relative_to(SRC)}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = (node.end_lineno or node.lineno) - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    too_long.append(f"{path.relative_to(SRC)}: {node.name}() is {length} lines")
+    assert too_long == []
+
+
+SERVER_WITHOUT_MLX = """
+import json, sys
+import anyio
+from mcp import Client
+from mcp_local import ServerSettings, build_server
+
+home, model, data, env = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+config = {"model": model, "data": data, "num_layers": 4, "iters": 3, "batch_size": 2}
+
+async def main():
+    settings = ServerSettings(home=__import__("pathlib").Path(home), worker_env=env)
+    async with Client(build_server(settings), raise_exceptions=True) as client:
+        started = await client.call_tool("start_qlora_run", {"config": config})
+        assert not started.is_error, started.content
+        run_id = started.structured_content["run_id"]
+        profile = await client.call_tool("profile_memory", {"config": config})
+        assert not profile.is_error, profile.content
+        status = await client.call_tool("run_status", {"run_id": run_id, "wait_seconds": 30})
+        listed = await client.call_tool("list_runs", {})
+        assert not status.is_error and not listed.is_error
+    loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("mlx", "mlx_lm"))
+    sys.stdout.write(json.dumps({"predicted": started.structured_content["predicted_peak_gb"], "mlx": loaded}))
+
+anyio.run(main)
+"""
+
+
+def test_planning_and_submitting_a_run_in_the_server_never_imports_mlx(
+    tmp_path: Path, tiny_model: Path, tiny_data: Path
+) -> None:
+    """The server prepares, predicts, queues and follows runs without MLX: only workers and model sessions load it."""
+    args = [str(tmp_path / "home"), str(tiny_model), str(tiny_data), json.dumps(fake_env("succeed"))]
+    done = subprocess.run(
+        [sys.executable, "-c", SERVER_WITHOUT_MLX, *args], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert result["predicted"] and result["predicted"] > 0  # the memory prediction ran, without MLX
+    assert result["mlx"] == []
