@@ -18,6 +18,8 @@ from trainer.engine.fastpath import FastQuantizedEmbedding, FastQuantizedLinear
 from trainer.engine.inference import ModelSession
 from trainer.errors import KernelBuildError
 
+pytestmark = pytest.mark.slow  # trains or builds kernels: seconds to minutes
+
 
 @pytest.fixture(scope="module")
 def kernel() -> Any:

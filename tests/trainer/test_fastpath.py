@@ -25,6 +25,8 @@ from trainer.engine.inference import ModelSession
 from trainer.engine.losses import training_loss
 from trainer.engine.patches import fast_activations
 
+pytestmark = pytest.mark.slow  # trains or builds kernels: seconds to minutes
+
 VOCAB = 8192
 #: fast-path peak / plain peak on this shape: 1.11 measured on the CPU (the extra is one copy of the logits, from
 #: concatenating the head's row chunks); the bound leaves room for allocator noise

@@ -17,6 +17,8 @@ from trainer.engine.gguf import cached_import, import_gguf
 from trainer.engine.inference import ModelSession
 from trainer.planning.modelref import resolve_model_dir
 
+pytestmark = pytest.mark.slow  # trains or builds kernels: seconds to minutes
+
 QWEN2_TO_GGUF = {
     "self_attn.q_proj": "attn_q",
     "self_attn.k_proj": "attn_k",

@@ -18,6 +18,8 @@ from trainer import JobRunner, JobState, RunStore
 from trainer.engine.layerwise import block_seeds, layerwise_value_and_grad
 from trainer.engine.losses import cross_entropy_for
 
+pytestmark = pytest.mark.slow  # trains or builds kernels: seconds to minutes
+
 
 def _seeded_call(seed: int) -> Any:
     def call(self: Any, *args: Any, **kwargs: Any) -> Any:

@@ -59,6 +59,8 @@ async def test_adapter_loads_and_changes_generation(trained, tiny_model: Path) -
     tuned = session.generate(PROMPT, max_tokens=24, adapter=done.adapter_path)
     assert tuned.text != base.text
     assert tuned.text.startswith("def add_"), tuned.text
+    # the adapter was for that call only: a plain generate is the loaded base model again
+    assert session.generate(PROMPT, max_tokens=24).text == base.text
 
 
 async def test_mlx_lm_generate_loads_our_adapter(trained, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]

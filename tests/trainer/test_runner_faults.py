@@ -24,7 +24,9 @@ async def test_successful_run_is_recorded_with_its_metrics_and_adapter(tmp_path:
     async with fake_runner(tmp_path, "succeed") as runner:
         run = await runner.submit(config(fake_model, tiny_data, memory_sample_interval=0.05))
         done = await runner.wait_until_done(run.id, START_TIMEOUT)
-    assert done.state is JobState.SUCCEEDED
+        samples = runner.memory_samples(run.id)
+        assert samples and runner.memory_samples(run.id, 0) == [] and runner.memory_samples(run.id, 1) == samples[-1:]
+    assert done.state is JobState.SUCCEEDED and done.phase is None
     assert done.iteration == 5 and done.metrics.last_train_loss == pytest.approx(0.2)
     assert done.metrics.last_val_loss == 0.5
     assert Path(done.adapter_path or "", "adapters.safetensors").read_bytes() == b"fake"
@@ -97,11 +99,21 @@ async def test_cancel_while_queued_never_starts_a_worker(tmp_path: Path, fake_mo
 
 
 async def test_queue_runs_in_fifo_order_and_respects_max_concurrent(tmp_path: Path, fake_model, tiny_data) -> None:
-    async with fake_runner(tmp_path, "succeed", max_concurrent=2) as runner:
+    async with fake_runner(tmp_path, "hang", max_concurrent=2) as runner:
         runs = [await runner.submit(config(fake_model, tiny_data)) for _ in range(3)]
-        done = [await runner.wait_until_done(r.id, START_TIMEOUT) for r in runs]
-    assert all(d.state is JobState.SUCCEEDED for d in done)
-    assert done[0].started_at and done[2].started_at and done[0].started_at <= done[2].started_at
+        await _wait_running(runner, runs[0].id)
+        await _wait_running(runner, runs[1].id)
+        # two workers hang forever: a runner that started a third would show it here
+        assert set(runner.live_workers()) == {runs[0].id, runs[1].id}
+        assert runner.get(runs[2].id).state is JobState.QUEUED and runner.queue_position(runs[2].id) == 2
+        await runner.cancel(runs[0].id)
+        await _wait_running(runner, runs[2].id)  # the freed slot goes to the next in line
+        assert set(runner.live_workers()) == {runs[1].id, runs[2].id}
+        for run in runs[1:]:
+            await runner.cancel(run.id)
+    stored = [RunStore(tmp_path).get(r.id) for r in runs]
+    assert [s.state for s in stored] == [JobState.CANCELLED] * 3
+    assert stored[0].started_at and stored[2].started_at and stored[0].started_at <= stored[2].started_at
 
 
 async def test_workers_stdout_goes_to_the_log_not_the_event_channel(tmp_path: Path, fake_model, tiny_data) -> None:

@@ -1,12 +1,11 @@
 """Elementwise math that MLX's CPU backend computes slowly, rebuilt from the operations it computes fast.
 
-MLX's CPU `exp` (and with it `sigmoid`, `silu`, `softmax` and `logsumexp`) is a scalar loop calling libm, about
-9 ns per element here, 4.5x slower than numpy's: in the SmolLM2-shape training step (batch 4 x 64) the MLP's SiLU took
-5.2 ms per block and direction, and the loss over 256 x 49,152 logits and the attention softmax together about 12% of
-the step. `fast_exp` below is the textbook vectorizable one (Cody-Waite range reduction, a degree-7 polynomial, the
-exponent set through the float's bits), compiled: about 1.8 ns per element, within 1e-7 of the exact value (MLX's
-own: 1e-6). On it: the MLP's SwiGLU, the attention softmax (`fast_attention`, multi-row float32 queries) and the
-cross-entropy (`fast_cross_entropy`), each with its own VJP, each tested against MLX's values and gradients.
+MLX's CPU `exp` (and with it `sigmoid`, `silu`, `softmax` and `logsumexp`) is a scalar loop calling libm, several
+times slower than numpy's, and the MLP, the loss and the attention softmax spend much of a CPU step in it
+(docs/benchmarks.md). `fast_exp` below is the textbook vectorizable one (Cody-Waite range reduction, a degree-7
+polynomial, the exponent set through the float's bits), compiled, within 1e-7 of the exact value (MLX's own: 1e-6).
+On it: the MLP's SwiGLU, the attention softmax (`fast_attention`, multi-row float32 queries) and the cross-entropy
+(`fast_cross_entropy`), each with its own VJP, each tested against MLX's values and gradients.
 """
 
 from __future__ import annotations

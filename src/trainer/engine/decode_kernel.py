@@ -134,8 +134,8 @@ def build(dest: Path, march: str = "native") -> Path:
 
 
 def import_kernel(path: Path) -> ModuleType:
-    # OpenMP threads that spin between a token's products take the core MLX-LM builds the next token's graph on
-    # (SmolLM2 decode: 66 tokens/s spinning, 83 passive); libgomp reads this once, when the module loads it
+    # OpenMP threads that spin between a token's products take the core MLX-LM builds the next token's graph on;
+    # libgomp reads this once, when the module loads it
     os.environ.setdefault("OMP_WAIT_POLICY", "passive")
     spec = importlib.util.spec_from_file_location(MODULE, path)
     assert spec is not None and spec.loader is not None

@@ -30,10 +30,8 @@ from .decode_layers import use_decode_layers
 
 log = logging.getLogger(__name__)
 
-#: largest dequantized chunk, in elements. Small on the CPU, where it bounds the dequantize's scratch memory
-#: (measured on the SmolLM2 shape: 896 MB unchunked, 731 at 4M, 653 at 1M, 608 at 512K, against 564 for plain
-#: MLX-LM); unchunked on a GPU, where chunks cost speed and saved nothing (7B shape, 1x2048, H200: 7,048 tokens/s
-#: at 29.5 GB with 64M-element chunks, 12,541 at 29.1 GB unchunked; bench/gpu_step_variants.py).
+#: largest dequantized chunk, in elements. Small on the CPU, where it bounds the dequantize's scratch memory;
+#: unchunked on a GPU, where chunks cost speed and saved nothing (docs/benchmarks.md)
 CPU_CHUNK_ELEMENTS = 512 * 1024
 GPU_CHUNK_ELEMENTS = 1 << 62
 
@@ -200,10 +198,9 @@ def cache_dense_weights(model: Module, budget_bytes: int) -> bool:
 
     They make multi-row products (training steps, prompt prefill) skip the dequantize; decode uses them only where our
     decode kernels could not be built (MLX's CPU quantized matrix-vector kernel is several times slower than an
-    OpenBLAS float32 GEMV: 0.59 vs 0.13 ms for a 1536x576 layer here). The 4-bit weights stay the model's parameters
-    (adapters and saving are unaffected); the copies are private attributes, not parameters. Linear layers keep theirs
-    transposed, (input, output): a one-row product is 15-30% faster that way here (0.099 against 0.127 ms for
-    1536x576) and a multi-row one the same; the output head keeps (vocabulary, hidden), faster for it.
+    OpenBLAS float32 GEMV). The 4-bit weights stay the model's parameters (adapters and saving are unaffected); the
+    copies are private attributes, not parameters. Linear layers keep theirs transposed, (input, output), where a
+    one-row product is faster and a multi-row one the same; the output head keeps (vocabulary, hidden), faster for it.
     """
     if mx.default_device() != mx.cpu or dense_weight_bytes(model) > budget_bytes:
         return False

@@ -1,7 +1,7 @@
 """A training step evaluated one transformer block at a time: the lowest-memory way to train.
 
-Within one fused step graph, MLX's CUDA backend keeps buffers alive far longer than autodiff needs (measured on an
-H200: checkpointing every block lowered the 7B-shape peak at 1x2048 by only 5%). Here the step is split by hand:
+Within one fused step graph, MLX's CUDA backend keeps buffers alive far longer than autodiff needs (so checkpointing
+every block barely lowers the peak there: docs/benchmarks.md). Here the step is split by hand:
 the forward pass is evaluated block by block keeping only each LoRA block's input, the loss is evaluated in
 checkpointed sequence chunks, then each block is recomputed and differentiated (`mx.vjp`) from the last to the
 first, its gradients evaluated before the next. The peak is then the weights, the kept block inputs, and one
@@ -23,8 +23,7 @@ from .fastpath import keep_dequantized
 from .losses import CrossEntropy, head_of
 
 #: the step is pipelined up to this many tokens (batch x length). Beyond, the second block in flight costs more memory
-#: than the overlap gains (7B shape, H200, 4x1024: 10.0 GB at 12,115 tokens/s unpipelined, 14.9 GB at 13,559
-#: pipelined; at 1x2048 7.55 GB at 9,657 and 7.60 GB at 11,059; bench/gpu_step_variants.py)
+#: than the overlap gains (docs/benchmarks.md)
 PIPELINE_MAX_TOKENS = 2048
 #: tokens (over the whole batch) of one loss chunk: the logits of one chunk are the largest transient of the step
 LOSS_CHUNK_TOKENS = 512

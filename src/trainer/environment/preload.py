@@ -1,14 +1,12 @@
 """Native libraries preloaded under MLX on Linux CPUs: an optimised BLAS and a caching memory allocator.
 
-- OpenBLAS: the `mlx[cpu]` wheel links the reference (netlib) BLAS: a 1024x1024 float32 matmul runs at about
-  5 GFLOP/s on a 2-core x86 machine, against about 120-180 with OpenBLAS. Putting Debian's OpenBLAS
+- OpenBLAS: the `mlx[cpu]` wheel links the reference (netlib) BLAS, many times slower; putting Debian's OpenBLAS
   (`libopenblas0-pthread`) in front with LD_PRELOAD makes MLX's matmuls use it.
 - tcmalloc: MLX's CPU backend keeps no buffer cache: every array is a fresh `malloc`, and glibc maps (and on free
   unmaps) every block over 32 MB and trims its heap, so each step page-faults its large arrays in again (the
-  logits, the MLP activations). Google's tcmalloc (`libtcmalloc-minimal4`) keeps freed memory for reuse: on its
-  own, the SmolLM2-shape QLoRA step went from about 242 to 268 tokens/s on a 2-core x86 machine, and the fast CPU
-  loss gained only once it was in (docs/benchmarks.md). MLX's own memory accounting (peak, active), which budgets
-  and the watchdog use, is unchanged; the process's RSS stays near its high-water mark.
+  logits, the MLP activations). Google's tcmalloc (`libtcmalloc-minimal4`) keeps freed memory for reuse
+  (docs/benchmarks.md). MLX's own memory accounting (peak, active), which budgets and the watchdog use, is
+  unchanged; the process's RSS stays near its high-water mark.
 
 Our install scripts install both; the runner preloads them into every worker and the MCP server (and the demo)
 re-execute themselves with them. Where one is missing we say so, once, with the fix.

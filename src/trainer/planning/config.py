@@ -74,8 +74,8 @@ class QLoRAConfig(BaseModel):
         bool,
         Field(
             description="Evaluate each training step one transformer block at a time (forward, then backward from "
-            "the last block, each block's step compiled): the least memory, especially on CUDA (7B shape at 1x2048 "
-            "on an H200: 24.6 -> 8.5 GB, and with the fast path 2.3x plain MLX-LM's tokens/s)."
+            "the last block, each block's step compiled): the least memory, especially on CUDA (about a third of plain "
+            "MLX-LM's peak for a 7B model at 1x2048)."
         ),
     ] = False
     memory_budget_gb: Annotated[

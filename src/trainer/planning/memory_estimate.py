@@ -20,8 +20,7 @@ ACT_HIDDEN = 8.2
 ACT_KV = 3.3
 ACT_INTERMEDIATE = 4.9
 #: attention probabilities kept per layer for the backward pass, in units of heads x T x T: MLX's attention (same
-#: fit), and the CPU fast path's (trainer/cpu_math.py, fit with the CPU terms below to the CPU grid of
-#: bench/memory_prediction.py on 2026-11-26, third session: all twelve rows within 6.8%)
+#: fit), and the CPU fast path's (engine/cpu_math.py; fit with the CPU terms below, docs/benchmarks.md)
 ACT_ATTENTION = 0.82
 ACT_ATTENTION_CPU_FAST = 0.32
 #: vocabulary-sized tensors alive at the loss: the logits plus float32 log-softmax, gradients and copies (fit: 4.8);
@@ -38,18 +37,17 @@ CHECKPOINT_LAYERS = 0.22
 CPU_OVERHEAD_GB = 0.07
 #: fraction added for the allocator's fragmentation and cache
 SLACK = 0.02
-#: CUDA, as our workers run it (8 operations per command buffer, trainer/mlx_env.py), fit to the 7B shape on an H200
-#: at 512 to 4096 tokens (bench/results-gpu-h200-ops-per-buffer.jsonl): the peak is linear in batch x length and
-#: independent of how it splits (1x2048 and 2x1024 peak alike, as do 4x1024, 2x2048 and 1x4096), so attention runs
-#: fused and keeps no T x T probabilities; the per-token tensors are 0.93 of the CPU's; a one-graph step adds 0.9 GB,
-#: and with the fast path the head's and three blocks' dequantized weights.
+#: CUDA, as our workers run it (8 operations per command buffer, environment/mlx_env.py), fit to the 7B shape on an
+#: H200: the peak is linear in batch x length whatever the split, so attention runs fused and keeps no T x T
+#: probabilities; per-token tensors are a share of the CPU's; a one-graph step adds a fixed amount and, with the fast
+#: path, the head's and a few blocks' dequantized weights (docs/benchmarks.md)
 GPU_TOKEN_SCALE = 0.93
 GPU_OVERHEAD_GB = 0.9
 FAST_GPU_BLOCKS = 3
 #: CUDA, layerwise step: one block's forward and backward, in layers of activations, with the next block handed to the
-#: GPU while this one runs (batches up to trainer.layerwise.PIPELINE_MAX_TOKENS) and without (fit to the 7B shape on
-#: an H200 at 1x512, 1x2048 and 4x1024, third session: bench/results-gpu-h200-session3-mlx.jsonl); its loss chunks
-#: hold the head's dequantized weight and one chunk's logits, nothing that scales like the CPU's float32 softmax
+#: GPU while this one runs (batches up to engine.layerwise.PIPELINE_MAX_TOKENS) and without (fit to the 7B shape on
+#: an H200, docs/benchmarks.md); its loss chunks hold the head's dequantized weight and one chunk's logits, nothing
+#: that scales like the CPU's float32 softmax
 GPU_LAYERWISE_BLOCK_LAYERS_PIPELINED = 6.1
 GPU_LAYERWISE_BLOCK_LAYERS = 4.2
 LAYERWISE_PIPELINE_MAX_TOKENS = 2048
@@ -159,9 +157,8 @@ def predict_peak(model_config: dict[str, Any], plan: MemoryPlan) -> MemoryParts:
     lora_params = lora_layers * sum(plan.rank * (r + c) for r, c in projections)
     lora = lora_params * 4 * 4  # float32 parameters, gradients, Adam m and v
 
-    # Measured on CUDA (H200, docs/benchmarks.md, at MLX's default command-buffer size; not re-measured at ours):
-    # checkpointing and the chunked loss barely lowered MLX's peak there, so a GPU prediction does not count on them
-    # (it errs high if they now help).
+    # On CUDA checkpointing and the chunked loss barely lowered MLX's peak (docs/benchmarks.md), so a GPU prediction
+    # does not count on them (it errs high if they help).
     checkpointing = plan.grad_checkpoint and plan.device == "cpu"
     chunked = plan.chunked_loss and plan.device == "cpu"
     tokens = plan.batch_size * plan.seq_len

@@ -15,8 +15,7 @@ from .memory_estimate import MemoryParts, MemoryPlan, dense_copy_bytes, predict_
 
 log = logging.getLogger(__name__)
 #: `dense_weights` turns itself on (CPU, fast path) when the float32 copies take at most this much and this share of
-#: the budget: the Qwen2.5-0.5B shape's 2.0 GB of copies trained at 70 tokens/s against 49 without, at a 3.5 GB peak
-#: (batch 4 x 64, bench/memory_prediction.py child, 2026-11-26)
+#: the budget: enough for the 0.5B shape, whose copies pay for themselves (docs/benchmarks.md)
 DENSE_AUTO_MAX_GB = 2.5
 DENSE_AUTO_BUDGET_SHARE = 0.2
 
