@@ -8,10 +8,14 @@ from typing import Any
 
 import anyio
 from mcp.server import MCPServer, NotificationOptions
+from mcp.server.mcpserver import Context
+from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
 from mcp.server.stdio import stdio_server
 from mcp.server.subscriptions import InMemorySubscriptionBus
+from mcp.types import CallToolResult, InputRequiredResult
+from pydantic import ValidationError
 
-from trainer import JobRunner, ModelSession, RunStore
+from trainer import JobRunner, ModelSession, RunStore, describe_validation_error
 
 from .notify import bridge
 from .resources import register_resource_templates, register_run_resources
@@ -27,6 +31,21 @@ Fine-tune and run local code LLMs with MLX-LM (QLoRA).
   run_status(run_id, wait_seconds=30) until the state is succeeded, failed or cancelled; cancel_run stops it.
 - profile_memory shows the server's, the loaded models' and every training worker's memory.
 - Resources runs://{run_id}/status, /memory and /metrics update live (subscribe to them)."""
+
+
+class LocalServer(MCPServer[AppState]):
+    """MCPServer whose argument errors read as this project's own (field, value, what is allowed), as the CLI's do."""
+
+    async def call_tool(
+        self, name: str, arguments: dict[str, Any], context: Context[AppState, Any] | None = None
+    ) -> CallToolResult | InputRequiredResult:
+        try:
+            return await super().call_tool(name, arguments, context)
+        except ToolError as exc:
+            cause = exc.__cause__
+            if isinstance(exc, UnexpectedToolError) or not isinstance(cause, ValidationError):
+                raise
+            raise ToolError(f"{name}: {describe_validation_error(cause, within='config')}") from cause
 
 
 def build_server(settings: ServerSettings) -> MCPServer[AppState]:
@@ -57,7 +76,7 @@ def build_server(settings: ServerSettings) -> MCPServer[AppState]:
         finally:
             store.close()
 
-    mcp: MCPServer[AppState] = MCPServer(
+    mcp: MCPServer[AppState] = LocalServer(
         "mcp-local",
         version="0.1.0",
         instructions=INSTRUCTIONS,

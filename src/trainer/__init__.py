@@ -27,7 +27,7 @@ from .lifecycle.memory import ProcessMemory, WorkerMemory, process_memory, sampl
 from .lifecycle.runner import JobRunner, RunUpdate
 from .lifecycle.store import RunStore
 from .lifecycle.tracking import RunAspect
-from .planning.config import QLoRAConfig
+from .planning.config import QLoRAConfig, describe_validation_error
 from .planning.memory_estimate import MemoryParts, MemoryPlan
 from .planning.predict import RunPrediction, predict_model, predict_run
 from .planning.preflight import PreparedRun, RunDefaults, prepare_run
@@ -74,6 +74,7 @@ __all__ = [
     "WorkerMemory",
     "default_budget_gb",
     "default_home",
+    "describe_validation_error",
     "predict_model",
     "predict_run",
     "prepare_run",

@@ -11,6 +11,7 @@ import pytest
 from mcp import Client, MCPError
 from tests.mcp.conftest import fake_server, text_json
 from tests.trainer.helpers import config
+from trainer import ConfigError, QLoRAConfig
 
 MODES = ["legacy", "auto"]
 TOOLS = {"load_model", "generate", "profile_memory", "start_qlora_run", "run_status", "cancel_run", "list_runs"}
@@ -138,3 +139,22 @@ async def test_profile_memory_reports_server_and_system(tmp_path: Path) -> None:
     assert body is not None and body["server"]["rss_gb"] > 0
     assert body["system_total_gb"] >= body["system_available_gb"] > 0
     assert body["workers"] == [] and body["loaded_models"] == []
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"rank": 0}, {"learning_rat": 0.1}, {"iters": "many"}, {"model": None}, {"data": "x" * 500, "rank": -1}],
+)
+async def test_argument_errors_read_as_the_clis_messages_not_raw_pydantic(
+    tmp_path: Path, fake_model, tiny_data, bad: dict
+) -> None:
+    raw = {**config(fake_model, tiny_data), **bad}
+    with pytest.raises(ConfigError) as cli_error:  # what `python -m trainer run` says for the same config
+        QLoRAConfig.parse(raw)
+    async with Client(fake_server(tmp_path / "home"), mode="legacy") as client:
+        result = await client.call_tool("start_qlora_run", {"config": raw})
+        other = await client.call_tool("list_runs", {"limit": 0, "state": "nope"})
+    assert result.is_error and result.content[0].text == f"start_qlora_run: {cli_error.value}"
+    assert other.is_error and other.content[0].text.startswith("list_runs: invalid arguments: ")
+    for text in (result.content[0].text, other.content[0].text):
+        assert "pydantic.dev" not in text and "validation error for" not in text and len(text) < 600

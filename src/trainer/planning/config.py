@@ -121,11 +121,28 @@ class QLoRAConfig(BaseModel):
             raise ConfigError(describe_validation_error(exc)) from None
 
 
-def describe_validation_error(exc: ValidationError) -> str:
-    parts = []
+def describe_validation_error(exc: ValidationError, within: str = "") -> str:
+    """Pydantic's errors as this project's one-line message: each bad field, what is wrong and the value given.
+
+    `within`: the argument that holds a run config (its errors read exactly as the CLI's); other fields are listed
+    as invalid arguments."""
+    config_parts: list[str] = []
+    other_parts: list[str] = []
     for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "config"
+        loc = [str(p) for p in err["loc"]]
+        in_config = not within or (loc[:1] == [within])
+        where = ".".join(loc[1:] if within and in_config else loc) or (within or "config")
         value = err.get("input")
-        shown = "" if isinstance(value, dict) else f" (got {value!r})"
-        parts.append(f"{where}: {err['msg']}{shown}")
-    return "invalid run config: " + "; ".join(parts)
+        shown = "" if isinstance(value, dict) or err["type"] == "missing" else f" (got {_short(value)})"
+        (config_parts if in_config else other_parts).append(f"{where}: {err['msg']}{shown}")
+    parts = []
+    if config_parts:
+        parts.append("invalid run config: " + "; ".join(config_parts))
+    if other_parts:
+        parts.append("invalid arguments: " + "; ".join(other_parts))
+    return "; ".join(parts)
+
+
+def _short(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
