@@ -37,7 +37,7 @@ KERNEL_ENV = "MCP_LOCAL_DECODE_KERNEL"  # "off" to keep MLX's own operations
 DECODE_ROWS = 4
 CACHE_ENV = "MCP_LOCAL_CACHE"  # where built kernels live; default ~/.cache/mcp-local
 SOURCE_DIR = Path(__file__).parent / "native"
-SOURCES = ("cpu_decode.cpp", "CMakeLists.txt")
+SOURCES = ("cpu_decode.cpp", "qgemv_kernels.h", "CMakeLists.txt")
 MODULE = "_cpu_decode"
 
 
