@@ -61,6 +61,7 @@ def build_server(settings: ServerSettings) -> MCPServer[AppState]:
                     max_concurrent=settings.max_concurrent,
                     worker_env=settings.worker_env,
                     defaults=settings.run_defaults(),
+                    detach=True,  # runs outlive this server: the next one on the home follows them
                 ) as runner,
                 anyio.create_task_group() as tg,
             ):

@@ -11,6 +11,7 @@ from .engine.inference import Generation, ModelInfo, ModelSession
 from .environment.mlx_env import use_mlx_env
 from .environment.preload import reexec_with_preloads
 from .errors import ConfigError, InvalidTransition, ModelError, RunConflict, RunNotFound, TrainerError
+from .lifecycle.cues import RunUpdate
 from .lifecycle.events import (
     Checkpoint,
     Event,
@@ -24,7 +25,7 @@ from .lifecycle.events import (
 )
 from .lifecycle.jobs import FailureKind, JobError, JobState, Phase, RunMetrics, RunSnapshot
 from .lifecycle.memory import ProcessMemory, WorkerMemory, process_memory, sample_memory
-from .lifecycle.runner import JobRunner, RunUpdate
+from .lifecycle.runner import JobRunner
 from .lifecycle.store import RunStore
 from .lifecycle.tracking import RunAspect
 from .planning.config import QLoRAConfig, describe_validation_error

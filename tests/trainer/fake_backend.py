@@ -1,6 +1,7 @@
 """A scripted training backend for runner fault tests, loaded by the real worker subprocess by dotted path.
 
-FAKE_MODE picks the behaviour: succeed, fail, crash (SIGKILL itself), segfault, hang, hang_ignoring_term, noisy.
+FAKE_MODE picks the behaviour: succeed, fail, crash (SIGKILL itself), segfault, hang, hang_ignoring_term, noisy, slow
+(succeed, FAKE_STEP_S seconds per iteration).
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ class FakeBackend:
             emit(Progress(iteration=1, iters=config.iters))
             while True:
                 time.sleep(0.05)
+        step_s = float(os.environ.get("FAKE_STEP_S", "0.05")) if mode == "slow" else 0.0
         for it in range(1, config.iters + 1):
+            time.sleep(step_s)
             emit(Progress(iteration=it, iters=config.iters))
             emit(
                 TrainReport(

@@ -9,15 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from trainer import JobRunner, RunStore
 from trainer.environment.mlx_env import DRIVER_CACHE_ENV, OPS_PER_BUFFER_ENV, PTX_CACHE_ENV, mlx_env
+from trainer.environment.process_env import worker_environment
 
 
-async def test_workers_get_our_mlx_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_workers_get_our_mlx_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for name in (PTX_CACHE_ENV, DRIVER_CACHE_ENV, OPS_PER_BUFFER_ENV):
         monkeypatch.delenv(name, raising=False)
-    async with JobRunner(RunStore(tmp_path)) as runner:
-        env = runner._worker_env()
+    env = worker_environment({}, tmp_path)
     assert env[PTX_CACHE_ENV] == str(tmp_path / "cache" / "mlx-ptx")
     assert env[DRIVER_CACHE_ENV] == str(tmp_path / "cache" / "cuda")
     assert env.get(OPS_PER_BUFFER_ENV) == (None if sys.platform == "darwin" else "8")

@@ -140,6 +140,7 @@ async def test_runs_left_running_by_a_dead_server_are_orphaned_and_queued_ones_r
     # now simulate a server that died without cleaning up: put the records back as they were
     job = store.get(running.id)
     job.state, job.ended_at, job.error = JobState.RUNNING, None, None
+    job.started_at = (job.started_at or 0) - 120  # long enough ago that its missing lease means a dead worker
     store.save(job)
     queued_job = store.get(queued.id)
     queued_job.state, queued_job.ended_at, queued_job.error = JobState.QUEUED, None, None

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import anyio
+from pathlib import Path
+
 import pytest
 
-from trainer import FailureKind, JobState, QLoRAConfig, RunAspect
+from trainer import FailureKind, JobState, QLoRAConfig, RunAspect, RunStore
 from trainer.lifecycle.events import (
     WIRE_VERSION,
     EventReader,
@@ -22,7 +23,8 @@ from trainer.lifecycle.events import (
     encode_line,
 )
 from trainer.lifecycle.jobs import Job, Phase
-from trainer.lifecycle.scheduler import Scheduler
+from trainer.lifecycle.leases import SchedulerElection
+from trainer.lifecycle.process import EventTail
 from trainer.lifecycle.tracking import Ending, RunHistory, apply_event, final_outcome
 from trainer.planning.memory_plan import refusal_message
 
@@ -109,8 +111,12 @@ def test_a_succeeded_run_has_no_phase_and_its_summary_reads_as_one_line() -> Non
 def test_the_wire_refuses_another_version_and_replayed_or_reordered_events() -> None:
     line = encode_line(Progress(seq=1, iteration=1, iters=2))
     assert decode_line(line).v == WIRE_VERSION
-    with pytest.raises(WireError, match="wire version 2"):
-        decode_line(line.replace(b'"v":1', b'"v":2'))
+    with pytest.raises(WireError, match="wire version 9"):
+        decode_line(line.replace(b'"v":2', b'"v":9'))
+    old = line.replace(b'"v":2', b'"v":1')  # a run recorded before the upgrade: readable when rebuilding it
+    with pytest.raises(WireError, match="wire version 1"):
+        decode_line(old)
+    assert decode_line(old, older=True).v == 1
     reader = EventReader()
     reader.decode(line)
     with pytest.raises(WireError, match="replayed or out of order"):
@@ -121,30 +127,41 @@ def test_the_wire_refuses_another_version_and_replayed_or_reordered_events() -> 
         reader.decode(b'{"v":1,"seq":4,"type":"no-such-event"}')
 
 
-async def test_the_queue_keeps_fifo_order_and_its_concurrency_limit() -> None:
-    scheduler = Scheduler(max_concurrent=2)
-    started: list[str] = []
-    release = anyio.Event()
+def test_the_store_queue_is_fifo_limited_and_never_hands_a_run_out_twice(tmp_path: Path) -> None:
+    one, two = RunStore(tmp_path), RunStore(tmp_path)  # two servers on one home
+    for index, run_id in enumerate(("a", "b", "c", "d")):
+        job = Job(id=run_id, config=CONFIG, run_dir=str(one.run_dir(run_id)), iters=10, created_at=100.0 + index)
+        (one if index % 2 else two).create(job)
+    assert [one.queued_before(r) for r in "abcd"] == [0, 1, 2, 3]
+    first, second = one.claim_next(2), two.claim_next(2)
+    assert (first and first.id, second and second.id) == ("a", "b")
+    assert one.claim_next(2) is None and two.claim_next(2) is None  # two running: the limit holds across servers
+    assert two.get("a").state is JobState.RUNNING and one.queued_before("c") == 0
+    done = one.get("a")
+    done.transition(JobState.SUCCEEDED)
+    assert one.save(done, if_state=JobState.RUNNING)
+    assert not two.save(two.get("a"), if_state=JobState.RUNNING)  # the end is recorded once
+    third = two.claim_next(2)
+    assert third is not None and third.id == "c"
 
-    async def run(run_id: str) -> None:
-        started.append(run_id)
-        await release.wait()
-        scheduler.done(run_id)
 
-    for run_id in ("a", "b", "c", "d"):
-        scheduler.enqueue(run_id)
-    assert [scheduler.position(r) for r in ("a", "b", "c", "d")] == [0, 1, 2, 3]
-    with anyio.fail_after(5):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(scheduler.run, tg, run)
-            await anyio.wait_all_tasks_blocked()  # everything the scheduler would start has started
-            assert started == ["a", "b"] and scheduler.running == {"a", "b"}
-            assert scheduler.position("c") == 2 and scheduler.position("d") == 3
-            assert scheduler.remove("d") and not scheduler.remove("d")
-            release.set()
-            await anyio.wait_all_tasks_blocked()
-            tg.cancel_scope.cancel()
-    assert started == ["a", "b", "c"]
+def test_one_scheduler_at_a_time_and_the_next_takes_over_when_it_leaves(tmp_path: Path) -> None:
+    store = RunStore(tmp_path)
+    first, second = SchedulerElection(store, "first"), SchedulerElection(RunStore(tmp_path), "second")
+    assert first.hold() and not second.hold() and first.hold()
+    first.release()
+    assert second.hold() and not first.hold()
+
+
+def test_the_event_tail_returns_whole_lines_only(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    tail = EventTail(path)
+    assert tail.read() == []  # no file yet: the worker is starting
+    path.write_bytes(b'{"a":1}\n{"b":')
+    assert tail.read() == [b'{"a":1}\n']
+    with path.open("ab") as events:
+        events.write(b"2}\n")
+    assert tail.read() == [b'{"b":2}\n'] and tail.read() == []
 
 
 def test_a_refusal_suggests_fit_to_budget_only_when_a_setting_fits() -> None:

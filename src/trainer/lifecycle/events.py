@@ -16,7 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from .jobs import FailureKind, Phase
 
 log = logging.getLogger(__name__)
-WIRE_VERSION = 1
+WIRE_VERSION = 2  # 2: `stopped`; workers write events.jsonl themselves
+#: older versions whose events this one still reads (a subset of it), for runs recorded before an upgrade
+READABLE_VERSIONS = frozenset({1, 2})
 
 
 class _Event(BaseModel):
@@ -96,8 +98,24 @@ class Failed(_Event):
     adapter_path: str | None = None
 
 
+class Stopped(_Event):
+    """The worker stopped on SIGTERM (a cancel, or a server that stops its workers), its adapter saved if any."""
+
+    type: Literal["stopped"] = "stopped"
+    adapter_path: str | None = None
+
+
 Event = Annotated[
-    Started | PhaseChanged | Progress | TrainReport | ValReport | MemorySample | Checkpoint | Finished | Failed,
+    Started
+    | PhaseChanged
+    | Progress
+    | TrainReport
+    | ValReport
+    | MemorySample
+    | Checkpoint
+    | Finished
+    | Failed
+    | Stopped,
     Field(discriminator="type"),
 ]
 _EVENT = TypeAdapter[Event](Event)
@@ -111,10 +129,11 @@ class WireError(ValueError):
     """A line that is not an event of this wire version, or out of sequence."""
 
 
-def decode_line(line: bytes | str) -> Event:
-    """One event; raises WireError for another wire version and ValueError for anything that is not an event."""
+def decode_line(line: bytes | str, *, older: bool = False) -> Event:
+    """One event; raises WireError for another wire version (`older`: or a readable older one) and ValueError for
+    anything that is not an event."""
     event = _EVENT.validate_json(line)
-    if event.v != WIRE_VERSION:
+    if event.v != WIRE_VERSION and not (older and event.v in READABLE_VERSIONS):
         raise WireError(f"event of wire version {event.v}, this reader understands {WIRE_VERSION}")
     return event
 

@@ -93,3 +93,26 @@ def process_memory(pid: int | None = None) -> ProcessMemory:
             mlx_cache_gb=own.cache_gb,
         )
     return ProcessMemory(pid=pid, rss_gb=psutil.Process(pid).memory_info().rss / GB)
+
+
+def workers_memory(workers: dict[str, tuple[int, list[MemorySample]]]) -> list[WorkerMemory]:
+    """run id -> (pid, its latest sample or none): each worker's RSS now, with the MLX numbers of its last sample."""
+    found = []
+    for run_id, (pid, last) in workers.items():
+        try:
+            rss = process_memory(pid).rss_gb
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            continue
+        sample = last[-1] if last else None
+        found.append(
+            WorkerMemory(
+                run_id=run_id,
+                pid=pid,
+                rss_gb=rss,
+                mlx_active_gb=sample.active_gb if sample else None,
+                mlx_peak_gb=sample.peak_gb if sample else None,
+                mlx_cache_gb=sample.cache_gb if sample else None,
+                sampled_at=sample.ts if sample else None,
+            )
+        )
+    return found

@@ -18,7 +18,7 @@ def read_events(run_dir: Path) -> list[Event]:
     with path.open("rb") as lines:
         for line in lines:
             try:
-                events.append(decode_line(line))
+                events.append(decode_line(line, older=True))
             except ValueError:  # a torn last line after a crash; everything before it still counts
                 continue
     return events

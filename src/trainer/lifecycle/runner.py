@@ -1,52 +1,51 @@
-"""The job runner: accepts runs, queues them, trains each in a worker subprocess and keeps their records current.
+"""The job runner: accepts runs, queues them in the store, trains each in a worker process, keeps records current.
 
-It is the one place that changes a run's state (through `Job.transition`), with what `tracking.final_outcome`
-decides from the worker's last event and exit status. Watchers get `RunUpdate` cues naming what changed.
+Runs belong to the store, not to a runner: the queue is the store's queued runs, started oldest first by whichever
+runner on the home holds the scheduler row (leases.py), and every runner follows every live run (follow.py), so a
+runner that starts on a home adopts the runs a previous one left training. With `detach=True` (the MCP server)
+workers outlive the runner; with `detach=False` (the CLI) leaving the runner stops them. It is the one place that
+changes a run's state (through `Job.transition`), with what `tracking.final_outcome` decides; where several runners
+follow one run, the first to record its end wins. Watchers get `RunUpdate` cues naming what changed.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import signal
+import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.abc
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream
 
-from ..environment.mlx_env import mlx_env
-from ..environment.preload import preload_env
+from ..environment.process_env import worker_environment
 from ..errors import RunConflict
 from ..planning.config import QLoRAConfig
 from ..planning.preflight import PreparedRun, RunDefaults, prepare_run
-from .events import Event, EventReader, Failed, Finished, MemorySample, TrainReport, ValReport
+from .cues import Cues, RunUpdate
+from .events import Event, MemorySample, TrainReport, ValReport
+from .follow import START_GRACE_S, Liveness, follow_events
 from .jobs import FailureKind, Job, JobError, JobState, RunSnapshot
-from .memory import WorkerMemory
-from .process import WorkerProcess
+from .leases import SchedulerElection, process_started, read_lease
+from .memory import WorkerMemory, workers_memory
+from .process import WorkerProcess, signal_group, stop_group
 from .run_log import read_events, stderr_tail
-from .scheduler import Scheduler
 from .store import RunStore
-from .tracking import Ending, RunAspect, RunHistory, apply_event, final_outcome
+from .tracking import Ending, RunAspect, RunHistory, apply_event, final_outcome, last_checkpoint
 
 log = logging.getLogger(__name__)
 #: finished runs from earlier sessions kept rebuilt in memory (each rebuild reads its events.jsonl)
 REBUILT_CACHE = 32
-
-
-@dataclass(frozen=True)
-class RunUpdate:
-    """A cue that something about a run changed; watchers re-read what they need."""
-
-    run_id: str
-    aspects: frozenset[RunAspect]
-    created: bool = False
+#: seconds between looks at the store for runs other runners accepted, started or cancelled
+SYNC_S = 0.5
+_STATUS = frozenset({RunAspect.STATUS})
 
 
 @dataclass
@@ -56,14 +55,15 @@ class _Tracked:
     job: Job
     history: RunHistory = field(default_factory=RunHistory)
     changed: anyio.Event = field(default_factory=anyio.Event)
-    worker: WorkerProcess | None = None
+    worker: WorkerProcess | None = None  # only for workers this runner started
+    following: bool = False
     cancel_requested: bool = False
     shutting_down: bool = False
     done: anyio.Event = field(default_factory=anyio.Event)
 
 
 class JobRunner:
-    """Use as `async with JobRunner(store) as runner:`; leaving the block stops every worker."""
+    """Use as `async with JobRunner(store) as runner:`; see the module docstring for `detach`."""
 
     def __init__(
         self,
@@ -73,49 +73,105 @@ class JobRunner:
         cancel_grace_s: float = 10.0,
         worker_env: Mapping[str, str] | None = None,
         defaults: RunDefaults | None = None,
+        detach: bool = False,
     ) -> None:
+        if max_concurrent < 1:
+            raise ValueError(f"max_concurrent={max_concurrent} must be at least 1")
         self.store = store
+        self.max_concurrent = max_concurrent
         self.cancel_grace_s = cancel_grace_s
         self.worker_env = dict(worker_env or {})
         self.defaults = defaults or RunDefaults.for_home(store.root)
-        self._scheduler = Scheduler(max_concurrent)
+        self.detach = detach
+        self._election = SchedulerElection(store, holder=secrets.token_hex(8))
+        self._wake = anyio.Event()
         self._tracked: dict[str, _Tracked] = {}
         self._rebuilt: OrderedDict[str, _Tracked] = OrderedDict()
-        self._watchers: set[MemoryObjectSendStream[RunUpdate]] = set()
+        self._cues = Cues()
         self._tg: anyio.abc.TaskGroup | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
 
     async def __aenter__(self) -> JobRunner:
-        self._recover()
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
-        self._tg.start_soon(self._scheduler.run, self._tg, self._run_worker)
+        self._sync()
+        self._tg.start_soon(self._schedule)
         return self
 
     async def __aexit__(self, *exc: object) -> bool | None:
         assert self._tg is not None
         with anyio.CancelScope(shield=True):
-            for run_id in self._scheduler.running:
-                tracked = self._tracked[run_id]
-                tracked.shutting_down = True
-                await self._stop(tracked)
+            if not self.detach:
+                for tracked in list(self._tracked.values()):
+                    if tracked.worker is not None and not tracked.done.is_set():
+                        tracked.shutting_down = True
+                        await self._stop(tracked)
+            self._election.release()
         self._tg.cancel_scope.cancel()
         return await self._tg.__aexit__(*exc)  # type: ignore[arg-type]
 
-    def _recover(self) -> None:
-        """Runs left live by a previous server: queued ones queue again, running ones are orphaned."""
-        for job in self.store.live():
-            if job.state is JobState.QUEUED:
-                self._tracked[job.id] = _Tracked(job)
-                self._scheduler.enqueue(job.id)
-                continue
+    async def _schedule(self) -> None:
+        """Keep up with the store: start queued runs while this runner is the scheduler, follow every live run."""
+        assert self._tg is not None
+        while True:
+            self._sync()
+            if self._election.hold():
+                while (job := self.store.claim_next(self.max_concurrent)) is not None:
+                    tracked = self._track(job)
+                    tracked.job = job
+                    self._touch(tracked, _STATUS)
+                    tracked.following = True
+                    self._tg.start_soon(self._run_worker, tracked)
+            with anyio.move_on_after(SYNC_S):
+                await self._wake.wait()
+            self._wake = anyio.Event()
+
+    def _sync(self) -> None:
+        """Track every live run in the store: new queued ones, and running ones nobody here follows yet (started by
+        another runner, or left by a previous one); fail those whose worker is gone."""
+        live = {job.id: job for job in self.store.live()}
+        for run_id, stored in live.items():
+            tracked = self._tracked.get(run_id)
+            if tracked is None:
+                tracked = self._track(stored)
+            elif tracked.job.state is JobState.QUEUED and stored.state is not JobState.QUEUED:
+                tracked.job = stored  # another runner started it
+                self._touch(tracked, _STATUS)
+            if tracked.job.state is JobState.RUNNING and not tracked.following:
+                self._adopt(tracked)
+        for tracked in list(self._tracked.values()):
+            if tracked.job.state is JobState.QUEUED and tracked.job.id not in live:  # cancelled elsewhere
+                tracked.job = self.store.get(tracked.job.id)
+                tracked.done.set()
+                self._touch(tracked, _STATUS)
+
+    def _track(self, job: Job) -> _Tracked:
+        tracked = self._tracked.get(job.id)
+        if tracked is None:
+            tracked = self._tracked[job.id] = _Tracked(job)
+            self._rebuilt.pop(job.id, None)
+            self._cues.publish(RunUpdate(job.id, _STATUS, created=True))
+        return tracked
+
+    def _adopt(self, tracked: _Tracked) -> None:
+        """Follow a run another runner started (or left): from its first event, while its worker lives."""
+        assert self._tg is not None
+        job = tracked.job
+        started = job.started_at or time.time()
+        lease = read_lease(self.store, job.id)
+        never_started = lease is None and time.time() - started > START_GRACE_S
+        if never_started or (lease is not None and not lease.alive()):
             message = (
-                "the server stopped while this run was training; its last adapter checkpoint is in the run folder; "
-                "start a new run to continue"
+                f"the worker of this run is gone and no server saw it end (at iteration {job.iteration}); "
+                f"{last_checkpoint(job)}; start a new run to continue"
             )
-            job.transition(JobState.FAILED, error=JobError(kind=FailureKind.ORPHANED, message=message))
-            self.store.save(job)
+            self._finish(tracked, JobState.FAILED, JobError(kind=FailureKind.ORPHANED, message=message))
+            return
+        tracked.following = True
+        liveness = Liveness(lambda: read_lease(self.store, job.id), claimed_at=started)
+        self._tg.start_soon(self._follow, tracked, liveness)
+        log.info("run %s: following the worker %s", job.id, lease.pid if lease else "(starting)")
 
     # ---- public API --------------------------------------------------------------------------------------------
 
@@ -135,14 +191,15 @@ class JobRunner:
         )
         job.metrics.predicted_peak_gb = prepared.predicted_peak_gb
         self.store.create(job, prepared.model_dump_json(indent=2))
-        self._tracked[run_id] = _Tracked(job)
-        self._scheduler.enqueue(run_id)
-        self._publish(RunUpdate(run_id, frozenset({RunAspect.STATUS}), created=True))
+        self._track(job)
+        self._wake.set()
         return job.snapshot()
 
     def get(self, run_id: str) -> RunSnapshot:
         tracked = self._tracked.get(run_id)
-        return (tracked.job if tracked else self.store.get(run_id)).snapshot()
+        if tracked is None or (tracked.job.state is JobState.QUEUED):  # another runner may have started it
+            return self.store.get(run_id).snapshot()
+        return tracked.job.snapshot()
 
     def list_runs(self, state: JobState | None = None, limit: int = 50) -> list[RunSnapshot]:
         return [
@@ -162,41 +219,23 @@ class JobRunner:
         return list(history.train_reports), list(history.val_reports)
 
     def queue_position(self, run_id: str) -> int:
-        """0 when the run is not waiting; n when n runs (running or queued) start before it."""
-        return self._scheduler.position(run_id)
+        """0 when the run is not waiting; n when n runs (running, or queued before it) start before it."""
+        before = self.store.queued_before(run_id)
+        return 0 if before is None else before + self.store.count(JobState.RUNNING)
 
     def live_workers(self) -> dict[str, int]:
-        """run id -> worker pid, for every worker process alive now."""
-        return {
-            rid: t.worker.pid
-            for rid in self._scheduler.running
-            if (t := self._tracked[rid]).worker is not None and t.worker.alive
-        }
+        """run id -> worker pid, for every run being trained now (by a worker of this runner or another's)."""
+        workers = {}
+        for run_id, tracked in self._tracked.items():
+            if tracked.job.state is JobState.RUNNING and not tracked.done.is_set():
+                pid = tracked.worker.pid if tracked.worker else tracked.job.pid
+                if pid is not None and process_started(pid) is not None:
+                    workers[run_id] = pid
+        return workers
 
     def worker_memory(self) -> list[WorkerMemory]:
         """Each live worker's RSS now and its latest MLX numbers (MLX's allocator is only readable from inside)."""
-        from .memory import process_memory
-
-        workers = []
-        for run_id, pid in self.live_workers().items():
-            try:
-                rss = process_memory(pid).rss_gb
-            except ProcessLookupError:
-                continue
-            last = self.memory_samples(run_id, 1)
-            sample = last[0] if last else None
-            workers.append(
-                WorkerMemory(
-                    run_id=run_id,
-                    pid=pid,
-                    rss_gb=rss,
-                    mlx_active_gb=sample.active_gb if sample else None,
-                    mlx_peak_gb=sample.peak_gb if sample else None,
-                    mlx_cache_gb=sample.cache_gb if sample else None,
-                    sampled_at=sample.ts if sample else None,
-                )
-            )
-        return workers
+        return workers_memory({rid: (pid, self.memory_samples(rid, 1)) for rid, pid in self.live_workers().items()})
 
     def adapter_for(self, run_id: str) -> tuple[str, str]:
         """The run's base model and adapter folder, for generating through it; RunConflict if it has none yet."""
@@ -230,36 +269,38 @@ class JobRunner:
         job = tracked.job
         if job.state.terminal:
             raise RunConflict(f"run {run_id} already ended ({job.state.value}); there is nothing to cancel")
-        if job.state is JobState.QUEUED and self._scheduler.remove(run_id):
-            self._change_state(tracked, JobState.CANCELLED)
-            return job.snapshot()
+        if job.state is JobState.QUEUED:
+            job.transition(JobState.CANCELLED)
+            if self.store.save(job, if_state=JobState.QUEUED):
+                tracked.done.set()
+                self._touch(tracked, _STATUS)
+                return job.snapshot()
+            tracked.job = self.store.get(run_id)  # it started meanwhile: stop its worker instead
+            self._sync()
+        self.store.request_cancel(run_id)
         tracked.cancel_requested = True
         await self._stop(tracked)
-        return job.snapshot()
+        return tracked.job.snapshot()
 
-    @asynccontextmanager
-    async def watch(self, buffer: int = 256) -> AsyncIterator[MemoryObjectReceiveStream[RunUpdate]]:
+    def watch(self, buffer: int = 256) -> AbstractAsyncContextManager[MemoryObjectReceiveStream[RunUpdate]]:
         """A stream of cues about every run; slow watchers miss cues rather than slow the runner."""
-        send, receive = anyio.create_memory_object_stream[RunUpdate](buffer)
-        self._watchers.add(send)
-        try:
-            yield receive
-        finally:
-            self._watchers.discard(send)
-            send.close()
-            receive.close()
+        return self._cues.watch(buffer)
 
     # ---- internals ---------------------------------------------------------------------------------------------
 
     def _tracker(self, run_id: str) -> _Tracked:
-        """The in-memory view of a run; a run from an earlier session is rebuilt from its events.jsonl (and kept
-        among the last REBUILT_CACHE such runs)."""
+        """The in-memory view of a run; a finished run from an earlier session is rebuilt from its events.jsonl (and
+        kept among the last REBUILT_CACHE such runs)."""
         tracked = self._tracked.get(run_id) or self._rebuilt.get(run_id)
+        if tracked is None and not self.store.get(run_id).state.terminal:
+            self._sync()  # live, accepted by another runner since our last look
+            tracked = self._tracked.get(run_id)
         if tracked is not None:
             if run_id in self._rebuilt:
                 self._rebuilt.move_to_end(run_id)
             return tracked
         tracked = _Tracked(self.store.get(run_id))
+        tracked.done.set()
         for event in read_events(Path(tracked.job.run_dir)):
             apply_event(tracked.job, tracked.history, event)
         self._rebuilt[run_id] = tracked
@@ -267,88 +308,75 @@ class JobRunner:
             self._rebuilt.popitem(last=False)
         return tracked
 
-    def _publish(self, update: RunUpdate) -> None:
-        for send in list(self._watchers):
-            try:
-                send.send_nowait(update)
-            except anyio.WouldBlock:
-                pass
-            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-                self._watchers.discard(send)
-
     def _touch(self, tracked: _Tracked, aspects: frozenset[RunAspect]) -> None:
         tracked.changed.set()
         tracked.changed = anyio.Event()
-        self._publish(RunUpdate(tracked.job.id, aspects))
+        self._cues.publish(RunUpdate(tracked.job.id, aspects))
 
-    def _change_state(self, tracked: _Tracked, to: JobState, error: JobError | None = None) -> None:
-        tracked.job.transition(to, error=error)
-        self.store.save(tracked.job)
-        if to.terminal:
-            tracked.done.set()
-        self._touch(tracked, frozenset({RunAspect.STATUS}))
+    def _finish(self, tracked: _Tracked, state: JobState, error: JobError | None = None) -> None:
+        """Record the run's end, unless another runner following it recorded it first (then take theirs)."""
+        before = tracked.job.state
+        tracked.job.transition(state, error=error)
+        if not self.store.save(tracked.job, if_state=before):
+            tracked.job = self.store.get(tracked.job.id)
+        tracked.done.set()
+        self._touch(tracked, _STATUS)
+        self._wake.set()  # a slot is free
 
-    def _worker_env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(self.worker_env)
-        env["PYTHONUNBUFFERED"] = "1"
-        return preload_env(mlx_env(env, self.store.root))
-
-    async def _run_worker(self, run_id: str) -> None:
-        tracked = self._tracked[run_id]
+    async def _run_worker(self, tracked: _Tracked) -> None:
+        """Start the worker of a run this runner claimed, and follow it to its end."""
         job = tracked.job
         try:
-            self._change_state(tracked, JobState.RUNNING)
-            run_dir = Path(job.run_dir)
-            try:
-                tracked.worker = worker = await WorkerProcess.start(run_dir, self._worker_env())
-            except OSError as exc:  # the worker could not be started at all
-                log.exception("run %s: could not start its worker", job.id)
-                failure = JobError(kind=FailureKind.BACKEND, message=f"could not start the worker process: {exc}")
-                self._change_state(tracked, JobState.FAILED, failure)
-                return
-            try:
-                job.pid = worker.pid
-                self.store.save(job)
-                if tracked.cancel_requested or tracked.shutting_down:  # stopped while the process was starting
-                    worker.signal(signal.SIGTERM)
-                last = await self._pump_events(tracked, worker, run_dir / "events.jsonl")
-                exit_code = await worker.wait()
-            finally:
-                worker.close()
-            ending = Ending(last, exit_code, tracked.cancel_requested, tracked.shutting_down, stderr_tail(run_dir))
-            state, error = final_outcome(job, ending)
-            if state is JobState.SUCCEEDED:
-                job.iteration = job.iters
-            self._change_state(tracked, state, error)
-        finally:
-            self._scheduler.done(job.id)
+            worker = await WorkerProcess.start(
+                Path(job.run_dir), self.store.db_path, worker_environment(self.worker_env, self.store.root)
+            )
+        except OSError as exc:  # the worker could not be started at all
+            log.exception("run %s: could not start its worker", job.id)
+            failure = JobError(kind=FailureKind.BACKEND, message=f"could not start the worker process: {exc}")
+            self._finish(tracked, JobState.FAILED, failure)
+            return
+        tracked.worker = worker
+        job.pid = worker.pid
+        self.store.save(job)
+        liveness = Liveness(lambda: read_lease(self.store, job.id), exited=anyio.Event())
 
-    async def _pump_events(self, tracked: _Tracked, worker: WorkerProcess, events_path: Path) -> Event | None:
-        """Append each line to events.jsonl, fold each event into the run; return its Finished or Failed."""
-        last: Event | None = None
-        reader = EventReader()
-        with open(events_path, "ab") as events_file:  # noqa: ASYNC230
-            async for line in worker.lines():
-                events_file.write(line)
-                events_file.flush()
-                try:
-                    event = reader.decode(line)
-                except ValueError as exc:
-                    log.warning("run %s: ignoring an event line (%s): %r", tracked.job.id, exc, line[:200])
-                    continue
-                if isinstance(event, Finished | Failed):
-                    last = event
-                aspects = apply_event(tracked.job, tracked.history, event)
-                if aspects and not isinstance(event, MemorySample):
-                    self.store.save(tracked.job)
-                if aspects:
-                    self._touch(tracked, aspects)
-        return last
+        async def reap() -> None:
+            liveness.exit_code = await worker.wait()
+            assert liveness.exited is not None
+            liveness.exited.set()
+
+        assert self._tg is not None
+        self._tg.start_soon(reap)
+        if tracked.cancel_requested or tracked.shutting_down:  # stopped while the process was starting
+            signal_group(worker.pid, signal.SIGTERM)
+        try:
+            await self._follow(tracked, liveness)
+        finally:
+            worker.close()
+
+    async def _follow(self, tracked: _Tracked, liveness: Liveness) -> None:
+        job = tracked.job
+        run_dir = Path(job.run_dir)
+
+        def apply(event: Event) -> None:
+            aspects = apply_event(tracked.job, tracked.history, event)
+            if aspects and not isinstance(event, MemorySample):
+                self.store.save(tracked.job)
+            if aspects:
+                self._touch(tracked, aspects)
+
+        last = await follow_events(job.id, run_dir / "events.jsonl", liveness, apply)
+        cancelled = tracked.cancel_requested or self.store.cancel_requested(job.id)
+        ending = Ending(last, liveness.exit_code, cancelled, tracked.shutting_down, stderr_tail(run_dir))
+        state, error = final_outcome(tracked.job, ending)
+        if state is JobState.SUCCEEDED:
+            tracked.job.iteration = tracked.job.iters
+        self._finish(tracked, state, error)
 
     async def _stop(self, tracked: _Tracked) -> None:
-        worker = tracked.worker
-        if worker is None or not worker.alive:  # starting or ending right now: _run_worker sees the flags
+        """SIGTERM the run's worker (whoever started it), SIGKILL after the grace period; return once it ended."""
+        pid = tracked.worker.pid if tracked.worker else tracked.job.pid
+        if pid is None:  # starting right now: _run_worker sees the flags once it has a process
             await tracked.done.wait()
             return
-        await worker.stop(self.cancel_grace_s, tracked.done, f"run {tracked.job.id}")
+        await stop_group(pid, self.cancel_grace_s, tracked.done, f"run {tracked.job.id}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import shutil
 import sqlite3
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from ..errors import RunNotFound
@@ -34,9 +34,23 @@ CREATE TABLE IF NOT EXISTS runs (
     pid INTEGER,
     adapter_path TEXT,
     metrics TEXT NOT NULL DEFAULT '{}',
-    error TEXT
+    error TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS runs_by_created ON runs (created_at);
+CREATE TABLE IF NOT EXISTS leases (
+    run_id TEXT PRIMARY KEY,
+    pid INTEGER NOT NULL,
+    process_started REAL NOT NULL,
+    heartbeat REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS scheduler (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    holder TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    process_started REAL NOT NULL,
+    heartbeat REAL NOT NULL
+);
 """
 
 _COLUMNS = (
@@ -55,6 +69,17 @@ class RunStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(runs)")}
+        if "cancel_requested" not in columns:  # a home from before runs outlived their server
+            self._db.execute("ALTER TABLE runs ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0")
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        """The store's connection, for the lease and scheduler tables (leases.py)."""
+        return self._db
+
+    def transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        return self._transaction()
 
     def close(self) -> None:
         self._db.close()
@@ -86,14 +111,75 @@ class RunStore:
             shutil.rmtree(folder, ignore_errors=True)
             raise
 
-    def save(self, job: Job) -> None:
+    def save(self, job: Job, *, if_state: JobState | None = None) -> bool:
+        """Write the record; with `if_state`, only if the stored state is still that one (several servers may follow
+        one run: the first to record its end wins). Returns whether it was written."""
         row = _row(job)
+        query = (
+            "UPDATE runs SET state=?, phase=?, iteration=?, started_at=?, ended_at=?, pid=?, adapter_path=?, "
+            "metrics=?, error=? WHERE id=?"
+        )
+        values: tuple[object, ...] = (
+            row[1],
+            row[2],
+            row[6],
+            row[8],
+            row[9],
+            row[10],
+            row[11],
+            row[12],
+            row[13],
+            job.id,
+        )
+        if if_state is not None:
+            query += " AND state=?"
+            values += (if_state.value,)
         with self._transaction() as db:
-            db.execute(
-                "UPDATE runs SET state=?, phase=?, iteration=?, started_at=?, ended_at=?, pid=?, adapter_path=?, "
-                "metrics=?, error=? WHERE id=?",
-                (row[1], row[2], row[6], row[8], row[9], row[10], row[11], row[12], row[13], job.id),
-            )
+            return db.execute(query, values).rowcount == 1
+
+    def claim_next(self, max_running: int) -> Job | None:
+        """The oldest queued run, marked running, if fewer than `max_running` runs are running (across every server on
+        this home); None otherwise. Atomic: two servers never claim the same run."""
+        with self._transaction() as db:
+            running = db.execute("SELECT COUNT(*) FROM runs WHERE state=?", (JobState.RUNNING.value,)).fetchone()[0]
+            if running >= max_running:
+                return None
+            found = db.execute(
+                f"SELECT {_COLUMNS} FROM runs WHERE state=? ORDER BY created_at, rowid LIMIT 1",
+                (JobState.QUEUED.value,),
+            ).fetchone()
+            if found is None:
+                return None
+            job = _job(found)
+            job.transition(JobState.RUNNING)
+            db.execute("UPDATE runs SET state=?, started_at=? WHERE id=?", (job.state.value, job.started_at, job.id))
+            return job
+
+    def queued_before(self, run_id: str) -> int | None:
+        """How many queued runs were accepted before this one (None: it is not queued)."""
+        row = self._db.execute(
+            "SELECT created_at, rowid FROM runs WHERE id=? AND state=?", (run_id, "queued")
+        ).fetchone()
+        if row is None:
+            return None
+        return int(
+            self._db.execute(
+                "SELECT COUNT(*) FROM runs WHERE state='queued' AND (created_at < ? OR (created_at = ? AND rowid < ?))",
+                (row[0], row[0], row[1]),
+            ).fetchone()[0]
+        )
+
+    def count(self, state: JobState) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM runs WHERE state=?", (state.value,)).fetchone()[0])
+
+    def request_cancel(self, run_id: str) -> None:
+        """Record that the user asked to cancel this run, so whichever server sees it stop records it cancelled."""
+        with self._transaction() as db:
+            db.execute("UPDATE runs SET cancel_requested=1 WHERE id=?", (run_id,))
+
+    def cancel_requested(self, run_id: str) -> bool:
+        row = self._db.execute("SELECT cancel_requested FROM runs WHERE id=?", (run_id,)).fetchone()
+        return bool(row and row[0])
 
     def get(self, run_id: str) -> Job:
         cur = self._db.execute(f"SELECT {_COLUMNS} FROM runs WHERE id=?", (run_id,))

@@ -13,7 +13,18 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from .events import Checkpoint, Event, Failed, Finished, MemorySample, PhaseChanged, Progress, TrainReport, ValReport
+from .events import (
+    Checkpoint,
+    Event,
+    Failed,
+    Finished,
+    MemorySample,
+    PhaseChanged,
+    Progress,
+    Stopped,
+    TrainReport,
+    ValReport,
+)
 from .jobs import FailureKind, Job, JobError, JobState
 
 #: memory samples kept per run in memory (at 0.5 s, the last 16 minutes); events.jsonl keeps them all
@@ -69,7 +80,7 @@ def apply_event(job: Job, history: RunHistory, event: Event) -> frozenset[RunAsp
         job.iteration = max(job.iteration, event.iteration)
     elif isinstance(event, PhaseChanged):
         job.phase = event.phase
-    elif isinstance(event, Failed):
+    elif isinstance(event, Failed | Stopped):
         job.adapter_path = event.adapter_path or job.adapter_path
     elif isinstance(event, Checkpoint):
         job.adapter_path = str(Path(event.path).parent)
@@ -84,33 +95,42 @@ def apply_event(job: Job, history: RunHistory, event: Event) -> frozenset[RunAsp
 class Ending:
     """How the worker's life ended, as the runner saw it."""
 
-    last_event: Event | None  # the worker's Finished or Failed, if it sent one
-    exit_code: int
+    last_event: Event | None  # the worker's Finished, Failed or Stopped, if it sent one
+    exit_code: int | None  # None: not this server's child, so its exit status is unknown
     cancel_requested: bool = False
     shutting_down: bool = False
     stderr_tail: str = ""
 
 
 def final_outcome(job: Job, ending: Ending) -> tuple[JobState, JobError | None]:
-    """The run's final state: success needs both a Finished event and exit status 0; otherwise the reason."""
+    """The run's final state: success needs a Finished event and a clean exit (0, or unknown for a worker another
+    server started); otherwise a cancel, a shutdown, the worker's own report, or a crash."""
     last, code = ending.last_event, ending.exit_code
-    if isinstance(last, Finished) and code == 0:
+    if isinstance(last, Finished) and code in (0, None):
         return JobState.SUCCEEDED, None
     if ending.cancel_requested:
         return JobState.CANCELLED, None
+    where = job.adapter_path or job.config.adapter_dir or str(Path(job.run_dir) / "adapters")
     if ending.shutting_down:
-        where = job.config.adapter_dir or str(Path(job.run_dir) / "adapters")
         message = f"the server shut down at iteration {job.iteration}; the adapter so far is in {where}"
         return JobState.FAILED, JobError(kind=FailureKind.INTERRUPTED, message=message, exit_code=code)
     if isinstance(last, Failed):
         return JobState.FAILED, JobError(
             kind=last.kind, message=last.message, exit_code=code, stderr_tail=ending.stderr_tail
         )
+    if isinstance(last, Stopped):
+        message = (
+            f"the worker was stopped by a SIGTERM that was not a cancel (the machine shutting down?) at iteration "
+            f"{job.iteration}; the adapter so far is in {where}"
+        )
+        return JobState.FAILED, JobError(kind=FailureKind.INTERRUPTED, message=message, exit_code=code)
     return JobState.FAILED, crash_error(code, Path(job.run_dir), ending.stderr_tail)
 
 
-def crash_error(exit_code: int, run_dir: Path, stderr_tail: str) -> JobError:
-    if exit_code < 0:
+def crash_error(exit_code: int | None, run_dir: Path, stderr_tail: str) -> JobError:
+    if exit_code is None:
+        how = "died without reporting a result (another server started it, so its exit status is unknown)"
+    elif exit_code < 0:
         how = f"was killed by signal {signal.Signals(-exit_code).name}"
         if -exit_code == signal.SIGKILL:
             how += " (often the kernel's out-of-memory killer; check the memory samples)"
@@ -122,3 +142,14 @@ def crash_error(exit_code: int, run_dir: Path, stderr_tail: str) -> JobError:
         exit_code=exit_code,
         stderr_tail=stderr_tail,
     )
+
+
+def last_checkpoint(job: Job) -> str:
+    """Where the run's newest saved adapter is, in words for an error message."""
+    folder = Path(job.config.adapter_dir or Path(job.run_dir) / "adapters")
+    numbered = sorted(folder.glob("[0-9]" * 7 + "_adapters.safetensors"))
+    if numbered:
+        return f"its last checkpoint is {numbered[-1]}"
+    if (folder / "adapters.safetensors").is_file():
+        return f"its last adapter is in {folder}"
+    return "it saved no checkpoint"

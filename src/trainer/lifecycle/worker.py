@@ -1,8 +1,10 @@
-"""The worker process: `python -m trainer.lifecycle.worker RUN_DIR --event-fd N`.
+"""The worker process: `python -m trainer.lifecycle.worker RUN_DIR --db HOME/runs.sqlite3`.
 
-Events go to a pipe of their own (fd N); stdout and stderr are the run's worker.log, so whatever MLX-LM prints
-never reaches the event channel. The exit status tells the parent how it ended: 0 success, 1 a reported failure,
-143 cancelled by SIGTERM; anything else is a crash. The parent decides the run's final state.
+Events are appended to the run's events.jsonl, one line per write (any server on the home follows that file);
+stdout and stderr are the run's worker.log, so whatever MLX-LM prints never reaches the events. The worker holds a
+lease on its run in the store while it lives, and does not depend on the server that started it: it keeps training
+when that server exits. It ends with a `finished`, `failed` or (on SIGTERM) `stopped` event; the server that sees
+it end decides the run's final state from that and from whether the process is gone.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from ..errors import ConfigError
 from ..planning.config import QLoRAConfig
 from ..settings import DEFAULT_SAMPLE_INTERVAL_S
 from .backend import BackendEvent, Cancelled, adapter_dir_for, load_backend
-from .events import Failed, Finished, MemorySample, Started, encode_line
+from .events import Failed, Finished, MemorySample, Started, Stopped, encode_line
 from .jobs import FailureKind
+from .leases import LeaseKeeper
 from .memory import MemorySampler
 
 log = logging.getLogger(__name__)
@@ -39,7 +42,7 @@ class EventWriter:
         self._lock = threading.Lock()
         self._seq = 0
 
-    def __call__(self, event: BackendEvent | MemorySample | Started | Finished | Failed) -> None:
+    def __call__(self, event: BackendEvent | MemorySample | Started | Finished | Failed | Stopped) -> None:
         with self._lock:
             self._seq += 1
             self._channel.write(encode_line(event.model_copy(update={"seq": self._seq})))
@@ -71,16 +74,6 @@ class Watchdog:
         if self.budget_gb and self.tripped is None and sample.peak_gb > self.budget_gb:
             self.tripped = sample
             os.kill(os.getpid(), signal.SIGUSR1)
-
-
-def _exit_when_parent_goes() -> None:
-    """The parent holds our stdin open; EOF means it died, so stop as if cancelled (the adapter gets saved)."""
-    try:
-        while os.read(0, 4096):  # raw reads: a buffered reader's lock would abort interpreter shutdown
-            pass
-    except OSError:
-        pass
-    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def failure_kind(exc: BaseException) -> FailureKind:
@@ -119,7 +112,10 @@ def run(run_dir: Path, emit: EventWriter) -> int:
             )
             return EXIT_FAILED
         except Cancelled:
-            log.info("cancelled by SIGTERM")
+            log.info("stopped by SIGTERM")
+            adapter_dir = adapter_dir_for(config, run_dir)
+            saved = (adapter_dir / "adapters.safetensors").is_file()
+            emit(Stopped(adapter_path=str(adapter_dir) if saved else None))
             return EXIT_CANCELLED
         except Exception as exc:  # top-level handler: report any failure to the parent, then exit non-zero
             log.error("training failed:\n%s", traceback.format_exc())
@@ -132,15 +128,16 @@ def run(run_dir: Path, emit: EventWriter) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer.lifecycle.worker")
     parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--event-fd", type=int, required=True)
+    parser.add_argument("--db", type=Path, required=True, help="the store's database, for this run's lease")
     args = parser.parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGUSR1, _on_over_budget)
-    threading.Thread(target=_exit_when_parent_goes, name="parent-watch", daemon=True).start()
-    with os.fdopen(args.event_fd, "wb", buffering=0) as channel:
+    run_dir = args.run_dir
+    # unbuffered append: each event is one write(2) of one line, so a follower never reads half an event
+    with LeaseKeeper(args.db, run_dir.name), open(run_dir / "events.jsonl", "ab", buffering=0) as channel:
         try:
-            return run(args.run_dir, EventWriter(channel))
+            return run(run_dir, EventWriter(channel))
         except Cancelled:
             return EXIT_CANCELLED
 

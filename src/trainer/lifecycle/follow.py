@@ -1,0 +1,71 @@
+"""Following one live run: its events.jsonl as the worker appends to it, and whether its worker is still there.
+
+Every server on a home follows every live run the same way, whether it started the worker or adopted it after a
+restart: from the first line of events.jsonl (so the history has no gap and no duplicate), until the worker has
+ended. The worker's end is seen from the process itself when this server started it (its exit status), else from
+its lease (the pid with its start time), checked every poll.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+
+from .events import Event, EventReader, Failed, Finished, Stopped
+from .leases import Lease
+from .process import EventTail
+
+log = logging.getLogger(__name__)
+#: seconds between looks at events.jsonl and at the worker's liveness
+POLL_S = 0.1
+#: a run marked running with no lease yet is a worker still starting for this long (then it never started)
+START_GRACE_S = 30.0
+
+LeaseReader = Callable[[], Lease | None]
+
+
+@dataclass
+class Liveness:
+    """How the follower knows the worker is gone: its exit (our child) or its lease (any worker)."""
+
+    read_lease: LeaseReader
+    claimed_at: float = field(default_factory=time.time)
+    exited: anyio.Event | None = None  # set when our own child exited
+    exit_code: int | None = None
+
+    def gone(self, reported_end: bool) -> bool:
+        if self.exited is not None:
+            return self.exited.is_set()
+        lease = self.read_lease()
+        if lease is not None:
+            return not lease.alive()
+        # no lease: dropped at the worker's very end, never taken (it died starting), or not taken yet
+        return reported_end or time.time() - self.claimed_at > START_GRACE_S
+
+
+async def follow_events(
+    run_id: str, events_path: Path, liveness: Liveness, apply: Callable[[Event], None]
+) -> Event | None:
+    """Apply each event of the run as it is written, until the worker is gone; returns its last Finished, Failed
+    or Stopped event (None if it ended without one)."""
+    tail, reader = EventTail(events_path), EventReader()
+    last: Event | None = None
+    while True:
+        ended = liveness.gone(last is not None)  # looked at before reading, so the final read sees everything it wrote
+        for line in tail.read():
+            try:
+                event = reader.decode(line)
+            except ValueError as exc:
+                log.warning("run %s: ignoring an event line (%s): %r", run_id, exc, line[:200])
+                continue
+            if isinstance(event, Finished | Failed | Stopped):
+                last = event
+            apply(event)
+        if ended:
+            return last
+        await anyio.sleep(POLL_S)
