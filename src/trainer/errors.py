@@ -6,7 +6,8 @@ TrainerError
  ├── RunConflict        the run is in a state that does not allow the request
  ├── ModelError         a model could not be loaded or used for generation
  ├── InvalidTransition  a job state change that the state machine forbids (a bug if raised)
- └── KernelBuildError   the CPU decode kernels cannot be built here (decode falls back)
+ ├── KernelBuildError   the CPU decode kernels cannot be built here (decode falls back)
+ └── Diverged           a run's loss became NaN or infinite
 """
 
 from __future__ import annotations
@@ -40,3 +41,7 @@ class InvalidTransition(TrainerError):
 
 class KernelBuildError(TrainerError):
     """The CPU decode kernels could not be built here; the message says why and what to install."""
+
+
+class Diverged(TrainerError):
+    """A run's loss became NaN or infinite; the message names the step and what to lower."""

@@ -158,3 +158,23 @@ async def test_argument_errors_read_as_the_clis_messages_not_raw_pydantic(
     assert other.is_error and other.content[0].text.startswith("list_runs: invalid arguments: ")
     for text in (result.content[0].text, other.content[0].text):
         assert "pydantic.dev" not in text and "validation error for" not in text and len(text) < 600
+
+
+async def test_a_damaged_gguf_is_a_tool_error_and_the_server_lives_on(tmp_path: Path, tiny_data) -> None:
+    """MLX's GGUF reader can crash the process on a malformed file: the import runs in a subprocess of its own."""
+    from mcp_local_demo.bundled import smollm2_gguf
+
+    damaged = tmp_path / "damaged.gguf"
+    damaged.write_bytes(smollm2_gguf().read_bytes()[:88])  # a real header, then nothing
+    calls = [
+        ("load_model", {"path": str(damaged)}),
+        ("profile_memory", {"model": str(damaged)}),
+        ("start_qlora_run", {"config": config(damaged, tiny_data)}),
+    ]
+    async with Client(fake_server(tmp_path / "home"), mode="legacy") as client:
+        for tool, args in calls:
+            result = await client.call_tool(tool, args)
+            assert result.is_error, tool
+            assert "damaged.gguf" in result.content[0].text and "Traceback" not in result.content[0].text
+        assert (await client.call_tool("list_runs", {})).structured_content["runs"] == []  # nothing half-written
+        assert not (await client.call_tool("profile_memory", {})).is_error  # the server is still here

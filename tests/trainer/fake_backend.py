@@ -1,7 +1,7 @@
 """A scripted training backend for runner fault tests, loaded by the real worker subprocess by dotted path.
 
-FAKE_MODE picks the behaviour: succeed, fail, crash (SIGKILL itself), segfault, hang, hang_ignoring_term, noisy, slow
-(succeed, FAKE_STEP_S seconds per iteration).
+FAKE_MODE picks the behaviour: succeed, fail, crash (SIGKILL itself), segfault, hang, hang_ignoring_term, noisy,
+slow (succeed, FAKE_STEP_S seconds per iteration), diverge.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from trainer.errors import Diverged
 from trainer.lifecycle.backend import Emit, adapter_dir_for
 from trainer.lifecycle.events import PhaseChanged, Progress, TrainReport, ValReport
 from trainer.lifecycle.jobs import Phase
@@ -34,6 +35,8 @@ class FakeBackend:
             sys.stdout.flush()
         if mode == "fail":
             raise RuntimeError("the fake backend failed on purpose")
+        if mode == "diverge":
+            raise Diverged("the train loss became nan at iteration 1: training diverged; lower learning_rate")
         if mode == "crash":
             os.kill(os.getpid(), signal.SIGKILL)
         if mode == "segfault":

@@ -108,3 +108,17 @@ def test_cli_runs_the_tiny_example_with_progress(tmp_path: Path) -> None:
         [sys.executable, "-m", "trainer", "--home", str(home), "list"], capture_output=True, text=True, check=True
     )
     assert "succeeded" in listing.stdout and "iteration 60/60" in listing.stdout
+
+
+def test_a_non_finite_loss_report_stops_the_run_as_diverged() -> None:
+    from trainer import QLoRAConfig
+    from trainer.engine.mlx_backend import _check_finite
+    from trainer.errors import Diverged
+
+    config = QLoRAConfig(model="m", data="d", learning_rate=0.5)
+    _check_finite("train", 1.5, 3, config)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(
+            Diverged, match=r"train loss became (nan|inf) at iteration 3.*lower learning_rate \(now 0.5\)"
+        ):
+            _check_finite("train", bad, 3, config)

@@ -47,6 +47,14 @@ async def test_reported_failure_keeps_the_workers_kind_and_message(tmp_path: Pat
     assert RunStore(tmp_path).get(run.id).error == done.error
 
 
+async def test_a_diverged_run_fails_with_its_own_kind(tmp_path: Path, fake_model, tiny_data) -> None:
+    async with fake_runner(tmp_path, "diverge") as runner:
+        run = await runner.submit(config(fake_model, tiny_data))
+        done = await runner.wait_until_done(run.id, START_TIMEOUT)
+    assert done.state is JobState.FAILED and done.error is not None
+    assert done.error.kind is FailureKind.DIVERGED and "lower learning_rate" in done.error.message
+
+
 @pytest.mark.parametrize(("mode", "signal_name"), [("crash", "SIGKILL"), ("segfault", "SIGSEGV")])
 async def test_worker_killed_by_signal_marks_run_failed_crashed(
     tmp_path: Path, fake_model, tiny_data, mode: str, signal_name: str

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
-from ..errors import ConfigError
+from ..errors import ConfigError, Diverged
 from ..lifecycle.backend import Cancelled, Emit, adapter_dir_for
 from ..lifecycle.events import Checkpoint, PhaseChanged, Progress, TrainReport, ValReport
 from ..lifecycle.jobs import Phase
@@ -75,9 +76,11 @@ class _RunEvents:
 
         class Reporter(TrainingCallback):  # type: ignore[misc]
             def on_train_loss_report(self, train_info: dict[str, Any]) -> None:
+                _check_finite("train", train_info["train_loss"], train_info["iteration"], events.config)
                 events.emit(TrainReport(**train_info))
 
             def on_val_loss_report(self, val_info: dict[str, Any]) -> None:
+                _check_finite("validation", val_info["val_loss"], val_info["iteration"], events.config)
                 events.emit(ValReport(**val_info))
                 events.set_phase(Phase.TRAINING)  # mlx-lm reports right after the validation pass ends
 
@@ -104,6 +107,14 @@ class _RunEvents:
                 self.last_progress = now
                 self.emit(Progress(iteration=it, iters=iters))
             yield batch
+
+
+def _check_finite(which: str, loss: float, iteration: int, config: QLoRAConfig) -> None:
+    if not math.isfinite(loss):
+        raise Diverged(
+            f"the {which} loss became {loss} at iteration {iteration}: training diverged; lower learning_rate "
+            f"(now {config.learning_rate:g}) or alpha (now {config.alpha:g}, scale alpha/rank = {config.lora_scale:g})"
+        )
 
 
 def _training_args(config: QLoRAConfig, adapter_file: Path) -> Any:

@@ -51,6 +51,8 @@ class FailureKind(StrEnum):
     OOM = "oom"
     #: the worker's measured memory passed the run's budget
     MEMORY_BUDGET = "memory_budget"
+    #: the loss became NaN or infinite (a learning rate or scale too large for the model)
+    DIVERGED = "diverged"
     #: the worker raised an unexpected error and reported it
     BACKEND = "backend"
     #: the worker died (signal or non-zero exit) without reporting why

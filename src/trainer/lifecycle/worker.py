@@ -20,7 +20,7 @@ from pathlib import Path
 from types import FrameType
 from typing import BinaryIO
 
-from ..errors import ConfigError
+from ..errors import ConfigError, Diverged
 from ..planning.config import QLoRAConfig
 from ..settings import DEFAULT_SAMPLE_INTERVAL_S
 from .backend import BackendEvent, Cancelled, adapter_dir_for, load_backend
@@ -77,6 +77,8 @@ class Watchdog:
 
 
 def failure_kind(exc: BaseException) -> FailureKind:
+    if isinstance(exc, Diverged):
+        return FailureKind.DIVERGED
     if isinstance(exc, ConfigError | FileNotFoundError):
         return FailureKind.CONFIG
     text = str(exc).lower()

@@ -8,45 +8,65 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from ..errors import ConfigError
 
+#: bounds that keep a typo from becoming a run that never ends or a path that is not one
+MAX_ITERS = 10_000_000
+MAX_PATH = 4096
+
 
 class QLoRAConfig(BaseModel):
     """One fine-tuning run. Field descriptions double as the MCP tool's argument docs."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # floats must be finite: an infinite learning rate trains an adapter of NaNs
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
-    model: Annotated[str, Field(description="Local model folder (MLX or Hugging Face layout) to fine-tune.")]
+    model: Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=MAX_PATH,
+            description="The model to fine-tune: a local folder (MLX or Hugging Face layout), a .gguf file or a "
+            "Hugging Face repo id.",
+        ),
+    ]
     data: Annotated[
         str,
         Field(
+            min_length=1,
+            max_length=MAX_PATH,
             description="Folder with train.jsonl (required) and valid.jsonl (optional); each line is "
-            '{"messages": [...]}, {"prompt": ..., "completion": ...} or {"text": ...}.'
+            '{"messages": [...]}, {"prompt": ..., "completion": ...} or {"text": ...}.',
         ),
     ]
     adapter_dir: Annotated[
-        str | None, Field(description="Where to write the adapter; default: the run folder's adapters/.")
+        str | None,
+        Field(max_length=MAX_PATH, description="Where to write the adapter; default: the run folder's adapters/."),
     ] = None
     rank: Annotated[int, Field(ge=1, le=512, description="LoRA rank.")] = 16
-    alpha: Annotated[float, Field(gt=0, description="LoRA alpha; mlx-lm's scale is alpha / rank.")] = 32.0
+    alpha: Annotated[float, Field(gt=0, le=1e4, description="LoRA alpha; mlx-lm's scale is alpha / rank.")] = 32.0
     dropout: Annotated[float, Field(ge=0, lt=1, description="LoRA dropout.")] = 0.0
     num_layers: Annotated[
-        int, Field(ge=-1, description="How many of the last transformer blocks get LoRA; -1 for all.")
+        int, Field(ge=-1, le=4096, description="How many of the last transformer blocks get LoRA; -1 for all.")
     ] = 16
     quantize_bits: Annotated[
         Literal[0, 4, 8],
         Field(description="Quantize an unquantized base to this many bits on load (0 keeps it as is: plain LoRA)."),
     ] = 4
     group_size: Annotated[Literal[32, 64, 128], Field(description="Quantization group size.")] = 64
-    iters: Annotated[int, Field(ge=1, description="Training iterations (optimizer steps).")] = 100
-    batch_size: Annotated[int, Field(ge=1, description="Examples per step.")] = 4
-    learning_rate: Annotated[float, Field(gt=0, description="Adam learning rate.")] = 1e-5
-    max_seq_length: Annotated[int, Field(ge=8, description="Longer examples are truncated.")] = 2048
+    iters: Annotated[int, Field(ge=1, le=MAX_ITERS, description="Training iterations (optimizer steps).")] = 100
+    batch_size: Annotated[int, Field(ge=1, le=4096, description="Examples per step.")] = 4
+    learning_rate: Annotated[float, Field(gt=0, le=1, description="Adam learning rate.")] = 1e-5
+    max_seq_length: Annotated[int, Field(ge=8, le=1 << 20, description="Longer examples are truncated.")] = 2048
     grad_checkpoint: Annotated[bool, Field(description="Recompute activations in backward to save memory.")] = False
     mask_prompt: Annotated[bool, Field(description="Train on the completion / last assistant turn only.")] = False
-    seed: Annotated[int, Field(ge=0, description="Random seed for LoRA init and batch order.")] = 0
-    steps_per_report: Annotated[int, Field(ge=1, description="Steps between train-loss reports.")] = 10
-    steps_per_eval: Annotated[int, Field(ge=1, description="Steps between validation-loss reports.")] = 200
-    val_batches: Annotated[int, Field(ge=-1, description="Validation batches per evaluation; -1 for all.")] = 25
-    save_every: Annotated[int, Field(ge=1, description="Steps between adapter checkpoints.")] = 100
+    seed: Annotated[int, Field(ge=0, lt=1 << 32, description="Random seed for LoRA init and batch order.")] = 0
+    steps_per_report: Annotated[int, Field(ge=1, le=MAX_ITERS, description="Steps between train-loss reports.")] = 10
+    steps_per_eval: Annotated[int, Field(ge=1, le=MAX_ITERS, description="Steps between validation-loss reports.")] = (
+        200
+    )
+    val_batches: Annotated[
+        int, Field(ge=-1, le=MAX_ITERS, description="Validation batches per evaluation; -1 for all.")
+    ] = 25
+    save_every: Annotated[int, Field(ge=1, le=MAX_ITERS, description="Steps between adapter checkpoints.")] = 100
     fast_path: Annotated[
         bool | None,
         Field(
@@ -82,6 +102,7 @@ class QLoRAConfig(BaseModel):
         float | None,
         Field(
             gt=0,
+            le=1e6,
             description="Memory budget of this run in GB (MLX peak). Default: the server's, the smaller of "
             "16 GB and 75% of physical memory. A run predicted over it is refused; one measured over it is stopped "
             "with its adapter saved.",

@@ -17,6 +17,8 @@ FORMATS = {
 }
 
 
+#: a longer line is refused as not an example (a whole dataset on one line, a binary file)
+MAX_LINE_BYTES = 8 * 1024 * 1024
 #: tokens a chat template adds per message, and for a system prompt and markers
 TEMPLATE_TOKENS_PER_MESSAGE = 8
 TEMPLATE_TOKENS = 40
@@ -62,6 +64,7 @@ def _record_format(record: object, where: str) -> str:
         raise ConfigError(f"{where}: each line must be a JSON object, got {type(record).__name__}")
     for name, keys in FORMATS.items():
         if all(k in record for k in keys):
+            _check_values(name, record, where)
             return name
     raise ConfigError(
         f"{where}: unknown record format with keys {sorted(record)}; use "
@@ -69,11 +72,40 @@ def _record_format(record: object, where: str) -> str:
     )
 
 
+def _check_values(fmt: str, record: dict[str, Any], where: str) -> None:
+    """The fields MLX-LM reads must be text (a number or a list there fails only in the worker, minutes later)."""
+    if fmt == "chat":
+        messages = record["messages"]
+        ok = (
+            isinstance(messages, list)
+            and bool(messages)
+            and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages
+            )
+        )
+        if not ok:
+            raise ConfigError(f'{where}: messages must be a non-empty list of {{"role": str, "content": str}} objects')
+        return
+    for key in FORMATS[fmt]:
+        if not isinstance(record[key], str):
+            raise ConfigError(f"{where}: {key!r} must be a string, got {type(record[key]).__name__}")
+
+
 def _check_file(path: Path, counter: _TokenCounter) -> tuple[str | None, int]:
     fmt: str | None = None
     count = 0
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
+    with path.open("rb") as raw_lines:
+        for number, raw in enumerate(raw_lines, start=1):
+            if len(raw) > MAX_LINE_BYTES:
+                raise ConfigError(
+                    f"{path} line {number} is {len(raw) / 1e6:.0f} MB, longer than the {MAX_LINE_BYTES // 2**20} MiB "
+                    "an example may take; put one example per line"
+                )
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ConfigError(f"{path} line {number} is not UTF-8 text; a dataset is JSON lines") from None
             if not line.strip():
                 continue
             where = f"{path} line {number}"

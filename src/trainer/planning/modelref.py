@@ -6,7 +6,9 @@ id such as `Qwen/Qwen2.5-Coder-7B-Instruct` (downloaded where the hub is reachab
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -14,6 +16,8 @@ import re
 import signal
 import subprocess
 import sys
+from functools import cache
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -116,11 +120,40 @@ def _check_folder(path: Path, ref: str) -> Path:
 def read_model_config(model_dir: Path) -> dict[str, Any]:
     try:
         config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{model_dir}/config.json is not valid JSON ({exc})") from None
-    if not isinstance(config, dict) or "model_type" not in config:
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
         raise ConfigError(f"{model_dir}/config.json has no model_type, so it is not a model config")
+    known = supported_model_types()
+    if known and config["model_type"] not in known:
+        raise ConfigError(
+            f"model type {config['model_type']!r} ({model_dir}) is not one MLX-LM {_mlx_lm_version()} can load; "
+            "use a model of a supported architecture (llama, qwen2, mistral, gemma, phi3, ...)"
+        )
     return config
+
+
+@cache
+def supported_model_types() -> frozenset[str]:
+    """The model types mlx-lm loads: its model modules, and the names it remaps to them, read from its source so
+    that checking a model never imports MLX (empty when mlx-lm is not installed: then nothing is refused here)."""
+    spec = importlib.util.find_spec("mlx_lm")
+    if spec is None or not spec.submodule_search_locations:
+        return frozenset()
+    package = Path(next(iter(spec.submodule_search_locations)))
+    types = {p.stem for p in (package / "models").glob("*.py") if not p.stem.startswith("_")}
+    tree = ast.parse((package / "utils.py").read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "MODEL_REMAPPING" for t in node.targets):
+            types |= set(ast.literal_eval(node.value))
+    return frozenset(types)
+
+
+def _mlx_lm_version() -> str:
+    try:
+        return metadata.version("mlx-lm")
+    except metadata.PackageNotFoundError:
+        return "(not installed)"
 
 
 def num_hidden_layers(config: dict[str, Any]) -> int | None:
