@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -166,7 +167,7 @@ async def test_a_damaged_gguf_is_a_tool_error_and_the_server_lives_on(tmp_path: 
 
     damaged = tmp_path / "damaged.gguf"
     damaged.write_bytes(smollm2_gguf().read_bytes()[:88])  # a real header, then nothing
-    calls = [
+    calls: list[tuple[str, dict[str, Any]]] = [
         ("load_model", {"path": str(damaged)}),
         ("profile_memory", {"model": str(damaged)}),
         ("start_qlora_run", {"config": config(damaged, tiny_data)}),
