@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -23,7 +27,10 @@ from .state import AppState, ServerSettings
 from .subscribe import register_legacy_subscriptions
 from .tools import register_tools
 
+log = logging.getLogger(__name__)
 RECENT_RUNS_LISTED = 50
+#: seconds a signalled server gives its lifespan to close before it exits regardless
+SHUTDOWN_GRACE_S = 3.0
 INSTRUCTIONS = """\
 Fine-tune and run local code LLMs with MLX-LM (QLoRA).
 - load_model(path) then generate(prompt) to try a model; generate(run_id=...) uses a finished run's adapter.
@@ -92,8 +99,34 @@ def build_server(settings: ServerSettings) -> MCPServer[AppState]:
 
 
 async def serve_stdio(mcp: MCPServer[Any]) -> None:
-    """Like mcp.run() over stdio, but also advertising listChanged to 2025-era clients."""
+    """Like mcp.run() over stdio, but also advertising listChanged to 2025-era clients, and ending cleanly on SIGTERM
+    or SIGINT (hosts send them to stop a server): the lifespan closes, and the workers keep training."""
     lowlevel = mcp._lowlevel_server
     options = lowlevel.create_initialization_options(NotificationOptions(resources_changed=True))
-    async with stdio_server() as (read, write):
-        await lowlevel.run(read, write, options)
+    stopped_by: list[signal.Signals] = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_stop_on_signals, tg.cancel_scope, stopped_by)
+        async with stdio_server() as (read, write):
+            await lowlevel.run(read, write, options)
+            if stopped_by:  # the lifespan has closed: the thread blocked reading stdin would hold the exit
+                _exit_now()
+        tg.cancel_scope.cancel()
+
+
+async def _stop_on_signals(scope: anyio.CancelScope, stopped_by: list[signal.Signals]) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for received in signals:
+            log.info("%s: shutting down (runs keep training; the next server follows them)", received.name)
+            stopped_by.append(received)
+            scope.cancel()
+            # every change is already committed to the store and workers are detached, so if the SDK's stdin reader
+            # (a thread blocked on the host's pipe) holds the exit, ending the process loses nothing
+            timer = threading.Timer(SHUTDOWN_GRACE_S, _exit_now)
+            timer.daemon = True
+            timer.start()
+            return
+
+
+def _exit_now() -> None:
+    logging.shutdown()
+    os._exit(0)

@@ -56,12 +56,14 @@ async def _start_and_leave(home: Path, fake_model: Path, tiny_data: Path, how: s
             await _wait_training(client, run_id)
             profile = (await client.call_tool("profile_memory", {})).structured_content
             found["worker_pid"] = profile["workers"][0]["pid"]
-            if how == "kill":
-                os.kill(profile["server"]["pid"], signal.SIGKILL)
+            server = psutil.Process(profile["server"]["pid"])
+            if how in ("kill", "sigterm"):
+                server.send_signal(signal.SIGKILL if how == "kill" else signal.SIGTERM)
+                server.wait(timeout=10)  # a SIGTERM ends the server promptly, its lifespan closed
     return found["run_id"], found["worker_pid"]
 
 
-@pytest.mark.parametrize("how", ["kill", "close"])
+@pytest.mark.parametrize("how", ["kill", "close", "sigterm"])
 async def test_a_run_outlives_its_server_and_the_next_server_follows_it_to_the_end(
     tmp_path: Path, fake_model: Path, tiny_data: Path, how: str
 ) -> None:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import anyio
 import pytest
 
 from tests.conftest import tiny_run_config
@@ -122,3 +123,25 @@ def test_a_non_finite_loss_report_stops_the_run_as_diverged() -> None:
             Diverged, match=r"train loss became (nan|inf) at iteration 3.*lower learning_rate \(now 0.5\)"
         ):
             _check_finite("train", bad, 3, config)
+
+
+async def test_concurrent_generations_each_use_their_own_adapter(trained, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
+    """Calls with and without an adapter, interleaved from threads, answer as they would one at a time."""
+    done = trained[0]
+    session = ModelSession()
+    session.load(str(tiny_model))
+    expected = {
+        None: session.generate(PROMPT, max_tokens=12).text,
+        done.adapter_path: session.generate(PROMPT, max_tokens=12, adapter=done.adapter_path).text,
+    }
+    assert expected[None] != expected[done.adapter_path]
+    answers: list[tuple[str | None, str]] = []
+
+    async def ask(adapter: str | None) -> None:
+        result = await anyio.to_thread.run_sync(lambda: session.generate(PROMPT, max_tokens=12, adapter=adapter))
+        answers.append((adapter, result.text))
+
+    async with anyio.create_task_group() as tg:
+        for i in range(16):
+            tg.start_soon(ask, done.adapter_path if i % 2 else None)
+    assert len(answers) == 16 and all(text == expected[adapter] for adapter, text in answers)
