@@ -1,9 +1,11 @@
-"""`mcp-local` / `python -m mcp_local`: the MCP server over stdio. Only the protocol goes to stdout."""
+"""`mcp-local` / `python -m mcp_local`: the MCP server over stdio (or Streamable HTTP with --http). Only the protocol
+goes to stdout."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import anyio
 
 from trainer import HOME_ENV, reexec_with_preloads, use_mlx_env
 
+from .http import TOKEN_ENV, HttpSettings, serve_http, token_or_new
 from .server import build_server, serve_stdio
 from .state import MAX_CONCURRENT_ENV, MEMORY_BUDGET_ENV, SAMPLE_INTERVAL_ENV, ServerSettings
 
@@ -44,6 +47,18 @@ def main(argv: list[str] | None = None) -> None:
         help=f"default memory budget of a run (env {MEMORY_BUDGET_ENV}; default: min(16 GB, 75%% of RAM))",
     )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    http = parser.add_argument_group("Streamable HTTP (remote and shared use)")
+    http.add_argument("--http", action="store_true", help="serve over HTTP at http://HOST:PORT/mcp instead of stdio")
+    http.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
+    http.add_argument("--port", type=int, default=8765, help="port (default %(default)s)")
+    http.add_argument(
+        "--token",
+        default=os.environ.get(TOKEN_ENV),
+        help=f"the bearer token clients must send (env {TOKEN_ENV}; default: a new one, written to stderr)",
+    )
+    http.add_argument(
+        "--allowed-host", action="append", default=[], help="another Host name clients may use (repeatable)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         stream=sys.stderr, level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s"
@@ -55,7 +70,12 @@ def main(argv: list[str] | None = None) -> None:
         memory_budget_gb=args.memory_budget_gb,
     )
     use_mlx_env(settings.home)  # generation runs in this process too
-    anyio.run(serve_stdio, build_server(settings))
+    if args.http:
+        token = token_or_new(args.token)
+        http_settings = HttpSettings(args.host, args.port, token, tuple(args.allowed_host))
+        anyio.run(serve_http, build_server(settings), http_settings)
+    else:
+        anyio.run(serve_stdio, build_server(settings))
 
 
 if __name__ == "__main__":
