@@ -46,6 +46,14 @@ def main(argv: list[str] | None = None) -> None:
         default=defaults.memory_budget_gb,
         help=f"default memory budget of a run (env {MEMORY_BUDGET_ENV}; default: min(16 GB, 75%% of RAM))",
     )
+    parser.add_argument(
+        "--root",
+        type=Path,
+        action="append",
+        default=None,
+        help="a folder whose models, data and adapters tools may use (repeatable; default: the home and the current "
+        "directory)",
+    )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     http = parser.add_argument_group("Streamable HTTP (remote and shared use)")
     http.add_argument("--http", action="store_true", help="serve over HTTP at http://HOST:PORT/mcp instead of stdio")
@@ -63,8 +71,11 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         stream=sys.stderr, level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
+    home = args.home.expanduser().resolve()
+    roots = tuple(root.expanduser().resolve() for root in (args.root or [Path.cwd()]))
     settings = ServerSettings(
-        home=args.home.expanduser().resolve(),
+        home=home,
+        roots=roots,
         sample_interval=args.sample_interval,
         max_concurrent=args.max_concurrent,
         memory_budget_gb=args.memory_budget_gb,

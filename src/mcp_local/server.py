@@ -72,7 +72,7 @@ def build_server(settings: ServerSettings) -> MCPServer[AppState]:
                 ) as runner,
                 anyio.create_task_group() as tg,
             ):
-                models = ModelSession(models_root=settings.home / "models")
+                models = ModelSession(models_root=settings.home / "models", roots=settings.allowed_roots())
                 state = AppState(settings=settings, runner=runner, models=models, bus=bus)
                 for snap in runner.list_runs(limit=RECENT_RUNS_LISTED):
                     register_run_resources(mcp, state, snap.id)

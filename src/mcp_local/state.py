@@ -25,6 +25,9 @@ class ServerSettings:
     worker_env: dict[str, str] = field(default_factory=dict)
     #: None: the trainer's default (the smaller of 16 GB and 75% of physical memory)
     memory_budget_gb: float | None = None
+    #: folders that model, data, adapter and adapter_dir paths must resolve into (the home is always one);
+    #: None allows any path (programmatic use; the `mcp-local` command defaults to the home and its cwd)
+    roots: tuple[Path, ...] | None = None
 
     @classmethod
     def from_env(cls) -> ServerSettings:
@@ -36,9 +39,15 @@ class ServerSettings:
             memory_budget_gb=float(budget) if budget else None,
         )
 
+    def allowed_roots(self) -> tuple[Path, ...] | None:
+        return None if self.roots is None else (self.home, *self.roots)
+
     def run_defaults(self) -> RunDefaults:
         return RunDefaults.for_home(
-            self.home, memory_budget_gb=self.memory_budget_gb, sample_interval_s=self.sample_interval
+            self.home,
+            memory_budget_gb=self.memory_budget_gb,
+            sample_interval_s=self.sample_interval,
+            roots=self.allowed_roots(),
         )
 
 

@@ -111,6 +111,13 @@ def _side_by_side(prompts: list[Any], base: list[str], tuned: list[str]) -> tupl
     return base_mean, tuned_mean
 
 
+def _roots(args: argparse.Namespace) -> list[Path]:
+    """The folders the server may read: the model's (a folder, or a .gguf file's folder) and the data's."""
+    model = Path(args.model).expanduser()
+    found = [args.data, model if model.is_dir() else model.parent] if model.exists() else [args.data]
+    return [Path(folder).resolve() for folder in found]
+
+
 async def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     started = time.monotonic()
     home = args.home.resolve()
@@ -118,7 +125,8 @@ async def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     env = dict(os.environ)
     params = StdioServerParameters(
         command=sys.executable,
-        args=["-m", "mcp_local", "--home", str(home), "--sample-interval", "0.5", "--log-level", "WARNING"],
+        args=["-m", "mcp_local", "--home", str(home), "--sample-interval", "0.5", "--log-level", "WARNING"]
+        + [arg for folder in _roots(args) for arg in ("--root", str(folder))],
         env=env,
     )
     console.rule("[bold]mcp-local demo")

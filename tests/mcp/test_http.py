@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from mcp import Client
 from tests.trainer.helpers import config, fake_env
 
 pytestmark = pytest.mark.slow
+TMP = tempfile.gettempdir()  # pytest's folders, where the tests' models and data are: an allowed root
 TOKEN = "test-token-0123456789"
 START_TIMEOUT = 60
 
@@ -30,7 +32,7 @@ def _free_port() -> int:
 
 def _start(home: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "mcp_local", "--http", "--port", str(port), "--home", str(home), *extra],
+        [sys.executable, "-m", "mcp_local", "--http", "--port", str(port), "--home", str(home), "--root", TMP, *extra],
         env={**os.environ, **fake_env("succeed")},
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+import tempfile
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ START_TIMEOUT = 60  # cold interpreter starts on a loaded 2-core machine
 def fake_server_params(home: Path, mode: str, **env: str) -> StdioServerParameters:
     return StdioServerParameters(
         command=sys.executable,
-        args=["-m", "mcp_local", "--home", str(home), "--log-level", "WARNING"],
+        args=["-m", "mcp_local", "--home", str(home), "--log-level", "WARNING", "--root", tempfile.gettempdir()],
         env={"PATH": os.environ.get("PATH", ""), **fake_env(mode), "FAKE_STEP_S": "0.1", **env},
     )
 

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from mcp import Client, StdioServerParameters
 from tests.conftest import REPO, tiny_run_config
 
 pytestmark = pytest.mark.slow
+TMP = tempfile.gettempdir()  # pytest's folders, where the tests' models and data are: an allowed root
 SAMPLE_INTERVAL = 0.2
 PROMPT = "Write add_gamma adding 7."
 TIMEOUT = 180
@@ -29,7 +31,7 @@ TIMEOUT = 180
 def server_params(home: Path) -> StdioServerParameters:
     return StdioServerParameters(
         command=sys.executable,
-        args=["-m", "mcp_local", "--home", str(home), "--sample-interval", str(SAMPLE_INTERVAL)],
+        args=["-m", "mcp_local", "--home", str(home), "--sample-interval", str(SAMPLE_INTERVAL), "--root", TMP],
         env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(REPO / "src")},
     )
 

@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 from ..errors import ConfigError, ModelError
 from ..lifecycle.memory import GB
 from ..planning.modelref import read_model_config, resolve_model_dir
+from ..planning.paths import PathPolicy
 
 MAX_CACHED = 3
 DENSE_CACHE_MAX_BYTES = 2 * 1024**3
@@ -85,17 +86,20 @@ def resolve_adapter_dir(adapter: str) -> Path:
 class ModelSession:
     """Models loaded in this process for generation. MLX is imported on the first load, not before."""
 
-    def __init__(self, fast_path: bool | None = None, models_root: Path | None = None) -> None:
+    def __init__(
+        self, fast_path: bool | None = None, models_root: Path | None = None, roots: tuple[Path, ...] | None = None
+    ) -> None:
         self.fast_path = fast_path
         self.models_root = models_root  # where GGUF imports go
+        self.paths = PathPolicy(roots)
         self._lock = threading.Lock()
         self._loaded: dict[tuple[str, str | None], _Loaded] = {}
         self.current: tuple[str, str | None] | None = None
 
     def _key(self, model: str, adapter: str | None) -> tuple[str, str | None]:
-        model_dir = resolve_model_dir(model, self.models_root)
+        model_dir = resolve_model_dir(model, self.models_root, self.paths)
         read_model_config(model_dir)
-        adapter_dir = resolve_adapter_dir(adapter) if adapter else None
+        adapter_dir = resolve_adapter_dir(str(self.paths.check(Path(adapter), "adapter"))) if adapter else None
         return str(model_dir), str(adapter_dir) if adapter_dir else None
 
     def load(self, model: str, adapter: str | None = None) -> ModelInfo:

@@ -26,7 +26,7 @@ import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ..environment.process_env import worker_environment
-from ..errors import RunConflict
+from ..errors import ConfigError, RunConflict
 from ..planning.config import QLoRAConfig
 from ..planning.preflight import PreparedRun, RunDefaults, prepare_run
 from .cues import Cues, RunUpdate
@@ -185,6 +185,12 @@ class JobRunner:
         return self.enqueue(prepared)
 
     def enqueue(self, prepared: PreparedRun) -> RunSnapshot:
+        """Queue a prepared run (ConfigError if a live run already writes to its adapter_dir)."""
+        wanted = prepared.config.adapter_dir
+        if wanted and any(job.config.adapter_dir == wanted for job in self.store.live()):
+            raise ConfigError(
+                f"adapter_dir {wanted!r} is the adapter folder of a live run (queued or running); pick another"
+            )
         run_id = secrets.token_hex(4)
         job = Job(
             id=run_id, config=prepared.config, run_dir=str(self.store.run_dir(run_id)), iters=prepared.config.iters
@@ -196,10 +202,15 @@ class JobRunner:
         return job.snapshot()
 
     def get(self, run_id: str) -> RunSnapshot:
+        """The run as this runner sees it, or as the store records it where that is further along (another runner
+        started it, or recorded its end first)."""
         tracked = self._tracked.get(run_id)
-        if tracked is None or (tracked.job.state is JobState.QUEUED):  # another runner may have started it
-            return self.store.get(run_id).snapshot()
-        return tracked.job.snapshot()
+        if tracked is not None and tracked.job.state is JobState.RUNNING:
+            stored = self.store.get(run_id)
+            return (stored if stored.state.terminal else tracked.job).snapshot()
+        return (
+            tracked.job if tracked is not None and tracked.job.state.terminal else self.store.get(run_id)
+        ).snapshot()
 
     def list_runs(self, state: JobState | None = None, limit: int = 50) -> list[RunSnapshot]:
         return [

@@ -23,6 +23,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..settings import default_home
+from .paths import PathPolicy
 
 #: bump when the GGUF importer's output changes, so earlier imports are redone
 GGUF_IMPORT_VERSION = 1
@@ -35,13 +36,16 @@ REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
 
 
-def resolve_model_dir(ref: str, models_root: Path | None = None) -> Path:
+def resolve_model_dir(ref: str, models_root: Path | None = None, policy: PathPolicy | None = None) -> Path:
     """Return the local model folder for `ref`, or raise a ConfigError that says what is wrong and how to fix it.
 
-    GGUF imports are cached under `models_root` (default: the default home's models/)."""
+    GGUF imports are cached under `models_root` (default: the default home's models/); a local path must pass
+    `policy` (the server's allowed roots), a hub repo id resolves into the hub's own cache."""
     path = Path(ref).expanduser()
     if not path.exists() and REPO_ID.match(ref) and not ref.startswith((".", "/", "~")):
         return _check_folder(resolve_hub_model(ref), ref)
+    if path.exists() and policy is not None:
+        path = policy.check(path, "model path")
     if not path.exists():
         raise ConfigError(
             f"model path {ref!r} does not exist; pass a local model folder (with config.json), a .gguf file "

@@ -19,6 +19,7 @@ from .config import QLoRAConfig
 from .dataset_check import DatasetSummary, check_dataset
 from .memory_plan import MemoryCheck, check_memory
 from .modelref import num_hidden_layers, read_model_config, resolve_model_dir
+from .paths import PathPolicy, check_adapter_dir
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +32,15 @@ class RunDefaults(BaseModel):
     memory_budget_gb: float | None = None  # None: settings.default_budget_gb()
     sample_interval_s: float = DEFAULT_SAMPLE_INTERVAL_S
     models_root: Path | None = None  # where GGUF imports go; None: the default home's models/
+    runs_dir: Path | None = None  # the store's run folders, which an adapter_dir may not point into
+    roots: tuple[Path, ...] | None = None  # None: any path (the CLI); else the server's allowed roots
 
     @classmethod
     def for_home(cls, home: Path, **settings: object) -> RunDefaults:
-        return cls.model_validate({"models_root": home / "models", **settings})
+        return cls.model_validate({"models_root": home / "models", "runs_dir": home / "runs", **settings})
+
+    def path_policy(self) -> PathPolicy:
+        return PathPolicy(self.roots)
 
     def budget_gb(self) -> float:
         return self.memory_budget_gb if self.memory_budget_gb is not None else default_budget_gb()
@@ -58,7 +64,7 @@ class PreparedRun(BaseModel):
 
 
 def _check_writable(folder: str) -> None:
-    path = Path(folder).expanduser()
+    path = Path(folder).expanduser().resolve()
     probe = path
     while not probe.exists():  # the nearest existing ancestor decides whether we can create it
         probe = probe.parent
@@ -69,7 +75,8 @@ def _check_writable(folder: str) -> None:
 def prepare_run(config: QLoRAConfig, defaults: RunDefaults | None = None) -> PreparedRun:
     """Check a config and prepare it; raises ConfigError (and writes nothing) when the run cannot start."""
     defaults = defaults or RunDefaults()
-    model_dir = resolve_model_dir(config.model, defaults.models())
+    policy = defaults.path_policy()
+    model_dir = resolve_model_dir(config.model, defaults.models(), policy)
     model_config = read_model_config(model_dir)
     layers = num_hidden_layers(model_config)
     if layers is not None and config.num_layers > layers:
@@ -77,15 +84,17 @@ def prepare_run(config: QLoRAConfig, defaults: RunDefaults | None = None) -> Pre
             f"num_layers={config.num_layers} but the model {config.model!r} has only {layers} layers; "
             f"use at most {layers} (or -1 for all)"
         )
-    summary = check_dataset(config.data, config.batch_size, model_dir / "tokenizer.json")
+    data_dir = policy.check(Path(config.data), "data folder")
+    summary = check_dataset(str(data_dir), config.batch_size, model_dir / "tokenizer.json")
     updates: dict[str, object] = {
         "model": str(model_dir),
-        "data": str(Path(config.data).expanduser().resolve()),
+        "data": str(data_dir),
         "memory_sample_interval": config.memory_sample_interval or defaults.sample_interval_s,
     }
     if config.adapter_dir is not None:
+        runs_dir = defaults.runs_dir or default_home() / "runs"
+        updates["adapter_dir"] = str(check_adapter_dir(Path(config.adapter_dir), runs_dir, policy))
         _check_writable(config.adapter_dir)
-        updates["adapter_dir"] = str(Path(config.adapter_dir).expanduser().resolve())
     config = config.model_copy(update=updates)
     budget = defaults.budget_gb()
     try:
