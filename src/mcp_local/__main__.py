@@ -54,6 +54,10 @@ def main(argv: list[str] | None = None) -> None:
         help="a folder whose models, data and adapters tools may use (repeatable; default: the home and the current "
         "directory)",
     )
+    parser.add_argument("--max-queued", type=int, default=100, help="runs waiting at once (default %(default)s)")
+    parser.add_argument(
+        "--max-dataset-mb", type=float, default=2048, help="largest dataset a run may use (default %(default)s MB)"
+    )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     http = parser.add_argument_group("Streamable HTTP (remote and shared use)")
     http.add_argument("--http", action="store_true", help="serve over HTTP at http://HOST:PORT/mcp instead of stdio")
@@ -76,6 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     settings = ServerSettings(
         home=home,
         roots=roots,
+        max_queued=args.max_queued,
+        max_dataset_mb=args.max_dataset_mb,
         sample_interval=args.sample_interval,
         max_concurrent=args.max_concurrent,
         memory_budget_gb=args.memory_budget_gb,

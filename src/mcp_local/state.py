@@ -28,6 +28,8 @@ class ServerSettings:
     #: folders that model, data, adapter and adapter_dir paths must resolve into (the home is always one);
     #: None allows any path (programmatic use; the `mcp-local` command defaults to the home and its cwd)
     roots: tuple[Path, ...] | None = None
+    max_queued: int = 100
+    max_dataset_mb: float = 2048.0
 
     @classmethod
     def from_env(cls) -> ServerSettings:
@@ -48,6 +50,8 @@ class ServerSettings:
             memory_budget_gb=self.memory_budget_gb,
             sample_interval_s=self.sample_interval,
             roots=self.allowed_roots(),
+            max_queued=self.max_queued,
+            max_dataset_mb=self.max_dataset_mb,
         )
 
 

@@ -145,3 +145,12 @@ async def test_concurrent_generations_each_use_their_own_adapter(trained, tiny_m
         for i in range(16):
             tg.start_soon(ask, done.adapter_path if i % 2 else None)
     assert len(answers) == 16 and all(text == expected[adapter] for adapter, text in answers)
+
+
+def test_a_prompt_longer_than_the_models_context_is_refused(tiny_model: Path) -> None:
+    from trainer import ConfigError
+
+    session = ModelSession()
+    session.load(str(tiny_model))
+    with pytest.raises(ConfigError, match=r"more than the model's context of 1024 tokens"):
+        session.generate("add " * 2000, max_tokens=8)

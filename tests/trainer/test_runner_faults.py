@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import anyio
@@ -166,3 +168,43 @@ async def test_bad_config_is_rejected_before_anything_is_written(tmp_path: Path,
             await runner.submit(config(fake_model, tiny_data, rank=0))
         assert runner.list_runs() == []
     assert list((tmp_path / "runs").iterdir()) == []
+
+
+async def test_a_stopped_worker_shows_as_stalled_not_running_with_an_eta(
+    tmp_path: Path, fake_model, tiny_data, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from trainer.lifecycle import leases
+
+    monkeypatch.setattr(leases, "STALE_S", 1.5)  # the worker beats every second
+    async with fake_runner(tmp_path, "hang") as runner:
+        run = await runner.submit(config(fake_model, tiny_data))
+        await _wait_running(runner, run.id)
+        assert runner.get(run.id).stalled_seconds is None
+        pid = runner.live_workers()[run.id]
+        os.kill(pid, signal.SIGSTOP)  # a hung worker: alive, silent
+        try:
+            with anyio.fail_after(15):
+                while (snap := runner.get(run.id)).stalled_seconds is None:
+                    await anyio.sleep(0.2)  # waiting for time to pass is the point here
+            assert snap.state is JobState.RUNNING and snap.eta_seconds is None and "STALLED" in snap.summary()
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        await runner.cancel(run.id)
+
+
+async def test_caps_on_queued_runs_and_dataset_size_name_the_limit(tmp_path: Path, fake_model, tiny_data) -> None:
+    from trainer import RunDefaults
+
+    defaults = RunDefaults.for_home(tmp_path, max_queued=1)
+    async with fake_runner(tmp_path, "hang", defaults=defaults) as runner:
+        first = await runner.submit(config(fake_model, tiny_data))
+        await _wait_running(runner, first.id)
+        await runner.submit(config(fake_model, tiny_data))  # one waiting: the limit
+        with pytest.raises(ConfigError, match=r"1 runs are queued already, the limit \(max_queued=1, --max-queued\)"):
+            await runner.submit(config(fake_model, tiny_data))
+        runner.defaults = RunDefaults.for_home(tmp_path, max_dataset_mb=1e-6)
+        with pytest.raises(ConfigError, match=r"over the server's limit of 0 MB \(--max-dataset-mb raises it\)"):
+            await runner.submit(config(fake_model, tiny_data))
+        for run in runner.list_runs():
+            await runner.cancel(run.id)
+    assert len(RunStore(tmp_path).list_runs()) == 2

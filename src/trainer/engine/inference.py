@@ -63,6 +63,19 @@ class _Loaded:
     model: Any
     tokenizer: Any
     info: ModelInfo
+    context: int | None = None  # the model's max_position_embeddings, when its config says
+
+
+def _check_context(tokenizer: Any, prompt: str, context: int | None, max_tokens: int) -> None:
+    """A prompt longer than the model's context would only fill memory; refuse it with the numbers."""
+    if context is None:
+        return
+    tokens = len(tokenizer.encode(prompt))
+    if tokens + max_tokens > context:
+        raise ConfigError(
+            f"the prompt is {tokens} tokens and max_tokens {max_tokens}, more than the model's context of {context} "
+            "tokens (max_position_embeddings); shorten the prompt or lower max_tokens"
+        )
 
 
 def _count_parameters(model: Any) -> int:
@@ -140,7 +153,8 @@ class ModelSession:
         )
         while len(self._loaded) >= MAX_CACHED:  # drop the oldest; MLX frees its arrays with it
             self._loaded.pop(next(iter(self._loaded)))
-        loaded = _Loaded(model, tokenizer, info)
+        context = config.get("max_position_embeddings")
+        loaded = _Loaded(model, tokenizer, info, int(context) if isinstance(context, int) else None)
         self._loaded[key] = loaded
         return loaded
 
@@ -186,6 +200,7 @@ class ModelSession:
                 text_prompt = prompt
             else:
                 text_prompt = "\n".join(m["content"] for m in chat)
+            _check_context(tokenizer, text_prompt, loaded.context, max_tokens)
             if seed is not None:
                 mx.random.seed(seed)
             mx.reset_peak_memory()

@@ -110,6 +110,7 @@ class RunSnapshot(BaseModel):
     started_at: float | None
     ended_at: float | None
     eta_seconds: float | None
+    stalled_seconds: float | None = None  # the worker's heartbeat is this old: stopped or hung
     metrics: RunMetrics
     adapter_path: str | None
     run_dir: str
@@ -127,7 +128,9 @@ class RunSnapshot(BaseModel):
             parts.append(f"val loss {m.first_val_loss:.3f} -> {m.last_val_loss:.3f}")
         if m.tokens_per_second:
             parts.append(f"{m.tokens_per_second:.0f} tok/s")
-        if self.eta_seconds is not None:
+        if self.stalled_seconds is not None:
+            parts.append(f"STALLED: the worker has been silent for {self.stalled_seconds:.0f}s (stopped or hung?)")
+        elif self.eta_seconds is not None:
             parts.append(f"ETA {self.eta_seconds:.0f}s")
         if m.peak_memory_gb:
             parts.append(f"peak {m.peak_memory_gb:.2f} GB")
@@ -178,7 +181,8 @@ class Job:
             return None
         return max(self.iters - self.iteration, 0) / its
 
-    def snapshot(self) -> RunSnapshot:
+    def snapshot(self, stalled_seconds: float | None = None) -> RunSnapshot:
+        """What callers see; `stalled_seconds`: the age of a running worker's last heartbeat, when it is stale."""
         return RunSnapshot(
             id=self.id,
             state=self.state,
@@ -188,7 +192,8 @@ class Job:
             created_at=self.created_at,
             started_at=self.started_at,
             ended_at=self.ended_at,
-            eta_seconds=self.eta_seconds(),
+            eta_seconds=None if stalled_seconds is not None else self.eta_seconds(),
+            stalled_seconds=stalled_seconds,
             metrics=self.metrics.model_copy(),
             adapter_path=self.adapter_path,
             run_dir=self.run_dir,

@@ -29,6 +29,7 @@ from ..environment.process_env import worker_environment
 from ..errors import ConfigError, RunConflict
 from ..planning.config import QLoRAConfig
 from ..planning.preflight import PreparedRun, RunDefaults, prepare_run
+from . import leases
 from .cues import Cues, RunUpdate
 from .events import Event, MemorySample, TrainReport, ValReport
 from .follow import START_GRACE_S, Liveness, follow_events
@@ -186,6 +187,12 @@ class JobRunner:
 
     def enqueue(self, prepared: PreparedRun) -> RunSnapshot:
         """Queue a prepared run (ConfigError if a live run already writes to its adapter_dir)."""
+        queued = self.store.count(JobState.QUEUED)
+        if queued >= self.defaults.max_queued:
+            raise ConfigError(
+                f"{queued} runs are queued already, the limit (max_queued={self.defaults.max_queued}, --max-queued); "
+                "wait for some to start or cancel some"
+            )
         wanted = prepared.config.adapter_dir
         if wanted and any(job.config.adapter_dir == wanted for job in self.store.live()):
             raise ConfigError(
@@ -203,14 +210,17 @@ class JobRunner:
 
     def get(self, run_id: str) -> RunSnapshot:
         """The run as this runner sees it, or as the store records it where that is further along (another runner
-        started it, or recorded its end first)."""
+        started it, or recorded its end first); a running run whose worker went silent says for how long."""
         tracked = self._tracked.get(run_id)
         if tracked is not None and tracked.job.state is JobState.RUNNING:
             stored = self.store.get(run_id)
-            return (stored if stored.state.terminal else tracked.job).snapshot()
-        return (
-            tracked.job if tracked is not None and tracked.job.state.terminal else self.store.get(run_id)
-        ).snapshot()
+            if stored.state.terminal:
+                return stored.snapshot()
+            lease = read_lease(self.store, run_id)
+            age = time.time() - lease.heartbeat if lease else 0.0
+            return tracked.job.snapshot(stalled_seconds=round(age, 1) if age > leases.STALE_S else None)
+        ended_here = tracked is not None and tracked.job.state.terminal
+        return (tracked.job if tracked is not None and ended_here else self.store.get(run_id)).snapshot()
 
     def list_runs(self, state: JobState | None = None, limit: int = 50) -> list[RunSnapshot]:
         return [

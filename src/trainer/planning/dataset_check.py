@@ -123,7 +123,9 @@ def _check_file(path: Path, counter: _TokenCounter) -> tuple[str | None, int]:
     return fmt, count
 
 
-def check_dataset(data: str, batch_size: int, tokenizer_file: Path | None = None) -> DatasetSummary:
+def check_dataset(
+    data: str, batch_size: int, tokenizer_file: Path | None = None, max_mb: float | None = None
+) -> DatasetSummary:
     """Read the data folder once: check every record, count examples and (with a tokenizer) the longest one."""
     folder = Path(data).expanduser()
     if not folder.is_dir():
@@ -132,6 +134,12 @@ def check_dataset(data: str, batch_size: int, tokenizer_file: Path | None = None
     if not train.is_file():
         raise ConfigError(f"data folder {data!r} has no train.jsonl; put the training examples there, one per line")
     counter = _TokenCounter(tokenizer_file)
+    size_mb = sum(path.stat().st_size for path in (train, folder / "valid.jsonl") if path.is_file()) / 1e6
+    if max_mb is not None and size_mb > max_mb:
+        raise ConfigError(
+            f"the dataset in {data!r} is {size_mb:.0f} MB, over the server's limit of {max_mb:.0f} MB "
+            "(--max-dataset-mb raises it)"
+        )
     fmt, n_train = _check_file(train, counter)
     if n_train == 0 or fmt is None:
         raise ConfigError(f"{train} is empty; it needs at least batch_size={batch_size} examples")

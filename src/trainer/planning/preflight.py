@@ -34,6 +34,8 @@ class RunDefaults(BaseModel):
     models_root: Path | None = None  # where GGUF imports go; None: the default home's models/
     runs_dir: Path | None = None  # the store's run folders, which an adapter_dir may not point into
     roots: tuple[Path, ...] | None = None  # None: any path (the CLI); else the server's allowed roots
+    max_queued: int = 100  # runs waiting at once, across every server on the home
+    max_dataset_mb: float = 2048.0  # train.jsonl and valid.jsonl together
 
     @classmethod
     def for_home(cls, home: Path, **settings: object) -> RunDefaults:
@@ -85,7 +87,7 @@ def prepare_run(config: QLoRAConfig, defaults: RunDefaults | None = None) -> Pre
             f"use at most {layers} (or -1 for all)"
         )
     data_dir = policy.check(Path(config.data), "data folder")
-    summary = check_dataset(str(data_dir), config.batch_size, model_dir / "tokenizer.json")
+    summary = check_dataset(str(data_dir), config.batch_size, model_dir / "tokenizer.json", defaults.max_dataset_mb)
     updates: dict[str, object] = {
         "model": str(model_dir),
         "data": str(data_dir),
