@@ -77,6 +77,7 @@ async def cancel_a_running_run(client: Client, model: Path, data: Path) -> None:
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     adapter = Path(cancelled.structured_content["run_dir"], "adapters", "adapters.safetensors")
     assert adapter.is_file()  # the worker saved what it had learned before it stopped
+    assert cancelled.structured_content["adapter_path"] == str(adapter.parent)  # and the run says where
 
 
 async def load_and_generate(client: Client, model: Path) -> str:
