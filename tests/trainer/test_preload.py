@@ -67,3 +67,52 @@ def test_an_openblas_core_type_older_than_the_cpu_is_named_never_overridden(
         out = preload.preload_env(env)
     assert out[preload.OPENBLAS_CORE_ENV] == "Haswell"  # the user's setting stands
     assert any("OPENBLAS_CORETYPE=Haswell" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    ("corename", "flags", "expected"),
+    [
+        ("Prescott", "avx2 fma avx512f avx512dq avx512bw avx512vl avx512cd", "SkylakeX"),  # a CPU OpenBLAS doesn't know
+        ("Haswell", "avx2 fma avx512f avx512dq avx512bw avx512vl avx512cd", "SkylakeX"),
+        ("Cooperlake", "avx2 fma avx512f avx512dq avx512bw avx512vl avx512cd", None),  # it chose well
+        ("Prescott", "avx2 fma", "Haswell"),
+        ("Zen", "avx2 fma", None),
+        ("Prescott", "sse2 sse4_2", None),  # nothing better to ask for
+    ],
+)
+def test_the_better_core_is_the_cpus_widest_vectors(corename: str, flags: str, expected: str | None) -> None:
+    from trainer.environment.blas_core import better_core
+
+    assert better_core(corename, frozenset(flags.split())) == expected
+
+
+@pytest.mark.skipif(preload.find(preload.OPENBLAS) is None, reason="OpenBLAS is not installed here")
+def test_the_probe_reads_the_kernels_openblas_really_runs() -> None:
+    from trainer.environment.blas_core import probe_corename
+
+    library = str(preload.find(preload.OPENBLAS))
+    assert probe_corename(library, "Prescott") == "Prescott"  # what a CPU unknown to OpenBLAS gets
+    assert probe_corename(library)  # and what it picks here by itself
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="preloading applies to Linux only")
+def test_generic_openblas_kernels_are_replaced_once_and_a_users_choice_is_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from trainer.environment import blas_core
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("flags\t\t: fpu avx2 fma avx512f avx512dq avx512bw avx512vl avx512cd\n")
+    blas = tmp_path / "libopenblas.so.0"
+    blas.write_bytes(b"")
+    monkeypatch.setattr(blas_core, "CPUINFO", cpuinfo)
+    monkeypatch.setattr(preload, "probe_corename", lambda library: "Prescott")  # as on a CPU newer than OpenBLAS
+    monkeypatch.setattr(preload, "_warned", set())
+    env = {preload.OPENBLAS.env: str(blas), preload.TCMALLOC.env: "off"}
+    with caplog.at_level(logging.WARNING, logger=preload.log.name):
+        first, second = preload.preload_env(dict(env)), preload.preload_env(dict(env))
+    assert first[preload.OPENBLAS_CORE_ENV] == second[preload.OPENBLAS_CORE_ENV] == "SkylakeX"
+    said = [r.getMessage() for r in caplog.records if "kernels" in r.getMessage()]
+    assert len(said) == 1 and "Prescott" in said[0] and "SkylakeX" in said[0]
+    users = preload.preload_env({**env, preload.OPENBLAS_CORE_ENV: "Prescott"})
+    assert users[preload.OPENBLAS_CORE_ENV] == "Prescott"  # the user's setting stands (and is warned about)

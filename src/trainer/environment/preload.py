@@ -22,6 +22,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from .blas_core import AVX512_FLAGS, better_core, cpu_flags, probe_corename
+
 log = logging.getLogger(__name__)
 
 
@@ -87,33 +89,19 @@ def find(lib: NativeLibrary, env: Env = os.environ) -> Path | None:
     return None
 
 
-#: A machine-wide OPENBLAS_CORETYPE (this project's machines set "Haswell") makes OpenBLAS run those kernels even on
-#: a CPU it would give faster ones: on this project's 2-core AMD Zen 4, with the variable unset OpenBLAS 0.3.21 picks
-#: its AVX-512 (SkylakeX) kernels and the SmolLM2-shape QLoRA step trains about 1.4x faster (docs/benchmarks.md). We
-#: never override it (it may be there for reproducible float results); we say what it costs, once.
+#: A machine-wide OPENBLAS_CORETYPE makes OpenBLAS run that core's kernels even on a CPU it would give faster ones
+#: (docs/benchmarks.md). We never override the user's (it may be there for reproducible float results); we say what
+#: it costs, once. Unset, and OpenBLAS picking kernels older than the CPU, we choose (choose_openblas_core).
 OPENBLAS_CORE_ENV = "OPENBLAS_CORETYPE"
 _AVX2_CORES = frozenset({"haswell", "zen", "sandybridge", "nehalem", "core2", "prescott", "atom", "barcelona"})
-_AVX512_FLAGS = frozenset({"avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512cd"})
 
 
-def _cpu_flags(cpuinfo: Path) -> frozenset[str]:
-    try:
-        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            return frozenset(value.split())
-    return frozenset()
-
-
-def openblas_core_held_back(env: Env = os.environ, cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+def openblas_core_held_back(env: Env = os.environ, cpuinfo: Path | None = None) -> bool:
     """OPENBLAS_CORETYPE names a pre-AVX-512 core on a CPU that has AVX-512 (with OpenBLAS preloaded)."""
     core = env.get(OPENBLAS_CORE_ENV, "").strip().lower()
     if core not in _AVX2_CORES or find(OPENBLAS, env) is None:
         return False
-    return _AVX512_FLAGS <= _cpu_flags(cpuinfo)
+    return AVX512_FLAGS <= cpu_flags(cpuinfo)
 
 
 def warn_if_core_held_back(env: Env = os.environ) -> None:
@@ -139,7 +127,31 @@ def preload_env(base: dict[str, str]) -> dict[str, str]:
         elif str(path) not in current:
             added.append(str(path))
     warn_if_core_held_back(base)
+    base = choose_openblas_core(base)
     return {**base, "LD_PRELOAD": ":".join([*added, *current])} if added else base
+
+
+def choose_openblas_core(env: dict[str, str]) -> dict[str, str]:
+    """Where OpenBLAS would run kernels older than this CPU's (a CPU it does not know), ask for the right ones, and
+    say so once; a core type the user set is theirs (warn_if_core_held_back speaks about it)."""
+    library = find(OPENBLAS, env)
+    if library is None or OPENBLAS_CORE_ENV in env:
+        return env
+    chosen = probe_corename(str(library))
+    better = better_core(chosen, cpu_flags()) if chosen else None
+    if better is None:
+        return env
+    if "core-choice" not in _warned:
+        _warned.add("core-choice")
+        log.warning(
+            "OpenBLAS (%s) picks its %s kernels on this CPU, older than its vector units; using %s instead (set %s "
+            "to choose yourself)",
+            library,
+            chosen,
+            better,
+            OPENBLAS_CORE_ENV,
+        )
+    return {**env, OPENBLAS_CORE_ENV: better}
 
 
 def warn_if_missing(lib: NativeLibrary, env: Env = os.environ) -> None:
@@ -153,5 +165,6 @@ def reexec_with_preloads() -> None:
     if sys.platform != "linux":
         return
     env = preload_env(dict(os.environ))
-    if env.get("LD_PRELOAD") != os.environ.get("LD_PRELOAD"):  # added only once: no exec loop
+    changed = any(env.get(name) != os.environ.get(name) for name in ("LD_PRELOAD", OPENBLAS_CORE_ENV))
+    if changed:  # the second time round nothing changes: no exec loop
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
