@@ -26,10 +26,11 @@ import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ..environment.process_env import worker_environment
-from ..errors import ConfigError, RunConflict
+from ..errors import RunConflict
 from ..planning.config import QLoRAConfig
 from ..planning.preflight import PreparedRun, RunDefaults, prepare_run
 from . import leases
+from .admission import admit
 from .cues import Cues, RunUpdate
 from .events import Event, MemorySample, TrainReport, ValReport
 from .follow import START_GRACE_S, Liveness, follow_events
@@ -186,18 +187,8 @@ class JobRunner:
         return self.enqueue(prepared)
 
     def enqueue(self, prepared: PreparedRun) -> RunSnapshot:
-        """Queue a prepared run (ConfigError if a live run already writes to its adapter_dir)."""
-        queued = self.store.count(JobState.QUEUED)
-        if queued >= self.defaults.max_queued:
-            raise ConfigError(
-                f"{queued} runs are queued already, the limit (max_queued={self.defaults.max_queued}, --max-queued); "
-                "wait for some to start or cancel some"
-            )
-        wanted = prepared.config.adapter_dir
-        if wanted and any(job.config.adapter_dir == wanted for job in self.store.live()):
-            raise ConfigError(
-                f"adapter_dir {wanted!r} is the adapter folder of a live run (queued or running); pick another"
-            )
+        """Queue a prepared run (ConfigError when the queue is full or a live run writes to its adapter_dir)."""
+        admit(self.store, prepared, self.defaults.max_queued)
         run_id = secrets.token_hex(4)
         job = Job(
             id=run_id, config=prepared.config, run_dir=str(self.store.run_dir(run_id)), iters=prepared.config.iters
