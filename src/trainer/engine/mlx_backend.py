@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from ..errors import ConfigError, Diverged
-from ..lifecycle.backend import Cancelled, Emit, adapter_dir_for
+from ..lifecycle.backend import Cancelled, Emit, adapter_dir_for, stop_if_requested, stops_at_safe_points
 from ..lifecycle.events import Checkpoint, PhaseChanged, Progress, TrainReport, ValReport
 from ..lifecycle.jobs import Phase
 from ..planning.config import QLoRAConfig
@@ -94,11 +94,14 @@ class _RunEvents:
 
         if not loop:  # a validation pass; mlx-lm stops reading it early, so no code runs after it
             self.set_phase(Phase.EVALUATING)
-            yield from iterate_batches(dataset, batch_size, max_seq_length, loop=loop, **kw)
+            for batch in iterate_batches(dataset, batch_size, max_seq_length, loop=loop, **kw):
+                stop_if_requested()
+                yield batch
             return
         self.set_phase(Phase.TRAINING)
         save_every, iters = self.config.save_every, self.config.iters
         for it, batch in enumerate(iterate_batches(dataset, batch_size, max_seq_length, loop=loop, **kw), start=1):
+            stop_if_requested()  # between steps: the model's arrays are all evaluated here
             done = it - 1
             if done and done % save_every == 0:  # mlx-lm saved this checkpoint before asking again
                 self.emit(Checkpoint(iteration=done, path=str(self.adapter_dir / f"{done:07d}_adapters.safetensors")))
@@ -197,7 +200,7 @@ class MlxTrainingBackend:
         events = _RunEvents(config, adapter_dir, emit)
         loop, extra = _training_loop(config, model)
         try:
-            with fast_activations(model):
+            with fast_activations(model), stops_at_safe_points():
                 loop(
                     model=model,
                     optimizer=optim.Adam(learning_rate=config.learning_rate),

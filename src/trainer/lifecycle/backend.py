@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
@@ -22,6 +23,43 @@ BACKEND_ENV = "TRAINER_BACKEND"
 
 class Cancelled(BaseException):
     """Raised in the worker's main thread by SIGTERM; backends may save the adapter, then must re-raise."""
+
+
+class OverBudget(Cancelled):
+    """Raised in the worker's main thread when the watchdog saw the run's memory pass its budget."""
+
+
+class _Stops:
+    """Stop requests (SIGTERM, the watchdog) waiting for a safe point: an exception raised while MLX builds or runs a
+    step can leave the model's arrays unevaluable, and then the adapter cannot be saved."""
+
+    deferred = False
+    pending: type[Cancelled] | None = None
+
+
+def request_stop(kind: type[Cancelled]) -> None:
+    """From a signal handler: stop now, or at the next safe point while a backend has asked for that."""
+    if not _Stops.deferred:
+        raise kind()
+    _Stops.pending = _Stops.pending or kind
+
+
+def stop_if_requested() -> None:
+    """A safe point (between steps): raise the pending stop, if any."""
+    kind, _Stops.pending = _Stops.pending, None
+    if kind is not None:
+        raise kind()
+
+
+@contextmanager
+def stops_at_safe_points() -> Iterator[None]:
+    """Within the block, stop requests wait for `stop_if_requested`; one still pending at its end is raised then."""
+    _Stops.deferred = True
+    try:
+        yield
+    finally:
+        _Stops.deferred = False
+    stop_if_requested()
 
 
 class TrainingBackend(Protocol):

@@ -23,7 +23,7 @@ from typing import BinaryIO
 from ..errors import ConfigError, Diverged
 from ..planning.config import QLoRAConfig
 from ..settings import DEFAULT_SAMPLE_INTERVAL_S
-from .backend import BackendEvent, Cancelled, adapter_dir_for, load_backend
+from .backend import BackendEvent, Cancelled, OverBudget, adapter_dir_for, load_backend, request_stop
 from .events import Failed, Finished, MemorySample, Started, Stopped, encode_line
 from .jobs import FailureKind
 from .leases import LeaseKeeper
@@ -50,15 +50,11 @@ class EventWriter:
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise Cancelled()
-
-
-class OverBudget(Cancelled):
-    """Raised in the main thread when the watchdog saw the run's memory pass its budget."""
+    request_stop(Cancelled)
 
 
 def _on_over_budget(signum: int, frame: FrameType | None) -> None:
-    raise OverBudget()
+    request_stop(OverBudget)
 
 
 class Watchdog:
