@@ -62,7 +62,7 @@ def test_an_openblas_core_type_older_than_the_cpu_is_named_never_overridden(
     assert not preload.openblas_core_held_back({**env, preload.OPENBLAS_CORE_ENV: "SkylakeX"}, avx512)
     assert not preload.openblas_core_held_back({preload.OPENBLAS.env: str(blas)}, avx512)
     monkeypatch.setattr(preload, "_warned", set())
-    monkeypatch.setattr(preload, "openblas_core_held_back", lambda env: True)
+    monkeypatch.setattr(preload, "openblas_core_held_back", lambda env: "SkylakeX")
     with caplog.at_level(logging.WARNING, logger=preload.log.name):
         out = preload.preload_env(env)
     assert out[preload.OPENBLAS_CORE_ENV] == "Haswell"  # the user's setting stands

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .blas_core import AVX512_FLAGS, better_core, cpu_flags, probe_corename
+from .blas_core import better_core, cpu_flags, probe_corename
 
 log = logging.getLogger(__name__)
 
@@ -93,25 +93,26 @@ def find(lib: NativeLibrary, env: Env = os.environ) -> Path | None:
 #: (docs/benchmarks.md). We never override the user's (it may be there for reproducible float results); we say what
 #: it costs, once. Unset, and OpenBLAS picking kernels older than the CPU, we choose (choose_openblas_core).
 OPENBLAS_CORE_ENV = "OPENBLAS_CORETYPE"
-_AVX2_CORES = frozenset({"haswell", "zen", "sandybridge", "nehalem", "core2", "prescott", "atom", "barcelona"})
 
 
-def openblas_core_held_back(env: Env = os.environ, cpuinfo: Path | None = None) -> bool:
-    """OPENBLAS_CORETYPE names a pre-AVX-512 core on a CPU that has AVX-512 (with OpenBLAS preloaded)."""
-    core = env.get(OPENBLAS_CORE_ENV, "").strip().lower()
-    if core not in _AVX2_CORES or find(OPENBLAS, env) is None:
-        return False
-    return AVX512_FLAGS <= cpu_flags(cpuinfo)
+def openblas_core_held_back(env: Env = os.environ, cpuinfo: Path | None = None) -> str | None:
+    """The better core for this CPU when OPENBLAS_CORETYPE names an older one (with OpenBLAS preloaded), else None."""
+    core = env.get(OPENBLAS_CORE_ENV, "").strip()
+    if not core or find(OPENBLAS, env) is None:
+        return None
+    return better_core(core, cpu_flags(cpuinfo))
 
 
 def warn_if_core_held_back(env: Env = os.environ) -> None:
-    if openblas_core_held_back(env) and OPENBLAS_CORE_ENV not in _warned:
+    better = openblas_core_held_back(env)
+    if better and OPENBLAS_CORE_ENV not in _warned:
         _warned.add(OPENBLAS_CORE_ENV)
         log.warning(
-            "%s=%s makes OpenBLAS run that core's kernels, but this CPU has AVX-512: unset it to let OpenBLAS pick "
-            "faster ones (CPU training about 1.4x faster on an AMD Zen 4)",
+            "%s=%s makes OpenBLAS run that core's kernels, but this CPU runs its %s kernels: unset it to let OpenBLAS "
+            "pick faster ones (docs/benchmarks.md)",
             OPENBLAS_CORE_ENV,
             env.get(OPENBLAS_CORE_ENV),
+            better,
         )
 
 
