@@ -129,7 +129,7 @@ def step(batch, lengths):
     return l, n
 if cfg.get("layerwise"):
     from trainer.engine.layerwise import layerwise_value_and_grad
-    functions = {}  # traced once, as train_layerwise does
+    functions = {}  # traced once, as the layerwise step does
     def step(batch, lengths):
         l, n, g = layerwise_value_and_grad(model, batch, lengths, compiled=cfg.get("lw_compiled", True),
                                            pipelined=cfg.get("lw_pipelined"), functions=functions,

@@ -7,7 +7,8 @@ TrainerError
  ├── ModelError         a model could not be loaded or used for generation
  ├── InvalidTransition  a job state change that the state machine forbids (a bug if raised)
  ├── KernelBuildError   the CPU decode kernels cannot be built here (decode falls back)
- └── Diverged           a run's loss became NaN or infinite
+ ├── Diverged           a run's loss became NaN or infinite
+ └── CheckpointWriteError  a checkpoint could not be written (disk full, read-only)
 """
 
 from __future__ import annotations
@@ -45,3 +46,8 @@ class KernelBuildError(TrainerError):
 
 class Diverged(TrainerError):
     """A run's loss became NaN or infinite; the message names the step and what to lower."""
+
+
+class CheckpointWriteError(TrainerError):
+    """A checkpoint or adapter could not be written (disk full, read-only folder); the message names the path and
+    says what was being written. The previous checkpoints are untouched."""

@@ -93,4 +93,6 @@ async def test_a_layerwise_run_trains_like_the_default_step_and_saves_its_adapte
     for lw, default in zip(val[True], val[False], strict=True):
         assert lw.val_loss == pytest.approx(default.val_loss, rel=0.02)
     adapters = Path(done[True].adapter_path or "")
-    assert (adapters / "adapters.safetensors").is_file() and (adapters / "0000015_adapters.safetensors").is_file()
+    assert (adapters / "adapters.safetensors").is_file() and Path(
+        done[True].run_dir, "checkpoints", "0000015", "manifest.json"
+    ).is_file()

@@ -40,7 +40,9 @@ async def test_qlora_run_succeeds_and_validation_loss_falls_clearly(trained) -> 
     assert train_reports[-1].iteration == 40 and train_reports[-1].tokens_per_second > 0
     assert done.metrics.first_val_loss == val_reports[0].val_loss
     adapters = Path(done.adapter_path)
-    assert (adapters / "adapters.safetensors").is_file() and (adapters / "0000020_adapters.safetensors").is_file()
+    assert (adapters / "adapters.safetensors").is_file() and (
+        Path(done.run_dir, "checkpoints", "0000020", "manifest.json")
+    ).is_file()
 
 
 async def test_memory_was_sampled_at_the_configured_rate(trained) -> None:  # type: ignore[no-untyped-def]

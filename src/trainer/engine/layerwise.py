@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -248,76 +247,3 @@ def layerwise_value_and_grad(
     queue.submit(loss, grad_h)
     grads = blocks.backward(kept, grad_h, queue)
     return loss, ntoks, tree_unflatten(grads)
-
-
-def train_layerwise(
-    model: Any,
-    optimizer: Any,
-    train_dataset: Any,
-    val_dataset: Any | None,
-    args: Any,
-    iterate_batches: Any,
-    training_callback: Any,
-    ce: CrossEntropy = cross_entropy,
-) -> None:
-    """MLX-LM's training loop semantics (its batching, evaluation, report dicts and adapter files) around the
-    layerwise step. Used instead of `mlx_lm.tuner.trainer.train`, whose step is one compiled graph."""
-    import time
-
-    from mlx_lm.tuner.trainer import evaluate
-
-    from .losses import make_chunked_loss
-
-    adapter_file = Path(args.adapter_file)
-
-    def save(path: Path) -> None:
-        mx.save_safetensors(str(path), dict(tree_flatten(model.trainable_parameters())))
-
-    model.train()
-    functions: dict[Any, Any] = {}  # the compiled block functions, traced once for the whole run
-    losses, n_tokens, steps, trained_tokens, train_time = 0.0, 0, 0, 0, 0.0
-    batches = iterate_batches(
-        dataset=train_dataset, batch_size=args.batch_size, max_seq_length=args.max_seq_length, loop=True
-    )
-    for it, batch in zip(range(1, args.iters + 1), batches, strict=False):
-        tic = time.perf_counter()
-        if val_dataset is not None and (it == 1 or it % args.steps_per_eval == 0 or it == args.iters):
-            val_loss = evaluate(
-                model=model,
-                dataset=val_dataset,
-                batch_size=args.batch_size,
-                num_batches=args.val_batches,
-                max_seq_length=args.max_seq_length,
-                loss=make_chunked_loss(LOSS_CHUNK_TOKENS, ce=ce),
-                iterate_batches=iterate_batches,
-            )
-            model.train()
-            training_callback.on_val_loss_report(
-                {"iteration": it - 1, "val_loss": val_loss, "val_time": time.perf_counter() - tic}
-            )
-            tic = time.perf_counter()
-        loss, toks, grads = layerwise_value_and_grad(model, batch[0], batch[1], functions=functions, ce=ce)
-        optimizer.update(model, grads)
-        mx.eval(model.trainable_parameters(), optimizer.state)
-        losses += float(loss.item())  # type: ignore[arg-type]
-        n_tokens += int(toks.item())  # type: ignore[arg-type]
-        steps += 1
-        train_time += time.perf_counter() - tic
-        if it % args.steps_per_report == 0 or it == args.iters:
-            trained_tokens += n_tokens
-            training_callback.on_train_loss_report(
-                {
-                    "iteration": it,
-                    "train_loss": losses / steps,
-                    "learning_rate": optimizer.learning_rate.item(),
-                    "iterations_per_second": steps / train_time,
-                    "tokens_per_second": n_tokens / train_time,
-                    "trained_tokens": trained_tokens,
-                    "peak_memory": mx.get_peak_memory() / 1e9,
-                }
-            )
-            losses, n_tokens, steps, train_time = 0.0, 0, 0, 0.0
-        if it % args.steps_per_save == 0:
-            save(adapter_file)
-            save(adapter_file.parent / f"{it:07d}_adapters.safetensors")
-    save(adapter_file)

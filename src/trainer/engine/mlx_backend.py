@@ -1,4 +1,5 @@
-"""Real QLoRA training with MLX-LM's own tuner (`mlx_lm.tuner`): its datasets, LoRA layers and `train` loop."""
+"""Real QLoRA training with MLX-LM's tuner (its datasets, LoRA layers, step and evaluation) in a loop that resumes
+exactly from crash-safe checkpoints (loop.py)."""
 
 from __future__ import annotations
 
@@ -6,15 +7,25 @@ import logging
 import math
 import time
 import types
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
 from ..errors import ConfigError, Diverged
 from ..lifecycle.backend import Cancelled, Emit, adapter_dir_for, stop_if_requested, stops_at_safe_points
-from ..lifecycle.events import Checkpoint, PhaseChanged, Progress, TrainReport, ValReport
+from ..lifecycle.checkpoints import (
+    checkpoints_dir,
+    clean_staging,
+    config_hash,
+    data_hash,
+    newest_verified,
+    write_checkpoint,
+)
+from ..lifecycle.events import Checkpoint, PhaseChanged, Progress, Resumed, TrainReport, ValReport
 from ..lifecycle.jobs import Phase
 from ..planning.config import QLoRAConfig
+from .batches import batches_per_epoch, data_position
+from .loop import Loss, Step, fused_step, layerwise_step, train_steps
+from .run_state import ADAPTERS, LoopState, adapter_weights, read_state, save_adapter, write_state
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 0.25
@@ -56,60 +67,77 @@ def adapter_config(config: QLoRAConfig, num_layers: int) -> dict[str, Any]:
 
 
 class _RunEvents:
-    """Phase, progress and checkpoint events around mlx-lm's loop, which has no hooks but its batch iterator and
-    its report callback."""
+    """The loop's hooks: phase, progress, report and checkpoint events, stops at safe points, crash-safe saves."""
 
-    def __init__(self, config: QLoRAConfig, adapter_dir: Path, emit: Emit) -> None:
+    def __init__(
+        self, config: QLoRAConfig, run_dir: Path, adapter_dir: Path, emit: Emit, model: Any, optimizer: Any
+    ) -> None:
         self.config, self.adapter_dir, self.emit = config, adapter_dir, emit
+        self.model, self.optimizer = model, optimizer
+        self.checkpoints = checkpoints_dir(run_dir)
         self.phase = Phase.LOADING_DATA
         self.last_progress = 0.0
+        self.done = LoopState()
+        self.saved_step = 0
+        self.per_epoch = 1
+        self.hashes = ("", "")
 
     def set_phase(self, new: Phase) -> None:
         if new is not self.phase:
             self.phase = new
             self.emit(PhaseChanged(phase=new))
 
-    def callback(self) -> Any:
-        from mlx_lm.tuner.callbacks import TrainingCallback
-
-        events = self
-
-        class Reporter(TrainingCallback):  # type: ignore[misc]
-            def on_train_loss_report(self, train_info: dict[str, Any]) -> None:
-                _check_finite("train", train_info["train_loss"], train_info["iteration"], events.config)
-                events.emit(TrainReport(**train_info))
-
-            def on_val_loss_report(self, val_info: dict[str, Any]) -> None:
-                _check_finite("validation", val_info["val_loss"], val_info["iteration"], events.config)
-                events.emit(ValReport(**val_info))
-                events.set_phase(Phase.TRAINING)  # mlx-lm reports right after the validation pass ends
-
-        return Reporter()
-
-    def batches(
-        self, dataset: Any, batch_size: int, max_seq_length: int, loop: bool = False, **kw: Any
-    ) -> Iterator[Any]:
-        """mlx-lm's own batching, plus phase, progress and checkpoint events."""
-        from mlx_lm.tuner.trainer import iterate_batches
-
-        if not loop:  # a validation pass; mlx-lm stops reading it early, so no code runs after it
-            self.set_phase(Phase.EVALUATING)
-            for batch in iterate_batches(dataset, batch_size, max_seq_length, loop=loop, **kw):
-                stop_if_requested()
-                yield batch
-            return
+    def before_step(self, step: int) -> None:
+        stop_if_requested()  # between steps: the model's arrays are all evaluated here
         self.set_phase(Phase.TRAINING)
-        save_every, iters = self.config.save_every, self.config.iters
-        for it, batch in enumerate(iterate_batches(dataset, batch_size, max_seq_length, loop=loop, **kw), start=1):
-            stop_if_requested()  # between steps: the model's arrays are all evaluated here
-            done = it - 1
-            if done and done % save_every == 0:  # mlx-lm saved this checkpoint before asking again
-                self.emit(Checkpoint(iteration=done, path=str(self.adapter_dir / f"{done:07d}_adapters.safetensors")))
-            now = time.monotonic()
-            if it == 1 or now - self.last_progress >= PROGRESS_EVERY_S:
-                self.last_progress = now
-                self.emit(Progress(iteration=it, iters=iters))
-            yield batch
+        now = time.monotonic()
+        if not self.last_progress or now - self.last_progress >= PROGRESS_EVERY_S:
+            self.last_progress = now
+            self.emit(Progress(iteration=step, iters=self.config.iters))
+
+    def after_step(self, done: LoopState) -> None:
+        self.done = done
+
+    def safe_point(self) -> None:
+        stop_if_requested()
+
+    def evaluating(self) -> None:
+        self.set_phase(Phase.EVALUATING)
+
+    def val_report(self, info: dict[str, Any]) -> None:
+        _check_finite("validation", info["val_loss"], info["iteration"], self.config)
+        self.emit(ValReport(**info))
+        self.set_phase(Phase.TRAINING)
+
+    def train_report(self, info: dict[str, Any]) -> None:
+        _check_finite("train", info["train_loss"], info["iteration"], self.config)
+        self.emit(TrainReport(**info))
+
+    def save(self, done: LoopState) -> None:
+        """A checkpoint to resume from, and the adapter file as of it (both written crash-safely)."""
+        import mlx.core as mx
+
+        weights = adapter_weights(self.model)
+        if not all(bool(mx.all(mx.isfinite(w)).item()) for w in weights.values()):
+            raise Diverged(f"the adapter's weights became NaN or infinite by step {done.step}; not saving them")
+        position = data_position(done.step, self.per_epoch)
+        config_hash, data_hash = self.hashes
+        folder = write_checkpoint(
+            self.checkpoints,
+            done.step,
+            lambda staging: write_state(staging, self.model, self.optimizer, done, position),
+            config_hash=config_hash,
+            data_hash=data_hash,
+        )
+        save_adapter(self.model, self.adapter_dir / ADAPTERS)
+        self.saved_step = done.step
+        self.emit(Checkpoint(iteration=done.step, path=str(folder), adapter_dir=str(self.adapter_dir)))
+
+    def save_on_stop(self) -> None:
+        """A stop (cancel, the watchdog) keeps everything learned: a checkpoint of the last finished step."""
+        if self.done.step > self.saved_step:
+            self.save(self.done)
+            log.info("stopped: checkpoint %d saved", self.done.step)
 
 
 def _check_finite(which: str, loss: float, iteration: int, config: QLoRAConfig) -> None:
@@ -120,37 +148,22 @@ def _check_finite(which: str, loss: float, iteration: int, config: QLoRAConfig) 
         )
 
 
-def _training_args(config: QLoRAConfig, adapter_file: Path) -> Any:
-    from mlx_lm.tuner.trainer import TrainingArgs
-
-    return TrainingArgs(
-        batch_size=config.batch_size,
-        iters=config.iters,
-        val_batches=config.val_batches,
-        steps_per_report=config.steps_per_report,
-        steps_per_eval=config.steps_per_eval,
-        steps_per_save=config.save_every,
-        adapter_file=str(adapter_file),
-        max_seq_length=config.max_seq_length,
-        grad_checkpoint=config.grad_checkpoint,
-    )
-
-
-def _training_loop(config: QLoRAConfig, model: Any) -> tuple[Any, dict[str, Any]]:
-    """mlx-lm's `train` with our loss, or the layerwise loop; and the extra arguments it takes."""
-    from mlx_lm.tuner.trainer import train
-
+def _step_and_eval_loss(config: QLoRAConfig, model: Any, optimizer: Any) -> tuple[Step, Loss]:
+    """The run's training step (MLX-LM's compiled step with our loss, or the layerwise step) and its validation loss.
+    Built after a checkpoint's optimizer state is loaded: the compiled step captures that state."""
     from ..planning.device import fast_path_on
-    from .losses import cross_entropy_for, training_loss
+    from .losses import cross_entropy_for, make_chunked_loss, training_loss
 
     fast = fast_path_on(config.fast_path)
     if not config.layerwise:
-        return train, {"loss": training_loss(fast, config.chunked_loss)}
-    from .layerwise import supports_layerwise, train_layerwise
+        loss = training_loss(fast, config.chunked_loss)
+        return fused_step(model, optimizer, loss, config.grad_checkpoint), loss
+    from .layerwise import LOSS_CHUNK_TOKENS, supports_layerwise
 
     if not supports_layerwise(model):
         raise ConfigError(f"layerwise=true is not supported for {type(model).__module__}; set it to false")
-    return train_layerwise, {"ce": cross_entropy_for(fast)}
+    ce = cross_entropy_for(fast)
+    return layerwise_step(model, optimizer, ce), make_chunked_loss(LOSS_CHUNK_TOKENS, ce=ce)
 
 
 def _add_lora(config: QLoRAConfig, model: Any) -> int:
@@ -176,17 +189,15 @@ class MlxTrainingBackend:
         return str(mx.default_device())
 
     def train(self, config: QLoRAConfig, run_dir: Path, emit: Emit) -> Path:
+        """Train, continuing from the run's newest checkpoint that verifies, if it has one (a resumed run)."""
         import mlx.core as mx
         import mlx.optimizers as optim
-        import numpy as np
-        from mlx.utils import tree_flatten
         from mlx_lm.tuner.datasets import CacheDataset, load_local_dataset
-        from mlx_lm.utils import save_config
+        from mlx_lm.utils import maybe_set_recommended_wired_limit, save_config
 
         from .patches import fast_activations
 
         mx.random.seed(config.seed)
-        np.random.seed(config.seed)  # mlx-lm shuffles batches with numpy
         emit(PhaseChanged(phase=Phase.LOADING_MODEL))
         model, tokenizer, _ = load_for_training(config)
         emit(PhaseChanged(phase=Phase.LOADING_DATA))
@@ -196,25 +207,35 @@ class MlxTrainingBackend:
         adapter_dir = adapter_dir_for(config, run_dir)
         adapter_dir.mkdir(parents=True, exist_ok=True)
         save_config(adapter_config(config, num_layers), adapter_dir / "adapter_config.json")
-        adapter_file = adapter_dir / "adapters.safetensors"
-        events = _RunEvents(config, adapter_dir, emit)
-        loop, extra = _training_loop(config, model)
+        optimizer = optim.Adam(learning_rate=config.learning_rate)
+        events = _RunEvents(config, run_dir, adapter_dir, emit, model, optimizer)
+        events.per_epoch = max(1, batches_per_epoch(train_set, config.batch_size))
+        events.hashes = (config_hash(config), data_hash(Path(config.data)))
+        if clean_staging(events.checkpoints):
+            log.info("removed a checkpoint a crash left half-written")
+        resume_from = newest_verified(events.checkpoints)
+        if resume_from is not None:
+            events.done = read_state(resume_from.path, model, optimizer)
+            events.saved_step = events.done.step
+            emit(Resumed(iteration=events.done.step, path=str(resume_from.path)))
+        step, val_loss = _step_and_eval_loss(config, model, optimizer)
+        maybe_set_recommended_wired_limit()
         try:
             with fast_activations(model), stops_at_safe_points():
-                loop(
-                    model=model,
-                    optimizer=optim.Adam(learning_rate=config.learning_rate),
-                    train_dataset=CacheDataset(train_set),
-                    val_dataset=CacheDataset(valid_set) if len(valid_set) else None,
-                    args=_training_args(config, adapter_file),
-                    iterate_batches=events.batches,
-                    training_callback=events.callback(),
-                    **extra,
+                train_steps(
+                    model,
+                    optimizer,
+                    CacheDataset(train_set),
+                    CacheDataset(valid_set) if len(valid_set) else None,
+                    config,
+                    step,
+                    val_loss,
+                    events,
+                    events.done,
                 )
         except Cancelled:
-            # keep what was learned: the adapter as of the last finished step, loadable like a final one
-            mx.save_safetensors(str(adapter_file), dict(tree_flatten(model.trainable_parameters())))
-            log.info("cancelled: adapter saved to %s", adapter_file)
+            events.save_on_stop()
             raise
-        emit(PhaseChanged(phase=Phase.SAVING))
+        events.set_phase(Phase.SAVING)
+        save_adapter(model, adapter_dir / ADAPTERS)
         return adapter_dir

@@ -11,10 +11,10 @@ from typing import Protocol
 
 from ..errors import ConfigError
 from ..planning.config import QLoRAConfig
-from .events import Checkpoint, Failed, PhaseChanged, Progress, TrainReport, ValReport
+from .events import Checkpoint, Failed, PhaseChanged, Progress, Resumed, TrainReport, ValReport
 
 #: what a backend may emit; the worker stamps seq/ts and writes it to the event channel
-BackendEvent = PhaseChanged | Progress | TrainReport | ValReport | Checkpoint | Failed
+BackendEvent = PhaseChanged | Progress | TrainReport | ValReport | Checkpoint | Resumed | Failed
 Emit = Callable[[BackendEvent], None]
 
 DEFAULT_BACKEND = "trainer.engine.mlx_backend:MlxTrainingBackend"

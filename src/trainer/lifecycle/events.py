@@ -16,9 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from .jobs import FailureKind, Phase
 
 log = logging.getLogger(__name__)
-WIRE_VERSION = 2  # 2: `stopped`; workers write events.jsonl themselves
+WIRE_VERSION = 3  # 2: `stopped`; workers write events.jsonl themselves. 3: `resumed`, attempts
 #: older versions whose events this one still reads (a subset of it), for runs recorded before an upgrade
-READABLE_VERSIONS = frozenset({1, 2})
+READABLE_VERSIONS = frozenset({1, 2, 3})
 
 
 class _Event(BaseModel):
@@ -34,6 +34,15 @@ class Started(_Event):
     pid: int
     backend: str
     device: str = ""
+    attempt: int = 1  # a resumed run's worker is its next attempt; its events follow the previous one's
+
+
+class Resumed(_Event):
+    """The worker continues from a checkpoint: steps after `iteration` are trained (again)."""
+
+    type: Literal["resumed"] = "resumed"
+    iteration: int
+    path: str
 
 
 class PhaseChanged(_Event):
@@ -80,9 +89,12 @@ class MemorySample(_Event):
 
 
 class Checkpoint(_Event):
+    """A checkpoint folder the run can resume from; the adapter in `adapter_dir` is as of it."""
+
     type: Literal["checkpoint"] = "checkpoint"
     iteration: int
     path: str
+    adapter_dir: str | None = None
 
 
 class Finished(_Event):
@@ -107,6 +119,7 @@ class Stopped(_Event):
 
 Event = Annotated[
     Started
+    | Resumed
     | PhaseChanged
     | Progress
     | TrainReport

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import anyio
 
-from .events import Event, EventReader, Failed, Finished, Stopped
+from .events import Event, EventReader, Failed, Finished, Started, Stopped
 from .leases import Lease
 from .process import EventTail
 
@@ -49,12 +49,14 @@ class Liveness:
 
 
 async def follow_events(
-    run_id: str, events_path: Path, liveness: Liveness, apply: Callable[[Event], None]
+    run_id: str, events_path: Path, liveness: Liveness, apply: Callable[[Event], None], attempt: int = 1
 ) -> Event | None:
-    """Apply each event of the run as it is written, until the worker is gone; returns its last Finished, Failed
-    or Stopped event (None if it ended without one)."""
+    """Apply each event of the run as it is written, until the worker of `attempt` is gone; returns that worker's
+    last Finished, Failed or Stopped event (None if it ended without one). A resumed run's events.jsonl holds every
+    attempt's events in turn; the earlier attempts' ends are history, not this worker's."""
     tail, reader = EventTail(events_path), EventReader()
     last: Event | None = None
+    current = 1
     while True:
         ended = liveness.gone(last is not None)  # looked at before reading, so the final read sees everything it wrote
         for line in tail.read():
@@ -63,7 +65,9 @@ async def follow_events(
             except ValueError as exc:
                 log.warning("run %s: ignoring an event line (%s): %r", run_id, exc, line[:200])
                 continue
-            if isinstance(event, Finished | Failed | Stopped):
+            if isinstance(event, Started):
+                current, last = event.attempt, None
+            elif isinstance(event, Finished | Failed | Stopped) and current == attempt:
                 last = event
             apply(event)
         if ended:

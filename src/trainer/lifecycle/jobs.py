@@ -39,8 +39,9 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.QUEUED: frozenset({JobState.RUNNING, JobState.CANCELLED, JobState.FAILED}),
     JobState.RUNNING: frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED}),
     JobState.SUCCEEDED: frozenset(),
-    JobState.FAILED: frozenset(),
-    JobState.CANCELLED: frozenset(),
+    # resume_run: the run's next attempt, from its newest checkpoint
+    JobState.FAILED: frozenset({JobState.QUEUED}),
+    JobState.CANCELLED: frozenset({JobState.QUEUED}),
 }
 
 
@@ -53,6 +54,8 @@ class FailureKind(StrEnum):
     MEMORY_BUDGET = "memory_budget"
     #: the loss became NaN or infinite (a learning rate or scale too large for the model)
     DIVERGED = "diverged"
+    #: a checkpoint or the adapter could not be written (disk full, read-only folder); earlier checkpoints are intact
+    STORAGE = "storage"
     #: the worker raised an unexpected error and reported it
     BACKEND = "backend"
     #: the worker died (signal or non-zero exit) without reporting why
@@ -116,12 +119,15 @@ class RunSnapshot(BaseModel):
     run_dir: str
     error: JobError | None
     config: QLoRAConfig
+    attempt: int = 1  # 2 and on: resumed (resume_run) from a checkpoint of the attempt before
 
     def summary(self) -> str:
         """One line a person (or a model that reads only text) can follow a run by."""
         m = self.metrics
         phase = f" ({self.phase.value})" if self.phase and not self.state.terminal else ""
         parts = [f"run {self.id}: {self.state.value}{phase}", f"iteration {self.iteration}/{self.iters}"]
+        if self.attempt > 1:
+            parts.append(f"attempt {self.attempt}")
         if m.last_train_loss is not None:
             parts.append(f"train loss {m.last_train_loss:.3f}")
         if m.last_val_loss is not None:
@@ -159,12 +165,16 @@ class Job:
     adapter_path: str | None = None
     error: JobError | None = None
     metrics: RunMetrics = field(default_factory=lambda: RunMetrics())
+    attempt: int = 1
 
     def transition(self, to: JobState, *, error: JobError | None = None) -> None:
         if to not in TRANSITIONS[self.state]:
             raise InvalidTransition(f"run {self.id}: cannot go from {self.state} to {to}")
         now = time.time()
         self.state = to
+        if to is JobState.QUEUED:  # resumed: a new attempt, with nothing of the last one's end
+            self.attempt += 1
+            self.started_at = self.ended_at = self.pid = self.error = self.phase = None
         if to is JobState.RUNNING:
             self.started_at = now
         if to.terminal:
@@ -199,4 +209,5 @@ class Job:
             run_dir=self.run_dir,
             error=self.error,
             config=self.config,
+            attempt=self.attempt,
         )

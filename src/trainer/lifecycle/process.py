@@ -38,12 +38,12 @@ class WorkerProcess:
         self._log_file = log_file
 
     @classmethod
-    async def start(cls, run_dir: Path, db_path: Path, env: Mapping[str, str]) -> WorkerProcess:
+    async def start(cls, run_dir: Path, db_path: Path, env: Mapping[str, str], attempt: int = 1) -> WorkerProcess:
         # a local file opened once per run: not worth a thread hop
         log_file = open(run_dir / "worker.log", "ab")  # noqa: ASYNC230, SIM115
         try:
             process = await anyio.open_process(
-                [sys.executable, "-m", WORKER_MODULE, str(run_dir), "--db", str(db_path)],
+                [sys.executable, "-m", WORKER_MODULE, str(run_dir), "--db", str(db_path), "--attempt", str(attempt)],
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=log_file,

@@ -24,6 +24,12 @@ def read_events(run_dir: Path) -> list[Event]:
     return events
 
 
+def last_seq(run_dir: Path) -> int:
+    """The highest `seq` in the run's events.jsonl (0 when none): a resumed run's next worker continues after it."""
+    events = read_events(run_dir)
+    return max((event.seq for event in events), default=0)
+
+
 def stderr_tail(run_dir: Path, lines: int = TAIL_LINES) -> str:
     path = run_dir / "worker.log"
     if not path.exists():

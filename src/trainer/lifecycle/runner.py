@@ -26,7 +26,7 @@ import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ..environment.process_env import worker_environment
-from ..errors import RunConflict
+from ..errors import ConfigError, RunConflict
 from ..planning.config import QLoRAConfig
 from ..planning.preflight import PreparedRun, RunDefaults, prepare_run
 from . import leases
@@ -38,6 +38,7 @@ from .jobs import FailureKind, Job, JobError, JobState, RunSnapshot
 from .leases import SchedulerElection, process_started, read_lease
 from .memory import WorkerMemory, workers_memory
 from .process import WorkerProcess, signal_group, stop_group
+from .resume import ResumePlan, plan_resume
 from .run_log import read_events, stderr_tail
 from .store import RunStore
 from .tracking import Ending, RunAspect, RunHistory, apply_event, final_outcome, last_checkpoint
@@ -137,6 +138,9 @@ class JobRunner:
             tracked = self._tracked.get(run_id)
             if tracked is None:
                 tracked = self._track(stored)
+            elif tracked.job.state.terminal and stored.attempt > tracked.job.attempt:  # resumed by another runner
+                self._tracked[run_id] = tracked = _Tracked(stored)
+                self._touch(tracked, _STATUS)
             elif tracked.job.state is JobState.QUEUED and stored.state is not JobState.QUEUED:
                 tracked.job = stored  # another runner started it
                 self._touch(tracked, _STATUS)
@@ -166,7 +170,7 @@ class JobRunner:
         if never_started or (lease is not None and not lease.alive()):
             message = (
                 f"the worker of this run is gone and no server saw it end (at iteration {job.iteration}); "
-                f"{last_checkpoint(job)}; start a new run to continue"
+                f"{last_checkpoint(job)}"
             )
             self._finish(tracked, JobState.FAILED, JobError(kind=FailureKind.ORPHANED, message=message))
             return
@@ -198,6 +202,29 @@ class JobRunner:
         self._track(job)
         self._wake.set()
         return job.snapshot()
+
+    async def resume(self, run_id: str, force: bool = False) -> tuple[RunSnapshot, ResumePlan]:
+        """Queue a run that ended (failed or cancelled) again, as its next attempt, to continue from its newest
+        checkpoint that verifies. RunConflict for a run that is live or succeeded; ConfigError when its data or model
+        changed since that checkpoint (unless `force`) or the queue is full."""
+        plan = await anyio.to_thread.run_sync(plan_resume, self._tracker(run_id).job, force)
+        queued = self.store.count(JobState.QUEUED)
+        if queued >= self.defaults.max_queued:
+            raise ConfigError(
+                f"{queued} runs are queued already, the limit (max_queued={self.defaults.max_queued}, --max-queued)"
+            )
+        job = self.store.get(run_id)
+        before = job.state
+        job.transition(JobState.QUEUED)
+        job.iteration = plan.step
+        if not self.store.requeue(job, if_state=before):
+            raise RunConflict(f"run {run_id} changed while it was being resumed (resumed elsewhere?); see run_status")
+        self._rebuilt.pop(run_id, None)
+        tracked = self._tracked[run_id] = _Tracked(job)
+        self._touch(tracked, _STATUS)
+        self._wake.set()
+        log.info("%s (attempt %d)", plan.describe(), job.attempt)
+        return job.snapshot(), plan
 
     def get(self, run_id: str) -> RunSnapshot:
         """The run as this runner sees it, or as the store records it where that is further along (another runner
@@ -340,7 +367,10 @@ class JobRunner:
         job = tracked.job
         try:
             worker = await WorkerProcess.start(
-                Path(job.run_dir), self.store.db_path, worker_environment(self.worker_env, self.store.root)
+                Path(job.run_dir),
+                self.store.db_path,
+                worker_environment(self.worker_env, self.store.root),
+                attempt=job.attempt,
             )
         except OSError as exc:  # the worker could not be started at all
             log.exception("run %s: could not start its worker", job.id)
@@ -377,7 +407,7 @@ class JobRunner:
             if aspects:
                 self._touch(tracked, aspects)
 
-        last = await follow_events(job.id, run_dir / "events.jsonl", liveness, apply)
+        last = await follow_events(job.id, run_dir / "events.jsonl", liveness, apply, attempt=job.attempt)
         cancelled = tracked.cancel_requested or self.store.cancel_requested(job.id)
         ending = Ending(last, liveness.exit_code, cancelled, tracked.shutting_down, stderr_tail(run_dir))
         state, error = final_outcome(tracked.job, ending)

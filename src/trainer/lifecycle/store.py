@@ -4,7 +4,8 @@ runs/<id>/config.json    the accepted config, as the worker reads it
 runs/<id>/prepared.json  what the checks found: the dataset summary and the memory prediction
 runs/<id>/events.jsonl   every event the worker sent, append-only
 runs/<id>/worker.log     the worker's stdout and stderr (MLX-LM's own prints land here)
-runs/<id>/adapters/      adapter_config.json, adapters.safetensors and checkpoints
+runs/<id>/adapters/      adapter_config.json and adapters.safetensors (as of the last checkpoint, then final)
+runs/<id>/checkpoints/   crash-safe checkpoints a run resumes from (checkpoints.py)
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ CREATE TABLE IF NOT EXISTS runs (
     adapter_path TEXT,
     metrics TEXT NOT NULL DEFAULT '{}',
     error TEXT,
-    cancel_requested INTEGER NOT NULL DEFAULT 0
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    attempt INTEGER NOT NULL DEFAULT 1
 );
 CREATE INDEX IF NOT EXISTS runs_by_created ON runs (created_at);
 CREATE TABLE IF NOT EXISTS leases (
@@ -55,7 +57,7 @@ CREATE TABLE IF NOT EXISTS scheduler (
 
 _COLUMNS = (
     "id, state, phase, config, run_dir, iters, iteration, created_at, started_at, ended_at, pid, adapter_path, "
-    "metrics, error"
+    "metrics, error, attempt"
 )
 
 
@@ -72,6 +74,8 @@ class RunStore:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(runs)")}
         if "cancel_requested" not in columns:  # a home from before runs outlived their server
             self._db.execute("ALTER TABLE runs ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0")
+        if "attempt" not in columns:  # a home from before runs could be resumed
+            self._db.execute("ALTER TABLE runs ADD COLUMN attempt INTEGER NOT NULL DEFAULT 1")
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -106,7 +110,7 @@ class RunStore:
             if prepared_json is not None:
                 (folder / "prepared.json").write_text(prepared_json, encoding="utf-8")
             with self._transaction() as db:
-                db.execute(f"INSERT INTO runs ({_COLUMNS}) VALUES ({', '.join('?' * 14)})", _row(job))
+                db.execute(f"INSERT INTO runs ({_COLUMNS}) VALUES ({', '.join('?' * 15)})", _row(job))
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
@@ -136,6 +140,20 @@ class RunStore:
             values += (if_state.value,)
         with self._transaction() as db:
             return db.execute(query, values).rowcount == 1
+
+    def requeue(self, job: Job, *, if_state: JobState) -> bool:
+        """Record a resumed run (`job` already moved to queued, its next attempt) if it is still in `if_state`; its
+        last cancel request is forgotten. Returns whether it was written."""
+        row = _row(job)
+        with self._transaction() as db:
+            return (
+                db.execute(
+                    "UPDATE runs SET state=?, phase=NULL, started_at=NULL, ended_at=NULL, pid=NULL, error=NULL, "
+                    "iteration=?, attempt=?, cancel_requested=0 WHERE id=? AND state=?",
+                    (row[1], job.iteration, job.attempt, job.id, if_state.value),
+                ).rowcount
+                == 1
+            )
 
     def claim_next(self, max_running: int) -> Job | None:
         """The oldest queued run, marked running, if fewer than `max_running` runs are running (across every server on
@@ -221,11 +239,28 @@ def _row(job: Job) -> tuple[object, ...]:
         job.adapter_path,
         job.metrics.model_dump_json(),
         job.error.model_dump_json() if job.error else None,
+        job.attempt,
     )
 
 
 def _job(row: tuple[object, ...]) -> Job:
-    (id_, state, phase, config, run_dir, iters, iteration, created, started, ended, pid, adapter, metrics, error) = row
+    (
+        id_,
+        state,
+        phase,
+        config,
+        run_dir,
+        iters,
+        iteration,
+        created,
+        started,
+        ended,
+        pid,
+        adapter,
+        metrics,
+        error,
+        attempt,
+    ) = row
     return Job(
         id=str(id_),
         config=QLoRAConfig.model_validate_json(str(config)),
@@ -241,4 +276,5 @@ def _job(row: tuple[object, ...]) -> Job:
         adapter_path=str(adapter) if adapter is not None else None,
         metrics=RunMetrics.model_validate_json(str(metrics)),
         error=JobError.model_validate_json(str(error)) if error else None,
+        attempt=int(str(attempt)),
     )

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
+from .checkpoints import checkpoints_dir
 from .events import (
     Checkpoint,
     Event,
@@ -21,6 +22,7 @@ from .events import (
     MemorySample,
     PhaseChanged,
     Progress,
+    Resumed,
     Stopped,
     TrainReport,
     ValReport,
@@ -83,7 +85,12 @@ def apply_event(job: Job, history: RunHistory, event: Event) -> frozenset[RunAsp
     elif isinstance(event, Failed | Stopped):
         job.adapter_path = event.adapter_path or job.adapter_path
     elif isinstance(event, Checkpoint):
-        job.adapter_path = str(Path(event.path).parent)
+        job.adapter_path = event.adapter_dir or str(Path(event.path).parent)
+    elif isinstance(event, Resumed):  # steps after the checkpoint are trained again: their old reports are void
+        job.iteration = event.iteration
+        history.train_reports[:] = [r for r in history.train_reports if r.iteration <= event.iteration]
+        history.val_reports[:] = [r for r in history.val_reports if r.iteration < event.iteration]
+        return _METRICS
     elif isinstance(event, Finished):
         job.adapter_path = event.adapter_path
     else:  # Started: nothing a reader of the run sees changes
@@ -145,11 +152,11 @@ def crash_error(exit_code: int | None, run_dir: Path, stderr_tail: str) -> JobEr
 
 
 def last_checkpoint(job: Job) -> str:
-    """Where the run's newest saved adapter is, in words for an error message."""
-    folder = Path(job.config.adapter_dir or Path(job.run_dir) / "adapters")
-    numbered = sorted(folder.glob("[0-9]" * 7 + "_adapters.safetensors"))
+    """Where the run's newest checkpoint is, in words for an error message (resume_run verifies it)."""
+    numbered = sorted(checkpoints_dir(Path(job.run_dir)).glob("[0-9]" * 7))
     if numbered:
-        return f"its last checkpoint is {numbered[-1]}"
+        return f"its last checkpoint is {numbered[-1]} (step {int(numbered[-1].name)}); resume_run continues from it"
+    folder = Path(job.config.adapter_dir or Path(job.run_dir) / "adapters")
     if (folder / "adapters.safetensors").is_file():
         return f"its last adapter is in {folder}"
-    return "it saved no checkpoint"
+    return "it saved no checkpoint (resume_run starts it again from step 0)"

@@ -20,7 +20,7 @@ from pathlib import Path
 from types import FrameType
 from typing import BinaryIO
 
-from ..errors import ConfigError, Diverged
+from ..errors import CheckpointWriteError, ConfigError, Diverged
 from ..planning.config import QLoRAConfig
 from ..settings import DEFAULT_SAMPLE_INTERVAL_S
 from .backend import BackendEvent, Cancelled, OverBudget, adapter_dir_for, load_backend, request_stop
@@ -28,6 +28,7 @@ from .events import Failed, Finished, MemorySample, Started, Stopped, encode_lin
 from .jobs import FailureKind
 from .leases import LeaseKeeper
 from .memory import MemorySampler
+from .run_log import last_seq
 
 log = logging.getLogger(__name__)
 EXIT_FAILED = 1
@@ -37,10 +38,10 @@ EXIT_CANCELLED = 128 + signal.SIGTERM
 class EventWriter:
     """Thread-safe, strictly increasing `seq`, one line per write (the sampler thread writes too)."""
 
-    def __init__(self, channel: BinaryIO) -> None:
+    def __init__(self, channel: BinaryIO, after_seq: int = 0) -> None:
         self._channel = channel
         self._lock = threading.Lock()
-        self._seq = 0
+        self._seq = after_seq  # a resumed run's worker continues its events.jsonl after the last attempt's
 
     def __call__(self, event: BackendEvent | MemorySample | Started | Finished | Failed | Stopped) -> None:
         with self._lock:
@@ -75,6 +76,8 @@ class Watchdog:
 def failure_kind(exc: BaseException) -> FailureKind:
     if isinstance(exc, Diverged):
         return FailureKind.DIVERGED
+    if isinstance(exc, CheckpointWriteError):
+        return FailureKind.STORAGE
     if isinstance(exc, ConfigError | FileNotFoundError):
         return FailureKind.CONFIG
     text = str(exc).lower()
@@ -85,10 +88,10 @@ def failure_kind(exc: BaseException) -> FailureKind:
     return FailureKind.BACKEND
 
 
-def run(run_dir: Path, emit: EventWriter) -> int:
+def run(run_dir: Path, emit: EventWriter, attempt: int = 1) -> int:
     config = QLoRAConfig.model_validate_json((run_dir / "config.json").read_text(encoding="utf-8"))
     backend = load_backend()
-    emit(Started(pid=os.getpid(), backend=backend.name, device=backend.device()))
+    emit(Started(pid=os.getpid(), backend=backend.name, device=backend.device(), attempt=attempt))
     watchdog = Watchdog(config.memory_budget_gb, emit)
     with MemorySampler(config.memory_sample_interval or DEFAULT_SAMPLE_INTERVAL_S, watchdog):
         try:
@@ -127,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer.lifecycle.worker")
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--db", type=Path, required=True, help="the store's database, for this run's lease")
+    parser.add_argument("--attempt", type=int, default=1, help="2 and on: a resumed run (its newest checkpoint)")
     args = parser.parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     signal.signal(signal.SIGTERM, _on_sigterm)
@@ -134,10 +138,19 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = args.run_dir
     # unbuffered append: each event is one write(2) of one line, so a follower never reads half an event
     with LeaseKeeper(args.db, run_dir.name), open(run_dir / "events.jsonl", "ab", buffering=0) as channel:
+        after_seq = last_seq(run_dir)
+        if channel.tell() and not _ends_with_newline(run_dir / "events.jsonl"):
+            channel.write(b"\n")  # a torn last line of a killed worker stays one unreadable line, apart from ours
         try:
-            return run(run_dir, EventWriter(channel))
+            return run(run_dir, EventWriter(channel, after_seq), args.attempt)
         except Cancelled:
             return EXIT_CANCELLED
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with path.open("rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
 
 
 if __name__ == "__main__":

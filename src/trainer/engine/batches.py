@@ -1,0 +1,58 @@
+"""The run's data order as a function of the step alone, so a resumed run reads exactly the batches it would have.
+
+MLX-LM's `iterate_batches` builds the batches (sorted by length, padded as it pads) and shuffles them with NumPy's
+global generator, which its validation passes draw from too: the order after step n then depends on everything before
+it. Here each epoch gets its own seed (the run's seed and the epoch number) and each validation pass the same one, so
+step n's batch is known from n, and a run resumed at n continues with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+#: seeds validation passes from the run's seed, apart from every epoch's
+_VALIDATION = 1 << 31
+
+
+def batches_per_epoch(dataset: Any, batch_size: int) -> int:
+    return len(dataset) // batch_size
+
+
+def data_position(step: int, per_epoch: int) -> tuple[int, int]:
+    """(epoch, batch within it) of the step after `step` steps."""
+    return divmod(step, per_epoch)
+
+
+def training_batches(
+    dataset: Any, batch_size: int, max_seq_length: int, seed: int, start_step: int = 0
+) -> Iterator[tuple[int, Any]]:
+    """(step, batch) from step `start_step + 1` on, forever; epoch e is shuffled with seed (seed, e)."""
+    from mlx_lm.tuner.trainer import iterate_batches
+
+    per_epoch = batches_per_epoch(dataset, batch_size)
+    if per_epoch == 0:  # iterate_batches says why (fewer records than batch_size)
+        yield from ((0, b) for b in iterate_batches(dataset, batch_size, max_seq_length))
+        return
+    epoch, skip = data_position(start_step, per_epoch)
+    step = start_step
+    while True:
+        batches = iterate_batches(dataset, batch_size, max_seq_length, loop=False, seed=[seed, epoch])
+        for index, batch in enumerate(batches):
+            if index < skip:
+                continue
+            step += 1
+            yield step, batch
+        epoch, skip = epoch + 1, 0
+
+
+def validation_batches(seed: int) -> Any:
+    """An `iterate_batches` for MLX-LM's `evaluate` that reads the same batches on every pass (comparable losses)."""
+    from mlx_lm.tuner.trainer import iterate_batches
+
+    def batches(dataset: Any, batch_size: int, max_seq_length: int, **kw: Any) -> Iterator[Any]:
+        kw.pop("loop", None)
+        kw["seed"] = [seed, _VALIDATION]
+        return iterate_batches(dataset, batch_size, max_seq_length, loop=False, **kw)  # type: ignore[no-any-return]
+
+    return batches

@@ -1,0 +1,159 @@
+"""The training loop: MLX-LM's loop semantics (evaluation at the first step, every `steps_per_eval` and the last; its
+report dicts; its compiled step) with a start position, so a run resumed from a checkpoint continues exactly.
+
+`mlx_lm.tuner.trainer.train` always starts at step 1 from a fresh optimizer and draws its batch order from NumPy's
+global generator, and writes its adapter files in place; a resumable run needs the start step, the optimizer and
+random state restored, the data order a function of the step (batches.py) and saves that are crash-safe (hooks).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Protocol
+
+import mlx.core as mx
+
+from ..planning.config import QLoRAConfig
+from .batches import training_batches, validation_batches
+from .run_state import LoopState
+
+#: one training step on a batch: (loss, tokens), both evaluated, the model and optimizer updated
+Step = Callable[[Any], tuple[mx.array, mx.array]]
+Loss = Callable[..., tuple[mx.array, mx.array]]
+
+
+class LoopHooks(Protocol):
+    def before_step(self, step: int) -> None:
+        """A safe point (a stop may be raised here), and progress."""
+
+    def after_step(self, done: LoopState) -> None: ...
+
+    def safe_point(self) -> None:
+        """Between validation batches: a stop may be raised here."""
+
+    def evaluating(self) -> None: ...
+
+    def val_report(self, info: dict[str, Any]) -> None: ...
+
+    def train_report(self, info: dict[str, Any]) -> None: ...
+
+    def save(self, done: LoopState) -> None:
+        """A checkpoint after `done.step` steps."""
+
+
+def fused_step(model: Any, optimizer: Any, loss: Loss, grad_checkpoint: bool) -> Step:
+    """MLX-LM's step: loss, gradients and the optimizer update compiled as one graph."""
+    from mlx.nn.utils import average_gradients, value_and_grad
+    from mlx_lm.tuner.trainer import grad_checkpoint as checkpoint_layer
+
+    if grad_checkpoint:
+        checkpoint_layer(model.layers[0])
+    loss_value_and_grad = value_and_grad(model, loss)
+    state = [model.state, optimizer.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(batch: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
+        (value, toks), grad = loss_value_and_grad(model, batch, lengths)
+        optimizer.update(model, average_gradients(grad))
+        return value, toks
+
+    def run(batch: Any) -> tuple[mx.array, mx.array]:
+        value, toks = step(*batch)
+        mx.eval(state, value, toks)
+        return value, toks
+
+    return run
+
+
+def layerwise_step(model: Any, optimizer: Any, ce: Any) -> Step:
+    """The step evaluated one block at a time (layerwise.py)."""
+    from .layerwise import layerwise_value_and_grad
+
+    functions: dict[Any, Any] = {}  # the compiled block functions, traced once for the whole run
+
+    def run(batch: Any) -> tuple[mx.array, mx.array]:
+        value, toks, grads = layerwise_value_and_grad(model, batch[0], batch[1], functions=functions, ce=ce)
+        optimizer.update(model, grads)
+        mx.eval(model.trainable_parameters(), optimizer.state)
+        return value, toks
+
+    return run
+
+
+@dataclass
+class _Window:
+    """The steps since the last train report."""
+
+    loss: float = 0.0
+    tokens: int = 0
+    steps: int = 0
+    seconds: float = 0.0
+
+
+def train_steps(
+    model: Any,
+    optimizer: Any,
+    train_set: Any,
+    val_set: Any | None,
+    config: QLoRAConfig,
+    step: Step,
+    val_loss: Loss,
+    hooks: LoopHooks,
+    start: LoopState,
+) -> LoopState:
+    """Steps `start.step + 1` .. `config.iters`; returns where it ended. A checkpoint every `save_every` steps
+    before the last (the caller saves the final adapter)."""
+    from mlx_lm.tuner.trainer import evaluate
+
+    done = LoopState(start.step, start.trained_tokens)
+    window = _Window()
+    if done.step >= config.iters:
+        return done
+    model.train()
+    batches = training_batches(train_set, config.batch_size, config.max_seq_length, config.seed, done.step)
+    for it, batch in batches:
+        hooks.before_step(it)
+        tic = time.perf_counter()
+        if val_set is not None and (it == 1 or it % config.steps_per_eval == 0 or it == config.iters):
+            hooks.evaluating()
+            loss = evaluate(
+                model=model,
+                dataset=val_set,
+                batch_size=config.batch_size,
+                num_batches=config.val_batches,
+                max_seq_length=config.max_seq_length,
+                loss=val_loss,
+                iterate_batches=validation_batches(config.seed),
+                progress_callback=hooks.safe_point,
+            )
+            model.train()
+            hooks.val_report({"iteration": it - 1, "val_loss": loss, "val_time": time.perf_counter() - tic})
+            tic = time.perf_counter()
+        value, toks = step(batch)
+        window.loss += float(value.item())  # type: ignore[arg-type]
+        window.tokens += int(toks.item())  # type: ignore[arg-type]
+        window.steps += 1
+        window.seconds += time.perf_counter() - tic
+        done = LoopState(it, done.trained_tokens + int(toks.item()))  # type: ignore[arg-type]
+        hooks.after_step(done)
+        if it % config.steps_per_report == 0 or it == config.iters:
+            hooks.train_report(
+                {
+                    "iteration": it,
+                    "train_loss": window.loss / window.steps,
+                    "learning_rate": optimizer.learning_rate.item(),
+                    "iterations_per_second": window.steps / window.seconds,
+                    "tokens_per_second": window.tokens / window.seconds,
+                    "trained_tokens": done.trained_tokens,
+                    "peak_memory": mx.get_peak_memory() / 1e9,
+                }
+            )
+            window = _Window()
+        if it >= config.iters:
+            return done
+        if it % config.save_every == 0:
+            hooks.save(done)
+    return done
