@@ -45,6 +45,17 @@ class StartedRun(BaseModel):
     next_step: str
 
 
+class ResumedRun(BaseModel):
+    run_id: str
+    state: JobState
+    attempt: int = Field(description="This run's attempt number now (the first run is attempt 1).")
+    from_step: int = Field(description="Steps kept from the checkpoint; training continues after it (0: none).")
+    checkpoint: str | None = Field(description="The checkpoint folder it continues from; null when it had none.")
+    forced_changes: list[str] = Field(description="What changed since the checkpoint, resumed anyway (force).")
+    queue_position: int = Field(description="0 when it starts at once; n when n runs are ahead of it.")
+    next_step: str
+
+
 class MemoryProfile(BaseModel):
     prediction: RunPrediction | None = Field(None, description="Present when a run config or model was given.")
     server: ProcessMemory

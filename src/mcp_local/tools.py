@@ -30,7 +30,7 @@ from trainer import (
 )
 
 from .resources import run_status
-from .schemas import MemoryProfile, RunList, RunStatus, StartedRun, run_resources, tool_result
+from .schemas import MemoryProfile, ResumedRun, RunList, RunStatus, StartedRun, run_resources, tool_result
 from .state import AppState
 
 MAX_WAIT_S = 60.0  # some hosts background a call after 120 s
@@ -262,6 +262,32 @@ async def cancel_run(
     return tool_result(status, status.summary())
 
 
+async def resume_run(
+    ctx: AppContext,
+    run_id: Annotated[str, Field(description="A run that failed or was cancelled.")],
+    force: Annotated[
+        bool, Field(description="Resume even if the dataset or the base model changed since the checkpoint.")
+    ] = False,
+) -> Annotated[CallToolResult, ResumedRun]:
+    """Continue a failed, cancelled, interrupted or orphaned run from its newest checkpoint that verifies (adapter,
+    optimizer and random state, data position: the result equals an uninterrupted run's), as the same run id with
+    the next attempt number. Refused when its dataset or base model changed since that checkpoint, unless force."""
+    state = _state(ctx)
+    with trainer_errors():
+        snap, plan = await state.runner.resume(run_id, force)
+    resumed = ResumedRun(
+        run_id=snap.id,
+        state=snap.state,
+        attempt=snap.attempt,
+        from_step=plan.step,
+        checkpoint=plan.checkpoint,
+        forced_changes=plan.changed,
+        queue_position=state.runner.queue_position(snap.id),
+        next_step=f"call run_status with run_id={snap.id!r} and wait_seconds=30 until the state is final",
+    )
+    return tool_result(resumed, f"{plan.describe()}; attempt {snap.attempt}, {snap.state.value}")
+
+
 async def list_runs(
     ctx: AppContext,
     state: Annotated[JobState | None, Field(description="Only runs in this state.")] = None,
@@ -283,6 +309,7 @@ TOOLS: dict[str, tuple[Tool, str, ToolAnnotations]] = {
     "start_qlora_run": (start_qlora_run, "Start QLoRA run", _local()),
     "run_status": (run_status_tool, "Run status", _local(read_only=True, idempotent=True)),
     "cancel_run": (cancel_run, "Cancel run", _local(destructive=True)),
+    "resume_run": (resume_run, "Resume run", _local()),
     "list_runs": (list_runs, "List runs", _local(read_only=True, idempotent=True)),
 }
 

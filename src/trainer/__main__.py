@@ -34,18 +34,30 @@ async def _run(raw: dict[str, Any], home: Path) -> int:
     async with JobRunner(store, defaults=defaults) as runner:
         snap = runner.enqueue(prepared)
         log.info("run %s queued; folder %s", snap.id, snap.run_dir)
-        with tqdm(total=snap.iters, desc=f"run {snap.id}", unit="it", file=sys.stderr) as bar:
-            while not snap.state.terminal:
-                snap = await runner.wait_for_change(snap.id, timeout=1.0)
-                bar.update(snap.iteration - bar.n)
-                m = snap.metrics
-                bar.set_postfix(
-                    phase=snap.phase.value if snap.phase else snap.state.value,
-                    loss=f"{m.last_train_loss:.3f}" if m.last_train_loss is not None else "-",
-                    val=f"{m.last_val_loss:.3f}" if m.last_val_loss is not None else "-",
-                    tok_s=f"{m.tokens_per_second:.0f}" if m.tokens_per_second else "-",
-                    mem=f"{m.peak_memory_gb:.2f}GB" if m.peak_memory_gb else "-",
-                )
+        return await _follow(runner, snap)
+
+
+async def _resume(run_id: str, force: bool, home: Path) -> int:
+    async with JobRunner(RunStore(home)) as runner:
+        snap, plan = await runner.resume(run_id, force)
+        log.info("%s (attempt %d)", plan.describe(), snap.attempt)
+        return await _follow(runner, snap)
+
+
+async def _follow(runner: JobRunner, snap: RunSnapshot) -> int:
+    """A progress bar on stderr until the run ends; its final record as JSON on stdout."""
+    with tqdm(total=snap.iters, initial=snap.iteration, desc=f"run {snap.id}", unit="it", file=sys.stderr) as bar:
+        while not snap.state.terminal:
+            snap = await runner.wait_for_change(snap.id, timeout=1.0)
+            bar.update(snap.iteration - bar.n)
+            m = snap.metrics
+            bar.set_postfix(
+                phase=snap.phase.value if snap.phase else snap.state.value,
+                loss=f"{m.last_train_loss:.3f}" if m.last_train_loss is not None else "-",
+                val=f"{m.last_val_loss:.3f}" if m.last_val_loss is not None else "-",
+                tok_s=f"{m.tokens_per_second:.0f}" if m.tokens_per_second else "-",
+                mem=f"{m.peak_memory_gb:.2f}GB" if m.peak_memory_gb else "-",
+            )
     sys.stdout.write(snap.model_dump_json(indent=2) + "\n")
     log.info("%s", _describe(snap))
     if snap.adapter_path:
@@ -69,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one QLoRA config (JSON) to the end, with a progress bar")
     run.add_argument("config", type=Path)
+    resume = sub.add_parser("resume", help="continue a failed or cancelled run from its newest checkpoint, to the end")
+    resume.add_argument("run_id")
+    resume.add_argument("--force", action="store_true", help="even if its dataset or base model changed since")
     status = sub.add_parser("status", help="show one run as JSON")
     status.add_argument("run_id")
     listing = sub.add_parser("list", help="list runs, newest first")
@@ -85,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return anyio.run(_run, _read_config(args.config), home)
+        if args.command == "resume":
+            return anyio.run(_resume, args.run_id, args.force, home)
         if args.command == "status":
             snap = RunStore(home).get(args.run_id).snapshot()
             sys.stdout.write(snap.model_dump_json(indent=2) + "\n")

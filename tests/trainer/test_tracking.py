@@ -113,7 +113,9 @@ def test_the_wire_refuses_another_version_and_replayed_or_reordered_events() -> 
     assert decode_line(line).v == WIRE_VERSION
     with pytest.raises(WireError, match="wire version 9"):
         decode_line(line.replace(f'"v":{WIRE_VERSION}'.encode(), b'"v":9'))
-    old = line.replace(f'"v":{WIRE_VERSION}'.encode(), b'"v":1')  # a run recorded before the upgrade: readable when rebuilding it
+    old = line.replace(
+        f'"v":{WIRE_VERSION}'.encode(), b'"v":1'
+    )  # a run recorded before the upgrade: readable when rebuilding it
     with pytest.raises(WireError, match="wire version 1"):
         decode_line(old)
     assert decode_line(old, older=True).v == 1

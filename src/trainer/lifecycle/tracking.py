@@ -119,7 +119,7 @@ def final_outcome(job: Job, ending: Ending) -> tuple[JobState, JobError | None]:
         return JobState.CANCELLED, None
     where = job.adapter_path or job.config.adapter_dir or str(Path(job.run_dir) / "adapters")
     if ending.shutting_down:
-        message = f"the server shut down at iteration {job.iteration}; the adapter so far is in {where}"
+        message = f"the server shut down at iteration {job.iteration}; the adapter so far is in {where}; {last_checkpoint(job)}"
         return JobState.FAILED, JobError(kind=FailureKind.INTERRUPTED, message=message, exit_code=code)
     if isinstance(last, Failed):
         return JobState.FAILED, JobError(
@@ -128,10 +128,11 @@ def final_outcome(job: Job, ending: Ending) -> tuple[JobState, JobError | None]:
     if isinstance(last, Stopped):
         message = (
             f"the worker was stopped by a SIGTERM that was not a cancel (the machine shutting down?) at iteration "
-            f"{job.iteration}; the adapter so far is in {where}"
+            f"{job.iteration}; the adapter so far is in {where}; {last_checkpoint(job)}"
         )
         return JobState.FAILED, JobError(kind=FailureKind.INTERRUPTED, message=message, exit_code=code)
-    return JobState.FAILED, crash_error(code, Path(job.run_dir), ending.stderr_tail)
+    crash = crash_error(code, Path(job.run_dir), ending.stderr_tail)
+    return JobState.FAILED, crash.model_copy(update={"message": f"{crash.message}; {last_checkpoint(job)}"})
 
 
 def crash_error(exit_code: int | None, run_dir: Path, stderr_tail: str) -> JobError:

@@ -1,0 +1,113 @@
+"""Exact resume: a run stopped at any step and continued from its checkpoint computes what the uninterrupted run did."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import pytest
+
+from tests.conftest import tiny_run_config
+from trainer.engine.mlx_backend import MlxTrainingBackend
+from trainer.engine.tiny import write_synthetic_dataset
+from trainer.lifecycle.backend import BackendEvent, Cancelled, request_stop
+from trainer.lifecycle.checkpoints import checkpoints_dir, verify
+from trainer.lifecycle.events import Checkpoint, Resumed, TrainReport
+from trainer.planning.config import QLoRAConfig
+
+pytestmark = pytest.mark.slow
+ITERS = 40
+PER_EPOCH = 6  # 24 training records in batches of 4
+SAVE_EVERY = 5
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_synthetic_dataset(tmp_path_factory.mktemp("resume-data"), train=4 * PER_EPOCH, valid=8)
+
+
+def _config(model: Path, data: Path, **overrides: Any) -> QLoRAConfig:
+    settings = {
+        "iters": ITERS,
+        "save_every": SAVE_EVERY,
+        "steps_per_report": 1,  # every step's loss is compared
+        "steps_per_eval": 10,
+        "val_batches": 2,
+        "dropout": 0.1,  # LoRA dropout draws from MLX's random state: a resume must restore it
+        **overrides,
+    }
+    return QLoRAConfig.parse(tiny_run_config(model, data, **settings))
+
+
+class _Recorder:
+    """The events of one attempt; asks for a stop (as SIGTERM does) once step `stop_after` has been reported."""
+
+    def __init__(self, stop_after: int | None = None) -> None:
+        self.stop_after = stop_after
+        self.events: list[BackendEvent] = []
+
+    def __call__(self, event: BackendEvent) -> None:
+        self.events.append(event)
+        if isinstance(event, TrainReport) and event.iteration == self.stop_after:
+            request_stop(Cancelled)
+
+    def losses(self) -> dict[int, float]:
+        return {e.iteration: e.train_loss for e in self.events if isinstance(e, TrainReport)}
+
+
+def _train(config: QLoRAConfig, run_dir: Path, stop_after: int | None = None) -> _Recorder:
+    recorder = _Recorder(stop_after)
+    try:
+        MlxTrainingBackend().train(config, run_dir, recorder)
+    except Cancelled:
+        assert stop_after is not None
+    return recorder
+
+
+def _adapter(run_dir: Path) -> dict[str, Any]:
+    return dict(mx.load(str(run_dir / "adapters" / "adapters.safetensors")))  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model: Path, small_data: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    run_dir = tmp_path_factory.mktemp("whole")
+    return _train(_config(tiny_model, small_data), run_dir).losses(), _adapter(run_dir)
+
+
+@pytest.mark.parametrize(
+    "stop_after",
+    [8, 12, 15],
+    ids=["mid-epoch", "epoch-boundary", "right-after-a-save"],
+)
+def test_a_resumed_run_continues_bit_for_bit(
+    stop_after: int, uninterrupted: Any, tiny_model: Path, small_data: Path, tmp_path: Path
+) -> None:
+    whole_losses, whole_adapter = uninterrupted
+    config = _config(tiny_model, small_data)
+    first = _train(config, tmp_path, stop_after=stop_after)
+    saved = [e.iteration for e in first.events if isinstance(e, Checkpoint)]
+    assert saved[-1] == stop_after  # the stop saved a checkpoint of the last finished step (or the save had)
+    assert verify(checkpoints_dir(tmp_path) / f"{stop_after:07d}") is not None
+
+    second = _train(config, tmp_path)
+    resumed = [e for e in second.events if isinstance(e, Resumed)]
+    assert [r.iteration for r in resumed] == [stop_after]
+    after = second.losses()
+    assert sorted(after) == list(range(stop_after + 1, ITERS + 1))  # at least 20 steps after each resume point
+    assert after == {it: whole_losses[it] for it in after}  # exactly equal, not approximately
+    adapter = _adapter(tmp_path)
+    assert adapter.keys() == whole_adapter.keys()
+    assert all(mx.array_equal(adapter[k], whole_adapter[k]).item() for k in adapter)
+
+
+def test_a_layerwise_run_resumes_bit_for_bit(tiny_model: Path, small_data: Path, tmp_path: Path) -> None:
+    config = _config(tiny_model, small_data, layerwise=True, iters=30)
+    whole = _train(config, tmp_path / "whole").losses()
+    _train(config, tmp_path / "parts", stop_after=9)
+    after = _train(config, tmp_path / "parts").losses()
+    assert after == {it: whole[it] for it in range(10, 31)}
+    assert all(
+        mx.array_equal(a, b).item()
+        for a, b in zip(_adapter(tmp_path / "parts").values(), _adapter(tmp_path / "whole").values(), strict=True)
+    )
