@@ -119,7 +119,8 @@ def final_outcome(job: Job, ending: Ending) -> tuple[JobState, JobError | None]:
         return JobState.CANCELLED, None
     where = job.adapter_path or job.config.adapter_dir or str(Path(job.run_dir) / "adapters")
     if ending.shutting_down:
-        message = f"the server shut down at iteration {job.iteration}; the adapter so far is in {where}; {last_checkpoint(job)}"
+        message = f"the server shut down at iteration {job.iteration}; the adapter so far is in {where}; "
+        message += last_checkpoint(job)
         return JobState.FAILED, JobError(kind=FailureKind.INTERRUPTED, message=message, exit_code=code)
     if isinstance(last, Failed):
         return JobState.FAILED, JobError(
