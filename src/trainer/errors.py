@@ -8,7 +8,8 @@ TrainerError
  ├── InvalidTransition  a job state change that the state machine forbids (a bug if raised)
  ├── KernelBuildError   the CPU decode kernels cannot be built here (decode falls back)
  ├── Diverged           a run's loss became NaN or infinite
- └── CheckpointWriteError  a checkpoint could not be written (disk full, read-only)
+ ├── CheckpointWriteError  a checkpoint could not be written (disk full, read-only)
+ └── StoreUnavailable   the run database cannot be written now (locked by another process, disk full)
 """
 
 from __future__ import annotations
@@ -51,3 +52,8 @@ class Diverged(TrainerError):
 class CheckpointWriteError(TrainerError):
     """A checkpoint or adapter could not be written (disk full, read-only folder); the message names the path and
     says what was being written. The previous checkpoints are untouched."""
+
+
+class StoreUnavailable(TrainerError):
+    """The run database could not be written (locked by another process past the timeout, disk full, read-only);
+    nothing was changed. Background work retries; a tool call answers with this message."""

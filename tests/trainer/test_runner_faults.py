@@ -208,3 +208,40 @@ async def test_caps_on_queued_runs_and_dataset_size_name_the_limit(tmp_path: Pat
         for run in runner.list_runs():
             await runner.cancel(run.id)
     assert len(RunStore(tmp_path).list_runs()) == 2
+
+
+async def test_a_database_locked_for_15_seconds_stops_nothing(tmp_path: Path, fake_model, tiny_data) -> None:
+    """Another process holding the run database's write lock past the busy timeout: the run keeps training in its
+    worker, a new run is refused with a named error (and leaves nothing), and everything is recorded once it is free."""
+    import sqlite3
+    import threading
+
+    from tests.trainer.helpers import fake_env
+    from trainer import JobRunner
+    from trainer.errors import StoreUnavailable
+
+    async with JobRunner(RunStore(tmp_path), worker_env={**fake_env("slow"), "FAKE_STEP_S": "0.1"}) as runner:
+        run = await runner.submit(config(fake_model, tiny_data, iters=200))
+        await _wait_running(runner, run.id)
+        locked, release = threading.Event(), threading.Event()
+
+        def hold_the_lock() -> None:
+            db = sqlite3.connect(tmp_path / "runs.sqlite3", isolation_level=None)
+            db.execute("BEGIN EXCLUSIVE")
+            locked.set()
+            release.wait(15)
+            db.execute("ROLLBACK")
+            db.close()
+
+        holder = threading.Thread(target=hold_the_lock)
+        holder.start()
+        await anyio.to_thread.run_sync(locked.wait)
+        with pytest.raises(StoreUnavailable, match="runs.sqlite3 cannot be written now"):
+            await runner.submit(config(fake_model, tiny_data))
+        assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [run.id]  # nothing half-created
+        await anyio.to_thread.run_sync(holder.join)
+        done = await runner.wait_until_done(run.id, 60)
+    assert done.state is JobState.SUCCEEDED and done.iteration == 200
+    stored = RunStore(tmp_path)
+    assert stored.get(run.id).state is JobState.SUCCEEDED
+    assert stored.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

@@ -16,8 +16,7 @@ import signal
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
-from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
+from contextlib import AbstractAsyncContextManager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -26,22 +25,21 @@ import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ..environment.process_env import worker_environment
-from ..errors import ConfigError, RunConflict
+from ..errors import ConfigError, RunConflict, StoreUnavailable
 from ..planning.config import QLoRAConfig
 from ..planning.preflight import PreparedRun, RunDefaults, prepare_run
-from . import leases
 from .admission import admit
 from .cues import Cues, RunUpdate
-from .events import Event, MemorySample, TrainReport, ValReport
+from .events import Event, MemorySample
 from .follow import START_GRACE_S, Liveness, follow_events
 from .jobs import FailureKind, Job, JobError, JobState, RunSnapshot
-from .leases import SchedulerElection, process_started, read_lease
-from .memory import WorkerMemory, workers_memory
+from .leases import SchedulerElection, read_lease
 from .process import WorkerProcess, signal_group, stop_group
 from .resume import ResumePlan, plan_resume
 from .run_log import read_events, stderr_tail
 from .store import RunStore
-from .tracking import Ending, RunAspect, RunHistory, apply_event, final_outcome, last_checkpoint
+from .tracking import Ending, RunAspect, apply_event, final_outcome, last_checkpoint
+from .views import RunViews, Tracked
 
 log = logging.getLogger(__name__)
 #: finished runs from earlier sessions kept rebuilt in memory (each rebuild reads its events.jsonl)
@@ -51,21 +49,7 @@ SYNC_S = 0.5
 _STATUS = frozenset({RunAspect.STATUS})
 
 
-@dataclass
-class _Tracked:
-    """What the runner keeps in memory about a run it has seen this session."""
-
-    job: Job
-    history: RunHistory = field(default_factory=RunHistory)
-    changed: anyio.Event = field(default_factory=anyio.Event)
-    worker: WorkerProcess | None = None  # only for workers this runner started
-    following: bool = False
-    cancel_requested: bool = False
-    shutting_down: bool = False
-    done: anyio.Event = field(default_factory=anyio.Event)
-
-
-class JobRunner:
+class JobRunner(RunViews):
     """Use as `async with JobRunner(store) as runner:`; see the module docstring for `detach`."""
 
     def __init__(
@@ -88,9 +72,10 @@ class JobRunner:
         self.detach = detach
         self._election = SchedulerElection(store, holder=secrets.token_hex(8))
         self._wake = anyio.Event()
-        self._tracked: dict[str, _Tracked] = {}
-        self._rebuilt: OrderedDict[str, _Tracked] = OrderedDict()
+        self._tracked: dict[str, Tracked] = {}
+        self._rebuilt: OrderedDict[str, Tracked] = OrderedDict()
         self._cues = Cues()
+        self._unsaved: dict[str, tuple[Tracked, JobState]] = {}  # ends the database refused, retried
         self._tg: anyio.abc.TaskGroup | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
@@ -110,7 +95,8 @@ class JobRunner:
                     if tracked.worker is not None and not tracked.done.is_set():
                         tracked.shutting_down = True
                         await self._stop(tracked)
-            self._election.release()
+            with suppress(StoreUnavailable):  # the row goes stale and the next server takes it anyway
+                self._election.release()
         self._tg.cancel_scope.cancel()
         return await self._tg.__aexit__(*exc)  # type: ignore[arg-type]
 
@@ -118,14 +104,19 @@ class JobRunner:
         """Keep up with the store: start queued runs while this runner is the scheduler, follow every live run."""
         assert self._tg is not None
         while True:
-            self._sync()
-            if self._election.hold():
-                while (job := self.store.claim_next(self.max_concurrent)) is not None:
-                    tracked = self._track(job)
-                    tracked.job = job
-                    self._touch(tracked, _STATUS)
-                    tracked.following = True
-                    self._tg.start_soon(self._run_worker, tracked)
+            try:  # a locked or full database stops nothing: runs go on in their workers, and this retries
+                self._sync()
+                for tracked, before in list(self._unsaved.values()):
+                    self._record_end(tracked, before)
+                if self._election.hold():
+                    while (job := self.store.claim_next(self.max_concurrent)) is not None:
+                        tracked = self._track(job)
+                        tracked.job = job
+                        self._touch(tracked, _STATUS)
+                        tracked.following = True
+                        self._tg.start_soon(self._run_worker, tracked)
+            except StoreUnavailable as exc:
+                log.warning("%s; retrying in %.1f s", exc, SYNC_S)
             with anyio.move_on_after(SYNC_S):
                 await self._wake.wait()
             self._wake = anyio.Event()
@@ -139,7 +130,7 @@ class JobRunner:
             if tracked is None:
                 tracked = self._track(stored)
             elif tracked.job.state.terminal and stored.attempt > tracked.job.attempt:  # resumed by another runner
-                self._tracked[run_id] = tracked = _Tracked(stored)
+                self._tracked[run_id] = tracked = Tracked(stored)
                 self._touch(tracked, _STATUS)
             elif tracked.job.state is JobState.QUEUED and stored.state is not JobState.QUEUED:
                 tracked.job = stored  # another runner started it
@@ -152,15 +143,15 @@ class JobRunner:
                 tracked.done.set()
                 self._touch(tracked, _STATUS)
 
-    def _track(self, job: Job) -> _Tracked:
+    def _track(self, job: Job) -> Tracked:
         tracked = self._tracked.get(job.id)
         if tracked is None:
-            tracked = self._tracked[job.id] = _Tracked(job)
+            tracked = self._tracked[job.id] = Tracked(job)
             self._rebuilt.pop(job.id, None)
             self._cues.publish(RunUpdate(job.id, _STATUS, created=True))
         return tracked
 
-    def _adopt(self, tracked: _Tracked) -> None:
+    def _adopt(self, tracked: Tracked) -> None:
         """Follow a run another runner started (or left): from its first event, while its worker lives."""
         assert self._tg is not None
         job = tracked.job
@@ -220,87 +211,11 @@ class JobRunner:
         if not self.store.requeue(job, if_state=before):
             raise RunConflict(f"run {run_id} changed while it was being resumed (resumed elsewhere?); see run_status")
         self._rebuilt.pop(run_id, None)
-        tracked = self._tracked[run_id] = _Tracked(job)
+        tracked = self._tracked[run_id] = Tracked(job)
         self._touch(tracked, _STATUS)
         self._wake.set()
         log.info("%s (attempt %d)", plan.describe(), job.attempt)
         return job.snapshot(), plan
-
-    def get(self, run_id: str) -> RunSnapshot:
-        """The run as this runner sees it, or as the store records it where that is further along (another runner
-        started it, or recorded its end first); a running run whose worker went silent says for how long."""
-        tracked = self._tracked.get(run_id)
-        if tracked is not None and tracked.job.state is JobState.RUNNING:
-            stored = self.store.get(run_id)
-            if stored.state.terminal:
-                return stored.snapshot()
-            lease = read_lease(self.store, run_id)
-            age = time.time() - lease.heartbeat if lease else 0.0
-            return tracked.job.snapshot(stalled_seconds=round(age, 1) if age > leases.STALE_S else None)
-        ended_here = tracked is not None and tracked.job.state.terminal
-        return (tracked.job if tracked is not None and ended_here else self.store.get(run_id)).snapshot()
-
-    def list_runs(self, state: JobState | None = None, limit: int = 50) -> list[RunSnapshot]:
-        return [
-            self._tracked[j.id].job.snapshot() if j.id in self._tracked else j.snapshot()
-            for j in self.store.list_runs(state, limit)
-        ]
-
-    def memory_samples(self, run_id: str, limit: int | None = None) -> list[MemorySample]:
-        """The run's latest memory samples, oldest first: `limit` of them (0: none), or all that are kept."""
-        samples = list(self._tracker(run_id).history.memory)
-        if limit is None:
-            return samples
-        return samples[-limit:] if limit > 0 else []
-
-    def reports(self, run_id: str) -> tuple[list[TrainReport], list[ValReport]]:
-        history = self._tracker(run_id).history
-        return list(history.train_reports), list(history.val_reports)
-
-    def queue_position(self, run_id: str) -> int:
-        """0 when the run is not waiting; n when n runs (running, or queued before it) start before it."""
-        before = self.store.queued_before(run_id)
-        return 0 if before is None else before + self.store.count(JobState.RUNNING)
-
-    def live_workers(self) -> dict[str, int]:
-        """run id -> worker pid, for every run being trained now (by a worker of this runner or another's)."""
-        workers = {}
-        for run_id, tracked in self._tracked.items():
-            if tracked.job.state is JobState.RUNNING and not tracked.done.is_set():
-                pid = tracked.worker.pid if tracked.worker else tracked.job.pid
-                if pid is not None and process_started(pid) is not None:
-                    workers[run_id] = pid
-        return workers
-
-    def worker_memory(self) -> list[WorkerMemory]:
-        """Each live worker's RSS now and its latest MLX numbers (MLX's allocator is only readable from inside)."""
-        return workers_memory({rid: (pid, self.memory_samples(rid, 1)) for rid, pid in self.live_workers().items()})
-
-    def adapter_for(self, run_id: str) -> tuple[str, str]:
-        """The run's base model and adapter folder, for generating through it; RunConflict if it has none yet."""
-        snap = self.get(run_id)
-        if not snap.adapter_path:
-            raise RunConflict(
-                f"run {run_id} has no adapter yet (it is {snap.state.value}); wait until it has saved a checkpoint "
-                "or succeeded (run_status shows adapter_path)"
-            )
-        return snap.config.model, snap.adapter_path
-
-    async def wait_for_change(self, run_id: str, timeout: float) -> RunSnapshot:
-        """Return when the run's state or iteration changes, or after `timeout` seconds."""
-        tracked = self._tracker(run_id)
-        before = (tracked.job.state, tracked.job.iteration)
-        with anyio.move_on_after(timeout):
-            while (tracked.job.state, tracked.job.iteration) == before and not tracked.job.state.terminal:
-                await tracked.changed.wait()
-        return tracked.job.snapshot()
-
-    async def wait_until_done(self, run_id: str, timeout: float | None = None) -> RunSnapshot:
-        tracked = self._tracker(run_id)
-        with anyio.fail_after(timeout):
-            while not tracked.job.state.terminal:
-                await tracked.changed.wait()
-        return tracked.job.snapshot()
 
     async def cancel(self, run_id: str) -> RunSnapshot:
         """Cancel a queued run at once, or stop a running one (SIGTERM, then SIGKILL) and wait until it is gone."""
@@ -327,7 +242,7 @@ class JobRunner:
 
     # ---- internals ---------------------------------------------------------------------------------------------
 
-    def _tracker(self, run_id: str) -> _Tracked:
+    def _tracker(self, run_id: str) -> Tracked:
         """The in-memory view of a run; a finished run from an earlier session is rebuilt from its events.jsonl (and
         kept among the last REBUILT_CACHE such runs)."""
         tracked = self._tracked.get(run_id) or self._rebuilt.get(run_id)
@@ -338,7 +253,7 @@ class JobRunner:
             if run_id in self._rebuilt:
                 self._rebuilt.move_to_end(run_id)
             return tracked
-        tracked = _Tracked(self.store.get(run_id))
+        tracked = Tracked(self.store.get(run_id))
         tracked.done.set()
         for event in read_events(Path(tracked.job.run_dir)):
             apply_event(tracked.job, tracked.history, event)
@@ -347,22 +262,38 @@ class JobRunner:
             self._rebuilt.popitem(last=False)
         return tracked
 
-    def _touch(self, tracked: _Tracked, aspects: frozenset[RunAspect]) -> None:
+    def _touch(self, tracked: Tracked, aspects: frozenset[RunAspect]) -> None:
         tracked.changed.set()
         tracked.changed = anyio.Event()
         self._cues.publish(RunUpdate(tracked.job.id, aspects))
 
-    def _finish(self, tracked: _Tracked, state: JobState, error: JobError | None = None) -> None:
+    def _finish(self, tracked: Tracked, state: JobState, error: JobError | None = None) -> None:
         """Record the run's end, unless another runner following it recorded it first (then take theirs)."""
         before = tracked.job.state
         tracked.job.transition(state, error=error)
-        if not self.store.save(tracked.job, if_state=before):
-            tracked.job = self.store.get(tracked.job.id)
+        self._record_end(tracked, before)
         tracked.done.set()
         self._touch(tracked, _STATUS)
         self._wake.set()  # a slot is free
 
-    async def _run_worker(self, tracked: _Tracked) -> None:
+    def _record_end(self, tracked: Tracked, before: JobState) -> None:
+        """Write a run's end to the store; while the database cannot be written, keep it to retry (_schedule)."""
+        try:
+            if not self.store.save(tracked.job, if_state=before):
+                tracked.job = self.store.get(tracked.job.id)
+            self._unsaved.pop(tracked.job.id, None)
+        except StoreUnavailable as exc:
+            log.warning("run %s ended %s, not recorded yet: %s", tracked.job.id, tracked.job.state.value, exc)
+            self._unsaved[tracked.job.id] = (tracked, before)
+
+    def _save_quietly(self, job: Job) -> None:
+        """A progress update of the record: one the database refuses now is written with the next."""
+        try:
+            self.store.save(job)
+        except StoreUnavailable as exc:
+            log.warning("run %s: record not updated: %s", job.id, exc)
+
+    async def _run_worker(self, tracked: Tracked) -> None:
         """Start the worker of a run this runner claimed, and follow it to its end."""
         job = tracked.job
         try:
@@ -379,7 +310,7 @@ class JobRunner:
             return
         tracked.worker = worker
         job.pid = worker.pid
-        self.store.save(job)
+        self._save_quietly(job)
         liveness = Liveness(lambda: read_lease(self.store, job.id), exited=anyio.Event())
 
         async def reap() -> None:
@@ -396,14 +327,14 @@ class JobRunner:
         finally:
             worker.close()
 
-    async def _follow(self, tracked: _Tracked, liveness: Liveness) -> None:
+    async def _follow(self, tracked: Tracked, liveness: Liveness) -> None:
         job = tracked.job
         run_dir = Path(job.run_dir)
 
         def apply(event: Event) -> None:
             aspects = apply_event(tracked.job, tracked.history, event)
             if aspects and not isinstance(event, MemorySample):
-                self.store.save(tracked.job)
+                self._save_quietly(tracked.job)
             if aspects:
                 self._touch(tracked, aspects)
 
@@ -415,7 +346,7 @@ class JobRunner:
             tracked.job.iteration = tracked.job.iters
         self._finish(tracked, state, error)
 
-    async def _stop(self, tracked: _Tracked) -> None:
+    async def _stop(self, tracked: Tracked) -> None:
         """SIGTERM the run's worker (whoever started it), SIGKILL after the grace period; return once it ended."""
         pid = tracked.worker.pid if tracked.worker else tracked.job.pid
         if pid is None:  # starting right now: _run_worker sees the flags once it has a process

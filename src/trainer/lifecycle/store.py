@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
-from ..errors import RunNotFound
+from ..errors import RunNotFound, StoreUnavailable
 from ..planning.config import QLoRAConfig
 from .jobs import Job, JobError, JobState, Phase, RunMetrics
 
@@ -90,13 +90,31 @@ class RunStore:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
+        """One write transaction; a database that cannot be written now raises StoreUnavailable (nothing changed)."""
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise self._unavailable(exc) from exc
         try:
             yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
+        except BaseException as exc:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.OperationalError):
+                raise self._unavailable(exc) from exc
             raise
-        self._db.execute("COMMIT")
+        try:
+            self._db.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise self._unavailable(exc) from exc
+
+    def _unavailable(self, exc: sqlite3.OperationalError) -> StoreUnavailable:
+        return StoreUnavailable(
+            f"the run database {self.db_path} cannot be written now ({exc}); nothing was changed. If another "
+            "process holds it locked, or its disk is full or read-only, free it and try again"
+        )
 
     def run_dir(self, run_id: str) -> Path:
         return self.runs_dir / run_id

@@ -1,0 +1,121 @@
+"""The runner's read side: a run's record, history and liveness as callers see them, and waiting for changes.
+
+`JobRunner` (runner.py) keeps a `Tracked` per run it has seen and writes records; this is what it answers from.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import anyio
+
+from ..errors import RunConflict
+from . import leases
+from .events import MemorySample, TrainReport, ValReport
+from .jobs import Job, JobState, RunSnapshot
+from .leases import process_started, read_lease
+from .memory import WorkerMemory, workers_memory
+from .process import WorkerProcess
+from .store import RunStore
+from .tracking import RunHistory
+
+
+@dataclass
+class Tracked:
+    """What the runner keeps in memory about a run it has seen this session."""
+
+    job: Job
+    history: RunHistory = field(default_factory=RunHistory)
+    changed: anyio.Event = field(default_factory=anyio.Event)
+    worker: WorkerProcess | None = None  # only for workers this runner started
+    following: bool = False
+    cancel_requested: bool = False
+    shutting_down: bool = False
+    done: anyio.Event = field(default_factory=anyio.Event)
+
+
+class RunViews:
+    """Read-only answers about runs, over the runner's tracked runs and the store."""
+
+    store: RunStore
+    _tracked: dict[str, Tracked]
+
+    def _tracker(self, run_id: str) -> Tracked:
+        raise NotImplementedError
+
+    def get(self, run_id: str) -> RunSnapshot:
+        """The run as this runner sees it, or as the store records it where that is further along (another runner
+        started it, or recorded its end first); a running run whose worker went silent says for how long."""
+        tracked = self._tracked.get(run_id)
+        if tracked is not None and tracked.job.state is JobState.RUNNING:
+            stored = self.store.get(run_id)
+            if stored.state.terminal:
+                return stored.snapshot()
+            lease = read_lease(self.store, run_id)
+            age = time.time() - lease.heartbeat if lease else 0.0
+            return tracked.job.snapshot(stalled_seconds=round(age, 1) if age > leases.STALE_S else None)
+        ended_here = tracked is not None and tracked.job.state.terminal
+        return (tracked.job if tracked is not None and ended_here else self.store.get(run_id)).snapshot()
+
+    def list_runs(self, state: JobState | None = None, limit: int = 50) -> list[RunSnapshot]:
+        return [
+            self._tracked[j.id].job.snapshot() if j.id in self._tracked else j.snapshot()
+            for j in self.store.list_runs(state, limit)
+        ]
+
+    def memory_samples(self, run_id: str, limit: int | None = None) -> list[MemorySample]:
+        """The run's latest memory samples, oldest first: `limit` of them (0: none), or all that are kept."""
+        samples = list(self._tracker(run_id).history.memory)
+        if limit is None:
+            return samples
+        return samples[-limit:] if limit > 0 else []
+
+    def reports(self, run_id: str) -> tuple[list[TrainReport], list[ValReport]]:
+        history = self._tracker(run_id).history
+        return list(history.train_reports), list(history.val_reports)
+
+    def queue_position(self, run_id: str) -> int:
+        """0 when the run is not waiting; n when n runs (running, or queued before it) start before it."""
+        before = self.store.queued_before(run_id)
+        return 0 if before is None else before + self.store.count(JobState.RUNNING)
+
+    def live_workers(self) -> dict[str, int]:
+        """run id -> worker pid, for every run being trained now (by a worker of this runner or another's)."""
+        workers = {}
+        for run_id, tracked in self._tracked.items():
+            if tracked.job.state is JobState.RUNNING and not tracked.done.is_set():
+                pid = tracked.worker.pid if tracked.worker else tracked.job.pid
+                if pid is not None and process_started(pid) is not None:
+                    workers[run_id] = pid
+        return workers
+
+    def worker_memory(self) -> list[WorkerMemory]:
+        """Each live worker's RSS now and its latest MLX numbers (MLX's allocator is only readable from inside)."""
+        return workers_memory({rid: (pid, self.memory_samples(rid, 1)) for rid, pid in self.live_workers().items()})
+
+    def adapter_for(self, run_id: str) -> tuple[str, str]:
+        """The run's base model and adapter folder, for generating through it; RunConflict if it has none yet."""
+        snap = self.get(run_id)
+        if not snap.adapter_path:
+            raise RunConflict(
+                f"run {run_id} has no adapter yet (it is {snap.state.value}); wait until it has saved a checkpoint "
+                "or succeeded (run_status shows adapter_path)"
+            )
+        return snap.config.model, snap.adapter_path
+
+    async def wait_for_change(self, run_id: str, timeout: float) -> RunSnapshot:
+        """Return when the run's state or iteration changes, or after `timeout` seconds."""
+        tracked = self._tracker(run_id)
+        before = (tracked.job.state, tracked.job.iteration)
+        with anyio.move_on_after(timeout):
+            while (tracked.job.state, tracked.job.iteration) == before and not tracked.job.state.terminal:
+                await tracked.changed.wait()
+        return tracked.job.snapshot()
+
+    async def wait_until_done(self, run_id: str, timeout: float | None = None) -> RunSnapshot:
+        tracked = self._tracker(run_id)
+        with anyio.fail_after(timeout):
+            while not tracked.job.state.terminal:
+                await tracked.changed.wait()
+        return tracked.job.snapshot()
