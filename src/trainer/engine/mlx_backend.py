@@ -138,6 +138,8 @@ class _RunEvents:
         if self.done.step > self.saved_step:
             self.save(self.done)
             log.info("stopped: checkpoint %d saved", self.done.step)
+        elif not (self.adapter_dir / ADAPTERS).is_file():  # stopped before a step ended: the untrained adapter
+            save_adapter(self.model, self.adapter_dir / ADAPTERS)
 
 
 def _check_finite(which: str, loss: float, iteration: int, config: QLoRAConfig) -> None:
