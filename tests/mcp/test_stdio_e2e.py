@@ -109,7 +109,7 @@ async def test_legacy_client_drives_the_whole_loop(tmp_path: Path, tiny_model: P
     async with Client(server_params(tmp_path), mode="legacy", message_handler=on_message) as client:
         assert client.protocol_version.startswith("2025")
         assert client.server_capabilities.resources and client.server_capabilities.resources.subscribe
-        assert len((await client.list_tools()).tools) == 7
+        assert len((await client.list_tools()).tools) == 8
         base_text = await load_and_generate(client, tiny_model)
 
         started = await client.call_tool("start_qlora_run", {"config": run_config(tiny_model, tiny_data, 40)})
@@ -206,6 +206,7 @@ def test_the_official_mcp_inspector_cli_drives_the_server(tmp_path: Path, method
             "start_qlora_run",
             "run_status",
             "cancel_run",
+            "resume_run",
             "list_runs",
         }
     else:

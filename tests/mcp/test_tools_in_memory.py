@@ -15,7 +15,16 @@ from tests.trainer.helpers import config
 from trainer import ConfigError, QLoRAConfig
 
 MODES = ["legacy", "auto"]
-TOOLS = {"load_model", "generate", "profile_memory", "start_qlora_run", "run_status", "cancel_run", "list_runs"}
+TOOLS = {
+    "load_model",
+    "generate",
+    "profile_memory",
+    "start_qlora_run",
+    "run_status",
+    "cancel_run",
+    "resume_run",
+    "list_runs",
+}
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -245,3 +245,21 @@ async def test_a_database_locked_for_15_seconds_stops_nothing(tmp_path: Path, fa
     stored = RunStore(tmp_path)
     assert stored.get(run.id).state is JobState.SUCCEEDED
     assert stored.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+async def test_100_start_cancel_cycles_leave_no_process(tmp_path: Path, fake_model, tiny_data) -> None:
+    """Cancels at every moment of a run's life (queued, its worker starting, training), four runs at a time: each
+    cancel returns with the run cancelled and no process of it left."""
+    import psutil
+
+    async with fake_runner(tmp_path, "slow", max_concurrent=4, cancel_grace_s=5) as runner:
+        cancelled = []
+        for batch in range(25):
+            runs = [await runner.submit(config(fake_model, tiny_data, iters=10_000)) for _ in range(4)]
+            await anyio.sleep(0.3 * (batch % 4))  # 0 s: queued or starting; later: training
+            for run in runs:
+                cancelled.append(await runner.cancel(run.id))
+    assert len(cancelled) == 100 and {snap.state for snap in cancelled} == {JobState.CANCELLED}
+    run_dirs = {snap.run_dir for snap in cancelled}
+    left = [p.pid for p in psutil.process_iter(["cmdline"]) if set(p.info["cmdline"] or []) & run_dirs]
+    assert left == []
