@@ -29,12 +29,18 @@ def test_reference_defaults_are_qlora_rank_16_alpha_32_4bit_group_64_16_layers()
     assert cfg.memory_sample_interval is None  # the server's default (settings.DEFAULT_SAMPLE_INTERVAL_S) applies
 
 
-def test_terminal_states_accept_no_transition() -> None:
+def test_terminal_states_accept_only_a_resume() -> None:
+    assert TRANSITIONS[JobState.SUCCEEDED] == frozenset()
     for state in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED):
-        assert TRANSITIONS[state] == frozenset()
         job = Job(id="x", config=CFG, run_dir="/tmp/x", iters=1, state=state)
         with pytest.raises(InvalidTransition):
             job.transition(JobState.RUNNING)
+    for state in (JobState.FAILED, JobState.CANCELLED):  # resume_run: the next attempt, with no trace of the last end
+        assert TRANSITIONS[state] == frozenset({JobState.QUEUED})
+        job = Job(id="x", config=CFG, run_dir="/tmp/x", iters=1, state=JobState.RUNNING)
+        job.transition(state, error=None)
+        job.transition(JobState.QUEUED)
+        assert (job.attempt, job.error, job.ended_at, job.started_at) == (2, None, None, None)
 
 
 def test_transition_stamps_times_and_failure_needs_an_error() -> None:
