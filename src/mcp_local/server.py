@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sqlite3
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import anyio
 from mcp.server import MCPServer, NotificationOptions
@@ -19,11 +20,11 @@ from mcp.server.subscriptions import InMemorySubscriptionBus
 from mcp.types import CallToolResult, InputRequiredResult
 from pydantic import ValidationError
 
-from trainer import JobRunner, ModelSession, RunStore, describe_validation_error
+from trainer import HOME_ENV, JobRunner, ModelSession, RunStore, TrainerError, describe_validation_error
 
 from .notify import bridge
 from .resources import register_resource_templates, register_run_resources
-from .state import AppState, ServerSettings
+from .state import AppState, HomeUnavailable, ServerSettings
 from .subscribe import register_legacy_subscriptions
 from .tools import register_tools
 
@@ -50,6 +51,8 @@ class LocalServer(MCPServer[AppState]):
             return await super().call_tool(name, arguments, context)
         except ToolError as exc:
             cause = exc.__cause__
+            if isinstance(cause, TrainerError):  # raised outside a tool's own trainer_errors(): still the caller's
+                raise ToolError(f"{name}: {cause}") from cause
             if isinstance(exc, UnexpectedToolError) or not isinstance(cause, ValidationError):
                 raise
             raise ToolError(f"{name}: {describe_validation_error(cause, within='config')}") from cause
@@ -60,7 +63,17 @@ def build_server(settings: ServerSettings) -> MCPServer[AppState]:
 
     @asynccontextmanager
     async def lifespan(mcp: MCPServer[AppState]) -> AsyncIterator[AppState]:
-        store = RunStore(settings.home)
+        models = ModelSession(models_root=settings.home / "models", roots=settings.allowed_roots())
+        try:
+            store = RunStore(settings.home)
+        except (OSError, sqlite3.Error) as exc:  # still answer: the model tools work, the run tools say why not
+            message = (
+                f"the server's home {settings.home} cannot hold runs ({exc}); restart the server with --home (or "
+                f"{HOME_ENV}) set to a writable folder"
+            )
+            log.error("%s", message)
+            yield AppState(settings=settings, runner=cast(JobRunner, HomeUnavailable(message)), models=models, bus=bus)
+            return
         try:
             async with (
                 JobRunner(
@@ -72,7 +85,6 @@ def build_server(settings: ServerSettings) -> MCPServer[AppState]:
                 ) as runner,
                 anyio.create_task_group() as tg,
             ):
-                models = ModelSession(models_root=settings.home / "models", roots=settings.allowed_roots())
                 state = AppState(settings=settings, runner=runner, models=models, bus=bus)
                 for snap in runner.list_runs(limit=RECENT_RUNS_LISTED):
                     register_run_resources(mcp, state, snap.id)

@@ -6,11 +6,12 @@ import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mcp.server.session import ServerSession
 from mcp.server.subscriptions import InMemorySubscriptionBus
 
-from trainer import DEFAULT_SAMPLE_INTERVAL_S, JobRunner, ModelSession, RunDefaults, default_home
+from trainer import DEFAULT_SAMPLE_INTERVAL_S, JobRunner, ModelSession, RunDefaults, StoreUnavailable, default_home
 
 SAMPLE_INTERVAL_ENV = "MCP_LOCAL_SAMPLE_INTERVAL"
 MAX_CONCURRENT_ENV = "MCP_LOCAL_MAX_CONCURRENT"
@@ -53,6 +54,16 @@ class ServerSettings:
             max_queued=self.max_queued,
             max_dataset_mb=self.max_dataset_mb,
         )
+
+
+class HomeUnavailable:
+    """Stands in for the job runner when the home cannot hold runs (read-only, full): every use says why."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    def __getattr__(self, name: str) -> Any:
+        raise StoreUnavailable(self.message)
 
 
 @dataclass

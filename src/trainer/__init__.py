@@ -10,7 +10,16 @@ session or a worker does. The layers below (docs/architecture.md): `planning` an
 from .engine.inference import Generation, ModelInfo, ModelSession
 from .environment.mlx_env import use_mlx_env
 from .environment.preload import reexec_with_preloads
-from .errors import ConfigError, InvalidTransition, ModelError, RunConflict, RunNotFound, TrainerError
+from .errors import (
+    CheckpointWriteError,
+    ConfigError,
+    InvalidTransition,
+    ModelError,
+    RunConflict,
+    RunNotFound,
+    StoreUnavailable,
+    TrainerError,
+)
 from .lifecycle.cues import RunUpdate
 from .lifecycle.events import (
     Checkpoint,
@@ -38,6 +47,7 @@ __all__ = [
     "DEFAULT_SAMPLE_INTERVAL_S",
     "HOME_ENV",
     "Checkpoint",
+    "CheckpointWriteError",
     "ConfigError",
     "Event",
     "Failed",
@@ -69,6 +79,7 @@ __all__ = [
     "RunSnapshot",
     "RunStore",
     "RunUpdate",
+    "StoreUnavailable",
     "TrainReport",
     "TrainerError",
     "ValReport",

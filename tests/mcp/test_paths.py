@@ -78,3 +78,37 @@ async def test_an_adapter_dir_never_overwrites_another_runs_adapter(allowed: dic
             )
         after = await client.call_tool("start_qlora_run", {"config": {**base, "adapter_dir": shared}})
         assert after.is_error and "already holds an adapter" in after.content[0].text
+
+
+async def test_a_read_only_home_still_answers_and_the_run_tools_say_why(tmp_path: Path, tiny_model: Path) -> None:
+    """A home on a read-only filesystem (bind-mounted read-only in a private mount namespace): the server answers
+    initialize, the model tools work, and every run tool is an error naming the home and --home."""
+    import os
+    import subprocess
+    import sys
+
+    import anyio
+
+    from mcp import StdioServerParameters
+    from tests.conftest import REPO
+
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-Urm", "true"], check=False).returncode:
+        pytest.skip("user namespaces are not available here, so no read-only mount can be made")
+    home = tmp_path / "home"
+    home.mkdir()
+    mount = 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$1" -m mcp_local --home "$0" --root "$2"'
+    params = StdioServerParameters(
+        command="unshare",
+        args=["-Urm", "sh", "-c", mount, str(home), sys.executable, str(tmp_path.parent.parent)],
+        env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(REPO / "src")},
+    )
+    with anyio.fail_after(60):
+        async with Client(params, mode="legacy") as client:
+            tools = (await client.list_tools()).tools
+            assert {"start_qlora_run", "list_runs"} <= {t.name for t in tools}
+            for name, arguments in (("list_runs", {}), ("run_status", {"run_id": "x"})):
+                result = await client.call_tool(name, arguments)
+                text = result.content[0].text  # type: ignore[union-attr]
+                assert result.is_error and f"home {home} cannot hold runs" in text and "--home" in text, text
+            loaded = await client.call_tool("load_model", {"path": str(tiny_model)})
+            assert not loaded.is_error, loaded.content

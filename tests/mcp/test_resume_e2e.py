@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -67,9 +68,7 @@ async def test_killed_and_cancelled_runs_resume_to_the_uninterrupted_runs_adapte
     async with Client(server_params(tmp_path / "home"), mode="legacy") as client:
 
         async def start() -> str:
-            started = await client.call_tool("start_qlora_run", {"config": _config(tiny_model, data)})
-            assert not started.is_error, started.content
-            return str(started.structured_content["run_id"])  # type: ignore[index]
+            return await _start(client, _config(tiny_model, data))
 
         whole = await _until(client, await start(), _final)
         assert whole["state"] == "succeeded", whole["error"]
@@ -113,6 +112,34 @@ async def test_killed_and_cancelled_runs_resume_to_the_uninterrupted_runs_adapte
 
         again = await client.call_tool("resume_run", {"run_id": killed})
         assert again.is_error and "already succeeded" in again.content[0].text  # type: ignore[union-attr]
+
+
+async def _start(client: Client, config: dict[str, Any]) -> str:
+    started = await client.call_tool("start_qlora_run", {"config": config})
+    assert not started.is_error, started.content
+    return str(started.structured_content["run_id"])  # type: ignore[index]
+
+
+async def test_a_server_killed_mid_run_leaves_training_that_ends_with_the_uninterrupted_adapter(
+    tmp_path: Path, tiny_model: Path, tiny_data: Path
+) -> None:
+    home, config = tmp_path / "home", _config(tiny_model, tiny_data)
+    async with Client(server_params(home), mode="legacy") as client:
+        whole = await _until(client, await _start(client, config), _final)
+    found: dict[str, Any] = {}
+    with suppress(Exception):  # the killed server's pipes break under the client
+        async with Client(server_params(home), mode="legacy") as client:
+            found["run_id"] = run_id = await _start(client, config)
+            await _until(client, run_id, lambda s: s["iteration"] >= 10)
+            server = (await client.call_tool("profile_memory", {})).structured_content["server"]  # type: ignore[index]
+            psutil.Process(server["pid"]).send_signal(signal.SIGKILL)
+            await anyio.sleep(30)
+    async with Client(server_params(home), mode="legacy") as client:
+        status = await _until(client, found["run_id"], _final)
+    assert status["state"] == "succeeded" and status["attempt"] == 1, status["error"]
+    adapter, reference = _adapter(status), _adapter(whole)
+    assert all(mx.array_equal(adapter[k], reference[k]).item() for k in reference)
+    assert _losses(Path(status["run_dir"])) == _losses(Path(whole["run_dir"]))
 
 
 def _worker_pid(run_dir: Path) -> int:

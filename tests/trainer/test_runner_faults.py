@@ -152,11 +152,13 @@ async def test_runs_left_running_by_a_dead_server_are_orphaned_and_queued_ones_r
     job.state, job.ended_at, job.error = JobState.RUNNING, None, None
     job.started_at = (job.started_at or 0) - 120  # long enough ago that its missing lease means a dead worker
     store.save(job)
+    events = Path(job.run_dir, "events.jsonl")  # and a worker that died before it could write its end
+    events.write_text("".join(line for line in events.read_text().splitlines(True) if '"stopped"' not in line))
     queued_job = store.get(queued.id)
     queued_job.state, queued_job.ended_at, queued_job.error = JobState.QUEUED, None, None
     store.save(queued_job)
     async with fake_runner(tmp_path, "succeed") as runner:
-        orphan = runner.get(running.id)
+        orphan = await runner.wait_until_done(running.id, 5)  # its events read to their end: no end written
         assert orphan.state is JobState.FAILED and orphan.error and orphan.error.kind is FailureKind.ORPHANED
         resumed = await runner.wait_until_done(queued.id, START_TIMEOUT)
     assert resumed.state is JobState.SUCCEEDED

@@ -152,20 +152,21 @@ class JobRunner(RunViews):
         return tracked
 
     def _adopt(self, tracked: Tracked) -> None:
-        """Follow a run another runner started (or left): from its first event, while its worker lives."""
+        """Follow a run another runner started (or left): from its first event, while its worker lives. A worker
+        that is gone already is read to its end: what it wrote says how it ended, and nothing means `orphaned`."""
         assert self._tg is not None
         job = tracked.job
         started = job.started_at or time.time()
         lease = read_lease(self.store, job.id)
         never_started = lease is None and time.time() - started > START_GRACE_S
+        tracked.following = True
         if never_started or (lease is not None and not lease.alive()):
             message = (
                 f"the worker of this run is gone and no server saw it end (at iteration {job.iteration}); "
                 f"{last_checkpoint(job)}"
             )
-            self._finish(tracked, JobState.FAILED, JobError(kind=FailureKind.ORPHANED, message=message))
+            self._tg.start_soon(self._follow, tracked, Liveness(lambda: None, claimed_at=0.0), message)
             return
-        tracked.following = True
         liveness = Liveness(lambda: read_lease(self.store, job.id), claimed_at=started)
         self._tg.start_soon(self._follow, tracked, liveness)
         log.info("run %s: following the worker %s", job.id, lease.pid if lease else "(starting)")
@@ -327,7 +328,9 @@ class JobRunner(RunViews):
         finally:
             worker.close()
 
-    async def _follow(self, tracked: Tracked, liveness: Liveness) -> None:
+    async def _follow(self, tracked: Tracked, liveness: Liveness, orphaned: str | None = None) -> None:
+        """Apply the run's events until its worker is gone, then record how it ended (`orphaned`: the message for
+        a worker found gone that wrote no end)."""
         job = tracked.job
         run_dir = Path(job.run_dir)
 
@@ -339,6 +342,9 @@ class JobRunner(RunViews):
                 self._touch(tracked, aspects)
 
         last = await follow_events(job.id, run_dir / "events.jsonl", liveness, apply, attempt=job.attempt)
+        if last is None and orphaned is not None:
+            self._finish(tracked, JobState.FAILED, JobError(kind=FailureKind.ORPHANED, message=orphaned))
+            return
         cancelled = tracked.cancel_requested or self.store.cancel_requested(job.id)
         ending = Ending(last, liveness.exit_code, cancelled, tracked.shutting_down, stderr_tail(run_dir))
         state, error = final_outcome(tracked.job, ending)
