@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections import deque
 from pathlib import Path
 
@@ -28,6 +29,14 @@ def last_seq(run_dir: Path) -> int:
     """The highest `seq` in the run's events.jsonl (0 when none): a resumed run's next worker continues after it."""
     events = read_events(run_dir)
     return max((event.seq for event in events), default=0)
+
+
+def disk_free(run_dir: Path) -> int | None:
+    """Free bytes on the filesystem of the run folder (None when it cannot be told)."""
+    try:
+        return shutil.disk_usage(run_dir).free
+    except OSError:
+        return None
 
 
 def stderr_tail(run_dir: Path, lines: int = TAIL_LINES) -> str:

@@ -36,7 +36,7 @@ from .jobs import FailureKind, Job, JobError, JobState, RunSnapshot
 from .leases import SchedulerElection, read_lease
 from .process import WorkerProcess, signal_group, stop_group
 from .resume import ResumePlan, plan_resume
-from .run_log import read_events, stderr_tail
+from .run_log import disk_free, read_events, stderr_tail
 from .store import RunStore
 from .tracking import Ending, RunAspect, apply_event, final_outcome, last_checkpoint
 from .views import RunViews, Tracked
@@ -346,7 +346,9 @@ class JobRunner(RunViews):
             self._finish(tracked, JobState.FAILED, JobError(kind=FailureKind.ORPHANED, message=orphaned))
             return
         cancelled = tracked.cancel_requested or self.store.cancel_requested(job.id)
-        ending = Ending(last, liveness.exit_code, cancelled, tracked.shutting_down, stderr_tail(run_dir))
+        ending = Ending(
+            last, liveness.exit_code, cancelled, tracked.shutting_down, stderr_tail(run_dir), disk_free(run_dir)
+        )
         state, error = final_outcome(tracked.job, ending)
         if state is JobState.SUCCEEDED:
             tracked.job.iteration = tracked.job.iters

@@ -122,13 +122,19 @@ class RunStore:
     def create(self, job: Job, prepared_json: str | None = None) -> None:
         """Write the run folder and its record together: either both exist afterwards or neither does."""
         folder = Path(job.run_dir)
-        folder.mkdir(parents=True)
+        try:
+            folder.mkdir(parents=True)
+        except OSError as exc:
+            raise StoreUnavailable(f"could not create the run folder {folder}: {exc.strerror or exc}") from exc
         try:
             (folder / "config.json").write_text(job.config.model_dump_json(indent=2), encoding="utf-8")
             if prepared_json is not None:
                 (folder / "prepared.json").write_text(prepared_json, encoding="utf-8")
             with self._transaction() as db:
                 db.execute(f"INSERT INTO runs ({_COLUMNS}) VALUES ({', '.join('?' * 15)})", _row(job))
+        except OSError as exc:  # a full or read-only disk: nothing of the run is left
+            shutil.rmtree(folder, ignore_errors=True)
+            raise StoreUnavailable(f"could not write the run folder {folder}: {exc.strerror or exc}") from exc
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise

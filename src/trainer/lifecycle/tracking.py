@@ -29,6 +29,8 @@ from .events import (
 )
 from .jobs import FailureKind, Job, JobError, JobState
 
+#: a filesystem with less free space than this is full, as far as a worker that must write its events is concerned
+DISK_FULL_BYTES = 1 << 20
 #: memory samples kept per run in memory (at 0.5 s, the last 16 minutes); events.jsonl keeps them all
 MEMORY_RING = 2000
 
@@ -107,6 +109,7 @@ class Ending:
     cancel_requested: bool = False
     shutting_down: bool = False
     stderr_tail: str = ""
+    disk_free_bytes: int | None = None  # on the run folder's filesystem, when the worker ended
 
 
 def final_outcome(job: Job, ending: Ending) -> tuple[JobState, JobError | None]:
@@ -132,6 +135,13 @@ def final_outcome(job: Job, ending: Ending) -> tuple[JobState, JobError | None]:
             f"{job.iteration}; the adapter so far is in {where}; {last_checkpoint(job)}"
         )
         return JobState.FAILED, JobError(kind=FailureKind.INTERRUPTED, message=message, exit_code=code)
+    if ending.disk_free_bytes is not None and ending.disk_free_bytes < DISK_FULL_BYTES:
+        message = (
+            f"the worker ended without reporting a result while the disk holding {job.run_dir} was full "
+            f"({ending.disk_free_bytes} bytes free): it could not write its events or checkpoints; free space, then "
+            f"{last_checkpoint(job)}"
+        )
+        return JobState.FAILED, JobError(kind=FailureKind.STORAGE, message=message, exit_code=code)
     crash = crash_error(code, Path(job.run_dir), ending.stderr_tail)
     return JobState.FAILED, crash.model_copy(update={"message": f"{crash.message}; {last_checkpoint(job)}"})
 
