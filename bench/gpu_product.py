@@ -71,7 +71,9 @@ def _lora_layers(model: Path) -> int:
     return min(16, int(json.loads((model / "config.json").read_text())["num_hidden_layers"]))
 
 
-def product(model: Path, data: Path, batch: int, seq: int, iters: int, layerwise: bool) -> dict[str, Any]:
+def product(
+    model: Path, data: Path, batch: int, seq: int, iters: int, layerwise: bool, interval: float | None = None
+) -> dict[str, Any]:
     home = Path(tempfile.mkdtemp(prefix="product-home-"))
     config = {
         "model": str(model),
@@ -89,6 +91,7 @@ def product(model: Path, data: Path, batch: int, seq: int, iters: int, layerwise
         "chunked_loss": layerwise,
         "memory_budget_gb": 120,
         "allow_over_budget": True,
+        "memory_sample_interval": interval,
     }
     path = home / "config.json"
     path.write_text(json.dumps(config), encoding="utf-8")
