@@ -32,6 +32,8 @@ from trainer.engine.mlx_backend import _add_lora, load_for_training
 from trainer.planning.config import QLoRAConfig
 
 cfg = json.loads(sys.argv[1])
+import trainer.engine.batches as tb
+tb.ALIGN = cfg["align"]
 config = QLoRAConfig.model_validate(cfg["config"])
 mx.random.seed(0)
 model, tokenizer, _ = load_for_training(config)
@@ -62,10 +64,12 @@ print(json.dumps({"tok_s_mean": tokens / statistics.mean(steady), "tok_s_min": t
 """
 
 
-def in_process(model: Path, data: Path, batch: int, seq: int, iters: int, fixed: bool) -> dict[str, Any]:
+def in_process(
+    model: Path, data: Path, batch: int, seq: int, iters: int, fixed: bool, align: int = 32
+) -> dict[str, Any]:
     config = {"model": str(model), "data": str(data), "iters": iters, "batch_size": batch, "max_seq_length": seq}
     config["num_layers"] = _lora_layers(model)
-    payload = json.dumps({"config": config, "fixed": fixed})
+    payload = json.dumps({"config": config, "fixed": fixed, "align": align})
     done = subprocess.run([sys.executable, "-c", IN_PROCESS, payload], capture_output=True, text=True)
     if done.returncode:
         return {"error": done.stderr[-800:]}
@@ -79,6 +83,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--out", default=None)
     parser.add_argument("--shape", default="qwen2.5-coder-7b")
+    parser.add_argument("--in-process-only", action="store_true")
     args = parser.parse_args()
     work = Path(args.work)
     model = work / "model"
@@ -90,8 +95,11 @@ def main() -> None:
         p.name for p in Path("/usr/lib/x86_64-linux-gnu").glob("*") if "tcmalloc" in p.name or "blas" in p.name
     )
     report({"preloadable": libs}, args.out)
-    for name, fixed in (("in-process, our loop's batches", False), ("in-process, one fixed batch", True)):
-        report({"variant": name, **in_process(model, data, batch, seq, args.iters, fixed)}, args.out)
+    for align in (1, 32):  # 1: MLX-LM's batches as they come (2047 inputs at 2048)
+        got = in_process(model, data, batch, seq, args.iters, fixed=True, align=align)
+        report({"variant": f"in-process, inputs padded to a multiple of {align}", **got}, args.out)
+    if args.in_process_only:
+        return
     variants: dict[str, dict[str, str]] = {
         "product as is": {},
         "product, memory samples every 60 s": {"__interval": "60"},

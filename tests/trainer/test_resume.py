@@ -111,3 +111,15 @@ def test_a_layerwise_run_resumes_bit_for_bit(tiny_model: Path, small_data: Path,
         mx.array_equal(a, b).item()
         for a, b in zip(_adapter(tmp_path / "parts").values(), _adapter(tmp_path / "whole").values(), strict=True)
     )
+
+
+def test_batches_are_padded_to_aligned_inputs_and_the_padding_is_masked() -> None:
+    """MLX-LM caps a batch at max_seq_length (2047 inputs for 2048-token records), which GPU kernels run slowly."""
+    from trainer.engine.batches import ALIGN, aligned
+
+    tokens, lengths = mx.ones((2, 2048), dtype=mx.int32), mx.array([[0, 2048], [0, 1000]])
+    padded, same = aligned((tokens, lengths))
+    assert padded.shape == (2, 2049) and (padded.shape[1] - 1) % ALIGN == 0 and same is lengths
+    assert padded[:, -1].tolist() == [0, 0] and mx.array_equal(padded[:, :2048], tokens).item()
+    already = (mx.ones((1, 33), dtype=mx.int32), lengths[:1])
+    assert aligned(already) is already

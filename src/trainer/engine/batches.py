@@ -13,6 +13,19 @@ from typing import Any
 
 #: seeds validation passes from the run's seed, apart from every epoch's
 _VALIDATION = 1 << 31
+#: a batch's inputs (its length less one) are padded to a multiple of this. MLX-LM pads them so, but then caps the
+#: length at max_seq_length: 2048-token records at max_seq_length 2048 give 2047 inputs, which run markedly slower
+#: on CUDA than 2048 (docs/benchmarks.md). The padding is masked out of the loss like any other.
+ALIGN = 32
+
+
+def aligned(batch: Any) -> Any:
+    """The batch with its token array padded (with zeros, masked by its lengths) to ALIGN inputs."""
+    import mlx.core as mx
+
+    tokens, lengths = batch
+    extra = -(tokens.shape[1] - 1) % ALIGN
+    return batch if extra == 0 else (mx.pad(tokens, [(0, 0), (0, extra)]), lengths)
 
 
 def batches_per_epoch(dataset: Any, batch_size: int) -> int:
@@ -42,7 +55,7 @@ def training_batches(
             if index < skip:
                 continue
             step += 1
-            yield step, batch
+            yield step, aligned(batch)
         epoch, skip = epoch + 1, 0
 
 
@@ -53,6 +66,6 @@ def validation_batches(seed: int) -> Any:
     def batches(dataset: Any, batch_size: int, max_seq_length: int, **kw: Any) -> Iterator[Any]:
         kw.pop("loop", None)
         kw["seed"] = [seed, _VALIDATION]
-        return iterate_batches(dataset, batch_size, max_seq_length, loop=False, **kw)  # type: ignore[no-any-return]
+        return (aligned(b) for b in iterate_batches(dataset, batch_size, max_seq_length, loop=False, **kw))
 
     return batches
