@@ -15,7 +15,7 @@ from mlx_lm.tuner.trainer import default_loss
 from tests.conftest import tiny_run_config
 from tests.trainer.test_fastpath import VOCAB, _model
 from trainer import JobRunner, JobState, RunStore
-from trainer.engine.layerwise import block_seeds, layerwise_value_and_grad
+from trainer.engine.layerwise import block_seeds, layerwise_value_and_grad, make_layerwise_eval_loss
 from trainer.engine.losses import cross_entropy_for
 
 pytestmark = pytest.mark.slow  # trains or builds kernels: seconds to minutes
@@ -73,6 +73,17 @@ def test_layerwise_gradients_equal_the_one_graph_step(
     assert set(got) == set(expected) and len(got) == 14 * lora_layers
     for name, grad in expected.items():
         assert mx.allclose(got[name], grad, rtol=1e-3, atol=1e-5).item(), name
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_the_layerwise_validation_loss_is_the_one_graph_loss(fast: bool) -> None:
+    """Evaluation block by block (so it peaks no higher than a layerwise step) computes the same loss."""
+    model: Any = _model(fast, dense=False, lora_layers=2, dropout=0.0)
+    model.eval()
+    batch, lengths = _batch()
+    loss, ntoks = default_loss(model, batch, lengths)
+    lw_loss, lw_ntoks = make_layerwise_eval_loss(cross_entropy_for(fast), chunk_tokens=100)(model, batch, lengths)
+    assert lw_loss.item() == pytest.approx(loss.item(), rel=1e-5) and lw_ntoks.item() == ntoks.item()
 
 
 async def test_a_layerwise_run_trains_like_the_default_step_and_saves_its_adapter(

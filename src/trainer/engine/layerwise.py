@@ -247,3 +247,34 @@ def layerwise_value_and_grad(
     queue.submit(loss, grad_h)
     grads = blocks.backward(kept, grad_h, queue)
     return loss, ntoks, tree_unflatten(grads)
+
+
+def make_layerwise_eval_loss(ce: CrossEntropy = cross_entropy, chunk_tokens: int = LOSS_CHUNK_TOKENS) -> Any:
+    """The validation loss computed as the layerwise step computes its forward pass: block by block, each evaluated
+    before the next, then the head in chunks. A whole-model forward in one graph peaked 25-35% over a layerwise run's
+    prediction on CUDA (docs/benchmarks.md); this way an evaluation pass peaks no higher than a training step."""
+    from mlx_lm.models.base import create_attention_mask
+
+    def layerwise_eval_loss(model: Any, batch: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
+        inner, head = model.model, head_of(model)
+        assert head is not None, "check supports_layerwise(model) first"
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        steps = mx.arange(1, targets.shape[1] + 1)
+        mask = mx.logical_and(steps >= lengths[:, 0:1], steps <= lengths[:, 1:])
+        h = inner.embed_tokens(inputs)
+        attention_mask = create_attention_mask(h, None)
+        for layer in inner.layers:
+            h = layer(h, attention_mask, None)
+            mx.eval(h)
+        h = inner.norm(h)
+        total = mx.array(0.0, dtype=mx.float32)
+        per_row = max(1, chunk_tokens // targets.shape[0])
+        for start in range(0, targets.shape[1], per_row):
+            stop = start + per_row
+            part = ce(head(h[:, start:stop]), targets[:, start:stop]) * mask[:, start:stop]
+            total = total + part.astype(mx.float32).sum()
+            mx.eval(total)
+        ntoks = mask.sum()
+        return total / ntoks, ntoks
+
+    return layerwise_eval_loss

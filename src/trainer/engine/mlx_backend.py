@@ -154,18 +154,18 @@ def _step_and_eval_loss(config: QLoRAConfig, model: Any, optimizer: Any) -> tupl
     """The run's training step (MLX-LM's compiled step with our loss, or the layerwise step) and its validation loss.
     Built after a checkpoint's optimizer state is loaded: the compiled step captures that state."""
     from ..planning.device import fast_path_on
-    from .losses import cross_entropy_for, make_chunked_loss, training_loss
+    from .losses import cross_entropy_for, training_loss
 
     fast = fast_path_on(config.fast_path)
     if not config.layerwise:
         loss = training_loss(fast, config.chunked_loss)
         return fused_step(model, optimizer, loss, config.grad_checkpoint), loss
-    from .layerwise import LOSS_CHUNK_TOKENS, supports_layerwise
+    from .layerwise import make_layerwise_eval_loss, supports_layerwise
 
     if not supports_layerwise(model):
         raise ConfigError(f"layerwise=true is not supported for {type(model).__module__}; set it to false")
     ce = cross_entropy_for(fast)
-    return layerwise_step(model, optimizer, ce), make_chunked_loss(LOSS_CHUNK_TOKENS, ce=ce)
+    return layerwise_step(model, optimizer, ce), make_layerwise_eval_loss(ce)
 
 
 def _add_lora(config: QLoRAConfig, model: Any) -> int:
