@@ -6,6 +6,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -156,3 +157,39 @@ def test_a_prompt_longer_than_the_models_context_is_refused(tiny_model: Path) ->
     session.load(str(tiny_model))
     with pytest.raises(ConfigError, match=r"more than the model's context of 1024 tokens"):
         session.generate("add " * 2000, max_tokens=8)
+
+
+async def test_the_watchdog_stops_a_run_whose_evaluation_alone_passes_its_budget(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    """Short training records, long validation records: the evaluation pass is the run's peak. With a budget between
+    the training steps' peak and the evaluation's, the run is stopped in its evaluation phase."""
+    import json
+    import random
+
+    rng = random.Random(0)
+    words = "def return value list index count total result items adding write".split()
+    data = {}
+    for name, valid_words in (("short", 0), ("long", 600)):
+        folder = tmp_path / name
+        folder.mkdir()
+        lines = [json.dumps({"text": " ".join(rng.choice(words) for _ in range(12))}) for _ in range(16)]
+        (folder / "train.jsonl").write_text("\n".join(lines) + "\n")
+        if valid_words:
+            long = [json.dumps({"text": " ".join(rng.choice(words) for _ in range(valid_words))}) for _ in range(24)]
+            (folder / "valid.jsonl").write_text("\n".join(long) + "\n")
+        data[name] = folder
+    settings = {"iters": 6, "steps_per_eval": 3, "val_batches": -1, "max_seq_length": 1024, "allow_over_budget": True}
+    async with JobRunner(RunStore(tmp_path / "home")) as runner:
+
+        async def run(name: str, **extra: Any) -> Any:
+            config = tiny_run_config(tiny_model, data[name], memory_sample_interval=0.05, **settings, **extra)
+            return await runner.wait_until_done((await runner.submit(config)).id, 300)
+
+        training_only, with_evaluation = await run("short"), await run("long")
+        train_peak, eval_peak = training_only.metrics.peak_memory_gb, with_evaluation.metrics.peak_memory_gb
+        assert training_only.state is JobState.SUCCEEDED and with_evaluation.state is JobState.SUCCEEDED
+        assert eval_peak > 1.5 * train_peak, (train_peak, eval_peak)
+        stopped = await run("long", memory_budget_gb=(train_peak + eval_peak) / 2)
+    assert stopped.state is JobState.FAILED and stopped.error and stopped.error.kind.value == "memory_budget"
+    assert stopped.phase is not None and stopped.phase.value == "evaluating", stopped.phase
