@@ -47,3 +47,16 @@ def tiny_run_config(model: Path, data: Path, /, **overrides: Any) -> dict[str, A
         "val_batches": 5,
     }
     return {**base, **overrides}
+
+
+def user_namespaces() -> bool:
+    """Whether `unshare -Urm` works here (for tests that mount a small or read-only filesystem). Run without
+    LD_PRELOAD: a preloaded OpenBLAS starts threads, and a threaded process cannot enter a new user namespace."""
+    import os
+    import shutil
+    import subprocess
+
+    if shutil.which("unshare") is None:
+        return False
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    return subprocess.run(["unshare", "-Urm", "true"], env=env, check=False).returncode == 0

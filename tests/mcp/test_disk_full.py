@@ -16,6 +16,7 @@ import anyio
 import pytest
 
 from mcp import Client, StdioServerParameters
+from tests.conftest import user_namespaces
 from tests.trainer.helpers import config, fake_env
 
 pytestmark = pytest.mark.slow
@@ -44,7 +45,9 @@ def _fill(folder: Path) -> Path:
     return filler
 
 
-@pytest.mark.skipif(not _available(), reason="user namespaces are not available, so no small filesystem can be mounted")
+@pytest.mark.skipif(
+    not user_namespaces(), reason="user namespaces are not available, so no small filesystem can be mounted"
+)
 async def test_a_full_disk_fails_the_run_by_name_and_the_server_and_database_survive(
     tmp_path: Path, fake_model: Path, tiny_data: Path
 ) -> None:

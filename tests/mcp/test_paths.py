@@ -84,15 +84,14 @@ async def test_a_read_only_home_still_answers_and_the_run_tools_say_why(tmp_path
     """A home on a read-only filesystem (bind-mounted read-only in a private mount namespace): the server answers
     initialize, the model tools work, and every run tool is an error naming the home and --home."""
     import os
-    import subprocess
     import sys
 
     import anyio
 
     from mcp import StdioServerParameters
-    from tests.conftest import REPO
+    from tests.conftest import REPO, user_namespaces
 
-    if shutil.which("unshare") is None or subprocess.run(["unshare", "-Urm", "true"], check=False).returncode:
+    if not user_namespaces():
         pytest.skip("user namespaces are not available here, so no read-only mount can be made")
     home = tmp_path / "home"
     home.mkdir()

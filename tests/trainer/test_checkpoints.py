@@ -3,7 +3,6 @@ checkpoint that loads wrong, and the previous one always still loads."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, user_namespaces
 from trainer.errors import CheckpointWriteError
 from trainer.lifecycle.checkpoints import (
     KEEP,
@@ -91,7 +90,7 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path: Path) -> None:
 
 def test_a_full_disk_is_a_named_error_and_the_previous_checkpoint_and_file_stay(tmp_path: Path) -> None:
     """A real ENOSPC: a 1 MB tmpfs mounted in a private mount namespace (no root needed where user namespaces are)."""
-    if shutil.which("unshare") is None or subprocess.run(["unshare", "-Urm", "true"], check=False).returncode:
+    if not user_namespaces():
         pytest.skip("user namespaces are not available here, so no small filesystem can be mounted")
     small = tmp_path / "small"
     small.mkdir()
