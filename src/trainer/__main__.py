@@ -122,7 +122,20 @@ def main(argv: list[str] | None = None) -> int:
     except TrainerError as exc:
         log.error("error: %s", exc)
         return 2
+    except BaseExceptionGroup as group:  # raised inside the runner's task group: still the user's to fix
+        mine = group.subgroup(TrainerError)
+        if mine is None:
+            raise
+        log.error("error: %s", _first(mine))
+        return 2
     return 0
+
+
+def _first(group: BaseExceptionGroup[TrainerError]) -> BaseException:
+    first: BaseException = group
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    return first
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 import subprocess
 import sys
@@ -112,6 +113,15 @@ def test_cli_runs_the_tiny_example_with_progress(tmp_path: Path) -> None:
         [sys.executable, "-m", "trainer", "--home", str(home), "list"], capture_output=True, text=True, check=True
     )
     assert "succeeded" in listing.stdout and "iteration 60/60" in listing.stdout
+    run_id = json.loads(run.stdout)["id"]
+    for args, expected in (
+        (["resume", run_id], f"run {run_id} already succeeded"),
+        (["resume", "nope"], "no run with id 'nope'"),
+    ):
+        refused = subprocess.run(
+            [sys.executable, "-m", "trainer", "--home", str(home), *args], capture_output=True, text=True, timeout=120
+        )
+        assert refused.returncode == 2 and expected in refused.stderr and "Traceback" not in refused.stderr
 
 
 def test_a_non_finite_loss_report_stops_the_run_as_diverged() -> None:
