@@ -165,3 +165,28 @@ def test_the_build_key_follows_the_sources(monkeypatch: pytest.MonkeyPatch, tmp_
         (tmp_path / name).write_bytes((decode_kernel.SOURCE_DIR / name).read_bytes() + b"\n")
     monkeypatch.setattr(decode_kernel, "SOURCE_DIR", tmp_path)
     assert decode_kernel.build_key() != before
+
+
+def test_the_kernels_are_used_only_where_they_measured_faster_than_mlx(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Measured once per machine by the build command (the set-up scripts run it): our kernels against MLX's own
+    operations, decoding a random model of SmolLM2's shape. This machine's numbers are in the log."""
+    from trainer.engine.decode_choice import DecodeChoice, measure, recorded
+
+    kernel_dir = decode_kernel.kernel_path().parent
+    choice = recorded(kernel_dir) or measure(kernel_dir)
+    logging.getLogger(__name__).warning(
+        "decode here: kernels %s, MLX %s tokens/s", choice.kernel_tok_s, choice.mlx_tok_s
+    )
+    decode_kernel.load.cache_clear()
+    try:
+        assert (decode_kernel.load() is not None) == choice.use_kernel
+        slower = DecodeChoice(kernel_tok_s=5.0, mlx_tok_s=10.0)  # a CPU where the kernels lose
+        monkeypatch.setattr(decode_kernel, "recorded", lambda _dir: slower)
+        decode_kernel.load.cache_clear()
+        with caplog.at_level(logging.WARNING, logger="trainer.engine.decode_kernel"):
+            assert decode_kernel.load() is None
+        assert "measured slower than MLX's own operations" in caplog.text and "5.0 against 10.0" in caplog.text
+    finally:
+        decode_kernel.load.cache_clear()

@@ -6,7 +6,8 @@ small operations each, whose scheduling cost more than their arithmetic. Our ker
 make each of the others one operation. They are C++ MLX primitives, so they must be compiled against the MLX that is
 installed: we build them with CMake and the C++ compiler the first time they are needed (7-10 s), keyed by everything
 that makes a build differ, in the user's cache folder. Where that cannot work (no compiler, another OS) decode falls
-back to MLX's operations, with one warning naming why.
+back to MLX's operations, with one warning naming why. Where the kernels measured slower than MLX's own operations
+when they were built (decode_choice.py), they are not used either.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from types import ModuleType
 from typing import Any
 
 from ..errors import KernelBuildError
+from .decode_choice import measure, recorded
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +173,17 @@ def load() -> ModuleType | None:
         log.info("CPU decode kernel off (%s)", KERNEL_ENV)
         return None
     try:
-        return import_kernel(kernel_path())
+        path = kernel_path()
+        choice = recorded(path.parent)
+        if choice is not None and not choice.use_kernel:
+            log.warning(
+                "CPU decode kernels measured slower than MLX's own operations on this machine when they were built "
+                "(%.1f against %.1f tokens/s): decode uses MLX's",
+                choice.kernel_tok_s,
+                choice.mlx_tok_s,
+            )
+            return None
+        return import_kernel(path)
     except (KernelBuildError, ImportError, OSError) as exc:
         log.warning("CPU decode kernels unavailable, decode uses MLX's own operations, several times slower: %s", exc)
         return None
@@ -189,6 +201,16 @@ def main() -> None:
         log.warning("decode kernel not built: %s", exc)
         return
     log.info("decode kernel: %s", path)
+    choice = recorded(path.parent)
+    if choice is None:  # built now, or by a version that did not measure: decode both ways, once
+        choice = measure(path.parent)
+    verdict = "used" if choice.use_kernel else "not used: MLX's own operations are faster here"
+    log.info(
+        "decode (SmolLM2 shape, random weights): kernels %.1f tokens/s, MLX's own %.1f: %s",
+        choice.kernel_tok_s,
+        choice.mlx_tok_s,
+        verdict,
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,96 @@
+"""Whether our CPU decode kernels beat MLX's own operations on this machine: measured once, when they are built.
+
+On some CPUs (a 2-core Intel Xeon, in issue 13) the kernels decoded slower than the fallback they replace. So the
+build command (`python -m trainer.engine.decode_kernel`, run by the set-up scripts) also decodes a random model of
+SmolLM2's shape both ways, in fresh processes, and records the numbers next to the kernel; `decode_kernel.load`
+uses the kernel only where it was at least as fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from ..environment.preload import preload_env
+
+log = logging.getLogger(__name__)
+CHOICE_FILE = "choice.json"
+#: set in the probes, so the one with the kernel on measures the kernel whatever an earlier choice said
+IGNORE_ENV = "MCP_LOCAL_DECODE_CHOICE"
+PROBE_DIMS = {
+    "model_type": "qwen2",
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "vocab_size": 49152,
+    "tie_word_embeddings": True,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+}
+_PROBE = r"""
+import json, sys, time
+import mlx.core as mx, mlx.nn as nn
+from mlx_lm.generate import generate_step
+from mlx_lm.models import qwen2
+from trainer.engine.fastpath import apply_fast_path
+dims = json.loads(sys.argv[1])
+mx.random.seed(0)
+model = qwen2.Model(qwen2.ModelArgs.from_dict(dims))
+nn.quantize(model, group_size=64, bits=4)
+mx.eval(model.parameters())
+apply_fast_path(model, True)
+prompt = mx.random.randint(0, dims["vocab_size"], (16,), key=mx.random.key(1))
+best = 0.0
+for _ in range(2):
+    steps = generate_step(prompt, model, max_tokens=24)
+    next(steps)
+    start = time.perf_counter()
+    count = sum(1 for _ in steps)
+    best = max(best, count / (time.perf_counter() - start))
+print(json.dumps({"tok_s": best}))
+"""
+
+
+class DecodeChoice(BaseModel):
+    kernel_tok_s: float
+    mlx_tok_s: float
+
+    @property
+    def use_kernel(self) -> bool:
+        return self.kernel_tok_s >= self.mlx_tok_s
+
+
+def _probe(kernel: bool) -> float:
+    # as the server and workers run: with their preloads (OpenBLAS drives MLX's own float32 path)
+    env = {**preload_env(dict(os.environ)), IGNORE_ENV: "ignore", "MCP_LOCAL_DECODE_KERNEL": "on" if kernel else "off"}
+    done = subprocess.run(
+        [sys.executable, "-c", _PROBE, json.dumps(PROBE_DIMS)], capture_output=True, text=True, env=env, timeout=600
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"decode probe failed: {done.stderr[-500:]}")
+    return float(json.loads(done.stdout.strip().splitlines()[-1])["tok_s"])
+
+
+def measure(kernel_dir: Path) -> DecodeChoice:
+    """Decode both ways and record the result next to the kernel."""
+    choice = DecodeChoice(kernel_tok_s=round(_probe(True), 1), mlx_tok_s=round(_probe(False), 1))
+    (kernel_dir / CHOICE_FILE).write_text(choice.model_dump_json(), encoding="utf-8")
+    return choice
+
+
+def recorded(kernel_dir: Path) -> DecodeChoice | None:
+    """The measurement made when the kernel was built (None: none made, or it is being measured now)."""
+    if os.environ.get(IGNORE_ENV) == "ignore":
+        return None
+    try:
+        return DecodeChoice.model_validate_json((kernel_dir / CHOICE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
