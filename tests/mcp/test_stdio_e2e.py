@@ -20,6 +20,7 @@ from mcp.types import ResourceListChangedNotification, ResourceUpdatedNotificati
 
 from mcp import Client, StdioServerParameters
 from tests.conftest import REPO, tiny_run_config
+from tests.mcp.test_tools_in_memory import TOOLS
 
 pytestmark = pytest.mark.slow
 TMP = tempfile.gettempdir()  # pytest's folders, where the tests' models and data are: an allowed root
@@ -199,15 +200,6 @@ def test_the_official_mcp_inspector_cli_drives_the_server(tmp_path: Path, method
     assert out.returncode == 0, out.stderr
     body = json.loads(out.stdout)
     if method == "tools/list":
-        assert {t["name"] for t in body["tools"]} == {
-            "load_model",
-            "generate",
-            "profile_memory",
-            "start_qlora_run",
-            "run_status",
-            "cancel_run",
-            "resume_run",
-            "list_runs",
-        }
+        assert {t["name"] for t in body["tools"]} == TOOLS
     else:
         assert body["isError"] is False and body["structuredContent"]["system_total_gb"] > 0

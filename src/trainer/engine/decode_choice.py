@@ -13,6 +13,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -55,7 +56,7 @@ for _ in range(2):
     start = time.perf_counter()
     count = sum(1 for _ in steps)
     best = max(best, count / (time.perf_counter() - start))
-print(json.dumps({"tok_s": best}))
+open(sys.argv[2], "w").write(json.dumps({"tok_s": best}))
 """
 
 
@@ -71,12 +72,13 @@ class DecodeChoice(BaseModel):
 def _probe(kernel: bool) -> float:
     # as the server and workers run: with their preloads (OpenBLAS drives MLX's own float32 path)
     env = {**preload_env(dict(os.environ)), IGNORE_ENV: "ignore", "MCP_LOCAL_DECODE_KERNEL": "on" if kernel else "off"}
-    done = subprocess.run(
-        [sys.executable, "-c", _PROBE, json.dumps(PROBE_DIMS)], capture_output=True, text=True, env=env, timeout=600
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"decode probe failed: {done.stderr[-500:]}")
-    return float(json.loads(done.stdout.strip().splitlines()[-1])["tok_s"])
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "probe.json"
+        command = [sys.executable, "-c", _PROBE, json.dumps(PROBE_DIMS), str(result)]
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+        if done.returncode != 0:
+            raise RuntimeError(f"decode probe failed: {done.stderr[-500:]}")
+        return float(json.loads(result.read_text(encoding="utf-8"))["tok_s"])
 
 
 def measure(kernel_dir: Path) -> DecodeChoice:

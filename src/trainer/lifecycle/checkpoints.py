@@ -87,17 +87,18 @@ def write_checkpoint(
         files = {}
         for path in sorted(staging.iterdir()):
             doing = f"syncing {path}"
-            files[path.name] = _fsync_and_sum(path)
+            _fsync(path)
+            files[path.name] = _sum(path)
         manifest = Manifest(step=step, config_hash=config_hash, data_hash=data_hash, files=files)
         doing = f"writing {staging / MANIFEST}"
         _write_synced(staging / MANIFEST, manifest.model_dump_json(indent=2).encode())
-        _fsync_dir(staging)
+        _fsync(staging)
         if final.exists():  # a stop right after a save asks for the same step again: keep the one in place
             shutil.rmtree(staging)
             return final
         doing = f"renaming {staging} to {final}"
         os.rename(staging, final)
-        _fsync_dir(root)
+        _fsync(root)
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
         raise CheckpointWriteError(
@@ -105,16 +106,6 @@ def write_checkpoint(
         ) from exc
     _prune(root, keep=KEEP)
     return final
-
-
-def verified_checkpoints(root: Path) -> list[VerifiedCheckpoint]:
-    """Every checkpoint under `root` whose manifest and files verify, newest first."""
-    found = []
-    for folder in sorted(root.glob("[0-9]" * 7), reverse=True):
-        checkpoint = verify(folder)
-        if checkpoint is not None:
-            found.append(checkpoint)
-    return found
 
 
 def newest_verified(root: Path) -> VerifiedCheckpoint | None:
@@ -188,15 +179,6 @@ def _sum(path: Path) -> FileSum:
     return FileSum(size=path.stat().st_size, sha256=digest.hexdigest())
 
 
-def _fsync_and_sum(path: Path) -> FileSum:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return _sum(path)
-
-
 def _write_synced(path: Path, data: bytes) -> None:
     with path.open("wb") as f:
         f.write(data)
@@ -204,7 +186,8 @@ def _write_synced(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """Flush a file's or a folder's contents (a folder: the names in it) to the disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -223,13 +206,9 @@ def replace_file_atomically(path: Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # the suffix kept: MLX appends .safetensors otherwise
     try:
         write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(tmp)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        _fsync(path.parent)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise CheckpointWriteError(
