@@ -63,15 +63,25 @@ open(sys.argv[2], "w").write(json.dumps({"tok_s": best}))
 class DecodeChoice(BaseModel):
     kernel_tok_s: float
     mlx_tok_s: float
+    #: the libraries and OpenBLAS core MLX's own path ran with (a BLAS installed later changes the answer)
+    measured_under: str = ""
 
     @property
     def use_kernel(self) -> bool:
         return self.kernel_tok_s >= self.mlx_tok_s
 
 
-def _probe(kernel: bool) -> float:
+def _probe_env() -> dict[str, str]:
     # as the server and workers run: with their preloads (OpenBLAS drives MLX's own float32 path)
-    env = {**preload_env(dict(os.environ)), IGNORE_ENV: "ignore", "MCP_LOCAL_DECODE_KERNEL": "on" if kernel else "off"}
+    return preload_env(dict(os.environ))
+
+
+def _setting(env: dict[str, str]) -> str:
+    return f"LD_PRELOAD={env.get('LD_PRELOAD', '')} OPENBLAS_CORETYPE={env.get('OPENBLAS_CORETYPE', '')}"
+
+
+def _probe(kernel: bool) -> float:
+    env = {**_probe_env(), IGNORE_ENV: "ignore", "MCP_LOCAL_DECODE_KERNEL": "on" if kernel else "off"}
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "probe.json"
         command = [sys.executable, "-c", _PROBE, json.dumps(PROBE_DIMS), str(result)]
@@ -83,7 +93,9 @@ def _probe(kernel: bool) -> float:
 
 def measure(kernel_dir: Path) -> DecodeChoice:
     """Decode both ways and record the result next to the kernel."""
-    choice = DecodeChoice(kernel_tok_s=round(_probe(True), 1), mlx_tok_s=round(_probe(False), 1))
+    choice = DecodeChoice(
+        kernel_tok_s=round(_probe(True), 1), mlx_tok_s=round(_probe(False), 1), measured_under=_setting(_probe_env())
+    )
     (kernel_dir / CHOICE_FILE).write_text(choice.model_dump_json(), encoding="utf-8")
     return choice
 
@@ -96,3 +108,8 @@ def recorded(kernel_dir: Path) -> DecodeChoice | None:
         return DecodeChoice.model_validate_json((kernel_dir / CHOICE_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+
+
+def stale(choice: DecodeChoice) -> bool:
+    """Whether the choice was measured under other libraries than this machine now preloads."""
+    return choice.measured_under != _setting(_probe_env())

@@ -30,7 +30,7 @@ from types import ModuleType
 from typing import Any
 
 from ..errors import KernelBuildError
-from .decode_choice import measure, recorded
+from .decode_choice import measure, recorded, stale
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ def main() -> None:
         return
     log.info("decode kernel: %s", path)
     choice = recorded(path.parent)
-    if choice is None:  # built now, or by a version that did not measure: decode both ways, once
+    if choice is None or stale(choice):  # built now, or measured under other libraries: decode both ways
         choice = measure(path.parent)
     verdict = "used" if choice.use_kernel else "not used: MLX's own operations are faster here"
     log.info(

@@ -20,7 +20,7 @@ from ..planning.config import QLoRAConfig
 from .batches import training_batches, validation_batches
 from .run_state import LoopState
 
-#: one training step on a batch: (loss, tokens), both evaluated, the model and optimizer updated
+#: one training step on a batch: (loss, tokens), the model and optimizer update dispatched (reading them waits)
 Step = Callable[[Any], tuple[mx.array, mx.array]]
 Loss = Callable[..., tuple[mx.array, mx.array]]
 
@@ -62,7 +62,7 @@ def fused_step(model: Any, optimizer: Any, loss: Loss, grad_checkpoint: bool) ->
 
     def run(batch: Any) -> tuple[mx.array, mx.array]:
         value, toks = step(*batch)
-        mx.eval(state, value, toks)
+        mx.async_eval(state, value, toks)  # the loop prepares the next batch meanwhile
         return value, toks
 
     return run
@@ -77,7 +77,7 @@ def layerwise_step(model: Any, optimizer: Any, ce: Any) -> Step:
     def run(batch: Any) -> tuple[mx.array, mx.array]:
         value, toks, grads = layerwise_value_and_grad(model, batch[0], batch[1], functions=functions, ce=ce)
         optimizer.update(model, grads)
-        mx.eval(model.trainable_parameters(), optimizer.state)
+        mx.async_eval(model.trainable_parameters(), optimizer.state)
         return value, toks
 
     return run
@@ -106,54 +106,69 @@ def train_steps(
 ) -> LoopState:
     """Steps `start.step + 1` .. `config.iters`; returns where it ended. A checkpoint every `save_every` steps
     before the last (the caller saves the final adapter)."""
-    from mlx_lm.tuner.trainer import evaluate
-
     done = LoopState(start.step, start.trained_tokens)
     window = _Window()
     if done.step >= config.iters:
         return done
     model.train()
-    batches = training_batches(train_set, config.batch_size, config.max_seq_length, config.seed, done.step)
-    for it, batch in batches:
+    batches = iter(training_batches(train_set, config.batch_size, config.max_seq_length, config.seed, done.step))
+    it, batch = next(batches)
+    # the training phase's clock: batch preparation, steps and reports count; evaluation and checkpoints do not
+    clock = time.perf_counter()
+    while True:
         hooks.before_step(it)
-        tic = time.perf_counter()
         if val_set is not None and (it == 1 or it % config.steps_per_eval == 0 or it == config.iters):
-            hooks.evaluating()
-            loss = evaluate(
-                model=model,
-                dataset=val_set,
-                batch_size=config.batch_size,
-                num_batches=config.val_batches,
-                max_seq_length=config.max_seq_length,
-                loss=val_loss,
-                iterate_batches=validation_batches(config.seed),
-                progress_callback=hooks.safe_point,
-            )
-            model.train()
-            hooks.val_report({"iteration": it - 1, "val_loss": loss, "val_time": time.perf_counter() - tic})
-            tic = time.perf_counter()
+            window.seconds += time.perf_counter() - clock
+            _evaluate(model, val_set, config, val_loss, hooks, it)
+            clock = time.perf_counter()
         value, toks = step(batch)
+        if it < config.iters:
+            it_next, batch = next(batches)  # prepared while the device computes this step
         window.loss += float(value.item())  # type: ignore[arg-type]
         window.tokens += int(toks.item())  # type: ignore[arg-type]
         window.steps += 1
-        window.seconds += time.perf_counter() - tic
         done = LoopState(it, done.trained_tokens + int(toks.item()))  # type: ignore[arg-type]
         hooks.after_step(done)
         if it % config.steps_per_report == 0 or it == config.iters:
-            hooks.train_report(
-                {
-                    "iteration": it,
-                    "train_loss": window.loss / window.steps,
-                    "learning_rate": optimizer.learning_rate.item(),
-                    "iterations_per_second": window.steps / window.seconds,
-                    "tokens_per_second": window.tokens / window.seconds,
-                    "trained_tokens": done.trained_tokens,
-                    "peak_memory": mx.get_peak_memory() / 1e9,
-                }
-            )
+            window.seconds += time.perf_counter() - clock
+            clock = time.perf_counter()
+            hooks.train_report(_train_report(window, done, optimizer))
             window = _Window()
         if it >= config.iters:
             return done
         if it % config.save_every == 0:
+            window.seconds += time.perf_counter() - clock
             hooks.save(done)
-    return done
+            clock = time.perf_counter()
+        it = it_next
+
+
+def _evaluate(model: Any, val_set: Any, config: QLoRAConfig, val_loss: Loss, hooks: LoopHooks, it: int) -> None:
+    from mlx_lm.tuner.trainer import evaluate
+
+    tic = time.perf_counter()
+    hooks.evaluating()
+    loss = evaluate(
+        model=model,
+        dataset=val_set,
+        batch_size=config.batch_size,
+        num_batches=config.val_batches,
+        max_seq_length=config.max_seq_length,
+        loss=val_loss,
+        iterate_batches=validation_batches(config.seed),
+        progress_callback=hooks.safe_point,
+    )
+    model.train()
+    hooks.val_report({"iteration": it - 1, "val_loss": loss, "val_time": time.perf_counter() - tic})
+
+
+def _train_report(window: _Window, done: LoopState, optimizer: Any) -> dict[str, Any]:
+    return {
+        "iteration": done.step,
+        "train_loss": window.loss / window.steps,
+        "learning_rate": optimizer.learning_rate.item(),
+        "iterations_per_second": window.steps / window.seconds,
+        "tokens_per_second": window.tokens / window.seconds,
+        "trained_tokens": done.trained_tokens,
+        "peak_memory": mx.get_peak_memory() / 1e9,
+    }
