@@ -4,7 +4,11 @@ evaluation, reports, memory sampling and checkpoints), the in-process step bench
 (memory_prediction.measure), and plain `mlx_lm lora` (the CLI) on the same model folder and data. Text records of
 more than SEQ tokens, so that every batch is B x SEQ.
 
-python3 bench/gpu_product.py [--only 1x2048,4x1024] [--iters 30] [--out results.jsonl]   (docs/benchmarks.md)
+and, with --hf, Hugging Face transformers + PEFT + bitsandbytes NF4 on the same shape (bench/gpu_hf_qlora.py, in its own
+process). Ratios to the step benchmark are given against its best step and its mean step (the product's figure is a
+mean over its steady report windows).
+
+python3 bench/gpu_product.py [--only 1x2048,4x1024] [--iters 30] [--hf] [--out results.jsonl]   (docs/benchmarks.md)
 """
 
 from __future__ import annotations
@@ -140,12 +144,22 @@ def plain(model: Path, data: Path, batch: int, seq: int, iters: int) -> dict[str
     return {"tok_s": round(sum(steady) / len(steady), 1), "note": "tokens/s as the CLI prints them"}
 
 
+def hugging_face(size: str) -> dict[str, Any]:
+    """bench/gpu_hf_qlora.py on one size, in its own process (torch and MLX do not share the GPU's memory)."""
+    script = Path(__file__).with_name("gpu_hf_qlora.py")
+    done = subprocess.run([sys.executable, str(script), "--only", size], capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"error": done.stderr[-800:]}
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", default="1x2048,4x1024")
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--hf", action="store_true", help="also HF + PEFT + bitsandbytes (needs torch and those)")
     parser.add_argument("--shape", default=SHAPE, choices=list(SHAPES), help="another shape to try the script")
     parser.add_argument("--work", default=None, help="a folder kept between calls: its model is built once")
     args = parser.parse_args()
@@ -156,6 +170,7 @@ def main() -> None:
         build_model(model, args.shape)
     report({"built_model_s": round(time.perf_counter() - tic, 1), "shape": args.shape}, args.out)
     ours_env = mlx_env(dict(os.environ), Path(tempfile.mkdtemp(prefix="step-home-")))
+    products: dict[tuple[str, str], float] = {}
     for size in args.only.split(","):
         batch, seq = (int(v) for v in size.split("x"))
         data = build_data(work / f"data-{seq}", words_per_record=seq)
@@ -168,18 +183,21 @@ def main() -> None:
             step["predicted_gb"] = round(predict({**case, "layerwise": layerwise}, 2, True), 2)
             report({"size": size, "mode": name, "row": "step", **step}, args.out)
             if "tok_s" in got and "tok_s" in step:
-                report(
-                    {"size": size, "mode": name, "product_over_step": round(got["tok_s"] / step["tok_s"], 3)}, args.out
-                )
-        report(
-            {
-                "size": size,
-                "mode": "plain mlx_lm lora CLI",
-                "row": "plain",
-                **plain(model, data, batch, seq, args.iters),
-            },
-            args.out,
-        )
+                ratios = {
+                    "over_step_best": got["tok_s"] / step["tok_s"],
+                    "over_step_mean": got["tok_s"] / step["tok_s_mean"],
+                }
+                products[(size, name)] = got["tok_s"]
+                report({"size": size, "mode": name, **{k: round(v, 3) for k, v in ratios.items()}}, args.out)
+        peers = [("plain mlx_lm lora CLI", plain(model, data, batch, seq, args.iters))]
+        if args.hf:
+            peers.append(("HF transformers + PEFT + bitsandbytes NF4", hugging_face(size)))
+        for who, row in peers:
+            report({"size": size, "mode": who, "row": "peer", **row}, args.out)
+            for name in MODES:
+                if "tok_s" in row and (size, name) in products:
+                    ratio = round(products[(size, name)] / row["tok_s"], 3)
+                    report({"size": size, "mode": name, "over": who, "ratio": ratio}, args.out)
 
 
 if __name__ == "__main__":

@@ -147,7 +147,8 @@ times = []
 for _ in range(cfg["steps"]):
     t = time.perf_counter(); l, n = step(x, lengths); mx.eval(state, l); times.append(time.perf_counter() - t)
 peak_gb = mx.get_peak_memory() / 1e9
-print(json.dumps({"peak_gb": peak_gb, "base_gb": base_gb, "tok_s": B * T / min(times), "loss": l.item()}))
+print(json.dumps({"peak_gb": peak_gb, "base_gb": base_gb, "tok_s": B * T / min(times),
+                  "tok_s_mean": B * T * len(times) / sum(times), "loss": l.item()}))
 """
 
 
