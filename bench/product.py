@@ -5,8 +5,9 @@ model and data.
 uv run python bench/product.py [--model M] [--data D] [--iters 40] [--plain-iters 4] [--out results.jsonl]
 
 Rows: `product` (start_qlora_run, followed with run_status to the end: training-phase tokens/s from the run's own
-reports, its MLX peak over the whole run, the predicted peak, wall time from the call to the adapter), `step` (the
-worker's model and loss, compiled steps timed in this process, no evaluation, reporting or sampling) and `plain`
+reports after the first (compiling) window, its MLX peak over the whole run, the predicted peak, wall time from the
+call to the adapter), `step` (the worker's model and loss, compiled steps timed in this process, no evaluation,
+reporting or sampling) and `plain`
 (`python -m mlx_lm lora` on the imported model folder, tokens/s from its own reports, without our preloads).
 Defaults: the bundled SmolLM2-135M-Instruct and the house-style dataset, batch 4, max_seq_length 256, rank 16.
 """
@@ -71,9 +72,10 @@ async def product(model: str, data: str, iters: int, home: Path) -> dict[str, An
         assert status["state"] == "succeeded", status["error"]
         metrics = json.loads((await client.read_resource(f"runs://{run_id}/metrics")).contents[0].text)
     reports = metrics["train"]
-    tokens = reports[-1]["trained_tokens"]
-    previous = [0] + [r["trained_tokens"] for r in reports[:-1]]
-    seconds = sum((r["trained_tokens"] - p) / r["tokens_per_second"] for r, p in zip(reports, previous, strict=True))
+    # the first report window holds the compilation, which the step benchmark's warm-up steps leave out too
+    steady = list(zip(reports[1:], reports, strict=False))
+    tokens = sum(r["trained_tokens"] - p["trained_tokens"] for r, p in steady)
+    seconds = sum((r["trained_tokens"] - p["trained_tokens"]) / r["tokens_per_second"] for r, p in steady)
     return {
         "who": "product: start_qlora_run over MCP stdio",
         "tok_s": tokens / seconds,
