@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from mcp.server import MCPServer
@@ -11,10 +12,11 @@ from mcp.server.mcpserver.resources import FunctionResource
 
 from trainer import DEFAULT_SAMPLE_INTERVAL_S, RunAspect, RunNotFound
 
-from .schemas import RunMemoryResource, RunMetricsResource, RunStatus, run_resources, run_uri
+from .schemas import MemoryPoint, RunMemoryResource, RunMetricsResource, RunStatus, run_uri
 from .state import AppState
 
 JSON = "application/json"
+BARS = "▁▂▃▄▅▆▇█"
 DESCRIPTIONS = {
     RunAspect.STATUS: "State, phase, iteration, losses, tokens/s, ETA, peak memory and latest memory samples of the "
     "run.",
@@ -23,21 +25,62 @@ DESCRIPTIONS = {
 }
 
 
-def run_status(state: AppState, run_id: str, memory_samples: int = 10) -> RunStatus:
+def iso(seconds: float | None) -> str | None:
+    return None if seconds is None else datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds")
+
+
+def sparkline(values: list[float], width: int = 24) -> str | None:
+    """The values as block characters, for hosts that show only text (the latest `width` of them)."""
+    values = values[-width:]
+    if len(values) < 2:
+        return None
+    low, high = min(values), max(values)
+    span = (high - low) or 1.0
+    return "".join(BARS[round((v - low) / span * (len(BARS) - 1))] for v in values)
+
+
+def run_status(state: AppState, run_id: str, memory_samples: int = 2, include_config: bool = False) -> RunStatus:
     snap = state.runner.get(run_id)
     pct = 100.0 * snap.iteration / snap.iters if snap.iters else 0.0
+    train, _ = state.runner.reports(run_id)
+    samples = state.runner.memory_samples(run_id, memory_samples) if memory_samples else []
     return RunStatus(
-        **dict(snap),
+        id=snap.id,
+        state=snap.state,
+        phase=snap.phase,
+        iteration=snap.iteration,
+        iters=snap.iters,
         progress_percent=round(pct, 1),
-        recent_memory=state.runner.memory_samples(run_id, memory_samples),
-        resources=run_resources(run_id),
+        attempt=snap.attempt,
+        eta_seconds=None if snap.eta_seconds is None else round(snap.eta_seconds, 1),
+        stalled_seconds=snap.stalled_seconds,
+        metrics=snap.metrics,
+        memory_budget_gb=snap.config.memory_budget_gb,
+        loss_trend=sparkline([r.train_loss for r in train]),
+        created_at=iso(snap.created_at) or "",
+        started_at=iso(snap.started_at),
+        ended_at=iso(snap.ended_at),
+        adapter_path=snap.adapter_path,
+        run_dir=snap.run_dir,
+        error=snap.error,
+        recent_memory=[
+            MemoryPoint(at=iso(m.ts) or "", rss_gb=m.rss_gb, mlx_active_gb=m.active_gb, mlx_peak_gb=m.peak_gb)
+            for m in samples
+        ],
+        config=snap.config.model_dump(mode="json") if include_config else None,
     )
+
+
+def status_line(state: AppState, status: RunStatus) -> str:
+    """The run's one-line summary, with its loss trend."""
+    line = state.runner.get(status.id).summary()
+    return f"{line}, loss {status.loss_trend}" if status.loss_trend else line
 
 
 def read_aspect(state: AppState, run_id: str, aspect: RunAspect) -> str:
     try:
         if aspect is RunAspect.STATUS:
-            return run_status(state, run_id).model_dump_json(indent=1)
+            return run_status(state, run_id, memory_samples=10, include_config=True).model_dump_json(indent=1)
         if aspect is RunAspect.MEMORY:
             interval = state.runner.get(run_id).config.memory_sample_interval or DEFAULT_SAMPLE_INTERVAL_S
             samples = state.runner.memory_samples(run_id)

@@ -8,29 +8,79 @@ from mcp.types import CallToolResult, TextContent
 from pydantic import BaseModel, Field
 
 from trainer import (
+    JobError,
     JobState,
     MemorySample,
     ModelInfo,
+    Phase,
     ProcessMemory,
     RunAspect,
+    RunMetrics,
     RunPrediction,
-    RunSnapshot,
     TrainReport,
     ValReport,
     WorkerMemory,
 )
 
 
-class RunStatus(RunSnapshot):
-    """Everything needed to follow a run from this one result."""
+class MemoryPoint(BaseModel):
+    """One memory sample of the worker, in GB."""
 
-    progress_percent: float = Field(description="iteration / iters * 100")
-    recent_memory: list[MemorySample] = Field(description="The latest memory samples of the worker, oldest first.")
-    resources: dict[str, str] = Field(description="URIs of this run's live resources.")
+    at: str = Field(description="ISO 8601 time (UTC).")
+    rss_gb: float
+    mlx_active_gb: float
+    mlx_peak_gb: float
+
+
+class RunStatus(BaseModel):
+    """A run as an assistant follows it: times in ISO 8601 (UTC), memory in GB."""
+
+    id: str
+    state: JobState
+    phase: Phase | None = None
+    iteration: int
+    iters: int
+    progress_percent: float
+    attempt: int = 1
+    eta_seconds: float | None = None
+    stalled_seconds: float | None = Field(None, description="Seconds the worker has been silent.")
+    metrics: RunMetrics
+    memory_budget_gb: float | None = None
+    loss_trend: str | None = Field(None, description="The train loss over its reports as a sparkline.")
+    created_at: str
+    started_at: str | None = None
+    ended_at: str | None = None
+    adapter_path: str | None = None
+    run_dir: str
+    error: JobError | None = None
+    recent_memory: list[MemoryPoint] = Field(default_factory=list, description="Latest samples, oldest first.")
+    config: dict[str, Any] | None = Field(None, description="The run's config (start_qlora_run's), when asked.")
+
+
+class CancelledRun(BaseModel):
+    id: str
+    state: JobState
+    iteration: int
+    iters: int
+    adapter_path: str | None = Field(None, description="The adapter saved when it stopped, if any.")
+    run_dir: str
+
+
+class RunBrief(BaseModel):
+    """One run in a listing."""
+
+    id: str
+    state: JobState
+    iteration: int
+    iters: int
+    last_val_loss: float | None = None
+    adapter_path: str | None = None
+    error: str | None = None
+    created_at: str
 
 
 class RunList(BaseModel):
-    runs: list[RunStatus]
+    runs: list[RunBrief]
     total_shown: int
 
 
@@ -48,10 +98,10 @@ class StartedRun(BaseModel):
 class ResumedRun(BaseModel):
     run_id: str
     state: JobState
-    attempt: int = Field(description="This run's attempt number now (the first run is attempt 1).")
-    from_step: int = Field(description="Steps kept from the checkpoint; training continues after it (0: none).")
-    checkpoint: str | None = Field(description="The checkpoint folder it continues from; null when it had none.")
-    forced_changes: list[str] = Field(description="What changed since the checkpoint, resumed anyway (force).")
+    attempt: int = Field(description="1 for the first run.")
+    from_step: int = Field(description="Steps kept from the checkpoint (0: none).")
+    checkpoint: str | None = Field(description="The checkpoint folder it continues from.")
+    forced_changes: list[str] = Field(description="Changes since the checkpoint, resumed anyway (force).")
     queue_position: int = Field(description="0 when it starts at once; n when n runs are ahead of it.")
     next_step: str
 
@@ -88,5 +138,5 @@ def run_resources(run_id: str) -> dict[str, str]:
 def tool_result(model: BaseModel, summary: str) -> CallToolResult:
     """Hosts differ: some models read only the text, others only the structured JSON; give both the same facts."""
     data: dict[str, Any] = model.model_dump(mode="json")
-    text = summary + "\n" + model.model_dump_json(indent=1)
+    text = summary + "\n" + model.model_dump_json(exclude_none=True)  # compact: every byte is a model's token
     return CallToolResult(content=[TextContent(type="text", text=text)], structured_content=data)

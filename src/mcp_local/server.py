@@ -18,11 +18,14 @@ from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
 from mcp.server.stdio import stdio_server
 from mcp.server.subscriptions import InMemorySubscriptionBus
 from mcp.types import CallToolResult, InputRequiredResult
+from mcp.types import Tool as MCPTool
 from pydantic import ValidationError
 
 from trainer import HOME_ENV, JobRunner, ModelSession, RunStore, TrainerError, describe_validation_error
 
+from .compact import compact_schema, shallow_schema
 from .notify import bridge
+from .plot import register_plot_template
 from .resources import register_resource_templates, register_run_resources
 from .state import AppState, HomeUnavailable, ServerSettings
 from .subscribe import register_legacy_subscriptions
@@ -38,11 +41,23 @@ Fine-tune and run local code LLMs with MLX-LM (QLoRA).
 - start_qlora_run(config) validates and queues a run and returns its run_id at once. Follow it with
   run_status(run_id, wait_seconds=30) until the state is succeeded, failed or cancelled; cancel_run stops it.
 - profile_memory shows the server's, the loaded models' and every training worker's memory.
-- Resources runs://{run_id}/status, /memory and /metrics update live (subscribe to them)."""
+- Resources runs://{run_id}/status, /memory and /metrics update live (subscribe to them); /plot is a PNG."""
 
 
 class LocalServer(MCPServer[AppState]):
-    """MCPServer whose argument errors read as this project's own (field, value, what is allowed), as the CLI's do."""
+    """MCPServer whose argument errors read as this project's own (field, value, what is allowed), as the CLI's do,
+    and whose tool list is compact (compact.py)."""
+
+    async def list_tools(self) -> list[MCPTool]:
+        return [
+            tool.model_copy(
+                update={
+                    "input_schema": compact_schema(tool.input_schema),
+                    "output_schema": shallow_schema(tool.output_schema) if tool.output_schema else None,
+                }
+            )
+            for tool in await super().list_tools()
+        ]
 
     async def call_tool(
         self, name: str, arguments: dict[str, Any], context: Context[AppState, Any] | None = None
@@ -106,6 +121,7 @@ def build_server(settings: ServerSettings) -> MCPServer[AppState]:
     )
     register_tools(mcp)
     register_resource_templates(mcp)
+    register_plot_template(mcp)
     register_legacy_subscriptions(mcp)
     return mcp
 

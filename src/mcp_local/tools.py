@@ -5,6 +5,7 @@ Each tool is a module-level function (importable and testable on its own); `regi
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any, Literal
@@ -13,7 +14,7 @@ import anyio
 from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
-from mcp.types import CallToolResult, ToolAnnotations
+from mcp.types import CallToolResult, ImageContent, ToolAnnotations
 from pydantic import BaseModel, Field
 
 from trainer import (
@@ -29,8 +30,19 @@ from trainer import (
     sample_memory,
 )
 
-from .resources import run_status
-from .schemas import MemoryProfile, ResumedRun, RunList, RunStatus, StartedRun, run_resources, tool_result
+from .plot import PNG, run_plot
+from .resources import iso, run_status, status_line
+from .schemas import (
+    CancelledRun,
+    MemoryProfile,
+    ResumedRun,
+    RunBrief,
+    RunList,
+    RunStatus,
+    StartedRun,
+    run_resources,
+    tool_result,
+)
 from .state import AppState
 
 MAX_WAIT_S = 60.0  # some hosts background a call after 120 s
@@ -43,9 +55,13 @@ class ChatMessage(BaseModel):
 
 
 def _local(*, read_only: bool = False, destructive: bool = False, idempotent: bool = False) -> ToolAnnotations:
-    """Every tool acts on this machine only: never open-world."""
+    """Every tool acts on this machine only: never open-world. Hints equal to the spec's defaults (not read-only, not
+    idempotent) are left out; destructive is said either way, since its default is true."""
     return ToolAnnotations(
-        read_only_hint=read_only, destructive_hint=destructive, idempotent_hint=idempotent, open_world_hint=False
+        read_only_hint=True if read_only else None,
+        destructive_hint=None if read_only else destructive,
+        idempotent_hint=True if idempotent else None,
+        open_world_hint=False,
     )
 
 
@@ -75,8 +91,7 @@ async def load_model(
         str | None, Field(description="Optional adapter folder (a run's adapter_path) to apply on top.")
     ] = None,
 ) -> Annotated[CallToolResult, ModelInfo]:
-    """Load a model (and keep it loaded) for generate. Returns architecture, parameter count, quantization, load
-    time, memory used and how many layers decode through our CPU kernels."""
+    """Load a model for generate (it stays loaded): architecture, parameters, quantization, load time, memory."""
     state = _state(ctx)
     with trainer_errors():
         info = await anyio.to_thread.run_sync(state.models.load, path, adapter)
@@ -103,8 +118,7 @@ async def generate(
         str | None, Field(description="Use this run's base model and adapter (instead of `adapter`).")
     ] = None,
 ) -> Annotated[CallToolResult, Generation]:
-    """Generate text with the loaded model, optionally through a fine-tuned adapter or a run's adapter (run_id), for
-    this call only. Returns the text, token counts and tokens/s."""
+    """Generate with the loaded model, optionally through an adapter or a run's (run_id): text, tokens, tokens/s."""
     state = _state(ctx)
     model: str | None = None
     if run_id is not None and adapter is not None:
@@ -146,10 +160,11 @@ async def _prediction(
 async def profile_memory(
     ctx: AppContext,
     config: Annotated[
-        QLoRAConfig | None, Field(description="Predict this run's peak memory (nothing is started).")
+        dict[str, Any] | None,
+        Field(description="A start_qlora_run config: predict its peak memory (nothing is started)."),
     ] = None,
     model: Annotated[
-        str | None, Field(description="Or predict for this model with the settings below (no data needed).")
+        str | None, Field(description="Or a model, with the settings below.")
     ] = None,
     batch_size: Annotated[int, Field(ge=1)] = 4,
     seq_len: Annotated[int, Field(ge=8, description="Tokens per example.")] = 2048,
@@ -158,10 +173,9 @@ async def profile_memory(
     grad_checkpoint: bool = False,
     chunked_loss: bool = False,
 ) -> Annotated[CallToolResult, MemoryProfile]:
-    """A memory snapshot of the server, of each loaded model and of every live training worker (RSS, MLX
-    active/peak/cache, system total/available). Given a run config (or a model plus batch size, sequence length, LoRA
-    layers, rank, checkpointing), also the run's predicted peak by part against its memory budget, without loading
-    weights."""
+    """Memory (RSS, MLX active/peak/cache) of the server, loaded models, training workers and the system. Given a
+    run config, or a model and the settings below, also the predicted peak by part against the budget (no weights
+    loaded)."""
     state = _state(ctx)
     settings = {
         "batch_size": batch_size,
@@ -172,7 +186,8 @@ async def profile_memory(
         "chunked_loss": chunked_loss,
     }
     with trainer_errors():
-        prediction = await _prediction(state, config, model, settings)
+        run_config = QLoRAConfig.parse(config) if config is not None else None
+        prediction = await _prediction(state, run_config, model, settings)
     system = sample_memory()
     profile = MemoryProfile(
         prediction=prediction,
@@ -198,8 +213,8 @@ async def profile_memory(
 
 
 async def start_qlora_run(ctx: AppContext, config: QLoRAConfig) -> Annotated[CallToolResult, StartedRun]:
-    """Validate a QLoRA config and queue the run; returns its run_id at once (training never blocks the call).
-    Follow it with run_status(run_id, wait_seconds=30) or the runs://{run_id}/... resources."""
+    """Validate a QLoRA config and queue the run; returns its run_id at once. Follow it with run_status(run_id,
+    wait_seconds=30) or the runs://{run_id}/... resources."""
     state = _state(ctx)
     with trainer_errors():
         snap = await state.runner.submit(config)
@@ -228,14 +243,18 @@ async def run_status_tool(
         float,
         Field(
             ge=0,
-            description="Long-poll: wait up to this long (capped at 60) for the state or iteration to change, "
-            "sending progress notifications meanwhile. 0 answers at once.",
+            description="Long-poll up to this many seconds (max 60) for a state or phase change, a report or an "
+            "error; 0: at once.",
         ),
     ] = 0,
-    memory_samples: Annotated[int, Field(ge=0, le=200, description="How many latest memory samples.")] = 10,
+    memory_samples: Annotated[int, Field(ge=0, le=200, description="How many latest memory samples.")] = 2,
+    include_config: Annotated[bool, Field(description="Also return the run's config.")] = False,
+    include_plot: Annotated[
+        bool, Field(description="Also return a PNG of loss and memory over iterations (runs://{id}/plot).")
+    ] = False,
 ) -> Annotated[CallToolResult, RunStatus]:
-    """State, phase, iteration of total, train/val loss, tokens/s, ETA, peak memory, the latest memory samples,
-    adapter path and error of one run. Enough on its own to follow a run to the end."""
+    """A run's state, phase, iteration, losses, tokens/s, ETA, memory against prediction and budget, adapter and
+    error: enough to follow it to the end."""
     state = _state(ctx)
     with trainer_errors():
         snap = state.runner.get(run_id)
@@ -246,20 +265,32 @@ async def run_status_tool(
             snap = await state.runner.wait_for_change(run_id, wait)
             if snap.iteration > sent:  # progress must strictly increase
                 await ctx.report_progress(snap.iteration, snap.iters, f"{snap.state.value}, iteration {snap.iteration}")
-        status = run_status(state, run_id, memory_samples)
-    return tool_result(status, status.summary())
+        status = run_status(state, run_id, memory_samples, include_config)
+        result = tool_result(status, status_line(state, status))
+        if include_plot:
+            png = await anyio.to_thread.run_sync(run_plot, state, run_id)
+            result.content.append(ImageContent(type="image", data=base64.b64encode(png).decode(), mime_type=PNG))
+    return result
 
 
 async def cancel_run(
     ctx: AppContext, run_id: Annotated[str, Field(description="The run to stop.")]
-) -> Annotated[CallToolResult, RunStatus]:
+) -> Annotated[CallToolResult, CancelledRun]:
     """Cancel a queued run, or stop a running one (its adapter so far is saved); returns when its worker process is
     gone."""
     state = _state(ctx)
     with trainer_errors():
         await state.runner.cancel(run_id)
-        status = run_status(state, run_id)
-    return tool_result(status, status.summary())
+        snap = state.runner.get(run_id)
+    cancelled = CancelledRun(
+        id=snap.id,
+        state=snap.state,
+        iteration=snap.iteration,
+        iters=snap.iters,
+        adapter_path=snap.adapter_path,
+        run_dir=snap.run_dir,
+    )
+    return tool_result(cancelled, snap.summary())
 
 
 async def resume_run(
@@ -269,9 +300,8 @@ async def resume_run(
         bool, Field(description="Resume even if the dataset or the base model changed since the checkpoint.")
     ] = False,
 ) -> Annotated[CallToolResult, ResumedRun]:
-    """Continue a failed, cancelled, interrupted or orphaned run from its newest checkpoint that verifies (adapter,
-    optimizer and random state, data position: the result equals an uninterrupted run's), as the same run id with
-    the next attempt number. Refused when its dataset or base model changed since that checkpoint, unless force."""
+    """Continue a failed, cancelled or interrupted run from its newest verified checkpoint, exactly as if never
+    stopped (same run id, next attempt). Refused if its data or base model changed since, unless force."""
     state = _state(ctx)
     with trainer_errors():
         snap, plan = await state.runner.resume(run_id, force)
@@ -293,12 +323,24 @@ async def list_runs(
     state: Annotated[JobState | None, Field(description="Only runs in this state.")] = None,
     limit: Annotated[int, Field(ge=1, le=200, description="Most runs to return, newest first.")] = 20,
 ) -> Annotated[CallToolResult, RunList]:
-    """Runs, newest first, optionally only those in one state."""
+    """Runs, newest first (id, state, iteration, last validation loss, adapter, error), optionally in one state."""
     app = _state(ctx)
-    statuses = [run_status(app, snap.id, 0) for snap in app.runner.list_runs(state, limit)]
-    listing = RunList(runs=statuses, total_shown=len(statuses))
-    lines = [s.summary() for s in statuses] or ["no runs"]
-    return tool_result(listing, f"{len(statuses)} run(s): " + " | ".join(lines))
+    snaps = app.runner.list_runs(state, limit)
+    briefs = [
+        RunBrief(
+            id=s.id,
+            state=s.state,
+            iteration=s.iteration,
+            iters=s.iters,
+            last_val_loss=s.metrics.last_val_loss,
+            adapter_path=s.adapter_path,
+            error=s.error.message if s.error else None,
+            created_at=iso(s.created_at) or "",
+        )
+        for s in snaps
+    ]
+    lines = [f"{b.id} {b.state.value} {b.iteration}/{b.iters}" for b in briefs] or ["no runs"]
+    return tool_result(RunList(runs=briefs, total_shown=len(briefs)), f"{len(briefs)} run(s): " + ", ".join(lines))
 
 
 Tool = Callable[..., Awaitable[CallToolResult]]

@@ -43,8 +43,7 @@ class ModelInfo(BaseModel):
     has_chat_template: bool
     decode_kernel_layers: int = Field(
         0,
-        description="Layers that decode through our CPU kernels (quantized products, RMS norms, RoPEs); 0 where "
-        "MLX's own operations run (Metal, CUDA, fast path off, or the kernels could not be built: see the log).",
+        description="Layers decoding through our CPU kernels (0: MLX's own operations; the log says why).",
     )
 
 

@@ -67,7 +67,7 @@ class FailureKind(StrEnum):
 
 
 class JobError(BaseModel):
-    """Why a run failed; stored with the run and shown by run_status."""
+    """Why a run failed."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -86,7 +86,7 @@ class Phase(StrEnum):
 
 
 class RunMetrics(BaseModel):
-    """The running summary of a run's reports, kept in the run record."""
+    """Losses, speed and memory so far (GB)."""
 
     last_train_loss: float | None = None
     first_val_loss: float | None = None

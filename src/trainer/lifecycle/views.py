@@ -35,6 +35,16 @@ class Tracked:
     done: anyio.Event = field(default_factory=anyio.Event)
 
 
+#: after a change, how long a long-poll keeps gathering the changes that follow it
+SETTLE_S = 2.0
+
+
+def _milestone(tracked: Tracked) -> tuple[object, ...]:
+    """What a follower wants to be woken for: not every iteration or memory sample."""
+    job, history = tracked.job, tracked.history
+    return (job.state, job.phase, len(history.train_reports), len(history.val_reports), job.error is not None)
+
+
 class RunViews:
     """Read-only answers about runs, over the runner's tracked runs and the store."""
 
@@ -105,12 +115,17 @@ class RunViews:
         return snap.config.model, snap.adapter_path
 
     async def wait_for_change(self, run_id: str, timeout: float) -> RunSnapshot:
-        """Return when the run's state or iteration changes, or after `timeout` seconds."""
+        """Return when something worth a look happens (the state or phase changes, a train or validation report
+        arrives, an error), or after `timeout` seconds; changes within SETTLE_S of the first come in one answer."""
         tracked = self._tracker(run_id)
-        before = (tracked.job.state, tracked.job.iteration)
+        before = _milestone(tracked)
         with anyio.move_on_after(timeout):
-            while (tracked.job.state, tracked.job.iteration) == before and not tracked.job.state.terminal:
+            while _milestone(tracked) == before and not tracked.job.state.terminal:
                 await tracked.changed.wait()
+        if _milestone(tracked) != before and not tracked.job.state.terminal:
+            with anyio.move_on_after(min(SETTLE_S, timeout)):  # a burst (loading, evaluating, a report) as one
+                while not tracked.job.state.terminal:
+                    await tracked.changed.wait()
         return tracked.job.snapshot()
 
     async def wait_until_done(self, run_id: str, timeout: float | None = None) -> RunSnapshot:

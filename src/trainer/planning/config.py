@@ -14,7 +14,9 @@ MAX_PATH = 4096
 
 
 class QLoRAConfig(BaseModel):
-    """One fine-tuning run. Field descriptions double as the MCP tool's argument docs."""
+    """One fine-tuning run."""
+
+    # the field descriptions are also the MCP tool's argument docs (short: they are in every conversation)
 
     # floats must be finite: an infinite learning rate trains an adapter of NaNs
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
@@ -33,8 +35,8 @@ class QLoRAConfig(BaseModel):
         Field(
             min_length=1,
             max_length=MAX_PATH,
-            description="Folder with train.jsonl (required) and valid.jsonl (optional); each line is "
-            '{"messages": [...]}, {"prompt": ..., "completion": ...} or {"text": ...}.',
+            description='Folder of train.jsonl (and valid.jsonl), lines of {"messages": [...]}, {"prompt", '
+            '"completion"} or {"text"}.',
         ),
     ]
     adapter_dir: Annotated[
@@ -44,12 +46,10 @@ class QLoRAConfig(BaseModel):
     rank: Annotated[int, Field(ge=1, le=512, description="LoRA rank.")] = 16
     alpha: Annotated[float, Field(gt=0, le=1e4, description="LoRA alpha; mlx-lm's scale is alpha / rank.")] = 32.0
     dropout: Annotated[float, Field(ge=0, lt=1, description="LoRA dropout.")] = 0.0
-    num_layers: Annotated[
-        int, Field(ge=-1, le=4096, description="How many of the last transformer blocks get LoRA; -1 for all.")
-    ] = 16
+    num_layers: Annotated[int, Field(ge=-1, le=4096, description="The last blocks that get LoRA; -1: all.")] = 16
     quantize_bits: Annotated[
         Literal[0, 4, 8],
-        Field(description="Quantize an unquantized base to this many bits on load (0 keeps it as is: plain LoRA)."),
+        Field(description="Bits to quantize an unquantized base to (0: keep it, plain LoRA)."),
     ] = 4
     group_size: Annotated[Literal[32, 64, 128], Field(description="Quantization group size.")] = 64
     iters: Annotated[int, Field(ge=1, le=MAX_ITERS, description="Training iterations (optimizer steps).")] = 100
@@ -70,32 +70,26 @@ class QLoRAConfig(BaseModel):
     fast_path: Annotated[
         bool | None,
         Field(
-            description="Compute multi-row quantized layers as dequantize-then-GEMM (backward recomputes the weight) "
-            "and keep CPU math in float32, with SwiGLU, attention softmax and cross-entropy from fast CPU operations. "
-            "None: on for CPU and CUDA, off on Metal. False: plain MLX-LM."
+            description="Our faster kernels (dequantize-then-GEMM, float32 CPU math). Null: on for CPU and CUDA, off "
+            "on Metal. false: plain MLX-LM."
         ),
     ] = None
     dense_weights: Annotated[
         bool | None,
         Field(
-            description="CPU only: also keep float32 copies of the frozen 4-bit weights, so training skips "
-            "dequantizing them each step (about 1.5x faster, about 4x the weights' memory). None: on when the "
-            "copies take at most 2.5 GB and a fifth of the memory budget."
+            description="CPU: keep float32 copies of the frozen weights (~1.5x faster, ~4x their memory). Null: on "
+            "when they take at most 2.5 GB and a fifth of the budget."
         ),
     ] = None
     chunked_loss: Annotated[
         bool,
-        Field(
-            description="Compute the output head and loss in sequence chunks, recomputed in backward, so full "
-            "float32 logits never exist for the whole batch (much less memory for large vocabularies)."
-        ),
+        Field(description="Output head and loss in sequence chunks: far less memory for large vocabularies."),
     ] = False
     layerwise: Annotated[
         bool,
         Field(
-            description="Evaluate each training step one transformer block at a time (forward, then backward from "
-            "the last block, each block's step compiled): the least memory, especially on CUDA (about a third of plain "
-            "MLX-LM's peak for a 7B model at 1x2048)."
+            description="Each step one transformer block at a time: the least memory (7B at 1x2048 on CUDA: about "
+            "a third of plain MLX-LM's peak)."
         ),
     ] = False
     memory_budget_gb: Annotated[
@@ -103,24 +97,23 @@ class QLoRAConfig(BaseModel):
         Field(
             gt=0,
             le=1e6,
-            description="Memory budget of this run in GB (MLX peak). Default: the server's, the smaller of "
-            "16 GB and 75% of physical memory. A run predicted over it is refused; one measured over it is stopped "
-            "with its adapter saved.",
+            description="GB of MLX peak memory. Default: the server's (the smaller of 16 GB and 75% of RAM). Over "
+            "it: refused when predicted, stopped (adapter saved) when measured.",
         ),
     ] = None
     allow_over_budget: Annotated[
-        bool, Field(description="Start even if the prediction exceeds the budget (the watchdog still applies).")
+        bool, Field(description="Start even if predicted over budget (the watchdog still applies).")
     ] = False
     fit_to_budget: Annotated[
         bool,
         Field(
-            description="Pick gradient checkpointing, chunked loss, batch size and sequence length so the run "
-            "is predicted to fit its budget."
+            description="Change checkpointing, chunked loss, layerwise, batch size or sequence length to fit the "
+            "budget."
         ),
     ] = False
     memory_sample_interval: Annotated[
         float | None,
-        Field(ge=0.05, le=60, description="Seconds between memory samples of the worker. Default: the server's (0.5)."),
+        Field(ge=0.05, le=60, description="Seconds between the worker's memory samples (default 0.5)."),
     ] = None
 
     @model_validator(mode="after")

@@ -1,0 +1,103 @@
+"""Smaller tool schemas for tools/list (every byte of it is in every conversation).
+
+Inputs keep everything a model needs to fill them in (types, bounds, enums, descriptions, defaults); pydantic's
+generated titles go, `anyOf [T, null]` becomes a nullable type and a null default is left implied. Outputs are
+described one level deep: each field's type and description, nested objects as objects (their fields are in the
+JSON itself), so the tool list does not repeat the same nested definitions tool after tool.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+_NAMED = ("properties", "$defs", "patternProperties")  # mappings of names to schemas: a key here is not a keyword
+
+
+def compact_schema(schema: Any) -> Any:
+    return _inline_single_use(_walk(schema, names=False))
+
+
+def _inline_single_use(schema: Any) -> Any:
+    """A definition referenced once is written in place (shared ones stay in $defs)."""
+    if not isinstance(schema, dict) or not schema.get("$defs"):
+        return schema
+    text = json.dumps(schema)
+    defs = dict(schema["$defs"])
+    once = {name for name in defs if text.count(f'"#/$defs/{name}"') == 1}
+
+    def place(node: Any) -> Any:
+        if isinstance(node, list):
+            return [place(item) for item in node]
+        if not isinstance(node, dict):
+            return node
+        ref = node.get("$ref", "")
+        name = ref.rsplit("/", 1)[-1] if ref.startswith("#/$defs/") else None
+        if name in once:
+            return {**place(defs[name]), **{k: place(v) for k, v in node.items() if k != "$ref"}}
+        return {k: place(v) for k, v in node.items() if k != "$defs"}
+
+    out = place(schema)
+    kept = {name: place(d) for name, d in defs.items() if name not in once}
+    return {**out, "$defs": kept} if kept else out
+
+
+def shallow_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """An output schema one level deep, without $defs (enums are kept: they are short and say what to expect)."""
+    defs = schema.get("$defs", {})
+    top = {k: v for k, v in _walk(schema, names=False).items() if k != "$defs"}
+    top["properties"] = {name: _shallow(prop, defs) for name, prop in top.get("properties", {}).items()}
+    return top
+
+
+def _shallow(prop: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    described = {k: v for k, v in prop.items() if k in ("description", "default")}
+    nullable = "anyOf" in prop
+    inner = next((o for o in prop.get("anyOf", [prop]) if o != {"type": "null"}), prop)
+    ref = inner.get("$ref")
+    if ref is not None:
+        target = defs.get(ref.rsplit("/", 1)[-1], {})
+        kind = {"enum": target["enum"], "type": "string"} if "enum" in target else {"type": "object"}
+        if "description" in target and "description" not in described:
+            described["description"] = target["description"]
+    elif inner.get("type") == "array" and "$ref" in inner.get("items", {}):
+        kind = {"type": "array", "items": {"type": "object"}}
+    else:
+        return prop
+    if nullable:
+        kind = _or_null(kind)
+    return {**kind, **described}
+
+
+def _walk(node: Any, names: bool) -> Any:
+    if isinstance(node, list):
+        return [_walk(item, names=False) for item in node]
+    if not isinstance(node, dict):
+        return node
+    if names:
+        return {name: _walk(value, names=False) for name, value in node.items()}
+    out = {key: _walk(value, names=key in _NAMED) for key, value in node.items() if key != "title"}
+    if out.get("additionalProperties") is True:  # JSON Schema's default
+        del out["additionalProperties"]
+    return _nullable(out)
+
+
+def _nullable(node: dict[str, Any]) -> dict[str, Any]:
+    if "default" in node and node["default"] is None and "anyOf" in node:
+        node = {k: v for k, v in node.items() if k != "default"}
+    options = node.get("anyOf")
+    if not isinstance(options, list) or len(options) != 2 or {"type": "null"} not in options:
+        return node
+    other = next(o for o in options if o != {"type": "null"})
+    if not isinstance(other.get("type"), str) or "$ref" in other:
+        return node
+    merged = {k: v for k, v in node.items() if k != "anyOf"}
+    return {**_or_null(other), **merged}
+
+
+def _or_null(schema: dict[str, Any]) -> dict[str, Any]:
+    """The schema, accepting null too (an enum lists it: `enum` alone decides what it accepts)."""
+    nullable = {**schema, "type": [schema["type"], "null"]}
+    if "enum" in schema:
+        nullable["enum"] = [*schema["enum"], None]
+    return nullable

@@ -1,0 +1,68 @@
+"""A run as a picture: loss (train and validation) and memory (samples, prediction, budget) over iterations, as PNG.
+
+Rendered with matplotlib's non-interactive Agg backend (no display); imported only when a plot is asked for, since
+matplotlib takes a while to import.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+from .events import MemorySample, TrainReport, ValReport
+
+
+def _iteration_of(samples: Sequence[MemorySample], reports: Sequence[TrainReport]) -> list[float]:
+    """Memory samples carry times, reports carry iterations: place each sample at the iteration of its time."""
+    if not reports:
+        return [0.0 for _ in samples]
+    points = [(r.ts, float(r.iteration)) for r in reports]
+    placed = []
+    for sample in samples:
+        before = [p for p in points if p[0] <= sample.ts]
+        after = [p for p in points if p[0] > sample.ts]
+        if not before:
+            placed.append(0.0)
+        elif not after:
+            placed.append(before[-1][1])
+        else:
+            (t0, i0), (t1, i1) = before[-1], after[0]
+            placed.append(i0 + (i1 - i0) * (sample.ts - t0) / (t1 - t0))
+    return placed
+
+
+def render_run_plot(
+    title: str,
+    train: Sequence[TrainReport],
+    validation: Sequence[ValReport],
+    memory: Sequence[MemorySample],
+    predicted_gb: float | None,
+    budget_gb: float | None,
+) -> bytes:
+    """The PNG's bytes: loss on top, memory below, sharing the iteration axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 5), dpi=100, layout="constrained")
+    loss_axes, memory_axes = figure.subplots(2, 1, sharex=True)
+    figure.suptitle(title, fontsize=10)
+    loss_axes.plot([r.iteration for r in train], [r.train_loss for r in train], "o-", ms=3, label="train loss")
+    loss_axes.plot([v.iteration for v in validation], [v.val_loss for v in validation], "s--", ms=4, label="val loss")
+    loss_axes.set_ylabel("loss")
+    loss_axes.legend(loc="upper right", fontsize=8)
+    loss_axes.grid(alpha=0.3)
+    memory_axes.plot(_iteration_of(memory, train), [m.peak_gb for m in memory], "-", label="MLX peak (GB)")
+    memory_axes.plot(_iteration_of(memory, train), [m.active_gb for m in memory], "-", alpha=0.6, label="MLX active")
+    if predicted_gb is not None:
+        memory_axes.axhline(predicted_gb, color="tab:green", ls=":", label=f"predicted {predicted_gb:.2f} GB")
+    if budget_gb is not None:
+        memory_axes.axhline(budget_gb, color="tab:red", ls="--", label=f"budget {budget_gb:.2f} GB")
+    memory_axes.set_xlabel("iteration")
+    memory_axes.set_ylabel("GB")
+    memory_axes.legend(loc="lower right", fontsize=8)
+    memory_axes.grid(alpha=0.3)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()

@@ -1,0 +1,102 @@
+"""What an assistant pays to use the server: the tool list's size, the calls and text to follow a run to its end,
+and the run's picture."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+import anyio
+from mcp.types import BlobResourceContents, ImageContent, TextContent
+from PIL import Image
+
+from mcp import Client
+from mcp_local import ServerSettings, build_server
+from mcp_local.compact import compact_schema, shallow_schema
+from tests.conftest import tiny_run_config
+from tests.mcp.conftest import fake_server
+
+MAX_TOOL_LIST_BYTES = 15_000
+MAX_FOLLOW_CALLS = 12
+MAX_FOLLOW_TEXT_BYTES = 15_000
+TRAIN_BLUE = (31, 119, 180)  # matplotlib's first two colours: the train and validation loss lines
+VAL_ORANGE = (255, 127, 14)
+
+
+async def test_the_tool_list_is_small(tmp_path: Path) -> None:
+    async with Client(fake_server(tmp_path), mode="legacy") as client:
+        listed = await client.list_tools()
+    wire = listed.model_dump_json(by_alias=True, exclude_none=True)
+    assert len(wire.encode()) <= MAX_TOOL_LIST_BYTES, len(wire.encode())
+    config = next(t for t in listed.tools if t.name == "start_qlora_run").input_schema["properties"]["config"]
+    fields = config["properties"]
+    assert {"rank", "alpha", "memory_budget_gb", "layerwise"} <= set(fields)  # every field, with its bounds
+    assert fields["rank"]["minimum"] == 1 and fields["rank"]["maximum"] == 512 and fields["rank"]["description"]
+    for tool in listed.tools:  # pydantic's generated titles are gone (a tool's own display title stays)
+        assert '"title"' not in json.dumps([tool.input_schema, tool.output_schema]), tool.name
+
+
+def test_compaction_keeps_names_bounds_and_shared_definitions() -> None:
+    schema = {
+        "properties": {
+            "title": {"anyOf": [{"type": "string", "maxLength": 9}, {"type": "null"}], "default": None, "title": "T"},
+            "a": {"$ref": "#/$defs/Shared"},
+            "b": {"$ref": "#/$defs/Shared"},
+            "c": {"$ref": "#/$defs/Once"},
+        },
+        "$defs": {
+            "Shared": {"title": "Shared", "properties": {"x": {"type": "integer", "minimum": 2}}, "type": "object"},
+            "Once": {"enum": ["p", "q"], "type": "string"},
+        },
+    }
+    compacted = compact_schema(schema)
+    assert compacted["properties"]["title"] == {"type": ["string", "null"], "maxLength": 9}  # a field named title
+    assert compacted["properties"]["c"] == {"enum": ["p", "q"], "type": "string"}  # used once: written in place
+    assert compacted["$defs"] == {"Shared": {"properties": {"x": {"type": "integer", "minimum": 2}}, "type": "object"}}
+    shallow = shallow_schema(schema)
+    assert shallow["properties"]["a"] == {"type": "object"} and "$defs" not in shallow
+    assert shallow["properties"]["c"] == {"enum": ["p", "q"], "type": "string"}
+
+
+async def test_following_a_100_iteration_run_is_cheap_and_ends_with_a_picture(
+    tmp_path: Path, tiny_model: Path, tiny_data: Path
+) -> None:
+    """run_status(wait_seconds=30) in a loop, as the server's instructions say, from start to the final state."""
+    config = tiny_run_config(tiny_model, tiny_data, iters=100, steps_per_report=10, steps_per_eval=50)
+    calls, text_bytes = 0, 0
+    async with Client(build_server(ServerSettings(home=tmp_path)), mode="legacy") as client:
+        started = await client.call_tool("start_qlora_run", {"config": config})
+        assert not started.is_error, started.content
+        run_id = started.structured_content["run_id"]  # type: ignore[index]
+        with anyio.fail_after(300):
+            while True:
+                status = await client.call_tool("run_status", {"run_id": run_id, "wait_seconds": 30})
+                calls += 1
+                block = status.content[0]
+                assert isinstance(block, TextContent)
+                text_bytes += len(block.text.encode())
+                summary, _, body = block.text.partition("\n")
+                assert "\n" not in body and json.loads(body)["id"] == run_id  # one line, then compact JSON
+                if status.structured_content["state"] in ("succeeded", "failed", "cancelled"):  # type: ignore[index]
+                    break
+        assert status.structured_content["state"] == "succeeded", summary  # type: ignore[index]
+        assert calls <= MAX_FOLLOW_CALLS and text_bytes <= MAX_FOLLOW_TEXT_BYTES, (calls, text_bytes)
+        final = status.structured_content
+        assert "config" not in json.loads(body) and len(final["recent_memory"]) <= 2  # type: ignore[index]
+        assert final["created_at"].endswith("+00:00") and final["loss_trend"] in summary  # type: ignore[index]
+
+        pictured = await client.call_tool(
+            "run_status", {"run_id": run_id, "include_plot": True, "include_config": True}
+        )
+        assert pictured.structured_content["config"]["iters"] == 100  # type: ignore[index]
+        image = next(c for c in pictured.content if isinstance(c, ImageContent))
+        assert image.mime_type == "image/png"
+        resource = (await client.read_resource(f"runs://{run_id}/plot")).contents[0]
+        assert isinstance(resource, BlobResourceContents) and resource.mime_type == "image/png"
+    for png in (base64.b64decode(image.data), base64.b64decode(resource.blob)):
+        picture = Image.open(io.BytesIO(png)).convert("RGB")
+        assert picture.size == (700, 500)
+        colours = {colour for _, colour in picture.getcolors(maxcolors=1 << 20) or []}
+        assert TRAIN_BLUE in colours and VAL_ORANGE in colours  # both loss curves are drawn
