@@ -8,8 +8,7 @@ from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError
 
-from trainer import RunNotFound
-from trainer.lifecycle.plot import render_run_plot
+from trainer import RunNotFound, render_run_plot
 
 from .state import AppState
 

@@ -163,9 +163,7 @@ async def profile_memory(
         dict[str, Any] | None,
         Field(description="A start_qlora_run config: predict its peak memory (nothing is started)."),
     ] = None,
-    model: Annotated[
-        str | None, Field(description="Or a model, with the settings below.")
-    ] = None,
+    model: Annotated[str | None, Field(description="Or a model, with the settings below.")] = None,
     batch_size: Annotated[int, Field(ge=1)] = 4,
     seq_len: Annotated[int, Field(ge=8, description="Tokens per example.")] = 2048,
     num_layers: Annotated[int, Field(ge=-1, description="LoRA layers; -1 for all.")] = 16,

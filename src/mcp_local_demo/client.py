@@ -9,6 +9,7 @@ checker's score for each.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from mcp.types import BlobResourceContents
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -83,7 +85,7 @@ async def _follow(client: Client, run_id: str, iters: int) -> dict[str, Any]:
                     f"loss {m['last_train_loss']:.3f}" if m["last_train_loss"] is not None else "",
                     f"val {m['last_val_loss']:.3f}" if m["last_val_loss"] is not None else "",
                     f"{m['tokens_per_second']:.0f} tok/s" if m["tokens_per_second"] else "",
-                    f"worker RSS {memory['rss_gb']:.2f} GB, MLX peak {memory['peak_gb']:.2f} GB" if memory else "",
+                    f"worker RSS {memory['rss_gb']:.2f} GB, MLX peak {memory['mlx_peak_gb']:.2f} GB" if memory else "",
                 )
                 if part
             )
@@ -172,8 +174,11 @@ async def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         )
         console.rule("after training")
         tuned = await _generate_all(client, prompts, args.max_tokens, run_id)
+        plot = (await client.read_resource(f"runs://{run_id}/plot")).contents[0]
     base_mean, tuned_mean = _side_by_side(prompts, base, tuned)
     run_dir = Path(status["run_dir"])
+    if isinstance(plot, BlobResourceContents):  # loss and memory over the run, next to it
+        (run_dir / "plot.png").write_bytes(base64.b64decode(plot.blob))
     summary = {
         "run_id": run_id,
         "wall_seconds": round(time.monotonic() - started, 1),
@@ -188,7 +193,8 @@ async def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     }
     console.print(
         f"\nwall time {summary['wall_seconds']} s\nrun folder  {run_dir}\nadapter     {status['adapter_path']}\n"
-        f"worker log  {run_dir / 'worker.log'}\nevents      {run_dir / 'events.jsonl'}\n"
+        f"plot        {run_dir / 'plot.png'}\nworker log  {run_dir / 'worker.log'}\n"
+        f"events      {run_dir / 'events.jsonl'}\n"
         f"database    {home / 'runs.sqlite3'}"
     )
     return summary

@@ -34,6 +34,7 @@ from .lifecycle.events import (
 )
 from .lifecycle.jobs import FailureKind, JobError, JobState, Phase, RunMetrics, RunSnapshot
 from .lifecycle.memory import ProcessMemory, WorkerMemory, process_memory, sample_memory
+from .lifecycle.plot import render_run_plot
 from .lifecycle.runner import JobRunner
 from .lifecycle.store import RunStore
 from .lifecycle.tracking import RunAspect
@@ -91,6 +92,7 @@ __all__ = [
     "predict_run",
     "prepare_run",
     "process_memory",
+    "render_run_plot",
     "reexec_with_preloads",
     "sample_memory",
     "use_mlx_env",

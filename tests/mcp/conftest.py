@@ -21,3 +21,12 @@ def text_json(result: CallToolResult) -> tuple[str, dict[str, Any]]:
     assert block.type == "text"
     summary, _, body = block.text.partition("\n")
     return summary, json.loads(body)
+
+
+def without_nulls(data: Any) -> Any:
+    """Structured content as its text copy writes it (nulls left out to save the model's tokens)."""
+    if isinstance(data, dict):
+        return {k: without_nulls(v) for k, v in data.items() if v is not None}
+    if isinstance(data, list):
+        return [without_nulls(v) for v in data]
+    return data

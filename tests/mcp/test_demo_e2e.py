@@ -40,4 +40,5 @@ def test_demo_fine_tunes_smollm2_and_the_tuned_model_follows_the_house_style(tmp
     assert summary["tuned_score"] > summary["base_score"]
     assert summary["tuned_score"] >= 0.8
     assert (Path(summary["adapter"]) / "adapters.safetensors").is_file()
+    assert (Path(summary["run_dir"]) / "plot.png").read_bytes().startswith(b"\x89PNG")  # the run's picture beside it
     assert "base vs tuned" in result.stdout

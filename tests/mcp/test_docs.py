@@ -29,7 +29,7 @@ async def test_tools_reference_matches_tools_list(tmp_path: Path) -> None:
         assert documented == set(tool.input_schema.get("properties", {})), tool.name
         assert tool.description and tool.description in sections[tool.name]
     config_fields = set(
-        tools[[t.name for t in tools].index("start_qlora_run")].input_schema["$defs"]["QLoRAConfig"]["properties"]
+        tools[[t.name for t in tools].index("start_qlora_run")].input_schema["properties"]["config"]["properties"]
     )
     assert set(re.findall(r"^\| `(\w+)` \|", qlora, flags=re.M)) == config_fields
 

@@ -73,7 +73,7 @@ async def test_a_run_predicted_over_budget_is_refused_with_settings_that_fit(
         assert not fitted.is_error, fitted.content[0].text
         run_id = fitted.structured_content["run_id"]
         assert fitted.structured_content["predicted_peak_gb"] <= budget
-        status = await client.call_tool("run_status", {"run_id": run_id})
+        status = await client.call_tool("run_status", {"run_id": run_id, "include_config": True})
         assert status.structured_content["config"]["grad_checkpoint"] is True
         await client.call_tool("cancel_run", {"run_id": run_id})
 

@@ -21,6 +21,7 @@ from tests.trainer.helpers import config, fake_env, fake_runner
 
 pytestmark = pytest.mark.slow
 START_TIMEOUT = 60  # cold interpreter starts on a loaded 2-core machine
+ITERS = 100  # 10 s of fake training: the worker is still at it when its server is gone
 
 
 def fake_server_params(home: Path, mode: str, **env: str) -> StdioServerParameters:
@@ -51,7 +52,7 @@ async def _start_and_leave(home: Path, fake_model: Path, tiny_data: Path, how: s
     found: dict[str, Any] = {}
     with anyio.fail_after(START_TIMEOUT), suppress(Exception):  # a killed server's pipes break under the client
         async with Client(fake_server_params(home, "slow"), mode="legacy") as client:
-            config_ = config(fake_model, tiny_data, iters=40)
+            config_ = config(fake_model, tiny_data, iters=ITERS)
             started = await client.call_tool("start_qlora_run", {"config": config_})
             found["run_id"] = run_id = started.structured_content["run_id"]
             await _wait_training(client, run_id)
@@ -80,7 +81,7 @@ async def test_a_run_outlives_its_server_and_the_next_server_follows_it_to_the_e
                 result = await client.call_tool("run_status", {"run_id": run_id, "wait_seconds": 5})
                 status = result.structured_content
         assert status["state"] == "succeeded", status["error"]
-        assert status["iteration"] == 40 and status["metrics"]["last_val_loss"] == 0.5
+        assert status["iteration"] == ITERS and status["metrics"]["last_val_loss"] == 0.5
     events = _events(Path(status["run_dir"]))
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))  # no gap, no duplicate
     starts = [e for e in events if e["type"] == "started"]
