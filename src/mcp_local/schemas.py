@@ -17,6 +17,7 @@ from trainer import (
     RunAspect,
     RunMetrics,
     RunPrediction,
+    StoredModel,
     TrainReport,
     ValReport,
     WorkerMemory,
@@ -113,6 +114,12 @@ class MemoryProfile(BaseModel):
     workers: list[WorkerMemory]
     system_total_gb: float
     system_available_gb: float
+
+
+class ModelList(BaseModel):
+    loaded: list[ModelInfo] = Field(description="In this server's memory, ready for generate.")
+    imported: list[StoredModel] = Field(description="MLX folders imported from GGUF files, under the server's home.")
+    hub_cache: list[StoredModel] = Field(description="Hugging Face hub cache repos (usable offline by repo id).")
 
 
 class RunMemoryResource(BaseModel):

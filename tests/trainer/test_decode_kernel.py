@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow  # trains or builds kernels: seconds to minutes
 
 @pytest.fixture(scope="module")
 def kernel() -> Any:
-    decode_kernel.load.cache_clear()
+    decode_kernel._load_once.cache_clear()
     module = decode_kernel.load()
     assert module is not None, "the decode kernel did not build: see the warning above"
     return module
@@ -135,11 +135,11 @@ def test_greedy_decode_through_the_kernel_equals_plain_mlx_lm(kernel: Any) -> No
 
 def test_off_switch_keeps_mlx_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(decode_kernel.KERNEL_ENV, "off")
-    decode_kernel.load.cache_clear()
+    decode_kernel._load_once.cache_clear()
     try:
         assert decode_kernel.load() is None
     finally:
-        decode_kernel.load.cache_clear()
+        decode_kernel._load_once.cache_clear()
 
 
 def test_a_failed_build_is_named_and_decode_falls_back(
@@ -150,13 +150,13 @@ def test_a_failed_build_is_named_and_decode_falls_back(
     with pytest.raises(KernelBuildError, match="building the decode kernel failed"):
         decode_kernel.kernel_path()
     assert not list(tmp_path.glob("decode-kernel/*/_cpu_decode*")), "a failed build must leave no module behind"
-    decode_kernel.load.cache_clear()
+    decode_kernel._load_once.cache_clear()
     try:
         with caplog.at_level(logging.WARNING, logger="trainer.engine.decode_kernel"):
             assert decode_kernel.load() is None
         assert "CPU decode kernels unavailable" in caplog.text
     finally:
-        decode_kernel.load.cache_clear()
+        decode_kernel._load_once.cache_clear()
 
 
 def test_the_build_key_follows_the_sources(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -179,14 +179,14 @@ def test_the_kernels_are_used_only_where_they_measured_faster_than_mlx(
     logging.getLogger(__name__).warning(
         "decode here: kernels %s, MLX %s tokens/s", choice.kernel_tok_s, choice.mlx_tok_s
     )
-    decode_kernel.load.cache_clear()
+    decode_kernel._load_once.cache_clear()
     try:
         assert (decode_kernel.load() is not None) == choice.use_kernel
         slower = DecodeChoice(kernel_tok_s=5.0, mlx_tok_s=10.0)  # a CPU where the kernels lose
         monkeypatch.setattr(decode_kernel, "recorded", lambda _dir: slower)
-        decode_kernel.load.cache_clear()
+        decode_kernel._load_once.cache_clear()
         with caplog.at_level(logging.WARNING, logger="trainer.engine.decode_kernel"):
             assert decode_kernel.load() is None
         assert "measured slower than MLX's own operations" in caplog.text and "5.0 against 10.0" in caplog.text
     finally:
-        decode_kernel.load.cache_clear()
+        decode_kernel._load_once.cache_clear()

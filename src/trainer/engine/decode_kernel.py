@@ -23,6 +23,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 from functools import cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -146,11 +147,15 @@ def import_kernel(path: Path) -> ModuleType:
     return module
 
 
+def _target() -> Path:
+    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+    return cache_root() / "decode-kernel" / build_key() / f"{MODULE}{suffix}"
+
+
 def kernel_path() -> Path:
     """Build the kernel unless this machine has it already; returns its path. Raises KernelBuildError."""
-    dest = cache_root() / "decode-kernel" / build_key()
-    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
-    target = dest / f"{MODULE}{suffix}"
+    target = _target()
+    dest = target.parent
     if target.exists():
         return target
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -166,9 +171,53 @@ def wanted() -> bool:
     return os.environ.get(KERNEL_ENV, "on").lower() not in ("0", "off", "false", "no")
 
 
-@cache
+_building = threading.Event()  # set while build_in_background works
+
+
+def build_in_background() -> threading.Thread | None:
+    """Build (and measure) the kernel in a thread, so that no caller waits for it; until it is ready, `load` answers
+    None (decode uses MLX's own operations). None: nothing to do (built already, turned off, or not Linux)."""
+    if sys.platform != "linux" or not wanted():
+        return None
+    try:
+        if _target().exists() and recorded(_target().parent) is not None:
+            return None
+    except OSError:
+        return None
+
+    def work() -> None:
+        try:
+            import mlx.core as mx
+
+            if mx.default_device().type != mx.DeviceType.cpu:  # Metal and CUDA decode with MLX's own kernels
+                return
+            path = kernel_path()
+            choice = recorded(path.parent)
+            if choice is None or stale(choice):
+                measure(path.parent)
+            log.info("CPU decode kernel ready: %s", path)
+        except Exception as exc:  # a build that fails says why once; decode keeps MLX's own operations
+            log.warning("CPU decode kernel not built in the background: %s", exc)
+        finally:
+            _building.clear()
+
+    _building.set()
+    thread = threading.Thread(target=work, name="decode-kernel-build", daemon=True)
+    thread.start()
+    return thread
+
+
 def load() -> ModuleType | None:
-    """The kernel module, or None (with one warning saying why) where it is turned off or cannot be built."""
+    """The kernel module, or None (with one warning saying why) where it is turned off, cannot be built, or is
+    being built in the background right now (then the next load may have it)."""
+    if _building.is_set():
+        log.info("the CPU decode kernel is being built in the background: this load decodes with MLX's operations")
+        return None
+    return _load_once()
+
+
+@cache
+def _load_once() -> ModuleType | None:
     if not wanted():
         log.info("CPU decode kernel off (%s)", KERNEL_ENV)
         return None

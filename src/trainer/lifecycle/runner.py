@@ -30,6 +30,7 @@ from ..planning.config import QLoRAConfig
 from ..planning.preflight import PreparedRun, RunDefaults, prepare_run
 from .admission import admit
 from .cues import Cues, RunUpdate
+from .deletion import DeletedRun, delete_run
 from .events import Event, MemorySample
 from .follow import START_GRACE_S, Liveness, follow_events
 from .jobs import FailureKind, Job, JobError, JobState, RunSnapshot
@@ -217,6 +218,12 @@ class JobRunner(RunViews):
         self._wake.set()
         log.info("%s (attempt %d)", plan.describe(), job.attempt)
         return job.snapshot(), plan
+
+    async def delete(self, run_id: str) -> DeletedRun:
+        """Delete an ended run's record, folder and adapter (refused while it is queued or running)."""
+        deleted = await anyio.to_thread.run_sync(delete_run, self.store, run_id)
+        self._tracked.pop(run_id, None)
+        return deleted
 
     async def cancel(self, run_id: str) -> RunSnapshot:
         """Cancel a queued run at once, or stop a running one (SIGTERM, then SIGKILL) and wait until it is gone."""

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..errors import RunNotFound, StoreUnavailable
 from ..planning.config import QLoRAConfig
-from .jobs import Job, JobError, JobState, Phase, RunMetrics
+from .jobs import TERMINAL_STATES, Job, JobError, JobState, Phase, RunMetrics
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -222,6 +222,14 @@ class RunStore:
     def cancel_requested(self, run_id: str) -> bool:
         row = self._db.execute("SELECT cancel_requested FROM runs WHERE id=?", (run_id,)).fetchone()
         return bool(row and row[0])
+
+    def delete(self, run_id: str) -> bool:
+        """Forget a run that has ended; False if it is not there or not ended (it changed meanwhile)."""
+        ended = tuple(state.value for state in TERMINAL_STATES)
+        with self._transaction() as db:
+            cur = db.execute("DELETE FROM runs WHERE id=? AND state IN (?, ?, ?)", (run_id, *ended))
+            db.execute("DELETE FROM leases WHERE run_id=?", (run_id,))
+            return cur.rowcount == 1
 
     def get(self, run_id: str) -> Job:
         cur = self._db.execute(f"SELECT {_COLUMNS} FROM runs WHERE id=?", (run_id,))

@@ -82,6 +82,10 @@ def resolve_hub_model(repo_id: str) -> Path:
         ) from None
 
 
+#: written into an imported model's folder: where it came from
+SOURCE_FILE = "source.json"
+
+
 def gguf_cache_folder(gguf_path: Path, models_root: Path) -> Path:
     """Where a GGUF file's import lives: keyed by path, size, mtime and the importer's version."""
     stat = gguf_path.stat()
@@ -98,6 +102,7 @@ def import_gguf_isolated(gguf_path: Path, models_root: Path) -> Path:
     cmd = [sys.executable, "-m", "trainer.engine.gguf", str(gguf_path), str(folder)]
     done = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False)
     if done.returncode == 0 and (folder / "config.json").is_file():
+        (folder / SOURCE_FILE).write_text(json.dumps({"gguf": str(gguf_path)}), encoding="utf-8")  # for list_models
         return folder
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     if done.returncode == GGUF_REFUSED_EXIT and lines:

@@ -1,0 +1,158 @@
+"""The run tools: start, follow, cancel, resume, list and delete QLoRA runs."""
+
+from __future__ import annotations
+
+import base64
+from typing import Annotated
+
+import anyio
+from mcp.types import CallToolResult, ImageContent
+from pydantic import Field
+
+from trainer import DeletedRun, JobState, QLoRAConfig
+
+from .plot import PNG, run_plot
+from .resources import iso, run_status, status_line
+from .schemas import CancelledRun, ResumedRun, RunBrief, RunList, RunStatus, StartedRun, run_resources, tool_result
+from .tool_support import MAX_WAIT_S, AppContext, app_state, trainer_errors
+
+
+async def start_qlora_run(ctx: AppContext, config: QLoRAConfig) -> Annotated[CallToolResult, StartedRun]:
+    """Validate a QLoRA config and queue the run; returns its run_id at once. Follow it with run_status(run_id,
+    wait_seconds=30) or the runs://{run_id}/... resources."""
+    state = app_state(ctx)
+    with trainer_errors():
+        snap = await state.runner.submit(config)
+    started = StartedRun(
+        run_id=snap.id,
+        state=snap.state,
+        run_dir=snap.run_dir,
+        queue_position=state.runner.queue_position(snap.id),
+        resources=run_resources(snap.id),
+        predicted_peak_gb=snap.metrics.predicted_peak_gb,
+        memory_budget_gb=snap.config.memory_budget_gb,
+        next_step=f"call run_status with run_id={snap.id!r} and wait_seconds=30 until the state is final",
+    )
+    predicted = (
+        f", predicted peak {snap.metrics.predicted_peak_gb:.2f} GB of a {started.memory_budget_gb:.2f} GB budget"
+        if snap.metrics.predicted_peak_gb is not None and started.memory_budget_gb is not None
+        else ""
+    )
+    return tool_result(started, f"run {snap.id} queued ({snap.iters} iterations{predicted}); folder {snap.run_dir}")
+
+
+async def run_status_tool(
+    ctx: AppContext,
+    run_id: Annotated[str, Field(description="The id start_qlora_run returned.")],
+    wait_seconds: Annotated[
+        float,
+        Field(
+            ge=0,
+            description="Long-poll up to this many seconds (max 60) for a state or phase change, a report or an "
+            "error; 0: at once.",
+        ),
+    ] = 0,
+    memory_samples: Annotated[int, Field(ge=0, le=200, description="How many latest memory samples.")] = 2,
+    include_config: Annotated[bool, Field(description="Also return the run's config.")] = False,
+    include_plot: Annotated[
+        bool, Field(description="Also return a PNG of loss and memory over iterations (runs://{id}/plot).")
+    ] = False,
+) -> Annotated[CallToolResult, RunStatus]:
+    """A run's state, phase, iteration, losses, tokens/s, ETA, memory against prediction and budget, adapter and
+    error: enough to follow it to the end."""
+    state = app_state(ctx)
+    with trainer_errors():
+        snap = state.runner.get(run_id)
+        wait = min(wait_seconds, MAX_WAIT_S)
+        if wait > 0 and not snap.state.terminal:
+            sent = float(snap.iteration)
+            await ctx.report_progress(sent, snap.iters, f"{snap.state.value}, iteration {snap.iteration}")
+            snap = await state.runner.wait_for_change(run_id, wait)
+            if snap.iteration > sent:  # progress must strictly increase
+                await ctx.report_progress(snap.iteration, snap.iters, f"{snap.state.value}, iteration {snap.iteration}")
+        status = run_status(state, run_id, memory_samples, include_config)
+        result = tool_result(status, status_line(state, status))
+        if include_plot:
+            png = await anyio.to_thread.run_sync(run_plot, state, run_id)
+            result.content.append(ImageContent(type="image", data=base64.b64encode(png).decode(), mime_type=PNG))
+    return result
+
+
+async def cancel_run(
+    ctx: AppContext, run_id: Annotated[str, Field(description="The run to stop.")]
+) -> Annotated[CallToolResult, CancelledRun]:
+    """Cancel a queued run, or stop a running one (its adapter so far is saved); returns when its worker process is
+    gone."""
+    state = app_state(ctx)
+    with trainer_errors():
+        await state.runner.cancel(run_id)
+        snap = state.runner.get(run_id)
+    cancelled = CancelledRun(
+        id=snap.id,
+        state=snap.state,
+        iteration=snap.iteration,
+        iters=snap.iters,
+        adapter_path=snap.adapter_path,
+        run_dir=snap.run_dir,
+    )
+    return tool_result(cancelled, snap.summary())
+
+
+async def resume_run(
+    ctx: AppContext,
+    run_id: Annotated[str, Field(description="A run that failed or was cancelled.")],
+    force: Annotated[
+        bool, Field(description="Resume even if the dataset or the base model changed since the checkpoint.")
+    ] = False,
+) -> Annotated[CallToolResult, ResumedRun]:
+    """Continue a failed, cancelled or interrupted run from its newest verified checkpoint, exactly as if never
+    stopped (same run id, next attempt). Refused if its data or base model changed since, unless force."""
+    state = app_state(ctx)
+    with trainer_errors():
+        snap, plan = await state.runner.resume(run_id, force)
+    resumed = ResumedRun(
+        run_id=snap.id,
+        state=snap.state,
+        attempt=snap.attempt,
+        from_step=plan.step,
+        checkpoint=plan.checkpoint,
+        forced_changes=plan.changed,
+        queue_position=state.runner.queue_position(snap.id),
+        next_step=f"call run_status with run_id={snap.id!r} and wait_seconds=30 until the state is final",
+    )
+    return tool_result(resumed, f"{plan.describe()}; attempt {snap.attempt}, {snap.state.value}")
+
+
+async def list_runs(
+    ctx: AppContext,
+    state: Annotated[JobState | None, Field(description="Only runs in this state.")] = None,
+    limit: Annotated[int, Field(ge=1, le=200, description="Most runs to return, newest first.")] = 20,
+) -> Annotated[CallToolResult, RunList]:
+    """Runs, newest first (id, state, iteration, last validation loss, adapter, error), optionally in one state."""
+    app = app_state(ctx)
+    snaps = app.runner.list_runs(state, limit)
+    briefs = [
+        RunBrief(
+            id=s.id,
+            state=s.state,
+            iteration=s.iteration,
+            iters=s.iters,
+            last_val_loss=s.metrics.last_val_loss,
+            adapter_path=s.adapter_path,
+            error=s.error.message if s.error else None,
+            created_at=iso(s.created_at) or "",
+        )
+        for s in snaps
+    ]
+    lines = [f"{b.id} {b.state.value} {b.iteration}/{b.iters}" for b in briefs] or ["no runs"]
+    return tool_result(RunList(runs=briefs, total_shown=len(briefs)), f"{len(briefs)} run(s): " + ", ".join(lines))
+
+
+async def delete_run(
+    ctx: AppContext, run_id: Annotated[str, Field(description="An ended run (succeeded, failed or cancelled).")]
+) -> Annotated[CallToolResult, DeletedRun]:
+    """Delete an ended run: its record, folder (checkpoints, logs) and adapter. Refused while queued or running."""
+    state = app_state(ctx)
+    with trainer_errors():
+        deleted = await state.runner.delete(run_id)
+    return tool_result(deleted, f"deleted run {run_id}: {len(deleted.removed)} folder(s), {deleted.freed_gb:.3f} GB")

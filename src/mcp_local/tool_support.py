@@ -1,0 +1,46 @@
+"""What every tool shares: the server state from the request context, error mapping and honest annotations."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from mcp.server.mcpserver import Context
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.types import ToolAnnotations
+
+from trainer import TrainerError
+
+from .state import AppState
+
+MAX_WAIT_S = 60.0  # some hosts background a call after 120 s
+AppContext = Context[AppState, Any]
+
+
+def local_hints(*, read_only: bool = False, destructive: bool = False, idempotent: bool = False) -> ToolAnnotations:
+    """Every tool acts on this machine only: never open-world. Hints equal to the spec's defaults (not read-only, not
+    idempotent) are left out; destructive is said either way, since its default is true."""
+    return ToolAnnotations(
+        read_only_hint=True if read_only else None,
+        destructive_hint=None if read_only else destructive,
+        idempotent_hint=True if idempotent else None,
+        open_world_hint=False,
+    )
+
+
+@contextmanager
+def trainer_errors() -> Iterator[None]:
+    """Our own errors are the caller's to fix: pass their message on as a tool error."""
+    try:
+        yield
+    except TrainerError as exc:
+        raise ToolError(str(exc)) from None
+
+
+def app_state(ctx: AppContext) -> AppState:
+    state = ctx.request_context.lifespan_context
+    session = ctx.request_context.session
+    # 2.3 has no public per-connection key; the SDK's migration guide uses this one (see notify)
+    state.legacy_sessions.setdefault(session._connection, session)
+    return state
