@@ -1,5 +1,6 @@
 """Cold start: seconds from spawning the server (`python -m mcp_local`, as a host does) to the answer of the first
-tools/list over stdio, median of N starts; plus how many times the process imported the MCP SDK (1: the re-exec with
+tools/list over stdio, median of N starts, next to the SDK's smallest server started the same way; plus how many
+times the process imported the MCP SDK (1: the re-exec with
 the preloads came before the heavy imports).
 
 uv run python bench/cold_start.py [--starts 5] [--out results.jsonl]   (docs/benchmarks.md)
@@ -22,12 +23,24 @@ from memory_prediction import report
 
 from mcp import Client, StdioServerParameters
 
+#: the floor: the SDK's smallest server (one tool), started the same way
+BARE_SDK_SERVER = """
+from mcp.server import MCPServer
+server = MCPServer("bare")
 
-async def first_tools_list(home: Path) -> float:
+@server.tool()
+def ping() -> str:
+    return "pong"
+
+server.run()
+"""
+
+
+async def first_tools_list(home: Path | None) -> float:
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}  # as a host starts it: the server preloads
-    params = StdioServerParameters(
-        command=sys.executable, args=["-m", "mcp_local", "--home", str(home), "--log-level", "WARNING"], env=env
-    )
+    ours = ["-m", "mcp_local", "--home", str(home), "--log-level", "WARNING"]
+    args = ["-c", BARE_SDK_SERVER] if home is None else ours
+    params = StdioServerParameters(command=sys.executable, args=args, env=env)
     start = time.perf_counter()
     async with Client(params, mode="legacy") as client:
         await client.list_tools()
@@ -52,10 +65,12 @@ def main() -> None:
     home = Path(tempfile.mkdtemp(prefix="cold-start-"))
     anyio.run(first_tools_list, home)  # the first start on a new home creates its database: not counted
     times = [anyio.run(first_tools_list, home) for _ in range(args.starts)]
+    bare = [anyio.run(first_tools_list, None) for _ in range(args.starts)]
     report(
         {
             "first_tools_list_s_median": round(statistics.median(times), 3),
             "first_tools_list_s": [round(t, 3) for t in times],
+            "bare_sdk_server_s_median": round(statistics.median(bare), 3),
             "sdk_imports_per_start": sdk_imports(home),
         },
         args.out,

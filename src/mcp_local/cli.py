@@ -13,9 +13,8 @@ import anyio
 
 from trainer import HOME_ENV, use_mlx_env
 
-from .http import TOKEN_ENV, HttpSettings, serve_http, token_or_new
 from .server import build_server, serve_stdio
-from .state import MAX_CONCURRENT_ENV, MEMORY_BUDGET_ENV, SAMPLE_INTERVAL_ENV, ServerSettings
+from .state import MAX_CONCURRENT_ENV, MEMORY_BUDGET_ENV, SAMPLE_INTERVAL_ENV, TOKEN_ENV, ServerSettings
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -86,7 +85,9 @@ def main(argv: list[str] | None = None) -> None:
         memory_budget_gb=args.memory_budget_gb,
     )
     use_mlx_env(settings.home)  # generation runs in this process too
-    if args.http:
+    if args.http:  # uvicorn and starlette only for HTTP: a stdio start does without them
+        from .http import HttpSettings, serve_http, token_or_new
+
         token = token_or_new(args.token)
         http_settings = HttpSettings(args.host, args.port, token, tuple(args.allowed_host))
         anyio.run(serve_http, build_server(settings), http_settings)

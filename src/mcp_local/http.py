@@ -20,7 +20,6 @@ import uvicorn
 from mcp.server import MCPServer
 
 log = logging.getLogger(__name__)
-TOKEN_ENV = "MCP_LOCAL_TOKEN"
 LOCAL_NAMES = ("127.0.0.1", "localhost", "[::1]")
 
 Scope = MutableMapping[str, Any]
