@@ -1,7 +1,6 @@
 """Cold start: seconds from spawning the server (`python -m mcp_local`, as a host does) to the answer of the first
 tools/list over stdio, median of N starts, next to the SDK's smallest server started the same way; plus how many
-times the process imported the MCP SDK (1: the re-exec with
-the preloads came before the heavy imports).
+times the process imported the MCP SDK (1: the re-exec with the preloads came before the heavy imports).
 
 uv run python bench/cold_start.py [--starts 5] [--out results.jsonl]   (docs/benchmarks.md)
 """

@@ -3,7 +3,8 @@
 Inputs keep everything a model needs to fill them in (types, bounds, enums, descriptions, defaults); pydantic's
 generated titles go, `anyOf [T, null]` becomes a nullable type and a null default is left implied. Outputs are
 described one level deep: each field's type and description, nested objects as objects (their fields are in the
-JSON itself), so the tool list does not repeat the same nested definitions tool after tool.
+JSON itself), so the tool list does not repeat the same nested definitions tool after tool; a result's fields are
+all present, so `required` and defaults are left out.
 """
 
 from __future__ import annotations
@@ -45,13 +46,14 @@ def _inline_single_use(schema: Any) -> Any:
 def shallow_schema(schema: dict[str, Any]) -> dict[str, Any]:
     """An output schema one level deep, without $defs (enums are kept: they are short and say what to expect)."""
     defs = schema.get("$defs", {})
-    top = {k: v for k, v in _walk(schema, names=False).items() if k != "$defs"}
+    top = {k: v for k, v in _walk(schema, names=False).items() if k not in ("$defs", "required")}
     top["properties"] = {name: _shallow(prop, defs) for name, prop in top.get("properties", {}).items()}
     return top
 
 
 def _shallow(prop: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
-    described = {k: v for k, v in prop.items() if k in ("description", "default")}
+    prop = {k: v for k, v in prop.items() if k != "default"}  # a result has values, not defaults
+    described = {k: v for k, v in prop.items() if k == "description"}
     nullable = "anyOf" in prop
     inner = next((o for o in prop.get("anyOf", [prop]) if o != {"type": "null"}), prop)
     ref = inner.get("$ref")

@@ -105,8 +105,8 @@ async def resume_run(
         bool, Field(description="Resume even if the dataset or the base model changed since the checkpoint.")
     ] = False,
 ) -> Annotated[CallToolResult, ResumedRun]:
-    """Continue a failed, cancelled or interrupted run from its newest verified checkpoint, exactly as if never
-    stopped (same run id, next attempt). Refused if its data or base model changed since, unless force."""
+    """Continue a failed or cancelled run from its newest verified checkpoint as if never stopped (same id, next
+    attempt); refused if its data or base model changed, unless force."""
     state = app_state(ctx)
     with trainer_errors():
         snap, plan = await state.runner.resume(run_id, force)

@@ -47,7 +47,7 @@ class RunStatus(BaseModel):
     stalled_seconds: float | None = Field(None, description="Seconds the worker has been silent.")
     metrics: RunMetrics
     memory_budget_gb: float | None = None
-    loss_trend: str | None = Field(None, description="The train loss over its reports as a sparkline.")
+    loss_trend: str | None = Field(None, description="Train loss sparkline.")
     created_at: str
     started_at: str | None = None
     ended_at: str | None = None
@@ -55,7 +55,7 @@ class RunStatus(BaseModel):
     run_dir: str
     error: JobError | None = None
     recent_memory: list[MemoryPoint] = Field(default_factory=list, description="Latest samples, oldest first.")
-    config: dict[str, Any] | None = Field(None, description="The run's config (start_qlora_run's), when asked.")
+    config: dict[str, Any] | None = Field(None, description="With include_config.")
 
 
 class CancelledRun(BaseModel):
@@ -89,10 +89,10 @@ class StartedRun(BaseModel):
     run_id: str
     state: JobState
     run_dir: str
-    queue_position: int = Field(description="0 when it starts at once; n when n runs are ahead of it.")
+    queue_position: int = Field(description="Runs ahead of it.")
     resources: dict[str, str]
-    predicted_peak_gb: float | None = Field(description="Predicted peak memory of the run (GB).")
-    memory_budget_gb: float | None = Field(description="The run's memory budget (GB); the watchdog enforces it.")
+    predicted_peak_gb: float | None = Field(description="GB.")
+    memory_budget_gb: float | None = Field(description="GB; the watchdog enforces it.")
     next_step: str
 
 
@@ -103,12 +103,12 @@ class ResumedRun(BaseModel):
     from_step: int = Field(description="Steps kept from the checkpoint (0: none).")
     checkpoint: str | None = Field(description="The checkpoint folder it continues from.")
     forced_changes: list[str] = Field(description="Changes since the checkpoint, resumed anyway (force).")
-    queue_position: int = Field(description="0 when it starts at once; n when n runs are ahead of it.")
+    queue_position: int = Field(description="Runs ahead of it.")
     next_step: str
 
 
 class MemoryProfile(BaseModel):
-    prediction: RunPrediction | None = Field(None, description="Present when a run config or model was given.")
+    prediction: RunPrediction | None = Field(None, description="With a config or model.")
     server: ProcessMemory
     loaded_models: list[ModelInfo]
     workers: list[WorkerMemory]
@@ -117,9 +117,9 @@ class MemoryProfile(BaseModel):
 
 
 class ModelList(BaseModel):
-    loaded: list[ModelInfo] = Field(description="In this server's memory, ready for generate.")
-    imported: list[StoredModel] = Field(description="MLX folders imported from GGUF files, under the server's home.")
-    hub_cache: list[StoredModel] = Field(description="Hugging Face hub cache repos (usable offline by repo id).")
+    loaded: list[ModelInfo] = Field(description="Ready for generate.")
+    imported: list[StoredModel] = Field(description="GGUF files imported as MLX folders.")
+    hub_cache: list[StoredModel] = Field(description="Hub cache repos (offline by repo id).")
 
 
 class RunMemoryResource(BaseModel):

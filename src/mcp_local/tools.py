@@ -43,9 +43,7 @@ async def load_model(
     path: Annotated[
         str, Field(description="A local model folder (MLX or Hugging Face layout), a .gguf file or a hub repo id.")
     ],
-    adapter: Annotated[
-        str | None, Field(description="Optional adapter folder (a run's adapter_path) to apply on top.")
-    ] = None,
+    adapter: Annotated[str | None, Field(description="An adapter folder to apply (a run's adapter_path).")] = None,
 ) -> Annotated[CallToolResult, ModelInfo]:
     """Load a model for generate (it stays loaded): architecture, parameters, quantization, load time, memory."""
     state = app_state(ctx)
@@ -61,7 +59,7 @@ async def load_model(
 
 async def generate(
     ctx: AppContext,
-    prompt: Annotated[str | None, Field(description="A user message; the model's chat template is applied.")] = None,
+    prompt: Annotated[str | None, Field(description="A user message (chat template applied).")] = None,
     messages: Annotated[
         list[ChatMessage] | None, Field(description="A chat instead of a prompt: [{role, content}, ...].")
     ] = None,
@@ -69,10 +67,8 @@ async def generate(
     temperature: Annotated[float, Field(ge=0, le=2, description="0 is greedy.")] = 0.0,
     top_p: Annotated[float, Field(gt=0, le=1, description="Nucleus sampling.")] = 1.0,
     seed: Annotated[int | None, Field(description="Seed for sampling.")] = None,
-    adapter: Annotated[str | None, Field(description="Adapter folder to apply to the loaded model.")] = None,
-    run_id: Annotated[
-        str | None, Field(description="Use this run's base model and adapter (instead of `adapter`).")
-    ] = None,
+    adapter: Annotated[str | None, Field(description="An adapter folder.")] = None,
+    run_id: Annotated[str | None, Field(description="A run whose model and adapter to use.")] = None,
 ) -> Annotated[CallToolResult, Generation]:
     """Generate with the loaded model, optionally through an adapter or a run's (run_id): text, tokens, tokens/s."""
     state = app_state(ctx)
@@ -127,9 +123,8 @@ async def profile_memory(
     grad_checkpoint: bool = False,
     chunked_loss: bool = False,
 ) -> Annotated[CallToolResult, MemoryProfile]:
-    """Memory (RSS, MLX active/peak/cache) of the server, loaded models, training workers and the system. Given a
-    run config, or a model and the settings below, also the predicted peak by part against the budget (no weights
-    loaded)."""
+    """Memory (RSS, MLX) of the server, loaded models, training workers and system; given a run config or a model,
+    also the predicted peak by part against the budget."""
     state = app_state(ctx)
     settings = {
         "batch_size": batch_size,
@@ -167,8 +162,7 @@ async def profile_memory(
 
 
 async def list_models(ctx: AppContext) -> Annotated[CallToolResult, ModelList]:
-    """Models on this machine: loaded in the server, imported from GGUF files, and in the Hugging Face cache, each
-    with its size on disk and origin."""
+    """Models here: loaded, imported from GGUF and in the Hugging Face cache, with size on disk and origin."""
     state = app_state(ctx)
     models_root = state.settings.home / "models"
     imported = await anyio.to_thread.run_sync(imported_models, models_root)

@@ -84,20 +84,22 @@ def test_the_sdk_is_imported_once_per_start(tmp_path: Path) -> None:
 
 
 def test_a_kernel_being_built_never_holds_a_load(monkeypatch: pytest.MonkeyPatch) -> None:
-    """While build_in_background works, load() answers at once (decode uses MLX's own operations meanwhile)."""
+    """While the background build runs (the set-up's build command, in a subprocess), load() answers at once: decode
+    uses MLX's own operations meanwhile."""
     monkeypatch.setattr(decode_kernel, "_target", lambda: Path("/nonexistent/kernel.so"))
-    building = decode_kernel._building
+    commands: list[list[str]] = []
 
-    def slow_build() -> Path:
+    def slow_build(command: list[str], **_: Any) -> subprocess.CompletedProcess[str]:
+        commands.append(command)
         time.sleep(2)
-        return Path("/nonexistent")
+        return subprocess.CompletedProcess(command, 0, "", "decode kernel: built")
 
-    monkeypatch.setattr(decode_kernel, "kernel_path", slow_build)
-    monkeypatch.setattr(decode_kernel, "measure", lambda _dir: None)
+    monkeypatch.setattr(subprocess, "run", slow_build)  # the module calls subprocess.run
     thread = decode_kernel.build_in_background()
-    assert thread is not None and building.is_set()
+    assert thread is not None and decode_kernel._building.is_set()
     tic = time.perf_counter()
     assert decode_kernel.load() is None
     assert time.perf_counter() - tic < 0.5  # answered, not waited
     thread.join(timeout=30)
-    assert not building.is_set()
+    assert not decode_kernel._building.is_set()
+    assert commands == [[sys.executable, "-m", "trainer.engine.decode_kernel"]]

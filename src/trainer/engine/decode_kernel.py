@@ -175,29 +175,25 @@ _building = threading.Event()  # set while build_in_background works
 
 
 def build_in_background() -> threading.Thread | None:
-    """Build (and measure) the kernel in a thread, so that no caller waits for it; until it is ready, `load` answers
-    None (decode uses MLX's own operations). None: nothing to do (built already, turned off, or not Linux)."""
+    """Build (and measure) the kernel with the set-up's build command in a subprocess, watched by a thread, so that
+    no caller waits for it and the caller's process never imports MLX for it; until it is ready, `load` answers None
+    (decode uses MLX's own operations). None: nothing to do (built and measured already, turned off, or not Linux)."""
     if sys.platform != "linux" or not wanted():
         return None
     try:
-        if _target().exists() and recorded(_target().parent) is not None:
+        target = _target()
+        choice = recorded(target.parent) if target.exists() else None
+        if choice is not None and not stale(choice):
             return None
     except OSError:
         return None
 
     def work() -> None:
         try:
-            import mlx.core as mx
-
-            if mx.default_device().type != mx.DeviceType.cpu:  # Metal and CUDA decode with MLX's own kernels
-                return
-            path = kernel_path()
-            choice = recorded(path.parent)
-            if choice is None or stale(choice):
-                measure(path.parent)
-            log.info("CPU decode kernel ready: %s", path)
-        except Exception as exc:  # a build that fails says why once; decode keeps MLX's own operations
-            log.warning("CPU decode kernel not built in the background: %s", exc)
+            command = [sys.executable, "-m", "trainer.engine.decode_kernel"]
+            done = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False)
+            said = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+            log.log(logging.INFO if done.returncode == 0 else logging.WARNING, "decode kernel build: %s", said)
         finally:
             _building.clear()
 
@@ -243,6 +239,11 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     if sys.platform != "linux":
         log.info("no CPU decode kernel needed on %s", sys.platform)
+        return
+    import mlx.core as mx
+
+    if mx.default_device().type != mx.DeviceType.cpu:
+        log.info("no CPU decode kernel needed: MLX runs on %s here", mx.default_device())
         return
     try:
         path = kernel_path()

@@ -26,8 +26,7 @@ class QLoRAConfig(BaseModel):
         Field(
             min_length=1,
             max_length=MAX_PATH,
-            description="The model to fine-tune: a local folder (MLX or Hugging Face layout), a .gguf file or a "
-            "Hugging Face repo id.",
+            description="A model folder (MLX or Hugging Face layout), a .gguf file or a Hugging Face repo id.",
         ),
     ]
     data: Annotated[
@@ -41,7 +40,7 @@ class QLoRAConfig(BaseModel):
     ]
     adapter_dir: Annotated[
         str | None,
-        Field(max_length=MAX_PATH, description="Where to write the adapter; default: the run folder's adapters/."),
+        Field(max_length=MAX_PATH, description="Default: the run folder's adapters/."),
     ] = None
     rank: Annotated[int, Field(ge=1, le=512, description="LoRA rank.")] = 16
     alpha: Annotated[float, Field(gt=0, le=1e4, description="LoRA alpha; mlx-lm's scale is alpha / rank.")] = 32.0
