@@ -19,6 +19,7 @@ from ..errors import ConfigError, ModelError
 from ..lifecycle.memory import GB
 from ..planning.modelref import read_model_config, resolve_model_dir
 from ..planning.paths import PathPolicy
+from .mlx_import import require_mlx
 
 MAX_CACHED = 3
 DENSE_CACHE_MAX_BYTES = 2 * 1024**3
@@ -116,6 +117,7 @@ class ModelSession:
 
     def load(self, model: str, adapter: str | None = None) -> ModelInfo:
         """Load (or reuse) a model, optionally with an adapter, and make it the one plain `generate` uses."""
+        require_mlx()
         key = self._key(model, adapter)
         with self._lock:
             loaded = self._loaded.get(key) or self._load(key)

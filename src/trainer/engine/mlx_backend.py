@@ -25,6 +25,7 @@ from ..lifecycle.jobs import Phase
 from ..planning.config import QLoRAConfig
 from .batches import batches_per_epoch, data_position
 from .loop import Loss, Step, fused_step, layerwise_step, train_steps
+from .mlx_import import require_mlx
 from .run_state import ADAPTERS, LoopState, adapter_weights, read_state, save_adapter, write_state
 
 log = logging.getLogger(__name__)
@@ -186,6 +187,7 @@ class MlxTrainingBackend:
     name = "mlx"
 
     def device(self) -> str:
+        require_mlx()
         import mlx.core as mx
 
         return str(mx.default_device())

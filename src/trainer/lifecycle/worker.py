@@ -20,7 +20,7 @@ from pathlib import Path
 from types import FrameType
 from typing import BinaryIO
 
-from ..errors import CheckpointWriteError, ConfigError, Diverged
+from ..errors import CheckpointWriteError, ConfigError, Diverged, TrainerError
 from ..planning.config import QLoRAConfig
 from ..settings import DEFAULT_SAMPLE_INTERVAL_S
 from .backend import BackendEvent, Cancelled, OverBudget, adapter_dir_for, load_backend, request_stop
@@ -91,7 +91,13 @@ def failure_kind(exc: BaseException) -> FailureKind:
 def run(run_dir: Path, emit: EventWriter, attempt: int = 1) -> int:
     config = QLoRAConfig.model_validate_json((run_dir / "config.json").read_text(encoding="utf-8"))
     backend = load_backend()
-    emit(Started(pid=os.getpid(), backend=backend.name, device=backend.device(), attempt=attempt))
+    try:
+        device = backend.device()
+    except TrainerError as exc:  # no MLX backend installed: the run fails saying what to install
+        emit(Started(pid=os.getpid(), backend=backend.name, device="unavailable", attempt=attempt))
+        emit(Failed(kind=FailureKind.BACKEND, message=str(exc)))
+        return EXIT_FAILED
+    emit(Started(pid=os.getpid(), backend=backend.name, device=device, attempt=attempt))
     watchdog = Watchdog(config.memory_budget_gb, emit)
     with MemorySampler(config.memory_sample_interval or DEFAULT_SAMPLE_INTERVAL_S, watchdog):
         try:
