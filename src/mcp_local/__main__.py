@@ -8,7 +8,7 @@ from __future__ import annotations
 
 
 def main(argv: list[str] | None = None) -> None:
-    from trainer.environment.preload import reexec_with_preloads
+    from trainer import reexec_with_preloads  # the package is lazy: this imports preload.py alone
 
     reexec_with_preloads()
     from .cli import main as serve

@@ -14,7 +14,10 @@ from trainer import DeletedRun, JobState, QLoRAConfig
 from .plot import PNG, run_plot
 from .resources import iso, run_status, status_line
 from .schemas import CancelledRun, ResumedRun, RunBrief, RunList, RunStatus, StartedRun, run_resources, tool_result
+from .state import AppState
 from .tool_support import MAX_WAIT_S, AppContext, app_state, trainer_errors
+
+PROGRESS_EVERY_S = 1.0
 
 
 async def start_qlora_run(ctx: AppContext, config: QLoRAConfig) -> Annotated[CallToolResult, StartedRun]:
@@ -65,17 +68,39 @@ async def run_status_tool(
         snap = state.runner.get(run_id)
         wait = min(wait_seconds, MAX_WAIT_S)
         if wait > 0 and not snap.state.terminal:
-            sent = float(snap.iteration)
-            await ctx.report_progress(sent, snap.iters, f"{snap.state.value}, iteration {snap.iteration}")
-            snap = await state.runner.wait_for_change(run_id, wait)
-            if snap.iteration > sent:  # progress must strictly increase
-                await ctx.report_progress(snap.iteration, snap.iters, f"{snap.state.value}, iteration {snap.iteration}")
+            await _wait_reporting_progress(ctx, state, run_id, wait)
         status = run_status(state, run_id, memory_samples, include_config)
         result = tool_result(status, status_line(state, status))
         if include_plot:
             png = await anyio.to_thread.run_sync(run_plot, state, run_id)
             result.content.append(ImageContent(type="image", data=base64.b64encode(png).decode(), mime_type=PNG))
     return result
+
+
+async def _wait_reporting_progress(ctx: AppContext, state: AppState, run_id: str, wait: float) -> None:
+    """The long-poll, with a progress notification (iteration of total) each PROGRESS_EVERY_S the run advanced:
+    hosts that ignore resources still see it move while the call waits."""
+    done = anyio.Event()
+    sent = -1.0
+
+    async def report() -> None:
+        nonlocal sent
+        snap = state.runner.get(run_id)
+        if snap.iteration > sent:  # progress must strictly increase
+            sent = float(snap.iteration)
+            await ctx.report_progress(sent, snap.iters, f"{snap.state.value}, iteration {snap.iteration}")
+
+    async def wait_then_stop() -> None:
+        await state.runner.wait_for_change(run_id, wait)
+        done.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(wait_then_stop)
+        while not done.is_set():
+            await report()
+            with anyio.move_on_after(PROGRESS_EVERY_S):
+                await done.wait()
+    await report()
 
 
 async def cancel_run(

@@ -28,17 +28,22 @@ async def test_an_ended_run_is_deleted_whole_and_a_running_one_is_refused(
 ) -> None:
     elsewhere = tmp_path / "my-adapter"  # an adapter_dir outside the run folder goes too
     async with Client(fake_server(tmp_path / "home", "slow"), mode="legacy") as client:
-        started = await client.call_tool(
-            "start_qlora_run", {"config": config(fake_model, tiny_data, iters=60, adapter_dir=str(elsewhere))}
-        )
-        run_id = started.structured_content["run_id"]  # type: ignore[index]
-        await _until(client, run_id, {"running"})
-        refused = await client.call_tool("delete_run", {"run_id": run_id})
+        live = await client.call_tool("start_qlora_run", {"config": config(fake_model, tiny_data, iters=200)})
+        live_id = live.structured_content["run_id"]  # type: ignore[index]
+        await _until(client, live_id, {"running"})
+        refused = await client.call_tool("delete_run", {"run_id": live_id})
         assert refused.is_error and "cancel_run first" in refused.content[0].text  # type: ignore[union-attr]
-        await client.call_tool("cancel_run", {"run_id": run_id})
-        run_dir = Path(started.structured_content["run_dir"])  # type: ignore[index]
-        assert run_dir.is_dir() and (elsewhere / "adapters.safetensors").is_file()
+        assert Path(live.structured_content["run_dir"]).is_dir()  # type: ignore[index]
+        await client.call_tool("cancel_run", {"run_id": live_id})
+        assert not (await client.call_tool("delete_run", {"run_id": live_id})).is_error
 
+        done = await client.call_tool(
+            "start_qlora_run", {"config": config(fake_model, tiny_data, iters=3, adapter_dir=str(elsewhere))}
+        )
+        run_id = done.structured_content["run_id"]  # type: ignore[index]
+        await _until(client, run_id, {"succeeded"})
+        run_dir = Path(done.structured_content["run_dir"])  # type: ignore[index]
+        assert run_dir.is_dir() and (elsewhere / "adapters.safetensors").is_file()
         deleted = await client.call_tool("delete_run", {"run_id": run_id})
         assert not deleted.is_error, deleted.content
         body = deleted.structured_content

@@ -110,7 +110,7 @@ async def test_legacy_client_drives_the_whole_loop(tmp_path: Path, tiny_model: P
     async with Client(server_params(tmp_path), mode="legacy", message_handler=on_message) as client:
         assert client.protocol_version.startswith("2025")
         assert client.server_capabilities.resources and client.server_capabilities.resources.subscribe
-        assert len((await client.list_tools()).tools) == 8
+        assert len((await client.list_tools()).tools) == len(TOOLS)
         base_text = await load_and_generate(client, tiny_model)
 
         started = await client.call_tool("start_qlora_run", {"config": run_config(tiny_model, tiny_data, 40)})
@@ -128,7 +128,7 @@ async def test_legacy_client_drives_the_whole_loop(tmp_path: Path, tiny_model: P
         times = [u for u in updates if u == memory_uri]
         assert len(times) >= 2
         notified = [call for call in progress if call]
-        assert len(notified) >= 2  # hosts that ignore resources still see progress
+        assert sum(len(call) for call in notified) >= 2  # hosts that ignore resources still see progress
         for call in notified:
             values = [value for value, _ in call]
             assert values == sorted(set(values)) and all(total == 40 for _, total in call)

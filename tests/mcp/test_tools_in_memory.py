@@ -24,6 +24,8 @@ TOOLS = {
     "cancel_run",
     "resume_run",
     "list_runs",
+    "delete_run",
+    "list_models",
 }
 
 
@@ -35,8 +37,9 @@ async def test_tools_have_output_schemas_and_honest_annotations(tmp_path: Path, 
     for tool in tools.values():
         assert tool.output_schema is not None and tool.description and tool.annotations
     read_only = {name for name, t in tools.items() if t.annotations and t.annotations.read_only_hint}
-    assert read_only == {"generate", "profile_memory", "run_status", "list_runs"}
+    assert read_only == {"generate", "profile_memory", "run_status", "list_runs", "list_models"}
     assert tools["cancel_run"].annotations.destructive_hint is True
+    assert tools["delete_run"].annotations.destructive_hint is True
     assert tools["run_status"].annotations.idempotent_hint is True
     assert "rank" in json.dumps(tools["start_qlora_run"].input_schema)
 

@@ -66,4 +66,5 @@ class FakeBackend:
         adapters = adapter_dir_for(config, run_dir)
         adapters.mkdir(parents=True, exist_ok=True)
         (adapters / "adapters.safetensors").write_bytes(b"fake")
+        (adapters / "adapter_config.json").write_text("{}")  # as MLX-LM writes beside its weights
         return adapters

@@ -231,7 +231,7 @@ async def test_a_database_locked_for_15_seconds_stops_nothing(tmp_path: Path, fa
             db = sqlite3.connect(tmp_path / "runs.sqlite3", isolation_level=None)
             db.execute("BEGIN EXCLUSIVE")
             locked.set()
-            release.wait(15)
+            release.wait(40)  # past the store's busy timeout even on a loaded machine; released below
             db.execute("ROLLBACK")
             db.close()
 
@@ -241,6 +241,7 @@ async def test_a_database_locked_for_15_seconds_stops_nothing(tmp_path: Path, fa
         with pytest.raises(StoreUnavailable, match="runs.sqlite3 cannot be written now"):
             await runner.submit(config(fake_model, tiny_data))
         assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [run.id]  # nothing half-created
+        release.set()
         await anyio.to_thread.run_sync(holder.join)
         done = await runner.wait_until_done(run.id, 60)
     assert done.state is JobState.SUCCEEDED and done.iteration == 200
