@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 import warnings
@@ -167,39 +165,3 @@ async def test_modern_client_listens_for_updates_while_a_run_trains(
         tuned = await client.call_tool("generate", {"prompt": PROMPT, "max_tokens": 24, "run_id": run_id})
         assert tuned.structured_content["text"] != base_text
         await cancel_a_running_run(client, tiny_model, tiny_data)
-
-
-INSPECTOR = REPO / "node_modules" / ".bin" / "mcp-inspector"
-
-
-@pytest.mark.skipif(
-    not INSPECTOR.exists() and not os.environ.get("CI"),
-    reason="run `npm ci` for the MCP Inspector (scripts/test does; CI requires it)",
-)
-@pytest.mark.parametrize(("method", "extra"), [("tools/list", []), ("tools/call", ["--tool-name", "profile_memory"])])
-def test_the_official_mcp_inspector_cli_drives_the_server(tmp_path: Path, method: str, extra: list[str]) -> None:
-    assert shutil.which("node"), "the MCP Inspector needs Node.js"
-    out = subprocess.run(
-        [
-            str(INSPECTOR),
-            "--cli",
-            sys.executable,
-            "-m",
-            "mcp_local",
-            "--home",
-            str(tmp_path),
-            "--method",
-            method,
-            *extra,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-    )
-    assert out.returncode == 0, out.stderr
-    body = json.loads(out.stdout)
-    if method == "tools/list":
-        assert {t["name"] for t in body["tools"]} == TOOLS
-    else:
-        assert body["isError"] is False and body["structuredContent"]["system_total_gb"] > 0
