@@ -112,14 +112,7 @@ async def cancel_run(
     with trainer_errors():
         await state.runner.cancel(run_id)
         snap = state.runner.get(run_id)
-    cancelled = CancelledRun(
-        id=snap.id,
-        state=snap.state,
-        iteration=snap.iteration,
-        iters=snap.iters,
-        adapter_path=snap.adapter_path,
-        run_dir=snap.run_dir,
-    )
+    cancelled = CancelledRun.model_validate(snap.model_dump(include=set(CancelledRun.model_fields)))
     return tool_result(cancelled, snap.summary())
 
 

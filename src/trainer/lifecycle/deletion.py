@@ -12,6 +12,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from ..errors import RunConflict
+from ..planning.model_inventory import folder_size
 from .store import RunStore
 
 ASIDE_PREFIX = ".deleting-"
@@ -22,12 +23,6 @@ class DeletedRun(BaseModel):
     run_id: str
     removed: list[str]
     freed_gb: float
-
-
-def _size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
 
 
 def _adapter_outside(adapter: str | None, folder: Path) -> Path | None:
@@ -61,7 +56,7 @@ def delete_run(store: RunStore, run_id: str) -> DeletedRun:
     removed, freed = [], 0
     for path in (aside, adapter):
         if path is not None and path.exists():
-            freed += _size(path)
+            freed += folder_size(path)
             shutil.rmtree(path)
             removed.append(str(folder if path == aside else path))
     for leftover in folder.parent.glob(ASIDE_PREFIX + "*"):  # an earlier deletion cut short
