@@ -47,6 +47,10 @@ log = logging.getLogger(__name__)
 REBUILT_CACHE = 32
 #: seconds between looks at the store for runs other runners accepted, started or cancelled
 SYNC_S = 0.5
+#: seconds the runner's own writes on the event loop wait for a lock another process holds (then retried later)
+LOOP_LOCK_WAIT_S = 0.2
+#: seconds progress updates are skipped after the database refused one
+QUIET_SAVE_BACKOFF_S = 2.0
 _STATUS = frozenset({RunAspect.STATUS})
 
 
@@ -77,6 +81,7 @@ class JobRunner(RunViews):
         self._rebuilt: OrderedDict[str, Tracked] = OrderedDict()
         self._cues = Cues()
         self._unsaved: dict[str, tuple[Tracked, JobState]] = {}  # ends the database refused, retried
+        self._quiet_saves_resume_at = 0.0
         self._tg: anyio.abc.TaskGroup | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
@@ -106,21 +111,27 @@ class JobRunner(RunViews):
         assert self._tg is not None
         while True:
             try:  # a locked or full database stops nothing: runs go on in their workers, and this retries
-                self._sync()
-                for tracked, before in list(self._unsaved.values()):
-                    self._record_end(tracked, before)
-                if self._election.hold():
-                    while (job := self.store.claim_next(self.max_concurrent)) is not None:
-                        tracked = self._track(job)
-                        tracked.job = job
-                        self._touch(tracked, _STATUS)
-                        tracked.following = True
-                        self._tg.start_soon(self._run_worker, tracked)
+                with self.store.lock_wait(LOOP_LOCK_WAIT_S):
+                    self._schedule_once()
             except StoreUnavailable as exc:
                 log.warning("%s; retrying in %.1f s", exc, SYNC_S)
             with anyio.move_on_after(SYNC_S):
                 await self._wake.wait()
             self._wake = anyio.Event()
+
+    def _schedule_once(self) -> None:
+        """One look at the store: record refused ends, and start what is queued while this runner schedules."""
+        assert self._tg is not None
+        self._sync()
+        for tracked, before in list(self._unsaved.values()):
+            self._record_end(tracked, before)
+        if self._election.hold():
+            while (job := self.store.claim_next(self.max_concurrent)) is not None:
+                tracked = self._track(job)
+                tracked.job = job
+                self._touch(tracked, _STATUS)
+                tracked.following = True
+                self._tg.start_soon(self._run_worker, tracked)
 
     def _sync(self) -> None:
         """Track every live run in the store: new queued ones, and running ones nobody here follows yet (started by
@@ -295,10 +306,16 @@ class JobRunner(RunViews):
             self._unsaved[tracked.job.id] = (tracked, before)
 
     def _save_quietly(self, job: Job) -> None:
-        """A progress update of the record: one the database refuses now is written with the next."""
+        """A progress update of the record: one the database refuses now is written with a later one. It runs on the
+        event loop, so it waits for a lock only briefly and, once refused, skips updates for a while: a database held
+        locked by another process must not stall every run this runner follows (and every tool call)."""
+        if time.monotonic() < self._quiet_saves_resume_at:
+            return
         try:
-            self.store.save(job)
+            with self.store.lock_wait(LOOP_LOCK_WAIT_S):
+                self.store.save(job)
         except StoreUnavailable as exc:
+            self._quiet_saves_resume_at = time.monotonic() + QUIET_SAVE_BACKOFF_S
             log.warning("run %s: record not updated: %s", job.id, exc)
 
     async def _run_worker(self, tracked: Tracked) -> None:

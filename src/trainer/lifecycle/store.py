@@ -61,13 +61,17 @@ _COLUMNS = (
 )
 
 
+#: seconds a write waits for another connection's lock before StoreUnavailable
+BUSY_S = 10.0
+
+
 class RunStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.runs_dir = root / "runs"
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.db_path = root / "runs.sqlite3"
-        self._db = sqlite3.connect(self.db_path, timeout=10, isolation_level=None, check_same_thread=False)
+        self._db = sqlite3.connect(self.db_path, timeout=BUSY_S, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
@@ -87,6 +91,16 @@ class RunStore:
 
     def close(self) -> None:
         self._db.close()
+
+    @contextmanager
+    def lock_wait(self, seconds: float) -> Iterator[None]:
+        """Writes inside wait at most `seconds` for another connection's lock: for the runner's own bookkeeping on the
+        event loop, which must not stall behind a database another process holds."""
+        self._db.execute(f"PRAGMA busy_timeout={int(seconds * 1000)}")
+        try:
+            yield
+        finally:
+            self._db.execute(f"PRAGMA busy_timeout={int(BUSY_S * 1000)}")
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
