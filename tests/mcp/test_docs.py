@@ -43,6 +43,6 @@ async def test_resources_reference_matches_resource_templates(tmp_path: Path) ->
 
 def test_host_config_snippets_are_valid_json() -> None:
     blocks = re.findall(r"```json\n(.*?)```", (DOCS / "hosts.md").read_text(encoding="utf-8"), flags=re.S)
-    assert len(blocks) == 3
+    assert len(blocks) == 3  # Claude Desktop, VS Code, Cursor
     for block in blocks:
         json.loads(block)
