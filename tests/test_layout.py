@@ -2,11 +2,12 @@
 
 The layers of `trainer` (docs/architecture.md), lowest first; a layer imports only from itself and the ones listed:
 
-    base         trainer.errors, trainer.settings
+    base         trainer.errors, trainer.settings, trainer.isolated
     environment  base                                      (no MLX: sets up the processes MLX runs in)
     planning     base                                      (no MLX: config, model and data checks, memory)
     lifecycle    base, environment, planning               (no MLX: jobs, events, store, runner, worker)
     engine       base, environment, planning, lifecycle    (everything that imports MLX)
+    results      base, environment, planning, lifecycle    (no MLX: fuse, export; runs engine modules as children)
     trainer      everything (the package's __init__ and __main__: the public API and the CLI)
 
 `mcp_local` and `mcp_local_demo` use only the names `trainer` exports (`from trainer import ...`).
@@ -30,8 +31,9 @@ ALLOWED = {
     "planning": {"base", "planning"},
     "lifecycle": {"base", "environment", "planning", "lifecycle"},
     "engine": {"base", "environment", "planning", "lifecycle", "engine"},
+    "results": {"base", "environment", "planning", "lifecycle", "results"},
 }
-NO_MLX = {"base", "environment", "planning", "lifecycle"}
+NO_MLX = {"base", "environment", "planning", "lifecycle", "results"}
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 80
 
@@ -47,7 +49,7 @@ def _layer(module: str) -> str | None:
         return None
     if len(parts) == 1 or parts[1] in ("__main__",):
         return "trainer"
-    if parts[1] in ("errors", "settings"):
+    if parts[1] in ("errors", "settings", "isolated"):
         return "base"
     return parts[1]
 

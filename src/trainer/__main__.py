@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from pydantic import BaseModel
 from tqdm import tqdm
 
 from .errors import ConfigError, TrainerError
@@ -92,6 +93,17 @@ def main(argv: list[str] | None = None) -> int:
     gguf = sub.add_parser("import-gguf", help="turn a GGUF file into an MLX model folder")
     gguf.add_argument("gguf", type=Path)
     gguf.add_argument("out_dir", type=Path)
+    fuse = sub.add_parser("fuse", help="fuse a run's adapter (or --model and --adapter) into its base model")
+    fuse.add_argument("run_id", nargs="?")
+    fuse.add_argument("--model", help="the base model (default: the run's)")
+    fuse.add_argument("--adapter", type=Path, help="an adapter folder, instead of a run's")
+    fuse.add_argument("--out", type=Path, help="the new model folder (default: the run folder's fused/)")
+    fuse.add_argument("--keep-quantized", action="store_true", help="re-quantize instead of 16-bit floats")
+    export = sub.add_parser("export-gguf", help="write a model folder (a fused model) as a GGUF file")
+    export.add_argument("model_dir", type=Path)
+    export.add_argument("out", type=Path, help="the .gguf file to write")
+    export.add_argument("--type", choices=["f16", "q8_0"], default="f16")
+    export.add_argument("--no-check", action="store_true", help="skip loading it back and comparing greedy tokens")
     tiny = sub.add_parser("make-tiny", help="write a tiny random qwen2 model and a learnable dataset")
     tiny.add_argument("folder", type=Path)
     args = parser.parse_args(argv)
@@ -113,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
             from .engine.gguf import import_gguf
 
             log.info("model folder: %s", import_gguf(args.gguf, args.out_dir))
+        elif args.command in ("fuse", "export-gguf"):
+            sys.stdout.write(_export(args, home).model_dump_json(indent=2) + "\n")
         elif args.command == "make-tiny":
             from .engine.tiny import build_tiny_model, write_synthetic_dataset
 
@@ -129,6 +143,17 @@ def main(argv: list[str] | None = None) -> int:
         log.error("error: %s", _first(mine))
         return 2
     return 0
+
+
+def _export(args: argparse.Namespace, home: Path) -> BaseModel:
+    from .results.exports import export_gguf, fuse, fuse_inputs
+
+    if args.command == "export-gguf":
+        return export_gguf(args.model_dir.resolve(), args.out.resolve(), args.type, check=not args.no_check)
+    adapter = str(args.adapter) if args.adapter else None
+    inputs = fuse_inputs(RunStore(home), run_id=args.run_id, model=args.model, adapter=adapter)
+    out = args.out.resolve() if args.out else inputs.default_out
+    return fuse(inputs.model_dir, inputs.adapter_dir, out, dequantize=not args.keep_quantized)
 
 
 def _first(group: BaseExceptionGroup[TrainerError]) -> BaseException:

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, cast
 
 from ..errors import ConfigError
-from ..planning.modelref import GGUF_IMPORT_VERSION, GGUF_REFUSED_EXIT, gguf_cache_folder
+from ..isolated import REFUSED_EXIT
+from ..planning.modelref import GGUF_IMPORT_VERSION, gguf_cache_folder
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         import_gguf(Path(args[0]), Path(args[1]))
     except ConfigError as exc:
         sys.stderr.write(f"{exc}\n")
-        return GGUF_REFUSED_EXIT
+        return REFUSED_EXIT
     return 0
 
 

@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 
 from ..errors import ConfigError, ModelError
 from ..lifecycle.memory import GB
-from ..planning.modelref import read_model_config, resolve_model_dir
+from ..planning.modelref import read_model_config, resolve_adapter_dir, resolve_model_dir
 from ..planning.paths import PathPolicy
 from .mlx_import import require_mlx
 
@@ -82,18 +82,6 @@ def _count_parameters(model: Any) -> int:
     from mlx_lm.utils import get_total_parameters
 
     return int(get_total_parameters(model))
-
-
-def resolve_adapter_dir(adapter: str) -> Path:
-    path = Path(adapter).expanduser()
-    if path.is_file() and path.name == "adapters.safetensors":
-        path = path.parent
-    if not (path / "adapter_config.json").is_file() or not (path / "adapters.safetensors").is_file():
-        raise ConfigError(
-            f"adapter {adapter!r} is not an adapter folder (needs adapter_config.json and adapters.safetensors); "
-            "pass a run's adapter_path"
-        )
-    return path.resolve()
 
 
 class ModelSession:

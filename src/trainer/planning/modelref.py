@@ -13,22 +13,18 @@ import json
 import logging
 import os
 import re
-import signal
-import subprocess
-import sys
 from functools import cache
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..isolated import run_isolated
 from ..settings import default_home
 from .paths import PathPolicy
 
 #: bump when the GGUF importer's output changes, so earlier imports are redone
 GGUF_IMPORT_VERSION = 1
-#: the importer's exit status for a file it refused with a message (its last stderr line)
-GGUF_REFUSED_EXIT = 2
 
 log = logging.getLogger(__name__)
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -99,20 +95,28 @@ def import_gguf_isolated(gguf_path: Path, models_root: Path) -> Path:
     if (folder / "config.json").is_file():
         return folder
     log.info("importing %s into %s", gguf_path, folder)
-    cmd = [sys.executable, "-m", "trainer.engine.gguf", str(gguf_path), str(folder)]
-    done = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False)
-    if done.returncode == 0 and (folder / "config.json").is_file():
-        (folder / SOURCE_FILE).write_text(json.dumps({"gguf": str(gguf_path)}), encoding="utf-8")  # for list_models
-        return folder
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
-    if done.returncode == GGUF_REFUSED_EXIT and lines:
-        raise ConfigError(lines[-1])
-    how = f"signal {signal.Signals(-done.returncode).name}" if done.returncode < 0 else f"status {done.returncode}"
-    detail = f": {lines[-1]}" if lines else ""
-    raise ConfigError(
-        f"{str(gguf_path)!r} could not be imported (the importer stopped with {how}{detail}); the file is damaged or "
-        "not a GGUF model: download it again, or pass a model folder"
+    run_isolated(
+        "trainer.engine.gguf",
+        [str(gguf_path), str(folder)],
+        what=f"importing {str(gguf_path)!r}",
+        hint="the file is damaged or not a GGUF model: download it again, or pass a model folder",
     )
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"importing {str(gguf_path)!r} wrote no model folder; pass a model folder instead")
+    (folder / SOURCE_FILE).write_text(json.dumps({"gguf": str(gguf_path)}), encoding="utf-8")  # for list_models
+    return folder
+
+
+def resolve_adapter_dir(adapter: str) -> Path:
+    path = Path(adapter).expanduser()
+    if path.is_file() and path.name == "adapters.safetensors":
+        path = path.parent
+    if not (path / "adapter_config.json").is_file() or not (path / "adapters.safetensors").is_file():
+        raise ConfigError(
+            f"adapter {adapter!r} is not an adapter folder (needs adapter_config.json and adapters.safetensors); "
+            "pass a run's adapter_path"
+        )
+    return path.resolve()
 
 
 def _check_folder(path: Path, ref: str) -> Path:
