@@ -1,8 +1,8 @@
 """Smaller tool schemas for tools/list (every byte of it is in every conversation).
 
-Inputs keep everything a model needs to fill them in (types, bounds, enums, descriptions, defaults); pydantic's
-generated titles go, `anyOf [T, null]` becomes a nullable type and a null default is left implied. Outputs are
-described one level deep: each field's type and description, nested objects as objects (their fields are in the
+Inputs keep everything a model needs to fill them in (types, bounds, enums, descriptions, defaults) except caps that
+only stop absurd input (a 10-million-iteration maximum); pydantic's generated titles go, `anyOf [T, null]` becomes a nullable type and a null default is left implied. Outputs are
+described one level deep: each field's name and type, nested objects as objects (their fields are in the
 JSON itself), so the tool list does not repeat the same nested definitions tool after tool; a result's fields are
 all present, so `required` and defaults are left out.
 """
@@ -13,6 +13,8 @@ import json
 from typing import Any
 
 _NAMED = ("properties", "$defs", "patternProperties")  # mappings of names to schemas: a key here is not a keyword
+#: bounds at or above these only stop absurd input; the listing leaves them out (pydantic still checks them)
+_SANITY_CAPS = {"maximum": 100_000, "exclusiveMaximum": 100_000, "maxLength": 1024}
 
 
 def compact_schema(schema: Any) -> Any:
@@ -52,16 +54,15 @@ def shallow_schema(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def _shallow(prop: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
-    prop = {k: v for k, v in prop.items() if k != "default"}  # a result has values, not defaults
-    described = {k: v for k, v in prop.items() if k == "description"}
+    # a result has values, not defaults; its fields are named to read without a description (the tool's says more)
+    prop = {k: v for k, v in prop.items() if k not in ("default", "description")}
+    described: dict[str, Any] = {}
     nullable = "anyOf" in prop
     inner = next((o for o in prop.get("anyOf", [prop]) if o != {"type": "null"}), prop)
     ref = inner.get("$ref")
     if ref is not None:
         target = defs.get(ref.rsplit("/", 1)[-1], {})
         kind = {"enum": target["enum"], "type": "string"} if "enum" in target else {"type": "object"}
-        if "description" in target and "description" not in described:
-            described["description"] = target["description"]
     elif inner.get("type") == "array" and "$ref" in inner.get("items", {}):
         kind = {"type": "array", "items": {"type": "object"}}
     else:
@@ -81,6 +82,9 @@ def _walk(node: Any, names: bool) -> Any:
     out = {key: _walk(value, names=key in _NAMED) for key, value in node.items() if key != "title"}
     if out.get("additionalProperties") is True:  # JSON Schema's default
         del out["additionalProperties"]
+    for key, cap in _SANITY_CAPS.items():
+        if isinstance(out.get(key), int | float) and out[key] >= cap:
+            del out[key]  # a cap against absurd input only: still enforced by the server
     return _nullable(out)
 
 

@@ -27,6 +27,7 @@ from trainer import (
     sample_memory,
 )
 
+from .result_tools import export_model_tool
 from .run_tools import cancel_run, delete_run, list_runs, resume_run, run_status_tool, start_qlora_run
 from .schemas import MemoryProfile, ModelList, tool_result
 from .state import AppState
@@ -188,6 +189,7 @@ TOOLS: dict[str, tuple[Tool, str, ToolAnnotations]] = {
     "list_runs": (list_runs, "List runs", local_hints(read_only=True, idempotent=True)),
     "delete_run": (delete_run, "Delete run", local_hints(destructive=True, idempotent=True)),
     "list_models": (list_models, "List models", local_hints(read_only=True, idempotent=True)),
+    "export_model": (export_model_tool, "Export model", local_hints()),
 }
 
 

@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from .planning.model_inventory import StoredModel, hub_cached_models, imported_models
     from .planning.predict import RunPrediction, predict_model, predict_run
     from .planning.preflight import PreparedRun, RunDefaults, prepare_run
+    from .results.exports import ExportedModel, export_inputs, export_model
     from .settings import DEFAULT_SAMPLE_INTERVAL_S, HOME_ENV, default_budget_gb, default_home
 
 # name -> (module, attribute): imported on first use, so that `python -m mcp_local` and the CLI can re-execute
@@ -63,6 +64,7 @@ _LAZY = {
     "DeletedRun": (".lifecycle.deletion", "DeletedRun"),
     "Event": (".lifecycle.events", "Event"),
     "Failed": (".lifecycle.events", "Failed"),
+    "ExportedModel": (".results.exports", "ExportedModel"),
     "FailureKind": (".lifecycle.jobs", "FailureKind"),
     "Finished": (".lifecycle.events", "Finished"),
     "Generation": (".engine.inference", "Generation"),
@@ -102,6 +104,8 @@ _LAZY = {
     "default_budget_gb": (".settings", "default_budget_gb"),
     "default_home": (".settings", "default_home"),
     "describe_validation_error": (".planning.config", "describe_validation_error"),
+    "export_inputs": (".results.exports", "export_inputs"),
+    "export_model": (".results.exports", "export_model"),
     "hub_cached_models": (".planning.model_inventory", "hub_cached_models"),
     "imported_models": (".planning.model_inventory", "imported_models"),
     "predict_model": (".planning.predict", "predict_model"),
@@ -116,6 +120,9 @@ _LAZY = {
 
 __all__ = [
     "DEFAULT_SAMPLE_INTERVAL_S",
+    "ExportedModel",
+    "export_inputs",
+    "export_model",
     "HOME_ENV",
     "Checkpoint",
     "DeletedRun",

@@ -146,13 +146,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _export(args: argparse.Namespace, home: Path) -> BaseModel:
-    from .results.exports import export_gguf, fuse, fuse_inputs
+    from .results.exports import export_gguf, export_inputs, fuse
 
     if args.command == "export-gguf":
         return export_gguf(args.model_dir.resolve(), args.out.resolve(), args.type, check=not args.no_check)
     adapter = str(args.adapter) if args.adapter else None
-    inputs = fuse_inputs(RunStore(home), run_id=args.run_id, model=args.model, adapter=adapter)
-    out = args.out.resolve() if args.out else inputs.default_out
+    inputs = export_inputs(RunStore(home), run_id=args.run_id, model=args.model, adapter=adapter)
+    if inputs.adapter_dir is None:
+        raise ConfigError("name a run (run_id), or both --model and --adapter to fuse")
+    out = args.out.resolve() if args.out else inputs.fused_dir()
     return fuse(inputs.model_dir, inputs.adapter_dir, out, dequantize=not args.keep_quantized)
 
 

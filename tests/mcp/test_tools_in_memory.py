@@ -26,6 +26,7 @@ TOOLS = {
     "list_runs",
     "delete_run",
     "list_models",
+    "export_model",
 }
 
 

@@ -167,4 +167,4 @@ def test_the_cli_fuses_and_exports(tmp_path: Path, tiny_model: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout)["check"]["compared"] == 32
     refused = subprocess.run([sys.executable, "-m", "trainer", *home, "fuse"], capture_output=True, text=True)
-    assert refused.returncode == 2 and "name a run (run_id), or both a model and an adapter" in refused.stderr
+    assert refused.returncode == 2 and "name a run (run_id), or a model" in refused.stderr

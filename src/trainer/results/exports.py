@@ -104,17 +104,26 @@ def export_gguf(model_dir: Path, out_path: Path, file_type: GgufType = "f16", *,
     )
 
 
-class FuseInputs(BaseModel):
-    """What to fuse and where it goes by default: from a run (its base and adapter) or named directly."""
+class ExportInputs(BaseModel):
+    """What to export and where its files go by default: a run (its base and adapter; files in the run folder), a
+    model and adapter (files next to the adapter), or a model alone (GGUF only; files under the home's exports/)."""
 
     model_config = ConfigDict(frozen=True)
 
     model_dir: Path
-    adapter_dir: Path
-    default_out: Path
+    adapter_dir: Path | None
+    name: str
+    out_dir: Path
+    fused_name: str = "fused"
+
+    def fused_dir(self) -> Path:
+        return self.out_dir / self.fused_name
+
+    def gguf_path(self, file_type: GgufType) -> Path:
+        return self.out_dir / f"{self.name}-{file_type}.gguf"
 
 
-def fuse_inputs(
+def export_inputs(
     store: RunStore,
     *,
     run_id: str | None,
@@ -122,9 +131,7 @@ def fuse_inputs(
     adapter: str | None,
     models_root: Path | None = None,
     paths: PathPolicy | None = None,
-) -> FuseInputs:
-    """A run's base and adapter (default output: the run folder's `fused/`), or a model and adapter named directly
-    (default output: next to the adapter)."""
+) -> ExportInputs:
     if run_id is not None:
         job = store.get(run_id)
         if job.adapter_path is None or not (Path(job.adapter_path) / "adapters.safetensors").is_file():
@@ -132,14 +139,69 @@ def fuse_inputs(
                 f"run {run_id} has no adapter to fuse (state {job.state.value}); a run writes its adapter as it "
                 "trains: wait for its first checkpoint or its end"
             )
-        model = model or job.config.model
-        adapter_dir = Path(job.adapter_path)
-        default_out = Path(job.run_dir) / "fused"
-    elif model is None or adapter is None:
-        raise ConfigError("name a run (run_id), or both a model and an adapter folder to fuse")
-    else:
-        adapter_dir = resolve_adapter_dir(str(paths.check(Path(adapter), "adapter") if paths else Path(adapter)))
-        default_out = adapter_dir.parent / f"{adapter_dir.name}-fused"
-    return FuseInputs(
-        model_dir=resolve_model_dir(model, models_root, paths), adapter_dir=adapter_dir, default_out=default_out
+        model_dir = resolve_model_dir(model or job.config.model, models_root, paths)
+        return ExportInputs(
+            model_dir=model_dir, adapter_dir=Path(job.adapter_path), name=run_id, out_dir=Path(job.run_dir)
+        )
+    if model is None:
+        raise ConfigError("name a run (run_id), or a model (with an adapter folder to fuse into it)")
+    model_dir = resolve_model_dir(model, models_root, paths)
+    if adapter is None:
+        return ExportInputs(model_dir=model_dir, adapter_dir=None, name=model_dir.name, out_dir=store.root / "exports")
+    adapter_dir = resolve_adapter_dir(str(paths.check(Path(adapter), "adapter") if paths else Path(adapter)))
+    return ExportInputs(
+        model_dir=model_dir,
+        adapter_dir=adapter_dir,
+        name=adapter_dir.name,
+        out_dir=adapter_dir.parent,
+        fused_name=f"{adapter_dir.name}-fused",
     )
+
+
+class ExportedModel(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    fused: FusedModel | None = Field(None, description="The fused MLX model folder (made or reused).")
+    gguf: ExportedGguf | None = None
+
+    def summary(self) -> str:
+        parts = [f"fused model {self.fused.path} ({self.fused.size_gb:.2f} GB)"] if self.fused else []
+        if self.gguf:
+            check = self.gguf.check
+            agreed = f", {check.equal_prefix} of {check.compared} greedy tokens as the source" if check else ""
+            parts.append(f"GGUF {self.gguf.path} ({self.gguf.file_type}, {self.gguf.size_gb:.2f} GB{agreed})")
+        return "; ".join(parts)
+
+
+def _reusable(folder: Path, adapter_dir: Path, dequantize: bool) -> bool:
+    made = folder / "fused_from.json"
+    if not made.is_file():
+        return False
+    record = json.loads(made.read_text(encoding="utf-8"))
+    return bool(record.get("adapter") == str(adapter_dir) and record.get("dequantized") == dequantize)
+
+
+def export_model(
+    inputs: ExportInputs, *, gguf_type: GgufType | None, keep_quantized: bool = False, out: Path | None = None
+) -> ExportedModel:
+    """Fuse the adapter (if any) into a model folder, then (with `gguf_type`) write it as GGUF. An earlier fuse of
+    the same adapter is reused; `out` is the GGUF file, or the fused folder when no GGUF is asked for."""
+    fused: FusedModel | None = None
+    source = inputs.model_dir
+    if inputs.adapter_dir is not None:
+        folder = out if out is not None and gguf_type is None else inputs.fused_dir()
+        dequantize = not keep_quantized or gguf_type is not None
+        if _reusable(folder, inputs.adapter_dir, dequantize):
+            fused = FusedModel(
+                path=str(folder), base=str(inputs.model_dir), adapter=str(inputs.adapter_dir), dequantized=dequantize,
+                size_gb=round(folder_bytes(folder) / 1e9, 3), seconds=0.0,
+            )  # fmt: skip
+        else:
+            fused = fuse(inputs.model_dir, inputs.adapter_dir, folder, dequantize=dequantize)
+        source = Path(fused.path)
+    elif gguf_type is None:
+        raise ConfigError("there is no adapter to fuse: name a run or an adapter, or ask for a GGUF file")
+    gguf = None
+    if gguf_type is not None:
+        gguf = export_gguf(source, out if out is not None else inputs.gguf_path(gguf_type), gguf_type)
+    return ExportedModel(fused=fused, gguf=gguf)

@@ -1,0 +1,45 @@
+"""export_model over MCP: an adapter fused into its base and written as GGUF in one call; refusals as tool errors
+that name the fix, with nothing written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mcp import Client
+from tests.mcp.conftest import fake_server
+from tests.trainer.test_results import random_adapter
+
+
+async def test_export_model_fuses_then_writes_gguf_reusing_the_fused_folder(tmp_path: Path, tiny_model: Path) -> None:
+    adapters = tmp_path / "work"
+    adapter = random_adapter(tiny_model, adapters / "style")
+    async with Client(fake_server(tmp_path / "home", roots=(tiny_model.parent, adapters)), mode="legacy") as client:
+        mlx_only = await client.call_tool(
+            "export_model", {"model": str(tiny_model), "adapter": str(adapter), "gguf": None}
+        )
+        assert not mlx_only.is_error, mlx_only.content
+        fused = mlx_only.structured_content["fused"]  # type: ignore[index]
+        assert fused["path"] == str(adapters / "style-fused") and mlx_only.structured_content["gguf"] is None  # type: ignore[index]
+        loaded = await client.call_tool("load_model", {"path": fused["path"]})
+        assert not loaded.is_error, loaded.content
+
+        both = await client.call_tool("export_model", {"model": str(tiny_model), "adapter": str(adapter)})
+        assert not both.is_error, both.content
+        result = both.structured_content
+        assert result["fused"]["seconds"] == 0.0  # type: ignore[index]  # the folder above, reused
+        assert result["gguf"]["path"] == str(adapters / "style-f16.gguf")  # type: ignore[index]
+        assert result["gguf"]["check"]["equal_prefix"] == 32  # type: ignore[index]
+        text = both.content[0].text  # type: ignore[union-attr]
+        assert "32 of 32 greedy tokens as the source" in text.splitlines()[0]
+
+        again = await client.call_tool("export_model", {"model": str(tiny_model), "adapter": str(adapter)})
+        assert again.is_error and "exists already; choose a new file name" in again.content[0].text  # type: ignore[union-attr]
+        nothing = await client.call_tool("export_model", {})
+        assert nothing.is_error and "name a run (run_id), or a model" in nothing.content[0].text  # type: ignore[union-attr]
+        outside = await client.call_tool(
+            "export_model", {"model": str(tiny_model), "adapter": str(adapter), "out": "/etc/x.gguf"}
+        )
+        assert outside.is_error and "/etc/x.gguf" in outside.content[0].text  # type: ignore[union-attr]
+        no_run = await client.call_tool("export_model", {"run_id": "nope"})
+        assert no_run.is_error and "nope" in no_run.content[0].text  # type: ignore[union-attr]
+    assert sorted(p.name for p in adapters.iterdir()) == ["style", "style-f16.gguf", "style-fused"]
