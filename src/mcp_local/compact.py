@@ -1,10 +1,10 @@
 """Smaller tool schemas for tools/list (every byte of it is in every conversation).
 
 Inputs keep everything a model needs to fill them in (types, bounds, enums, descriptions, defaults) except caps that
-only stop absurd input (a 10-million-iteration maximum); pydantic's generated titles go, `anyOf [T, null]` becomes a nullable type and a null default is left implied. Outputs are
-described one level deep: each field's name and type, nested objects as objects (their fields are in the
-JSON itself), so the tool list does not repeat the same nested definitions tool after tool; a result's fields are
-all present, so `required` and defaults are left out.
+only stop absurd input (a 10-million-iteration maximum); pydantic's generated titles go, `anyOf [T, null]` becomes a
+nullable type and a null default is left implied. Outputs are described one level deep: each field's name and type,
+nested objects as objects (their fields are in the JSON itself), so the tool list does not repeat the same nested
+definitions tool after tool; a result's fields are all present, so `required` and defaults are left out.
 """
 
 from __future__ import annotations
