@@ -46,7 +46,7 @@ def _inline_single_use(schema: Any) -> Any:
 
 
 def shallow_schema(schema: dict[str, Any]) -> dict[str, Any]:
-    """An output schema one level deep, without $defs (enums are kept: they are short and say what to expect)."""
+    """An output schema one level deep, without $defs or enums (the values are in the result itself)."""
     defs = schema.get("$defs", {})
     top = {k: v for k, v in _walk(schema, names=False).items() if k not in ("$defs", "required")}
     top["properties"] = {name: _shallow(prop, defs) for name, prop in top.get("properties", {}).items()}
@@ -55,14 +55,14 @@ def shallow_schema(schema: dict[str, Any]) -> dict[str, Any]:
 
 def _shallow(prop: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     # a result has values, not defaults; its fields are named to read without a description (the tool's says more)
-    prop = {k: v for k, v in prop.items() if k not in ("default", "description")}
+    prop = {k: v for k, v in prop.items() if k not in ("default", "description", "enum")}
     described: dict[str, Any] = {}
     nullable = "anyOf" in prop
     inner = next((o for o in prop.get("anyOf", [prop]) if o != {"type": "null"}), prop)
     ref = inner.get("$ref")
     if ref is not None:
         target = defs.get(ref.rsplit("/", 1)[-1], {})
-        kind = {"enum": target["enum"], "type": "string"} if "enum" in target else {"type": "object"}
+        kind: dict[str, Any] = {"type": "string"} if "enum" in target else {"type": "object"}
     elif inner.get("type") == "array" and "$ref" in inner.get("items", {}):
         kind = {"type": "array", "items": {"type": "object"}}
     else:

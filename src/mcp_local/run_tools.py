@@ -21,8 +21,8 @@ PROGRESS_EVERY_S = 1.0
 
 
 async def start_qlora_run(ctx: AppContext, config: QLoRAConfig) -> Annotated[CallToolResult, StartedRun]:
-    """Validate a QLoRA config and queue the run; returns its run_id at once. Follow it with run_status(run_id,
-    wait_seconds=30) or the runs://{run_id}/... resources."""
+    """Check a QLoRA config and queue the run; returns its run_id at once. Follow it with run_status(run_id,
+    wait_seconds=30)."""
     state = app_state(ctx)
     with trainer_errors():
         snap = await state.runner.submit(config)
@@ -61,8 +61,8 @@ async def run_status_tool(
         bool, Field(description="Also return a PNG of loss and memory over iterations (runs://{id}/plot).")
     ] = False,
 ) -> Annotated[CallToolResult, RunStatus]:
-    """A run's state, phase, iteration, losses, tokens/s, ETA, memory against prediction and budget, adapter and
-    error: enough to follow it to the end."""
+    """A run's state, phase, iteration, losses, tokens/s, ETA, memory against prediction and budget, adapter,
+    error."""
     state = app_state(ctx)
     with trainer_errors():
         snap = state.runner.get(run_id)
@@ -106,8 +106,7 @@ async def _wait_reporting_progress(ctx: AppContext, state: AppState, run_id: str
 async def cancel_run(
     ctx: AppContext, run_id: Annotated[str, Field(description="The run to stop.")]
 ) -> Annotated[CallToolResult, CancelledRun]:
-    """Cancel a queued run, or stop a running one (its adapter so far is saved); returns when its worker process is
-    gone."""
+    """Cancel a queued run or stop a running one (its adapter so far is saved); returns when its worker is gone."""
     state = app_state(ctx)
     with trainer_errors():
         await state.runner.cancel(run_id)
@@ -123,8 +122,8 @@ async def resume_run(
         bool, Field(description="Resume even if the dataset or the base model changed since the checkpoint.")
     ] = False,
 ) -> Annotated[CallToolResult, ResumedRun]:
-    """Continue a failed or cancelled run from its newest verified checkpoint as if never stopped (same id, next
-    attempt); refused if its data or base model changed, unless force."""
+    """Continue a failed or cancelled run from its newest checkpoint, exactly (same id, next attempt); refused if
+    its data or model changed, unless force."""
     state = app_state(ctx)
     with trainer_errors():
         snap, plan = await state.runner.resume(run_id, force)
@@ -146,7 +145,7 @@ async def list_runs(
     state: Annotated[JobState | None, Field(description="Only runs in this state.")] = None,
     limit: Annotated[int, Field(ge=1, le=200, description="Most runs to return, newest first.")] = 20,
 ) -> Annotated[CallToolResult, RunList]:
-    """Runs, newest first (id, state, iteration, last validation loss, adapter, error), optionally in one state."""
+    """Runs, newest first (state, progress, last validation loss, adapter), optionally in one state."""
     app = app_state(ctx)
     snaps = app.runner.list_runs(state, limit)
     briefs = [
@@ -169,7 +168,7 @@ async def list_runs(
 async def delete_run(
     ctx: AppContext, run_id: Annotated[str, Field(description="An ended run (succeeded, failed or cancelled).")]
 ) -> Annotated[CallToolResult, DeletedRun]:
-    """Delete an ended run: its record, folder (checkpoints, logs) and adapter. Refused while queued or running."""
+    """Delete an ended run: its record, folder and adapter. Refused while queued or running."""
     state = app_state(ctx)
     with trainer_errors():
         deleted = await state.runner.delete(run_id)

@@ -27,7 +27,7 @@ from trainer import (
     sample_memory,
 )
 
-from .result_tools import export_model_tool
+from .result_tools import export_model_tool, validate_dataset_tool
 from .run_tools import cancel_run, delete_run, list_runs, resume_run, run_status_tool, start_qlora_run
 from .schemas import MemoryProfile, ModelList, tool_result
 from .state import AppState
@@ -46,7 +46,7 @@ async def load_model(
     ],
     adapter: Annotated[str | None, Field(description="An adapter folder to apply (a run's adapter_path).")] = None,
 ) -> Annotated[CallToolResult, ModelInfo]:
-    """Load a model for generate (it stays loaded): architecture, parameters, quantization, load time, memory."""
+    """Load a model for generate (it stays loaded): architecture, size, quantization, memory."""
     state = app_state(ctx)
     with trainer_errors():
         info = await anyio.to_thread.run_sync(state.models.load, path, adapter)
@@ -71,7 +71,7 @@ async def generate(
     adapter: Annotated[str | None, Field(description="An adapter folder.")] = None,
     run_id: Annotated[str | None, Field(description="A run whose model and adapter to use.")] = None,
 ) -> Annotated[CallToolResult, Generation]:
-    """Generate with the loaded model, optionally through an adapter or a run's (run_id): text, tokens, tokens/s."""
+    """Generate with the loaded model, optionally through an adapter or a run's: text, tokens/s."""
     state = app_state(ctx)
     model: str | None = None
     if run_id is not None and adapter is not None:
@@ -114,7 +114,7 @@ async def profile_memory(
     ctx: AppContext,
     config: Annotated[
         dict[str, Any] | None,
-        Field(description="A start_qlora_run config: predict its peak memory (nothing is started)."),
+        Field(description="A start_qlora_run config to predict (nothing starts)."),
     ] = None,
     model: Annotated[str | None, Field(description="Or a model, with the settings below.")] = None,
     batch_size: Annotated[int, Field(ge=1)] = 4,
@@ -124,8 +124,8 @@ async def profile_memory(
     grad_checkpoint: bool = False,
     chunked_loss: bool = False,
 ) -> Annotated[CallToolResult, MemoryProfile]:
-    """Memory (RSS, MLX) of the server, loaded models, training workers and system; given a run config or a model,
-    also the predicted peak by part against the budget."""
+    """Memory of the server, loaded models, workers and system; given a run config or a model, its predicted peak
+    against the budget."""
     state = app_state(ctx)
     settings = {
         "batch_size": batch_size,
@@ -163,7 +163,7 @@ async def profile_memory(
 
 
 async def list_models(ctx: AppContext) -> Annotated[CallToolResult, ModelList]:
-    """Models here: loaded, imported from GGUF and in the Hugging Face cache, with size on disk and origin."""
+    """Models loaded, imported from GGUF and in the Hugging Face cache, with size and origin."""
     state = app_state(ctx)
     models_root = state.settings.home / "models"
     imported = await anyio.to_thread.run_sync(imported_models, models_root)
@@ -189,6 +189,7 @@ TOOLS: dict[str, tuple[Tool, str, ToolAnnotations]] = {
     "list_runs": (list_runs, "List runs", local_hints(read_only=True, idempotent=True)),
     "delete_run": (delete_run, "Delete run", local_hints(destructive=True, idempotent=True)),
     "list_models": (list_models, "List models", local_hints(read_only=True, idempotent=True)),
+    "validate_dataset": (validate_dataset_tool, "Validate dataset", local_hints(read_only=True, idempotent=True)),
     "export_model": (export_model_tool, "Export model", local_hints()),
 }
 

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from .lifecycle.store import RunStore
     from .lifecycle.tracking import RunAspect
     from .planning.config import QLoRAConfig, describe_validation_error
+    from .planning.dataset_report import DatasetReport, validate_dataset
     from .planning.memory_estimate import MemoryParts, MemoryPlan
     from .planning.model_inventory import StoredModel, hub_cached_models, imported_models
     from .planning.predict import RunPrediction, predict_model, predict_run
@@ -61,6 +62,7 @@ _LAZY = {
     "CheckpointWriteError": (".errors", "CheckpointWriteError"),
     "ConfigError": (".errors", "ConfigError"),
     "DEFAULT_SAMPLE_INTERVAL_S": (".settings", "DEFAULT_SAMPLE_INTERVAL_S"),
+    "DatasetReport": (".planning.dataset_report", "DatasetReport"),
     "DeletedRun": (".lifecycle.deletion", "DeletedRun"),
     "Event": (".lifecycle.events", "Event"),
     "Failed": (".lifecycle.events", "Failed"),
@@ -116,10 +118,13 @@ _LAZY = {
     "render_run_plot": (".lifecycle.plot", "render_run_plot"),
     "sample_memory": (".lifecycle.memory", "sample_memory"),
     "use_mlx_env": (".environment.mlx_env", "use_mlx_env"),
+    "validate_dataset": (".planning.dataset_report", "validate_dataset"),
 }
 
 __all__ = [
     "DEFAULT_SAMPLE_INTERVAL_S",
+    "DatasetReport",
+    "validate_dataset",
     "ExportedModel",
     "export_inputs",
     "export_model",

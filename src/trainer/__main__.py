@@ -93,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     gguf = sub.add_parser("import-gguf", help="turn a GGUF file into an MLX model folder")
     gguf.add_argument("gguf", type=Path)
     gguf.add_argument("out_dir", type=Path)
+    check = sub.add_parser("validate", help="check every line of a dataset with the model's tokenizer and template")
+    check.add_argument("data", type=Path)
+    check.add_argument("--model", help="the model whose tokenizer and chat template the run will use")
+    check.add_argument("--max-seq-length", type=int, default=2048)
+    check.add_argument("--mask-prompt", action="store_true")
     fuse = sub.add_parser("fuse", help="fuse a run's adapter (or --model and --adapter) into its base model")
     fuse.add_argument("run_id", nargs="?")
     fuse.add_argument("--model", help="the base model (default: the run's)")
@@ -125,6 +130,15 @@ def main(argv: list[str] | None = None) -> int:
             from .engine.gguf import import_gguf
 
             log.info("model folder: %s", import_gguf(args.gguf, args.out_dir))
+        elif args.command == "validate":
+            from .planning.dataset_report import validate_dataset
+
+            report = validate_dataset(
+                args.data, args.model, max_seq_length=args.max_seq_length, mask_prompt=args.mask_prompt
+            )
+            sys.stdout.write(report.model_dump_json(indent=2) + "\n")
+            log.info("%s", report.summary())
+            return 0 if report.ok else 1
         elif args.command in ("fuse", "export-gguf"):
             sys.stdout.write(_export(args, home).model_dump_json(indent=2) + "\n")
         elif args.command == "make-tiny":

@@ -57,7 +57,7 @@ def test_compaction_keeps_names_bounds_and_shared_definitions() -> None:
     assert compacted["$defs"] == {"Shared": {"properties": {"x": {"type": "integer", "minimum": 2}}, "type": "object"}}
     shallow = shallow_schema(schema)
     assert shallow["properties"]["a"] == {"type": "object"} and "$defs" not in shallow
-    assert shallow["properties"]["c"] == {"enum": ["p", "q"], "type": "string"}
+    assert shallow["properties"]["c"] == {"type": "string"}  # an enum of a result: its value says it
 
 
 async def test_following_a_100_iteration_run_is_cheap_and_ends_with_a_picture(

@@ -81,6 +81,8 @@ def test_the_inspector_calls_every_tool_and_reads_every_template(
     assert _call(home, roots, "delete_run", run_id=started["run_id"])["run_id"] == started["run_id"]
     exported = _call(home, roots, "export_model", run_id=run_id, gguf="q8_0")
     assert exported["gguf"]["check"]["compared"] == 32 and Path(exported["fused"]["path"], "config.json").is_file()
+    assert _call(home, roots, "validate_dataset", data=str(tiny_data), model=str(tiny_model))["errors"] == 0
     called |= {"load_model", "generate", "profile_memory", "run_status", "list_runs", "list_models", "export_model"}
+    called |= {"validate_dataset"}
     called |= {"start_qlora_run", "cancel_run", "resume_run", "delete_run"}
     assert called == TOOLS

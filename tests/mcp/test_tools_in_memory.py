@@ -27,6 +27,7 @@ TOOLS = {
     "delete_run",
     "list_models",
     "export_model",
+    "validate_dataset",
 }
 
 
@@ -38,7 +39,7 @@ async def test_tools_have_output_schemas_and_honest_annotations(tmp_path: Path, 
     for tool in tools.values():
         assert tool.output_schema is not None and tool.description and tool.annotations
     read_only = {name for name, t in tools.items() if t.annotations and t.annotations.read_only_hint}
-    assert read_only == {"generate", "profile_memory", "run_status", "list_runs", "list_models"}
+    assert read_only == {"generate", "profile_memory", "run_status", "list_runs", "list_models", "validate_dataset"}
     assert tools["cancel_run"].annotations.destructive_hint is True
     assert tools["delete_run"].annotations.destructive_hint is True
     assert tools["run_status"].annotations.idempotent_hint is True

@@ -55,7 +55,7 @@ class QLoRAConfig(BaseModel):
     batch_size: Annotated[int, Field(ge=1, le=4096, description="Examples per step.")] = 4
     learning_rate: Annotated[float, Field(gt=0, le=1, description="Adam learning rate.")] = 1e-5
     max_seq_length: Annotated[int, Field(ge=8, le=1 << 20, description="Longer examples are truncated.")] = 2048
-    grad_checkpoint: Annotated[bool, Field(description="Recompute activations in backward to save memory.")] = False
+    grad_checkpoint: Annotated[bool, Field(description="Recompute activations: less memory.")] = False
     mask_prompt: Annotated[bool, Field(description="Train on the completion / last assistant turn only.")] = False
     seed: Annotated[int, Field(ge=0, lt=1 << 32, description="Random seed for LoRA init and batch order.")] = 0
     steps_per_report: Annotated[int, Field(ge=1, le=MAX_ITERS, description="Steps between train-loss reports.")] = 10
@@ -68,51 +68,39 @@ class QLoRAConfig(BaseModel):
     save_every: Annotated[int, Field(ge=1, le=MAX_ITERS, description="Steps between adapter checkpoints.")] = 100
     fast_path: Annotated[
         bool | None,
-        Field(
-            description="Our faster kernels (dequantize-then-GEMM, float32 CPU math). Null: on for CPU and CUDA, off "
-            "on Metal. false: plain MLX-LM."
-        ),
+        Field(description="Our faster kernels. Null: on for CPU and CUDA, off on Metal; false: plain MLX-LM."),
     ] = None
     dense_weights: Annotated[
         bool | None,
-        Field(
-            description="CPU: keep float32 copies of the frozen weights (~1.5x faster, ~4x their memory). Null: on "
-            "when they take at most 2.5 GB and a fifth of the budget."
-        ),
+        Field(description="CPU: float32 copies of frozen weights (~1.5x faster, ~4x their memory). Null: when small."),
     ] = None
     chunked_loss: Annotated[
         bool,
-        Field(description="Output head and loss in sequence chunks: far less memory for large vocabularies."),
+        Field(description="Loss in sequence chunks: less memory for large vocabularies."),
     ] = False
     layerwise: Annotated[
         bool,
-        Field(
-            description="Each step one transformer block at a time: the least memory (7B at 1x2048 on CUDA: about "
-            "a third of plain MLX-LM's peak)."
-        ),
+        Field(description="One transformer block at a time: the least memory (about a third of MLX-LM's)."),
     ] = False
     memory_budget_gb: Annotated[
         float | None,
         Field(
             gt=0,
             le=1e6,
-            description="GB of MLX peak memory. Default: the server's (the smaller of 16 GB and 75% of RAM). Over "
-            "it: refused when predicted, stopped (adapter saved) when measured.",
+            description="GB of peak memory (default: the server's). Over it: refused if predicted, stopped if "
+            "measured.",
         ),
     ] = None
-    allow_over_budget: Annotated[
-        bool, Field(description="Start even if predicted over budget (the watchdog still applies).")
-    ] = False
+    allow_over_budget: Annotated[bool, Field(description="Start even if predicted over budget (still watched).")] = (
+        False
+    )
     fit_to_budget: Annotated[
         bool,
-        Field(
-            description="Change checkpointing, chunked loss, layerwise, batch size or sequence length to fit the "
-            "budget."
-        ),
+        Field(description="Change memory settings, batch size or sequence length to fit the budget."),
     ] = False
     memory_sample_interval: Annotated[
         float | None,
-        Field(ge=0.05, le=60, description="Seconds between the worker's memory samples (default 0.5)."),
+        Field(ge=0.05, le=60, description="Seconds between memory samples (default 0.5)."),
     ] = None
 
     @model_validator(mode="after")

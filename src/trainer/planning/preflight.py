@@ -17,6 +17,7 @@ from ..errors import ConfigError
 from ..settings import DEFAULT_SAMPLE_INTERVAL_S, default_budget_gb, default_home
 from .config import QLoRAConfig
 from .dataset_check import DatasetSummary, check_dataset
+from .dataset_report import refuse_unless_trainable, validate_dataset
 from .memory_plan import MemoryCheck, check_memory
 from .modelref import num_hidden_layers, read_model_config, resolve_model_dir
 from .paths import PathPolicy, check_adapter_dir
@@ -88,6 +89,11 @@ def prepare_run(config: QLoRAConfig, defaults: RunDefaults | None = None) -> Pre
         )
     data_dir = policy.check(Path(config.data), "data folder")
     summary = check_dataset(str(data_dir), config.batch_size, model_dir / "tokenizer.json", defaults.max_dataset_mb)
+    if (model_dir / "tokenizer.json").is_file():  # the chat template over every line, as the run will apply it
+        report = validate_dataset(
+            data_dir, model_dir, max_seq_length=config.max_seq_length, mask_prompt=config.mask_prompt
+        )
+        refuse_unless_trainable(report)
     updates: dict[str, object] = {
         "model": str(model_dir),
         "data": str(data_dir),

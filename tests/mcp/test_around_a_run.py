@@ -1,5 +1,5 @@
-"""export_model over MCP: an adapter fused into its base and written as GGUF in one call; refusals as tool errors
-that name the fix, with nothing written."""
+"""validate_dataset and export_model over MCP: a dataset checked before a run; an adapter fused into its base and
+written as GGUF in one call after it; refusals as tool errors that name the fix, with nothing written."""
 
 from __future__ import annotations
 
@@ -43,3 +43,18 @@ async def test_export_model_fuses_then_writes_gguf_reusing_the_fused_folder(tmp_
         no_run = await client.call_tool("export_model", {"run_id": "nope"})
         assert no_run.is_error and "nope" in no_run.content[0].text  # type: ignore[union-attr]
     assert sorted(p.name for p in adapters.iterdir()) == ["style", "style-f16.gguf", "style-fused"]
+
+
+async def test_validate_dataset_reports_over_mcp(tmp_path: Path, tiny_model: Path, tiny_data: Path) -> None:
+    async with Client(fake_server(tmp_path / "home", roots=(tiny_model.parent, tiny_data)), mode="legacy") as client:
+        checked = await client.call_tool(
+            "validate_dataset", {"data": str(tiny_data), "model": str(tiny_model), "mask_prompt": True}
+        )
+        assert not checked.is_error, checked.content
+        report = checked.structured_content
+        assert report["errors"] == 0 and report["splits"][0]["tokens_trained"] > 0  # type: ignore[index]
+        assert checked.content[0].text.startswith(f"{tiny_data}: ok")  # type: ignore[union-attr]
+        missing = await client.call_tool("validate_dataset", {"data": str(tiny_data / "nope")})
+        assert missing.is_error and "has no train.jsonl" in missing.content[0].text  # type: ignore[union-attr]
+        outside = await client.call_tool("validate_dataset", {"data": "/etc"})
+        assert outside.is_error and "/etc" in outside.content[0].text  # type: ignore[union-attr]
