@@ -6,8 +6,9 @@ The layers of `trainer` (docs/architecture.md), lowest first; a layer imports on
     environment  base                                      (no MLX: sets up the processes MLX runs in)
     planning     base                                      (no MLX: config, model and data checks, memory)
     lifecycle    base, environment, planning               (no MLX: jobs, events, store, runner, worker)
-    engine       base, environment, planning, lifecycle    (everything that imports MLX)
-    results      base, environment, planning, lifecycle    (no MLX: fuse, export; runs engine modules as children)
+    results      base, environment, planning, lifecycle    (no MLX: fuse, export, evaluate; starts engine modules as
+                                                           child processes; the sandbox)
+    engine       base, ..., lifecycle, results             (everything that imports MLX)
     trainer      everything (the package's __init__ and __main__: the public API and the CLI)
 
 `mcp_local` and `mcp_local_demo` use only the names `trainer` exports (`from trainer import ...`).
@@ -30,7 +31,7 @@ ALLOWED = {
     "environment": {"base", "environment"},
     "planning": {"base", "planning"},
     "lifecycle": {"base", "environment", "planning", "lifecycle"},
-    "engine": {"base", "environment", "planning", "lifecycle", "engine"},
+    "engine": {"base", "environment", "planning", "lifecycle", "results", "engine"},
     "results": {"base", "environment", "planning", "lifecycle", "results"},
 }
 NO_MLX = {"base", "environment", "planning", "lifecycle", "results"}

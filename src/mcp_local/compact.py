@@ -46,9 +46,10 @@ def _inline_single_use(schema: Any) -> Any:
 
 
 def shallow_schema(schema: dict[str, Any]) -> dict[str, Any]:
-    """An output schema one level deep, without $defs or enums (the values are in the result itself)."""
+    """An output schema one level deep, without $defs, enums or descriptions (the values are in the result itself,
+    and the tool's description says what it returns)."""
     defs = schema.get("$defs", {})
-    top = {k: v for k, v in _walk(schema, names=False).items() if k not in ("$defs", "required")}
+    top = {k: v for k, v in _walk(schema, names=False).items() if k not in ("$defs", "required", "description")}
     top["properties"] = {name: _shallow(prop, defs) for name, prop in top.get("properties", {}).items()}
     return top
 

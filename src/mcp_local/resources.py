@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from mcp.server import MCPServer
@@ -10,7 +11,7 @@ from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError
 from mcp.server.mcpserver.resources import FunctionResource
 
-from trainer import DEFAULT_SAMPLE_INTERVAL_S, RunAspect, RunNotFound
+from trainer import DEFAULT_SAMPLE_INTERVAL_S, RunAspect, RunNotFound, stored_evaluation
 
 from .schemas import MemoryPoint, RunMemoryResource, RunMetricsResource, RunStatus, run_uri
 from .state import AppState
@@ -63,12 +64,18 @@ def run_status(state: AppState, run_id: str, memory_samples: int = 2, include_co
         adapter_path=snap.adapter_path,
         run_dir=snap.run_dir,
         error=snap.error,
+        evaluation=_evaluation_summary(snap.run_dir) if snap.state.terminal else None,
         recent_memory=[
             MemoryPoint(at=iso(m.ts) or "", rss_gb=m.rss_gb, mlx_active_gb=m.active_gb, mlx_peak_gb=m.peak_gb)
             for m in samples
         ],
         config=snap.config.model_dump(mode="json") if include_config else None,
     )
+
+
+def _evaluation_summary(run_dir: str) -> str | None:
+    evaluation = stored_evaluation(Path(run_dir))
+    return evaluation.summary() if evaluation else None
 
 
 def status_line(state: AppState, status: RunStatus) -> str:

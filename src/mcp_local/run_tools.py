@@ -51,15 +51,12 @@ async def run_status_tool(
         float,
         Field(
             ge=0,
-            description="Long-poll up to this many seconds (max 60) for a state or phase change, a report or an "
-            "error; 0: at once.",
+            description="Wait up to this many seconds (max 60) for a change of state or phase, a report or an error.",
         ),
     ] = 0,
     memory_samples: Annotated[int, Field(ge=0, le=200, description="How many latest memory samples.")] = 2,
     include_config: Annotated[bool, Field(description="Also return the run's config.")] = False,
-    include_plot: Annotated[
-        bool, Field(description="Also return a PNG of loss and memory over iterations (runs://{id}/plot).")
-    ] = False,
+    include_plot: Annotated[bool, Field(description="Also a PNG of loss and memory.")] = False,
 ) -> Annotated[CallToolResult, RunStatus]:
     """A run's state, phase, iteration, losses, tokens/s, ETA, memory against prediction and budget, adapter,
     error."""
@@ -106,7 +103,7 @@ async def _wait_reporting_progress(ctx: AppContext, state: AppState, run_id: str
 async def cancel_run(
     ctx: AppContext, run_id: Annotated[str, Field(description="The run to stop.")]
 ) -> Annotated[CallToolResult, CancelledRun]:
-    """Cancel a queued run or stop a running one (its adapter so far is saved); returns when its worker is gone."""
+    """Cancel a queued run or stop a running one (its adapter is saved); returns once its worker is gone."""
     state = app_state(ctx)
     with trainer_errors():
         await state.runner.cancel(run_id)
@@ -118,12 +115,10 @@ async def cancel_run(
 async def resume_run(
     ctx: AppContext,
     run_id: Annotated[str, Field(description="A run that failed or was cancelled.")],
-    force: Annotated[
-        bool, Field(description="Resume even if the dataset or the base model changed since the checkpoint.")
-    ] = False,
+    force: Annotated[bool, Field(description="Even if its data or model changed.")] = False,
 ) -> Annotated[CallToolResult, ResumedRun]:
-    """Continue a failed or cancelled run from its newest checkpoint, exactly (same id, next attempt); refused if
-    its data or model changed, unless force."""
+    """Continue a failed or cancelled run exactly from its newest checkpoint; refused if its data or model changed,
+    unless force."""
     state = app_state(ctx)
     with trainer_errors():
         snap, plan = await state.runner.resume(run_id, force)
@@ -166,7 +161,7 @@ async def list_runs(
 
 
 async def delete_run(
-    ctx: AppContext, run_id: Annotated[str, Field(description="An ended run (succeeded, failed or cancelled).")]
+    ctx: AppContext, run_id: Annotated[str, Field(description="An ended run.")]
 ) -> Annotated[CallToolResult, DeletedRun]:
     """Delete an ended run: its record, folder and adapter. Refused while queued or running."""
     state = app_state(ctx)

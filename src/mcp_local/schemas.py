@@ -54,6 +54,7 @@ class RunStatus(BaseModel):
     adapter_path: str | None = None
     run_dir: str
     error: JobError | None = None
+    evaluation: str | None = None
     recent_memory: list[MemoryPoint] = Field(default_factory=list, description="Latest samples, oldest first.")
     config: dict[str, Any] | None = Field(None, description="With include_config.")
 

@@ -27,7 +27,7 @@ from trainer import (
     sample_memory,
 )
 
-from .result_tools import export_model_tool, validate_dataset_tool
+from .result_tools import evaluate_tool, export_model_tool, validate_dataset_tool
 from .run_tools import cancel_run, delete_run, list_runs, resume_run, run_status_tool, start_qlora_run
 from .schemas import MemoryProfile, ModelList, tool_result
 from .state import AppState
@@ -41,10 +41,8 @@ class ChatMessage(BaseModel):
 
 async def load_model(
     ctx: AppContext,
-    path: Annotated[
-        str, Field(description="A local model folder (MLX or Hugging Face layout), a .gguf file or a hub repo id.")
-    ],
-    adapter: Annotated[str | None, Field(description="An adapter folder to apply (a run's adapter_path).")] = None,
+    path: Annotated[str, Field(description="A model folder, a .gguf file or a hub repo id.")],
+    adapter: Annotated[str | None, Field(description="An adapter folder (a run's adapter_path).")] = None,
 ) -> Annotated[CallToolResult, ModelInfo]:
     """Load a model for generate (it stays loaded): architecture, size, quantization, memory."""
     state = app_state(ctx)
@@ -61,15 +59,13 @@ async def load_model(
 async def generate(
     ctx: AppContext,
     prompt: Annotated[str | None, Field(description="A user message (chat template applied).")] = None,
-    messages: Annotated[
-        list[ChatMessage] | None, Field(description="A chat instead of a prompt: [{role, content}, ...].")
-    ] = None,
+    messages: Annotated[list[ChatMessage] | None, Field(description="A chat instead of a prompt.")] = None,
     max_tokens: Annotated[int, Field(ge=1, le=8192, description="Most tokens to generate.")] = 256,
     temperature: Annotated[float, Field(ge=0, le=2, description="0 is greedy.")] = 0.0,
     top_p: Annotated[float, Field(gt=0, le=1, description="Nucleus sampling.")] = 1.0,
-    seed: Annotated[int | None, Field(description="Seed for sampling.")] = None,
+    seed: int | None = None,
     adapter: Annotated[str | None, Field(description="An adapter folder.")] = None,
-    run_id: Annotated[str | None, Field(description="A run whose model and adapter to use.")] = None,
+    run_id: Annotated[str | None, Field(description="A run's model and adapter.")] = None,
 ) -> Annotated[CallToolResult, Generation]:
     """Generate with the loaded model, optionally through an adapter or a run's: text, tokens/s."""
     state = app_state(ctx)
@@ -124,8 +120,7 @@ async def profile_memory(
     grad_checkpoint: bool = False,
     chunked_loss: bool = False,
 ) -> Annotated[CallToolResult, MemoryProfile]:
-    """Memory of the server, loaded models, workers and system; given a run config or a model, its predicted peak
-    against the budget."""
+    """Memory of the server, models, workers and system; with a run config or model, its predicted peak vs budget."""
     state = app_state(ctx)
     settings = {
         "batch_size": batch_size,
@@ -178,19 +173,21 @@ async def list_models(ctx: AppContext) -> Annotated[CallToolResult, ModelList]:
 
 
 Tool = Callable[..., Awaitable[CallToolResult]]
-TOOLS: dict[str, tuple[Tool, str, ToolAnnotations]] = {
-    "load_model": (load_model, "Load model", local_hints(idempotent=True)),
-    "generate": (generate, "Generate", local_hints(read_only=True)),
-    "profile_memory": (profile_memory, "Profile memory", local_hints(read_only=True)),
-    "start_qlora_run": (start_qlora_run, "Start QLoRA run", local_hints()),
-    "run_status": (run_status_tool, "Run status", local_hints(read_only=True, idempotent=True)),
-    "cancel_run": (cancel_run, "Cancel run", local_hints(destructive=True)),
-    "resume_run": (resume_run, "Resume run", local_hints()),
-    "list_runs": (list_runs, "List runs", local_hints(read_only=True, idempotent=True)),
-    "delete_run": (delete_run, "Delete run", local_hints(destructive=True, idempotent=True)),
-    "list_models": (list_models, "List models", local_hints(read_only=True, idempotent=True)),
-    "validate_dataset": (validate_dataset_tool, "Validate dataset", local_hints(read_only=True, idempotent=True)),
-    "export_model": (export_model_tool, "Export model", local_hints()),
+#: no display titles: the names read well, and every byte of tools/list is in every conversation
+TOOLS: dict[str, tuple[Tool, ToolAnnotations]] = {
+    "load_model": (load_model, local_hints(idempotent=True)),
+    "generate": (generate, local_hints(read_only=True)),
+    "profile_memory": (profile_memory, local_hints(read_only=True)),
+    "start_qlora_run": (start_qlora_run, local_hints()),
+    "run_status": (run_status_tool, local_hints(read_only=True, idempotent=True)),
+    "cancel_run": (cancel_run, local_hints(destructive=True)),
+    "resume_run": (resume_run, local_hints()),
+    "list_runs": (list_runs, local_hints(read_only=True, idempotent=True)),
+    "delete_run": (delete_run, local_hints(destructive=True, idempotent=True)),
+    "list_models": (list_models, local_hints(read_only=True, idempotent=True)),
+    "validate_dataset": (validate_dataset_tool, local_hints(read_only=True, idempotent=True)),
+    "evaluate": (evaluate_tool, local_hints()),  # writes evaluation.json into the run folder
+    "export_model": (export_model_tool, local_hints()),
 }
 
 
@@ -200,5 +197,5 @@ def description(tool: Tool) -> str:
 
 
 def register_tools(mcp: MCPServer[Any]) -> None:
-    for name, (tool, title, hints) in TOOLS.items():
-        mcp.tool(name=name, title=title, description=description(tool), annotations=hints)(tool)
+    for name, (tool, hints) in TOOLS.items():
+        mcp.tool(name=name, description=description(tool), annotations=hints)(tool)

@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from .planning.model_inventory import StoredModel, hub_cached_models, imported_models
     from .planning.predict import RunPrediction, predict_model, predict_run
     from .planning.preflight import PreparedRun, RunDefaults, prepare_run
+    from .results.evaluation import Evaluation, evaluation_spec, run_evaluation, stored_evaluation
     from .results.exports import ExportedModel, export_inputs, export_model
     from .settings import DEFAULT_SAMPLE_INTERVAL_S, HOME_ENV, default_budget_gb, default_home
 
@@ -66,6 +67,7 @@ _LAZY = {
     "DeletedRun": (".lifecycle.deletion", "DeletedRun"),
     "Event": (".lifecycle.events", "Event"),
     "Failed": (".lifecycle.events", "Failed"),
+    "Evaluation": (".results.evaluation", "Evaluation"),
     "ExportedModel": (".results.exports", "ExportedModel"),
     "FailureKind": (".lifecycle.jobs", "FailureKind"),
     "Finished": (".lifecycle.events", "Finished"),
@@ -106,6 +108,7 @@ _LAZY = {
     "default_budget_gb": (".settings", "default_budget_gb"),
     "default_home": (".settings", "default_home"),
     "describe_validation_error": (".planning.config", "describe_validation_error"),
+    "evaluation_spec": (".results.evaluation", "evaluation_spec"),
     "export_inputs": (".results.exports", "export_inputs"),
     "export_model": (".results.exports", "export_model"),
     "hub_cached_models": (".planning.model_inventory", "hub_cached_models"),
@@ -117,6 +120,8 @@ _LAZY = {
     "reexec_with_preloads": (".environment.preload", "reexec_with_preloads"),
     "render_run_plot": (".lifecycle.plot", "render_run_plot"),
     "sample_memory": (".lifecycle.memory", "sample_memory"),
+    "run_evaluation": (".results.evaluation", "run_evaluation"),
+    "stored_evaluation": (".results.evaluation", "stored_evaluation"),
     "use_mlx_env": (".environment.mlx_env", "use_mlx_env"),
     "validate_dataset": (".planning.dataset_report", "validate_dataset"),
 }
@@ -125,8 +130,12 @@ __all__ = [
     "DEFAULT_SAMPLE_INTERVAL_S",
     "DatasetReport",
     "validate_dataset",
+    "Evaluation",
     "ExportedModel",
+    "evaluation_spec",
     "export_inputs",
+    "run_evaluation",
+    "stored_evaluation",
     "export_model",
     "HOME_ENV",
     "Checkpoint",

@@ -98,6 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--model", help="the model whose tokenizer and chat template the run will use")
     check.add_argument("--max-seq-length", type=int, default=2048)
     check.add_argument("--mask-prompt", action="store_true")
+    judge = sub.add_parser("evaluate", help="a run's adapter against its base: HumanEval pass@1, test loss, a checker")
+    judge.add_argument("run_id", nargs="?")
+    judge.add_argument("--model", help="a model to evaluate instead of a run's (with --adapter: both)")
+    judge.add_argument("--adapter")
+    judge.add_argument("--data", help="a folder whose test.jsonl gives the loss (default: the run's)")
+    judge.add_argument("--limit", type=int, default=164, help="the first N HumanEval problems (default all 164)")
+    judge.add_argument("--checker", help="a Python file with score(prompt, reply) -> float")
     fuse = sub.add_parser("fuse", help="fuse a run's adapter (or --model and --adapter) into its base model")
     fuse.add_argument("run_id", nargs="?")
     fuse.add_argument("--model", help="the base model (default: the run's)")
@@ -139,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.write(report.model_dump_json(indent=2) + "\n")
             log.info("%s", report.summary())
             return 0 if report.ok else 1
+        elif args.command == "evaluate":
+            sys.stdout.write(_evaluate(args, home).model_dump_json(indent=2) + "\n")
         elif args.command in ("fuse", "export-gguf"):
             sys.stdout.write(_export(args, home).model_dump_json(indent=2) + "\n")
         elif args.command == "make-tiny":
@@ -157,6 +166,19 @@ def main(argv: list[str] | None = None) -> int:
         log.error("error: %s", _first(mine))
         return 2
     return 0
+
+
+def _evaluate(args: argparse.Namespace, home: Path) -> BaseModel:
+    from .results.evaluation import evaluation_spec, run_evaluation
+
+    spec, folder = evaluation_spec(
+        RunStore(home), run_id=args.run_id, model=args.model, adapter=args.adapter, data=args.data,
+        humaneval_limit=args.limit, checker=args.checker,
+    )  # fmt: skip
+    with tqdm(total=args.limit * (2 if spec.adapter else 1), desc="evaluate", unit="problem", file=sys.stderr) as bar:
+        evaluation = run_evaluation(spec, folder, lambda line: bar.update(1) if "HumanEval/" in line else None)
+    log.info("%s", evaluation.summary())
+    return evaluation
 
 
 def _export(args: argparse.Namespace, home: Path) -> BaseModel:

@@ -28,6 +28,7 @@ TOOLS = {
     "list_models",
     "export_model",
     "validate_dataset",
+    "evaluate",
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -112,6 +113,12 @@ class ModelSession:
             self.current = key
             return loaded.info
 
+    def loaded(self, model: str, adapter: str | None = None) -> _Loaded:
+        """The loaded model and tokenizer themselves (loading them if needed), for evaluation in this process."""
+        key = self._key(model, adapter)
+        with self._lock:
+            return self._loaded.get(key) or self._load(key)
+
     def _load(self, key: tuple[str, str | None]) -> _Loaded:
         import mlx.core as mx
         from mlx_lm.utils import load
@@ -166,9 +173,11 @@ class ModelSession:
         seed: int | None = None,
         adapter: str | None = None,
         model: str | None = None,
+        stop_when: Callable[[str], bool] | None = None,
     ) -> Generation:
         """Generate from the current model, or from `model` and/or `adapter` for this call only (the current model
-        stays what load_model chose), through the model's chat template when it has one."""
+        stays what load_model chose), through the model's chat template when it has one; `stop_when` ends it early
+        (given the text so far, after each token)."""
         if (prompt is None) == (messages is None):
             raise ConfigError("pass exactly one of prompt (a string) or messages (a chat list)")
         key = self._key(model or self._current()[0], adapter) if adapter or model else None
@@ -201,6 +210,8 @@ class ModelSession:
                     loaded.model, tokenizer, text_prompt, max_tokens=max_tokens, sampler=sampler
                 ):
                     pieces.append(last.text)
+                    if stop_when is not None and stop_when("".join(pieces)):
+                        break
             if last is None:
                 raise ModelError("generation produced nothing")
             return Generation(

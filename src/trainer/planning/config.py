@@ -26,7 +26,7 @@ class QLoRAConfig(BaseModel):
         Field(
             min_length=1,
             max_length=MAX_PATH,
-            description="A model folder (MLX or Hugging Face layout), a .gguf file or a Hugging Face repo id.",
+            description="A model folder, a .gguf file or a Hugging Face repo id.",
         ),
     ]
     data: Annotated[
@@ -34,8 +34,8 @@ class QLoRAConfig(BaseModel):
         Field(
             min_length=1,
             max_length=MAX_PATH,
-            description='Folder of train.jsonl (and valid.jsonl), lines of {"messages": [...]}, {"prompt", '
-            '"completion"} or {"text"}.',
+            description='Folder of train.jsonl (and valid.jsonl): {"messages"}, {"prompt", "completion"} or {"text"} '
+            "lines.",
         ),
     ]
     adapter_dir: Annotated[
@@ -43,29 +43,25 @@ class QLoRAConfig(BaseModel):
         Field(max_length=MAX_PATH, description="Default: the run folder's adapters/."),
     ] = None
     rank: Annotated[int, Field(ge=1, le=512, description="LoRA rank.")] = 16
-    alpha: Annotated[float, Field(gt=0, le=1e4, description="LoRA alpha; mlx-lm's scale is alpha / rank.")] = 32.0
+    alpha: Annotated[float, Field(gt=0, le=1e4, description="LoRA alpha (scale alpha / rank).")] = 32.0
     dropout: Annotated[float, Field(ge=0, lt=1, description="LoRA dropout.")] = 0.0
     num_layers: Annotated[int, Field(ge=-1, le=4096, description="The last blocks that get LoRA; -1: all.")] = 16
     quantize_bits: Annotated[
         Literal[0, 4, 8],
-        Field(description="Bits to quantize an unquantized base to (0: keep it, plain LoRA)."),
+        Field(description="Quantize a float base to these bits (0: plain LoRA)."),
     ] = 4
     group_size: Annotated[Literal[32, 64, 128], Field(description="Quantization group size.")] = 64
-    iters: Annotated[int, Field(ge=1, le=MAX_ITERS, description="Training iterations (optimizer steps).")] = 100
+    iters: Annotated[int, Field(ge=1, le=MAX_ITERS, description="Optimizer steps.")] = 100
     batch_size: Annotated[int, Field(ge=1, le=4096, description="Examples per step.")] = 4
     learning_rate: Annotated[float, Field(gt=0, le=1, description="Adam learning rate.")] = 1e-5
     max_seq_length: Annotated[int, Field(ge=8, le=1 << 20, description="Longer examples are truncated.")] = 2048
     grad_checkpoint: Annotated[bool, Field(description="Recompute activations: less memory.")] = False
     mask_prompt: Annotated[bool, Field(description="Train on the completion / last assistant turn only.")] = False
-    seed: Annotated[int, Field(ge=0, lt=1 << 32, description="Random seed for LoRA init and batch order.")] = 0
+    seed: Annotated[int, Field(ge=0, lt=1 << 32, description="Seed for LoRA init and batch order.")] = 0
     steps_per_report: Annotated[int, Field(ge=1, le=MAX_ITERS, description="Steps between train-loss reports.")] = 10
-    steps_per_eval: Annotated[int, Field(ge=1, le=MAX_ITERS, description="Steps between validation-loss reports.")] = (
-        200
-    )
-    val_batches: Annotated[
-        int, Field(ge=-1, le=MAX_ITERS, description="Validation batches per evaluation; -1 for all.")
-    ] = 25
-    save_every: Annotated[int, Field(ge=1, le=MAX_ITERS, description="Steps between adapter checkpoints.")] = 100
+    steps_per_eval: Annotated[int, Field(ge=1, le=MAX_ITERS, description="Steps between validation losses.")] = 200
+    val_batches: Annotated[int, Field(ge=-1, le=MAX_ITERS, description="Validation batches each time; -1: all.")] = 25
+    save_every: Annotated[int, Field(ge=1, le=MAX_ITERS, description="Steps between checkpoints.")] = 100
     fast_path: Annotated[
         bool | None,
         Field(description="Our faster kernels. Null: on for CPU and CUDA, off on Metal; false: plain MLX-LM."),

@@ -1,0 +1,169 @@
+"""Evaluate a run (or a model with an adapter) against its base: what to run, and the scores, stored with the run.
+
+The MLX work is `engine/evaluate.py` in a child process; this module starts it, passes its progress lines on, and
+writes the result to the run folder (`evaluation.json`), where run_status finds it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import ConfigError
+from ..lifecycle.store import RunStore
+from ..planning.modelref import resolve_adapter_dir, resolve_model_dir
+from ..planning.paths import PathPolicy
+from .sandbox import Outcome
+
+EVALUATION_FILE = "evaluation.json"
+HUMANEVAL_PROBLEMS = 164
+
+
+class EvaluationSpec(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    model: str
+    adapter: str | None = None
+    data: str | None = Field(None, description="Folder whose test.jsonl gives the loss (and the checker's prompts).")
+    humaneval_limit: int = Field(HUMANEVAL_PROBLEMS, ge=0, le=HUMANEVAL_PROBLEMS)
+    checker: str | None = Field(None, description="A Python file with score(prompt, reply) -> float.")
+    checker_limit: int = Field(20, ge=1)
+    max_tokens: int = Field(384, ge=16, le=4096)
+    max_seq_length: int = 2048
+    mask_prompt: bool = False
+    timeout_s: float = Field(10.0, gt=0, le=120)
+
+
+class ProblemResult(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    task_id: str
+    outcome: Outcome
+    seconds: float
+
+
+class ModelScores(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    humaneval_pass_at_1: float | None
+    humaneval_passed: int
+    humaneval_problems: list[ProblemResult]
+    test_loss: float | None
+    test_perplexity: float | None
+    test_examples: int
+    checker_score: float | None
+    seconds: float
+
+
+class Evaluation(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    spec: EvaluationSpec
+    scores: list[ModelScores] = Field(description="The base first, then base + adapter.")
+    seconds: float
+    saved_to: str | None = None
+
+    def summary(self) -> str:
+        parts = []
+        for s in self.scores:
+            items = []
+            if s.humaneval_pass_at_1 is not None:
+                items.append(f"pass@1 {s.humaneval_pass_at_1:.3f} ({s.humaneval_passed}/{len(s.humaneval_problems)})")
+            if s.test_loss is not None:
+                items.append(f"test loss {s.test_loss:.3f}")
+            if s.checker_score is not None:
+                items.append(f"checker {s.checker_score:.2f}")
+            parts.append(f"{s.name}: " + ", ".join(items or ["nothing measured"]))
+        return "; ".join(parts) + f" ({self.seconds:.0f} s)"
+
+
+def evaluation_spec(
+    store: RunStore,
+    *,
+    run_id: str | None,
+    model: str | None,
+    adapter: str | None,
+    data: str | None,
+    models_root: Path | None = None,
+    paths: PathPolicy | None = None,
+    **settings: object,
+) -> tuple[EvaluationSpec, Path | None]:
+    """The spec for a run (its model, adapter and data) or a model (and adapter) named directly, and where to store
+    the result (the run folder, or nowhere)."""
+    folder: Path | None = None
+    if run_id is not None:
+        job = store.get(run_id)
+        if job.adapter_path is None or not (Path(job.adapter_path) / "adapters.safetensors").is_file():
+            raise ConfigError(f"run {run_id} has no adapter yet (state {job.state.value}); evaluate it once it has one")
+        model, adapter, data, folder = (
+            model or job.config.model,
+            job.adapter_path,
+            data or job.config.data,
+            Path(job.run_dir),
+        )
+        settings.setdefault("max_seq_length", job.config.max_seq_length)
+        settings.setdefault("mask_prompt", job.config.mask_prompt)
+    if model is None:
+        raise ConfigError("name a run (run_id), or a model (and optionally an adapter) to evaluate")
+    model_dir = resolve_model_dir(model, models_root, paths)
+    adapter_dir = (
+        resolve_adapter_dir(str(paths.check(Path(adapter), "adapter") if paths else adapter)) if adapter else None
+    )
+    if data is not None:
+        data = str(paths.check(Path(data), "data folder") if paths else Path(data))
+    checker = settings.get("checker")
+    if isinstance(checker, str):
+        checked = paths.check(Path(checker), "checker") if paths else Path(checker)
+        if not checked.is_file():
+            raise ConfigError(f"checker {checker!r} is not a file; pass a Python file defining score(prompt, reply)")
+        settings["checker"] = str(checked)
+    spec = EvaluationSpec.model_validate(
+        {"model": str(model_dir), "adapter": str(adapter_dir) if adapter_dir else None, "data": data, **settings}
+    )
+    return spec, folder
+
+
+def run_evaluation(spec: EvaluationSpec, save_in: Path | None, progress: Callable[[str], None]) -> Evaluation:
+    """Evaluate in a child process, passing each progress line to `progress`; the result is saved in `save_in`."""
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as scratch:
+        spec_file = Path(scratch) / "spec.json"
+        spec_file.write_text(spec.model_dump_json(), encoding="utf-8")
+        cmd = [sys.executable, "-m", "trainer.engine.evaluate", str(spec_file)]
+        child = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        assert child.stderr is not None and child.stdout is not None
+        tail: list[str] = []
+        for line in child.stderr:
+            if line.startswith("progress "):
+                progress(line[len("progress ") :].strip())
+            else:
+                tail = (tail + [line.rstrip()])[-20:]
+        out = child.stdout.read()
+        child.wait()
+    if child.returncode != 0:
+        last = next((line for line in reversed(tail) if line.strip()), "")
+        raise ConfigError(f"the evaluation stopped with status {child.returncode}: {last}")
+    scores = [ModelScores.model_validate(s) for s in json.loads(out.strip().splitlines()[-1])]
+    evaluation = Evaluation(spec=spec, scores=scores, seconds=round(time.perf_counter() - start, 1))
+    if save_in is not None:
+        target = save_in / EVALUATION_FILE
+        evaluation = evaluation.model_copy(update={"saved_to": str(target)})
+        partial = target.with_suffix(".partial")
+        partial.write_text(evaluation.model_dump_json(indent=2), encoding="utf-8")
+        partial.replace(target)
+    return evaluation
+
+
+def stored_evaluation(run_dir: Path) -> Evaluation | None:
+    path = run_dir / EVALUATION_FILE
+    return Evaluation.model_validate_json(path.read_text(encoding="utf-8")) if path.is_file() else None

