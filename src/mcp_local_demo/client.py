@@ -175,7 +175,17 @@ async def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         console.rule("after training")
         tuned = await _generate_all(client, prompts, args.max_tokens, run_id)
         plot = (await client.read_resource(f"runs://{run_id}/plot")).contents[0]
+        passed = {"base": None, "adapter": None}
+        if args.humaneval:  # does the style come at the cost of working code? HumanEval's first problems, sandboxed
+            console.rule(f"HumanEval pass@1, first {args.humaneval} problems (base, then tuned)")
+            judged = await client.call_tool("evaluate", {"run_id": run_id, "humaneval_limit": args.humaneval})
+            passed |= {s["name"]: s["humaneval_pass_at_1"] for s in _structured(judged, "evaluate")["scores"]}
     base_mean, tuned_mean = _side_by_side(prompts, base, tuned)
+    if args.humaneval:
+        console.print(
+            f"HumanEval pass@1 on {args.humaneval} problems: base {passed['base']:.2f}, tuned {passed['adapter']:.2f} "
+            f"(house style: base {base_mean:.2f}, tuned {tuned_mean:.2f})"
+        )
     run_dir = Path(status["run_dir"])
     if isinstance(plot, BlobResourceContents):  # loss and memory over the run, next to it
         (run_dir / "plot.png").write_bytes(base64.b64decode(plot.blob))
@@ -188,6 +198,8 @@ async def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         "peak_memory_gb": m["peak_memory_gb"],
         "base_score": base_mean,
         "tuned_score": tuned_mean,
+        "base_pass_at_1": passed["base"],
+        "tuned_pass_at_1": passed["adapter"],
         "run_dir": str(run_dir),
         "adapter": status["adapter_path"],
     }
@@ -208,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=40)
     parser.add_argument("--eval-prompts", type=int, default=6, help="held-out prompts scored before and after")
     parser.add_argument("--max-tokens", type=int, default=100)
+    parser.add_argument("--humaneval", type=int, default=5, help="HumanEval problems scored before and after (0: none)")
     parser.add_argument("--home", type=Path, default=Path("demo-output"), help="runs folder (default: %(default)s)")
     parser.add_argument("--json", type=Path, default=None, help="also write the summary as JSON here")
     args = parser.parse_args(argv)

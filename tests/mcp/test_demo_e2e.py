@@ -25,6 +25,8 @@ def test_demo_fine_tunes_smollm2_and_the_tuned_model_follows_the_house_style(tmp
             "3",
             "--max-tokens",
             "80",
+            "--humaneval",
+            "2",
             "--home",
             str(tmp_path / "home"),
             "--json",
@@ -38,6 +40,7 @@ def test_demo_fine_tunes_smollm2_and_the_tuned_model_follows_the_house_style(tmp
     summary = json.loads(summary_file.read_text())
     assert summary["last_val_loss"] < 0.5 * summary["first_val_loss"]
     assert summary["tuned_score"] > summary["base_score"]
+    assert 0 <= summary["base_pass_at_1"] <= 1 and 0 <= summary["tuned_pass_at_1"] <= 1  # printed next to the style
     assert summary["tuned_score"] >= 0.8
     assert (Path(summary["adapter"]) / "adapters.safetensors").is_file()
     assert (Path(summary["run_dir"]) / "plot.png").read_bytes().startswith(b"\x89PNG")  # the run's picture beside it
