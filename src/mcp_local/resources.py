@@ -11,7 +11,7 @@ from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError
 from mcp.server.mcpserver.resources import FunctionResource
 
-from trainer import DEFAULT_SAMPLE_INTERVAL_S, RunAspect, RunNotFound, stored_evaluation
+from trainer import DEFAULT_SAMPLE_INTERVAL_S, RunAspect, RunNotFound, evaluation_state
 
 from .schemas import MemoryPoint, RunMemoryResource, RunMetricsResource, RunStatus, run_uri
 from .state import AppState
@@ -74,8 +74,8 @@ def run_status(state: AppState, run_id: str, memory_samples: int = 2, include_co
 
 
 def _evaluation_summary(run_dir: str) -> str | None:
-    evaluation = stored_evaluation(Path(run_dir))
-    return evaluation.summary() if evaluation else None
+    current = evaluation_state(Path(run_dir))
+    return current.summary() if current else None
 
 
 def status_line(state: AppState, status: RunStatus) -> str:

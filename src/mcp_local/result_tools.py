@@ -7,6 +7,7 @@ one call, and the tool list stays small. The work runs in child processes; this 
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -16,17 +17,23 @@ from pydantic import Field
 
 from trainer import (
     DatasetReport,
-    Evaluation,
+    EvaluationState,
     ExportedModel,
     evaluation_spec,
+    evaluation_state,
     export_inputs,
     export_model,
-    run_evaluation,
+    start_evaluation,
     validate_dataset,
 )
 
 from .schemas import tool_result
 from .tool_support import AppContext, app_state, trainer_errors
+
+#: seconds between looks at a background evaluation's folder
+POLL_S = 0.5
+#: how long one evaluate call follows the evaluation (under the hosts' 60-120 s call limits)
+EVALUATE_WAIT_S = 50.0
 
 
 async def export_model_tool(
@@ -82,8 +89,9 @@ async def evaluate_tool(
     adapter: str | None = None,
     humaneval_limit: Annotated[int, Field(ge=0, le=164)] = 20,
     checker: Annotated[str | None, Field(description="A .py file with score(prompt, reply).")] = None,
-) -> Annotated[CallToolResult, Evaluation]:
-    """Base vs adapter: HumanEval pass@1 (sandboxed), test.jsonl loss, a checker's score; kept with the run."""
+) -> Annotated[CallToolResult, EvaluationState]:
+    """Base vs adapter, in the background: HumanEval pass@1 (sandboxed), test loss, a checker's score. Waits up to
+    50 s; call again to follow."""
     state = app_state(ctx)
     with trainer_errors():
         spec, folder = evaluation_spec(
@@ -91,17 +99,34 @@ async def evaluate_tool(
             models_root=state.models.models_root, paths=state.models.paths, humaneval_limit=humaneval_limit,
             checker=checker,
         )  # fmt: skip
-        total = humaneval_limit * (2 if spec.adapter else 1)
-        done = 0
+        folder = (
+            folder
+            or state.settings.home / "evaluations" / hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:12]
+        )
+        current = evaluation_state(folder)
+        same_finished = current is not None and current.evaluation is not None and current.evaluation.spec == spec
+        if current is None or (current.state != "running" and not same_finished):
+            current = start_evaluation(spec, folder)  # else: follow the running one, or answer the finished one
+        current = await _follow_evaluation(ctx, folder, current, EVALUATE_WAIT_S)
+    return tool_result(_brief(current), current.summary())
 
-        def progress(line: str) -> None:
-            nonlocal done
-            done += 1
-            anyio.from_thread.run(ctx.report_progress, float(done), float(max(total, done)), line)
 
-        evaluation = await anyio.to_thread.run_sync(lambda: run_evaluation(spec, folder, progress))
-    # per-problem outcomes stay in the run's evaluation.json: the answer carries the scores
-    brief = evaluation.model_copy(
-        update={"scores": [s.model_copy(update={"humaneval_problems": []}) for s in evaluation.scores]}
-    )
-    return tool_result(brief, evaluation.summary())
+async def _follow_evaluation(ctx: AppContext, folder: Path, current: EvaluationState, wait: float) -> EvaluationState:
+    """Poll the evaluation's folder until it ends or `wait` passes, with a progress notification per problem."""
+    sent = -1
+    with anyio.move_on_after(wait):
+        while current.state == "running":
+            if current.done > sent:
+                sent = current.done
+                await ctx.report_progress(float(sent), float(max(current.total, sent)), current.summary())
+            await anyio.sleep(POLL_S)
+            current = evaluation_state(folder) or current
+    return current
+
+
+def _brief(current: EvaluationState) -> EvaluationState:
+    """Per-problem outcomes stay in evaluation.json; the answer carries the scores."""
+    if current.evaluation is None:
+        return current
+    scores = [s.model_copy(update={"humaneval_problems": []}) for s in current.evaluation.scores]
+    return current.model_copy(update={"evaluation": current.evaluation.model_copy(update={"scores": scores})})

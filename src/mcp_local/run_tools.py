@@ -51,7 +51,7 @@ async def run_status_tool(
         float,
         Field(
             ge=0,
-            description="Wait up to this many seconds (max 60) for a change of state or phase, a report or an error.",
+            description="Wait up to this many seconds (max 60) for a change.",
         ),
     ] = 0,
     memory_samples: Annotated[int, Field(ge=0, le=200, description="How many latest memory samples.")] = 2,

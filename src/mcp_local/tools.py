@@ -58,7 +58,7 @@ async def load_model(
 
 async def generate(
     ctx: AppContext,
-    prompt: Annotated[str | None, Field(description="A user message (chat template applied).")] = None,
+    prompt: Annotated[str | None, Field(description="A user message.")] = None,
     messages: Annotated[list[ChatMessage] | None, Field(description="A chat instead of a prompt.")] = None,
     max_tokens: Annotated[int, Field(ge=1, le=8192, description="Most tokens to generate.")] = 256,
     temperature: Annotated[float, Field(ge=0, le=2, description="0 is greedy.")] = 0.0,

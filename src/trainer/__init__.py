@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from .planning.predict import RunPrediction, predict_model, predict_run
     from .planning.preflight import PreparedRun, RunDefaults, prepare_run
     from .results.evaluation import Evaluation, evaluation_spec, run_evaluation, stored_evaluation
+    from .results.evaluation_jobs import EvaluationState, evaluation_state, start_evaluation
     from .results.exports import ExportedModel, export_inputs, export_model
     from .settings import DEFAULT_SAMPLE_INTERVAL_S, HOME_ENV, default_budget_gb, default_home
 
@@ -68,6 +69,7 @@ _LAZY = {
     "Event": (".lifecycle.events", "Event"),
     "Failed": (".lifecycle.events", "Failed"),
     "Evaluation": (".results.evaluation", "Evaluation"),
+    "EvaluationState": (".results.evaluation_jobs", "EvaluationState"),
     "ExportedModel": (".results.exports", "ExportedModel"),
     "FailureKind": (".lifecycle.jobs", "FailureKind"),
     "Finished": (".lifecycle.events", "Finished"),
@@ -109,6 +111,8 @@ _LAZY = {
     "default_home": (".settings", "default_home"),
     "describe_validation_error": (".planning.config", "describe_validation_error"),
     "evaluation_spec": (".results.evaluation", "evaluation_spec"),
+    "evaluation_state": (".results.evaluation_jobs", "evaluation_state"),
+    "start_evaluation": (".results.evaluation_jobs", "start_evaluation"),
     "export_inputs": (".results.exports", "export_inputs"),
     "export_model": (".results.exports", "export_model"),
     "hub_cached_models": (".planning.model_inventory", "hub_cached_models"),
@@ -133,6 +137,9 @@ __all__ = [
     "Evaluation",
     "ExportedModel",
     "evaluation_spec",
+    "EvaluationState",
+    "evaluation_state",
+    "start_evaluation",
     "export_inputs",
     "run_evaluation",
     "stored_evaluation",

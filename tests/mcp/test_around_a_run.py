@@ -58,3 +58,20 @@ async def test_validate_dataset_reports_over_mcp(tmp_path: Path, tiny_model: Pat
         assert missing.is_error and "has no train.jsonl" in missing.content[0].text  # type: ignore[union-attr]
         outside = await client.call_tool("validate_dataset", {"data": "/etc"})
         assert outside.is_error and "/etc" in outside.content[0].text  # type: ignore[union-attr]
+
+
+async def test_evaluate_follows_a_background_evaluation_and_answers_a_finished_one(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    async with Client(fake_server(tmp_path / "home", roots=(tiny_model.parent,)), mode="legacy") as client:
+        first = await client.call_tool("evaluate", {"model": str(tiny_model), "humaneval_limit": 1})
+        assert not first.is_error, first.content
+        result = first.structured_content
+        assert result["state"] == "succeeded" and result["done"] == result["total"] == 1  # type: ignore[index]
+        assert result["evaluation"]["scores"][0]["humaneval_problems"] == []  # type: ignore[index]  # in the file
+        folder = Path(result["folder"])  # type: ignore[index]
+        assert folder.parent == tmp_path / "home" / "evaluations"
+        pid = (folder / "evaluation.pid").read_text()
+        again = await client.call_tool("evaluate", {"model": str(tiny_model), "humaneval_limit": 1})
+        assert again.structured_content["state"] == "succeeded"  # type: ignore[index]
+        assert (folder / "evaluation.pid").read_text() == pid  # the finished one, not a new one

@@ -109,3 +109,34 @@ def test_the_cli_evaluates_a_model(tmp_path: Path, tiny_model: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout)
     assert result["scores"][0]["name"] == "base" and len(result["scores"][0]["humaneval_problems"]) == 1
+
+
+def test_a_background_evaluation_outlives_its_starter_and_leaves_its_result(tmp_path: Path, tiny_model: Path) -> None:
+    import time
+
+    from trainer import evaluation_state, start_evaluation
+    from trainer.results.evaluation import EvaluationSpec
+
+    spec = EvaluationSpec.model_validate({"model": str(tiny_model), "humaneval_limit": 2, "max_tokens": 16})
+    started = start_evaluation(spec, tmp_path / "eval")
+    assert started.state == "running" and started.total == 2
+    with pytest.raises(ConfigError, match="an evaluation is running in .* already"):
+        start_evaluation(spec, tmp_path / "eval")
+    deadline = time.monotonic() + 300
+    while (state := evaluation_state(tmp_path / "eval")) is not None and state.state == "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    assert state is not None and state.state == "succeeded" and state.done == state.total == 2
+    assert state.evaluation is not None and state.evaluation.spec == spec
+    assert state.summary().startswith("base: pass@1 0.000 (0/2)")
+
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_model, broken)
+    for weights in broken.glob("*.safetensors"):
+        weights.write_bytes(b"not weights")
+    start_evaluation(EvaluationSpec.model_validate({"model": str(broken), "humaneval_limit": 1}), tmp_path / "broken")
+    deadline = time.monotonic() + 120
+    while (state := evaluation_state(tmp_path / "broken")) is not None and state.state == "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    assert state is not None and state.state == "failed" and state.error

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..results.evaluation import EvaluationSpec, ModelScores, ProblemResult
+from ..results.evaluation import EVALUATION_FILE, Evaluation, EvaluationSpec, ModelScores, ProblemResult
 from ..results.sandbox import run_sandboxed
 from .inference import ModelSession
 
@@ -119,9 +119,11 @@ def score_model(spec: EvaluationSpec, with_adapter: bool, report: Callable[[str]
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m trainer.engine.evaluate SPEC.json`: the scores as JSON on stdout, progress lines on stderr."""
+    """`python -m trainer.engine.evaluate SPEC.json [--save DIR]`: the scores as JSON on stdout, progress lines on
+    stderr; with --save, the whole evaluation also written to DIR/evaluation.json (atomically)."""
     args = sys.argv[1:] if argv is None else argv
     spec = EvaluationSpec.model_validate_json(Path(args[0]).read_text(encoding="utf-8"))
+    start = time.perf_counter()
 
     def report(line: str) -> None:
         sys.stderr.write(f"progress {line}\n")
@@ -131,6 +133,15 @@ def main(argv: list[str] | None = None) -> int:
     if spec.adapter:
         scores.append(score_model(spec, True, report))
     sys.stdout.write(json.dumps([s.model_dump(mode="json") for s in scores]) + "\n")
+    if "--save" in args:
+        folder = Path(args[args.index("--save") + 1])
+        target = folder / EVALUATION_FILE
+        evaluation = Evaluation(
+            spec=spec, scores=scores, seconds=round(time.perf_counter() - start, 1), saved_to=str(target)
+        )
+        partial = target.with_suffix(".partial")
+        partial.write_text(evaluation.model_dump_json(indent=2), encoding="utf-8")
+        partial.replace(target)
     return 0
 
 

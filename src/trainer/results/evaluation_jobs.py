@@ -1,0 +1,98 @@
+"""An evaluation in the background: a detached child process that outlives the server (as runs do) and leaves
+everything in its folder, so whoever looks next (this server, the next one, run_status) sees how far it got.
+
+The folder holds `evaluation.spec.json` (what it runs), `evaluation.pid` (the child and its start time),
+`evaluation.log` (its stderr: one `progress` line per problem) and, at the end, `evaluation.json` (written by the
+child itself, atomically).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from ..errors import ConfigError
+from ..lifecycle.leases import process_started, same_process_alive
+from .evaluation import EVALUATION_FILE, Evaluation, EvaluationSpec, stored_evaluation
+
+SPEC_FILE = "evaluation.spec.json"
+PID_FILE = "evaluation.pid"
+LOG_FILE = "evaluation.log"
+
+
+class EvaluationState(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    state: Literal["running", "succeeded", "failed"]
+    done: int
+    total: int
+    folder: str
+    evaluation: Evaluation | None = None
+    error: str | None = None
+
+    def summary(self) -> str:
+        if self.evaluation is not None:
+            return self.evaluation.summary()
+        if self.state == "running":
+            return f"evaluation running: {self.done} of {self.total} HumanEval problems done"
+        return f"evaluation failed: {self.error}"
+
+
+def _spec(folder: Path) -> EvaluationSpec | None:
+    path = folder / SPEC_FILE
+    return EvaluationSpec.model_validate_json(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _alive(folder: Path) -> bool:
+    path = folder / PID_FILE
+    if not path.is_file():
+        return False
+    pid, started = path.read_text(encoding="utf-8").split()
+    return same_process_alive(int(pid), float(started))
+
+
+def evaluation_state(folder: Path) -> EvaluationState | None:
+    """Where the evaluation kept in `folder` stands (None: there is none)."""
+    spec = _spec(folder)
+    done_file = stored_evaluation(folder)
+    if spec is None and done_file is None:
+        return None
+    spec = spec or (done_file.spec if done_file else None)
+    assert spec is not None
+    total = spec.humaneval_limit * (2 if spec.adapter else 1)
+    log = (folder / LOG_FILE).read_text(encoding="utf-8", errors="replace") if (folder / LOG_FILE).is_file() else ""
+    done = sum(line.startswith("progress ") for line in log.splitlines())
+    if done_file is not None:
+        return EvaluationState(state="succeeded", done=total, total=total, folder=str(folder), evaluation=done_file)
+    if _alive(folder):
+        return EvaluationState(state="running", done=done, total=total, folder=str(folder))
+    last = next((line for line in reversed(log.splitlines()) if line.strip() and not line.startswith("progress ")), "")
+    return EvaluationState(
+        state="failed", done=done, total=total, folder=str(folder), error=last or "the evaluation process is gone"
+    )
+
+
+def start_evaluation(spec: EvaluationSpec, folder: Path) -> EvaluationState:
+    """Start `spec` in the background, writing into `folder` (a finished evaluation there is replaced)."""
+    if _alive(folder):
+        raise ConfigError(f"an evaluation is running in {folder} already; wait for it (evaluate shows its progress)")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / EVALUATION_FILE).unlink(missing_ok=True)
+    spec_file = folder / SPEC_FILE
+    spec_file.write_text(spec.model_dump_json(), encoding="utf-8")
+    with (folder / LOG_FILE).open("w", encoding="utf-8") as log:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "trainer.engine.evaluate", str(spec_file), "--save", str(folder)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
+        )  # fmt: skip
+    started = process_started(child.pid)
+    (folder / PID_FILE).write_text(f"{child.pid} {started or 0.0}", encoding="utf-8")
+    threading.Thread(target=child.wait, daemon=True).start()  # reaped here while this process lives
+    state = evaluation_state(folder)
+    assert state is not None
+    return state
