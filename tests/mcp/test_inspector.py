@@ -84,7 +84,7 @@ def test_the_inspector_calls_every_tool_and_reads_every_template(
     assert _call(home, roots, "validate_dataset", data=str(tiny_data), model=str(tiny_model))["errors"] == 0
     called |= {"load_model", "generate", "profile_memory", "run_status", "list_runs", "list_models", "export_model"}
     judged = _call(home, roots, "evaluate", run_id=run_id, humaneval_limit=1)
-    assert [s["name"] for s in judged["scores"]] == ["base", "adapter"]
+    assert judged["state"] == "succeeded" and [s["name"] for s in judged["evaluation"]["scores"]] == ["base", "adapter"]
     assert _call(home, roots, "run_status", run_id=run_id)["evaluation"].startswith("base: pass@1 0.000 (0/1)")
     called |= {"validate_dataset", "evaluate"}
     called |= {"start_qlora_run", "cancel_run", "resume_run", "delete_run"}
