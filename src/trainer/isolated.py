@@ -4,9 +4,11 @@ stderr's last line; anything else is reported with how the child stopped."""
 
 from __future__ import annotations
 
+import logging
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 
 from .errors import ConfigError
 
@@ -27,3 +29,15 @@ def run_isolated(module: str, args: list[str], *, what: str, hint: str) -> str:
     how = f"signal {signal.Signals(-done.returncode).name}" if done.returncode < 0 else f"status {done.returncode}"
     detail = f": {lines[-1]}" if lines else ""
     raise ConfigError(f"{what} stopped with {how}{detail}; {hint}")
+
+
+def child_main(job: Callable[[list[str]], None], argv: list[str] | None = None) -> int:
+    """The `main` of an isolated job: its arguments, logging to stderr, and a refusal as REFUSED_EXIT plus its
+    message (the line `run_isolated` reports)."""
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(message)s")
+    try:
+        job(sys.argv[1:] if argv is None else argv)
+    except ConfigError as exc:
+        sys.stderr.write(f"{exc}\n")
+        return REFUSED_EXIT
+    return 0

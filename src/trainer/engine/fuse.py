@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from ..errors import ConfigError
-from ..isolated import REFUSED_EXIT
+from ..isolated import child_main
 from .mlx_import import require_mlx
 
 log = logging.getLogger(__name__)
@@ -66,16 +66,13 @@ def fuse_adapter(model_dir: Path, adapter_dir: Path, out_dir: Path, *, dequantiz
     return out_dir
 
 
+def _fuse_job(args: list[str]) -> None:
+    fuse_adapter(Path(args[0]), Path(args[1]), Path(args[2]), dequantize="--dequantize" in args[3:])
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m trainer.engine.fuse MODEL_DIR ADAPTER_DIR OUT_DIR [--dequantize]` (results/ runs it isolated)."""
-    args = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(message)s")
-    try:
-        fuse_adapter(Path(args[0]), Path(args[1]), Path(args[2]), dequantize="--dequantize" in args[3:])
-    except ConfigError as exc:
-        sys.stderr.write(f"{exc}\n")
-        return REFUSED_EXIT
-    return 0
+    return child_main(_fuse_job, argv)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from ..errors import ConfigError
-from ..isolated import REFUSED_EXIT
+from ..isolated import child_main
 from ..planning.modelref import GGUF_IMPORT_VERSION, gguf_cache_folder
 
 log = logging.getLogger(__name__)
@@ -224,16 +224,13 @@ def cached_import(gguf_path: Path, cache_root: Path) -> Path:
     return import_gguf(gguf_path, folder)
 
 
+def _import_job(args: list[str]) -> None:
+    import_gguf(Path(args[0]), Path(args[1]))
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m trainer.engine.gguf FILE OUT_DIR`: the isolated importer `resolve_model_dir` runs."""
-    args = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(message)s")
-    try:
-        import_gguf(Path(args[0]), Path(args[1]))
-    except ConfigError as exc:
-        sys.stderr.write(f"{exc}\n")
-        return REFUSED_EXIT
-    return 0
+    return child_main(_import_job, argv)
 
 
 if __name__ == "__main__":

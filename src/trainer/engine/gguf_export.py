@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 from ..errors import ConfigError
-from ..isolated import REFUSED_EXIT
+from ..isolated import child_main
 from .gguf import _BLOCK, _QWEN2_SPLIT, _TOP, SUPPORTED_ARCHITECTURES
 from .mlx_import import require_mlx
 
@@ -194,19 +194,16 @@ def check_gguf(gguf_path: Path, model_dir: Path, prompt: str, count: int) -> dic
     return {"compared": len(expected), "equal_prefix": equal}
 
 
+def _export_job(args: list[str]) -> None:
+    out = export_gguf(Path(args[0]), Path(args[1]), cast(GgufType, args[2]))
+    if len(args) > 3:
+        sys.stdout.write(json.dumps(check_gguf(out, Path(args[0]), args[3], CHECK_TOKENS)) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m trainer.engine.gguf_export MODEL_DIR OUT.gguf f16|q8_0 [CHECK_PROMPT]` (results/ runs it isolated);
     with a prompt, prints the check's JSON on stdout."""
-    args = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(message)s")
-    try:
-        out = export_gguf(Path(args[0]), Path(args[1]), cast(GgufType, args[2]))
-        if len(args) > 3:
-            sys.stdout.write(json.dumps(check_gguf(out, Path(args[0]), args[3], CHECK_TOKENS)) + "\n")
-    except ConfigError as exc:
-        sys.stderr.write(f"{exc}\n")
-        return REFUSED_EXIT
-    return 0
+    return child_main(_export_job, argv)
 
 
 if __name__ == "__main__":

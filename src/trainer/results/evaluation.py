@@ -20,6 +20,7 @@ from ..errors import ConfigError
 from ..lifecycle.store import RunStore
 from ..planning.modelref import resolve_adapter_dir, resolve_model_dir
 from ..planning.paths import PathPolicy
+from .exports import run_with_adapter
 from .sandbox import Outcome
 
 EVALUATION_FILE = "evaluation.json"
@@ -100,12 +101,10 @@ def evaluation_spec(
     the result (the run folder, or nowhere)."""
     folder: Path | None = None
     if run_id is not None:
-        job = store.get(run_id)
-        if job.adapter_path is None or not (Path(job.adapter_path) / "adapters.safetensors").is_file():
-            raise ConfigError(f"run {run_id} has no adapter yet (state {job.state.value}); evaluate it once it has one")
+        job, run_adapter = run_with_adapter(store, run_id)
         model, adapter, data, folder = (
             model or job.config.model,
-            job.adapter_path,
+            str(run_adapter),
             data or job.config.data,
             Path(job.run_dir),
         )
@@ -138,6 +137,7 @@ def run_evaluation(spec: EvaluationSpec, save_in: Path | None, progress: Callabl
         spec_file = Path(scratch) / "spec.json"
         spec_file.write_text(spec.model_dump_json(), encoding="utf-8")
         cmd = [sys.executable, "-m", "trainer.engine.evaluate", str(spec_file)]
+        cmd += ["--save", str(save_in)] if save_in is not None else []
         child = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
@@ -153,15 +153,11 @@ def run_evaluation(spec: EvaluationSpec, save_in: Path | None, progress: Callabl
     if child.returncode != 0:
         last = next((line for line in reversed(tail) if line.strip()), "")
         raise ConfigError(f"the evaluation stopped with status {child.returncode}: {last}")
+    saved = stored_evaluation(save_in) if save_in is not None else None  # the child wrote it, atomically
+    if saved is not None:
+        return saved
     scores = [ModelScores.model_validate(s) for s in json.loads(out.strip().splitlines()[-1])]
-    evaluation = Evaluation(spec=spec, scores=scores, seconds=round(time.perf_counter() - start, 1))
-    if save_in is not None:
-        target = save_in / EVALUATION_FILE
-        evaluation = evaluation.model_copy(update={"saved_to": str(target)})
-        partial = target.with_suffix(".partial")
-        partial.write_text(evaluation.model_dump_json(indent=2), encoding="utf-8")
-        partial.replace(target)
-    return evaluation
+    return Evaluation(spec=spec, scores=scores, seconds=round(time.perf_counter() - start, 1))
 
 
 def stored_evaluation(run_dir: Path) -> Evaluation | None:

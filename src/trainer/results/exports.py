@@ -15,17 +15,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import ConfigError
 from ..isolated import run_isolated
+from ..lifecycle.jobs import Job
 from ..lifecycle.store import RunStore
+from ..planning.model_inventory import folder_size
 from ..planning.modelref import resolve_adapter_dir, resolve_model_dir
 from ..planning.paths import PathPolicy
 
 GgufType = Literal["f16", "q8_0"]
 #: what the export check decodes (a code prompt: this project's users tune coder models)
 CHECK_PROMPT = "def fibonacci(n):"
-
-
-def folder_bytes(path: Path) -> int:
-    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 class FusedModel(BaseModel):
@@ -75,7 +73,7 @@ def fuse(model_dir: Path, adapter_dir: Path, out_dir: Path, *, dequantize: bool 
         base=str(model_dir),
         adapter=str(adapter_dir),
         dequantized=dequantize,
-        size_gb=round(folder_bytes(out_dir) / 1e9, 3),
+        size_gb=round(folder_size(out_dir) / 1e9, 3),
         seconds=round(time.perf_counter() - start, 1),
     )
 
@@ -102,6 +100,17 @@ def export_gguf(model_dir: Path, out_path: Path, file_type: GgufType = "f16", *,
         seconds=round(time.perf_counter() - start, 1),
         check=result,
     )
+
+
+def run_with_adapter(store: RunStore, run_id: str) -> tuple[Job, Path]:
+    """A run that has written an adapter, and that adapter's folder (fuse, export and evaluate need one)."""
+    job = store.get(run_id)
+    if job.adapter_path is None or not (Path(job.adapter_path) / "adapters.safetensors").is_file():
+        raise ConfigError(
+            f"run {run_id} has no adapter yet (state {job.state.value}); a run writes its adapter as it trains: wait "
+            "for its first checkpoint or its end"
+        )
+    return job, Path(job.adapter_path)
 
 
 class ExportInputs(BaseModel):
@@ -133,16 +142,9 @@ def export_inputs(
     paths: PathPolicy | None = None,
 ) -> ExportInputs:
     if run_id is not None:
-        job = store.get(run_id)
-        if job.adapter_path is None or not (Path(job.adapter_path) / "adapters.safetensors").is_file():
-            raise ConfigError(
-                f"run {run_id} has no adapter to fuse (state {job.state.value}); a run writes its adapter as it "
-                "trains: wait for its first checkpoint or its end"
-            )
+        job, adapter_dir = run_with_adapter(store, run_id)
         model_dir = resolve_model_dir(model or job.config.model, models_root, paths)
-        return ExportInputs(
-            model_dir=model_dir, adapter_dir=Path(job.adapter_path), name=run_id, out_dir=Path(job.run_dir)
-        )
+        return ExportInputs(model_dir=model_dir, adapter_dir=adapter_dir, name=run_id, out_dir=Path(job.run_dir))
     if model is None:
         raise ConfigError("name a run (run_id), or a model (with an adapter folder to fuse into it)")
     model_dir = resolve_model_dir(model, models_root, paths)
@@ -194,7 +196,7 @@ def export_model(
         if _reusable(folder, inputs.adapter_dir, dequantize):
             fused = FusedModel(
                 path=str(folder), base=str(inputs.model_dir), adapter=str(inputs.adapter_dir), dequantized=dequantize,
-                size_gb=round(folder_bytes(folder) / 1e9, 3), seconds=0.0,
+                size_gb=round(folder_size(folder) / 1e9, 3), seconds=0.0,
             )  # fmt: skip
         else:
             fused = fuse(inputs.model_dir, inputs.adapter_dir, folder, dequantize=dequantize)
