@@ -40,17 +40,21 @@ def data_position(step: int, per_epoch: int) -> tuple[int, int]:
 def training_batches(
     dataset: Any, batch_size: int, max_seq_length: int, seed: int, start_step: int = 0
 ) -> Iterator[tuple[int, Any]]:
-    """(step, batch) from step `start_step + 1` on, forever; epoch e is shuffled with seed (seed, e)."""
+    """(step, batch) from step `start_step + 1` on, forever; epoch e is shuffled with seed (seed, e). In a run of
+    several processes, each rank's share of the step's batch (every size-th example, as MLX-LM splits it)."""
+    import mlx.core as mx
     from mlx_lm.tuner.trainer import iterate_batches
+
+    group = mx.distributed.init()
 
     per_epoch = batches_per_epoch(dataset, batch_size)
     if per_epoch == 0:  # iterate_batches says why (fewer records than batch_size)
-        yield from ((0, b) for b in iterate_batches(dataset, batch_size, max_seq_length))
+        yield from ((0, b) for b in iterate_batches(dataset, batch_size, max_seq_length, comm_group=group))
         return
     epoch, skip = data_position(start_step, per_epoch)
     step = start_step
     while True:
-        batches = iterate_batches(dataset, batch_size, max_seq_length, loop=False, seed=[seed, epoch])
+        batches = iterate_batches(dataset, batch_size, max_seq_length, loop=False, seed=[seed, epoch], comm_group=group)
         for index, batch in enumerate(batches):
             if index < skip:
                 continue

@@ -45,9 +45,12 @@ class LoopHooks(Protocol):
 
 
 def fused_step(model: Any, optimizer: Any, loss: Loss, grad_checkpoint: bool) -> Step:
-    """MLX-LM's step: loss, gradients and the optimizer update compiled as one graph."""
-    from mlx.nn.utils import average_gradients, value_and_grad
+    """MLX-LM's step: loss, gradients and the optimizer update compiled as one graph (in a run of several processes,
+    the whole batch's loss and gradients, summed over the ranks)."""
+    from mlx.nn.utils import value_and_grad
     from mlx_lm.tuner.trainer import grad_checkpoint as checkpoint_layer
+
+    from .distributed import sum_over_ranks
 
     if grad_checkpoint:
         checkpoint_layer(model.layers[0])
@@ -57,7 +60,8 @@ def fused_step(model: Any, optimizer: Any, loss: Loss, grad_checkpoint: bool) ->
     @partial(mx.compile, inputs=state, outputs=state)
     def step(batch: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
         (value, toks), grad = loss_value_and_grad(model, batch, lengths)
-        optimizer.update(model, average_gradients(grad))
+        value, toks, grad = sum_over_ranks(value, toks, grad)
+        optimizer.update(model, grad)
         return value, toks
 
     def run(batch: Any) -> tuple[mx.array, mx.array]:
@@ -70,12 +74,14 @@ def fused_step(model: Any, optimizer: Any, loss: Loss, grad_checkpoint: bool) ->
 
 def layerwise_step(model: Any, optimizer: Any, ce: Any) -> Step:
     """The step evaluated one block at a time (layerwise.py)."""
+    from .distributed import sum_over_ranks
     from .layerwise import layerwise_value_and_grad
 
     functions: dict[Any, Any] = {}  # the compiled block functions, traced once for the whole run
 
     def run(batch: Any) -> tuple[mx.array, mx.array]:
         value, toks, grads = layerwise_value_and_grad(model, batch[0], batch[1], functions=functions, ce=ce)
+        value, toks, grads = sum_over_ranks(value, toks, grads)
         optimizer.update(model, grads)
         mx.async_eval(model.trainable_parameters(), optimizer.state)
         return value, toks

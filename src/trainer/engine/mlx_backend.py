@@ -82,6 +82,7 @@ class _RunEvents:
         self.saved_step = 0
         self.per_epoch = 1
         self.hashes = ("", "")
+        self.primary = True  # in a run of several processes, rank 0 alone writes checkpoints and the adapter
 
     def set_phase(self, new: Phase) -> None:
         if new is not self.phase:
@@ -118,6 +119,8 @@ class _RunEvents:
         """A checkpoint to resume from, and the adapter file as of it (both written crash-safely)."""
         import mlx.core as mx
 
+        if not self.primary:
+            return
         weights = adapter_weights(self.model)
         if not all(bool(mx.all(mx.isfinite(w)).item()) for w in weights.values()):
             raise Diverged(f"the adapter's weights became NaN or infinite by step {done.step}; not saving them")
@@ -136,6 +139,8 @@ class _RunEvents:
 
     def save_on_stop(self) -> None:
         """A stop (cancel, the watchdog) keeps everything learned: a checkpoint of the last finished step."""
+        if not self.primary:
+            return
         if self.done.step > self.saved_step:
             self.save(self.done)
             log.info("stopped: checkpoint %d saved", self.done.step)
@@ -199,8 +204,13 @@ class MlxTrainingBackend:
         from mlx_lm.tuner.datasets import CacheDataset, load_local_dataset
         from mlx_lm.utils import maybe_set_recommended_wired_limit, save_config
 
+        from ..planning.device import group_backend
+        from .distributed import is_primary, join_group
         from .patches import fast_activations
 
+        if config.distributed:
+            join_group(group_backend(config.backend))
+        primary = is_primary()
         mx.random.seed(config.seed)
         emit(PhaseChanged(phase=Phase.LOADING_MODEL))
         model, tokenizer, _ = load_for_training(config)
@@ -209,13 +219,15 @@ class MlxTrainingBackend:
         train_set, valid_set, _ = load_local_dataset(Path(config.data), tokenizer, options)
         num_layers = _add_lora(config, model)
         adapter_dir = adapter_dir_for(config, run_dir)
-        adapter_dir.mkdir(parents=True, exist_ok=True)
-        save_config(adapter_config(config, num_layers), adapter_dir / "adapter_config.json")
+        if primary:
+            adapter_dir.mkdir(parents=True, exist_ok=True)
+            save_config(adapter_config(config, num_layers), adapter_dir / "adapter_config.json")
         optimizer = optim.Adam(learning_rate=config.learning_rate)
         events = _RunEvents(config, run_dir, adapter_dir, emit, model, optimizer)
+        events.primary = primary
         events.per_epoch = max(1, batches_per_epoch(train_set, config.batch_size))
         events.hashes = (config_hash(config), data_hash(Path(config.data)))
-        if clean_staging(events.checkpoints):
+        if primary and clean_staging(events.checkpoints):
             log.info("removed a checkpoint a crash left half-written")
         resume_from = newest_verified(events.checkpoints)
         if resume_from is not None:
@@ -241,5 +253,6 @@ class MlxTrainingBackend:
             events.save_on_stop()
             raise
         events.set_phase(Phase.SAVING)
-        save_adapter(model, adapter_dir / ADAPTERS)
+        if primary:
+            save_adapter(model, adapter_dir / ADAPTERS)
         return adapter_dir

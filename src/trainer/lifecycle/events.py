@@ -77,9 +77,10 @@ class ValReport(_Event):
 
 
 class MemorySample(_Event):
-    """Memory of the worker process and of the system, in GB."""
+    """Memory of the worker process (of one rank, in a run of several processes) and of the system, in GB."""
 
     type: Literal["memory"] = "memory"
+    rank: int = 0
     rss_gb: float
     active_gb: float
     peak_gb: float

@@ -340,6 +340,7 @@ class JobRunner(RunViews):
 
         async def reap() -> None:
             liveness.exit_code = await worker.wait()
+            signal_group(worker.pid, signal.SIGKILL)  # what the worker started and left behind (its other ranks)
             assert liveness.exited is not None
             liveness.exited.set()
 

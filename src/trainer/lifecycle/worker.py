@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 from types import FrameType
@@ -23,8 +24,17 @@ from typing import BinaryIO
 from ..errors import CheckpointWriteError, ConfigError, Diverged, TrainerError
 from ..planning.config import QLoRAConfig
 from ..settings import DEFAULT_SAMPLE_INTERVAL_S
-from .backend import BackendEvent, Cancelled, OverBudget, adapter_dir_for, load_backend, request_stop
+from .backend import (
+    BackendEvent,
+    Cancelled,
+    OverBudget,
+    TrainingBackend,
+    adapter_dir_for,
+    load_backend,
+    request_stop,
+)
 from .events import Failed, Finished, MemorySample, Started, Stopped, encode_line
+from .group import FINISH_GRACE_S, RankFailure, RankGroup
 from .jobs import FailureKind
 from .leases import LeaseKeeper
 from .memory import MemorySampler
@@ -33,21 +43,38 @@ from .run_log import last_seq
 log = logging.getLogger(__name__)
 EXIT_FAILED = 1
 EXIT_CANCELLED = 128 + signal.SIGTERM
+#: how long rank 0, failing, waits to learn whether another rank's death caused it
+RANK_FAILURE_WAIT_S = 3.0
 
 
 class EventWriter:
-    """Thread-safe, strictly increasing `seq`, one line per write (the sampler thread writes too)."""
+    """Thread-safe, strictly increasing `seq`, one line per write (the sampler thread writes too). The first end
+    event (`end`) is the last line written: a group's watcher thread and the main thread may both try to end a run."""
 
     def __init__(self, channel: BinaryIO, after_seq: int = 0) -> None:
         self._channel = channel
         self._lock = threading.Lock()
         self._seq = after_seq  # a resumed run's worker continues its events.jsonl after the last attempt's
+        self._ended = False
 
-    def __call__(self, event: BackendEvent | MemorySample | Started | Finished | Failed | Stopped) -> None:
+    def __call__(self, event: BackendEvent | MemorySample | Started) -> None:
         with self._lock:
-            self._seq += 1
-            self._channel.write(encode_line(event.model_copy(update={"seq": self._seq})))
-            self._channel.flush()
+            if not self._ended:
+                self._write(event)
+
+    def end(self, event: Finished | Failed | Stopped) -> bool:
+        """Write the run's end, unless another already was; returns whether this one was."""
+        with self._lock:
+            if self._ended:
+                return False
+            self._ended = True
+            self._write(event)
+            return True
+
+    def _write(self, event: BackendEvent | MemorySample | Started | Finished | Failed | Stopped) -> None:
+        self._seq += 1
+        self._channel.write(encode_line(event.model_copy(update={"seq": self._seq})))
+        self._channel.flush()
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -88,48 +115,115 @@ def failure_kind(exc: BaseException) -> FailureKind:
     return FailureKind.BACKEND
 
 
-def run(run_dir: Path, emit: EventWriter, attempt: int = 1) -> int:
+def run(run_dir: Path, emit: EventWriter, attempt: int = 1, db_path: Path | None = None) -> int:
     config = QLoRAConfig.model_validate_json((run_dir / "config.json").read_text(encoding="utf-8"))
     backend = load_backend()
     try:
         device = backend.device()
     except TrainerError as exc:  # no MLX backend installed: the run fails saying what to install
         emit(Started(pid=os.getpid(), backend=backend.name, device="unavailable", attempt=attempt))
-        emit(Failed(kind=FailureKind.BACKEND, message=str(exc)))
+        emit.end(Failed(kind=FailureKind.BACKEND, message=str(exc)))
         return EXIT_FAILED
     emit(Started(pid=os.getpid(), backend=backend.name, device=device, attempt=attempt))
     watchdog = Watchdog(config.memory_budget_gb, emit)
-    with MemorySampler(config.memory_sample_interval or DEFAULT_SAMPLE_INTERVAL_S, watchdog):
-        try:
-            adapter = backend.train(config, run_dir, emit)
-        except OverBudget:
-            sample = watchdog.tripped
-            measured = f"{sample.peak_gb:.3f} GB" if sample else "more"
-            adapter_dir = adapter_dir_for(config, run_dir)
-            saved = (adapter_dir / "adapters.safetensors").is_file()
-            where = f"the adapter so far is saved in {adapter_dir}" if saved else "no adapter had been trained yet"
-            emit(
-                Failed(
-                    kind=FailureKind.MEMORY_BUDGET,
-                    message=f"stopped: MLX peak memory reached {measured}, over the run's budget of "
-                    f"{config.memory_budget_gb:.3f} GB; {where}; lower batch_size or max_seq_length, or set "
-                    "grad_checkpoint/chunked_loss (fit_to_budget picks them)",
-                    adapter_path=str(adapter_dir) if saved else None,
-                )
-            )
-            return EXIT_FAILED
-        except Cancelled:
-            log.info("stopped by SIGTERM")
-            adapter_dir = adapter_dir_for(config, run_dir)
-            saved = (adapter_dir / "adapters.safetensors").is_file()
-            emit(Stopped(adapter_path=str(adapter_dir) if saved else None))
-            return EXIT_CANCELLED
-        except Exception as exc:  # top-level handler: report any failure to the parent, then exit non-zero
-            log.error("training failed:\n%s", traceback.format_exc())
-            emit(Failed(kind=failure_kind(exc), message=f"{type(exc).__name__}: {exc}"))
-            return EXIT_FAILED
-    emit(Finished(adapter_path=str(adapter), iterations=config.iters))
+    group = _start_group(config, run_dir, db_path, emit, watchdog) if config.distributed else None
+    try:
+        with MemorySampler(config.memory_sample_interval or DEFAULT_SAMPLE_INTERVAL_S, watchdog):
+            code = _train(backend, config, run_dir, emit, watchdog, group)
+    finally:
+        if group is not None:
+            group.close(FINISH_GRACE_S)
+    return code
+
+
+def _start_group(
+    config: QLoRAConfig, run_dir: Path, db_path: Path | None, emit: EventWriter, watchdog: Watchdog
+) -> RankGroup:
+    """Rank 0 of a run of several processes: start the others; a rank's death or a hang ends the whole group now
+    (this rank may be waiting in a collective for the dead one, so it cannot wait for a safe point)."""
+
+    def abandon(failure: RankFailure) -> None:
+        if emit.end(Failed(kind=failure.kind, message=f"{failure.message}; the whole group was stopped")):
+            group.close()
+            os._exit(EXIT_FAILED)
+
+    group = RankGroup(run_dir, db_path or run_dir / "runs.sqlite3", config, watchdog, abandon)
+    group.start()
+    return group
+
+
+def _train(
+    backend: TrainingBackend,
+    config: QLoRAConfig,
+    run_dir: Path,
+    emit: EventWriter,
+    watchdog: Watchdog,
+    group: RankGroup | None,
+) -> int:
+    def backend_emit(event: BackendEvent) -> None:
+        if group is not None:
+            group.beat()
+        emit(event)
+
+    try:
+        adapter = backend.train(config, run_dir, backend_emit)
+    except OverBudget:
+        emit.end(_over_budget(config, run_dir, watchdog.tripped))
+        return EXIT_FAILED
+    except Cancelled:
+        log.info("stopped by SIGTERM")
+        adapter_dir = adapter_dir_for(config, run_dir)
+        saved = (adapter_dir / "adapters.safetensors").is_file()
+        emit.end(Stopped(adapter_path=str(adapter_dir) if saved else None))
+        return EXIT_CANCELLED
+    except Exception as exc:  # top-level handler: report any failure to the parent, then exit non-zero
+        log.error("training failed:\n%s", traceback.format_exc())
+        if group is not None:
+            group.wait_for_failure(RANK_FAILURE_WAIT_S)  # a rank's death, if that is the cause, ends the run itself
+        emit.end(Failed(kind=failure_kind(exc), message=f"{type(exc).__name__}: {exc}"))
+        return EXIT_FAILED
+    emit.end(Finished(adapter_path=str(adapter), iterations=config.iters))
     return 0
+
+
+def _over_budget(config: QLoRAConfig, run_dir: Path, sample: MemorySample | None) -> Failed:
+    measured = f"{sample.peak_gb:.3f} GB" if sample else "more"
+    if sample is not None and config.num_processes > 1:
+        measured += f" on rank {sample.rank}"
+    adapter_dir = adapter_dir_for(config, run_dir)
+    saved = (adapter_dir / "adapters.safetensors").is_file()
+    where = f"the adapter so far is saved in {adapter_dir}" if saved else "no adapter had been trained yet"
+    return Failed(
+        kind=FailureKind.MEMORY_BUDGET,
+        message=f"stopped: MLX peak memory reached {measured}, over the run's budget of "
+        f"{config.memory_budget_gb:.3f} GB; {where}; lower batch_size or max_seq_length, or set "
+        "grad_checkpoint/chunked_loss (fit_to_budget picks them)",
+        adapter_path=str(adapter_dir) if saved else None,
+    )
+
+
+def run_rank(run_dir: Path, channel: BinaryIO) -> int:
+    """Rank 1.. of a run of several processes: train in step with rank 0, which writes everything; send it memory
+    samples and a failure. Only rank 0 stops the group (SIGTERM is ignored); rank 0 gone, this one exits too."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), name="parent-watch", daemon=True).start()
+    emit = EventWriter(channel)
+    config = QLoRAConfig.model_validate_json((run_dir / "config.json").read_text(encoding="utf-8"))
+    with MemorySampler(config.memory_sample_interval or DEFAULT_SAMPLE_INTERVAL_S, emit):
+        try:
+            load_backend().train(config, run_dir, lambda event: None)
+        except Exception as exc:
+            log.error("training failed:\n%s", traceback.format_exc())
+            emit.end(Failed(kind=failure_kind(exc), message=f"{type(exc).__name__}: {exc}"))
+            return EXIT_FAILED
+    return 0
+
+
+def _exit_with_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    log.error("rank 0 (pid %d) is gone; exiting", parent)
+    os._exit(EXIT_FAILED)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,8 +231,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--db", type=Path, required=True, help="the store's database, for this run's lease")
     parser.add_argument("--attempt", type=int, default=1, help="2 and on: a resumed run (its newest checkpoint)")
+    parser.add_argument("--rank", type=int, default=0, help="1 and on: a rank that rank 0 started (group.py)")
+    parser.add_argument("--channel-fd", type=int, help="with --rank: the pipe to rank 0")
     args = parser.parse_args(argv)
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    rank = f" rank {args.rank}" if args.rank else ""
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format=f"%(asctime)s{rank} %(name)s %(message)s")
+    if args.rank:
+        with os.fdopen(args.channel_fd, "ab", buffering=0) as channel:
+            return run_rank(args.run_dir, channel)
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGUSR1, _on_over_budget)
     run_dir = args.run_dir
@@ -148,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         if channel.tell() and not _ends_with_newline(run_dir / "events.jsonl"):
             channel.write(b"\n")  # a torn last line of a killed worker stays one unreadable line, apart from ours
         try:
-            return run(run_dir, EventWriter(channel, after_seq), args.attempt)
+            return run(run_dir, EventWriter(channel, after_seq), args.attempt, args.db)
         except Cancelled:
             return EXIT_CANCELLED
 

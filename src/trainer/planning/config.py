@@ -94,6 +94,14 @@ class QLoRAConfig(BaseModel):
         bool,
         Field(description="Change memory settings, batch size or sequence length to fit the budget."),
     ] = False
+    num_processes: Annotated[
+        int,
+        Field(ge=1, le=64, description="Data-parallel processes on this host, batch_size split over them."),
+    ] = 1
+    backend: Annotated[
+        Literal["auto", "ring", "nccl"],
+        Field(description="Their MLX distributed backend; auto: nccl on CUDA, else ring."),
+    ] = "auto"
     memory_sample_interval: Annotated[
         float | None,
         Field(ge=0.05, le=60, description="Seconds between memory samples (default 0.5)."),
@@ -104,6 +112,25 @@ class QLoRAConfig(BaseModel):
         if self.num_layers == 0:
             raise ValueError("num_layers is 0, so nothing would train; use a positive number or -1 for all layers")
         return self
+
+    @model_validator(mode="after")
+    def _batch_splits_over_processes(self) -> QLoRAConfig:
+        if self.batch_size % self.num_processes:
+            raise ValueError(
+                f"batch_size {self.batch_size} does not split over num_processes {self.num_processes}; use a multiple "
+                f"of {self.num_processes}"
+            )
+        return self
+
+    @property
+    def per_process_batch(self) -> int:
+        """Examples each process takes of a step's batch (the global batch is `batch_size`)."""
+        return self.batch_size // self.num_processes
+
+    @property
+    def distributed(self) -> bool:
+        """Whether the run starts an MLX process group (one process asking for NCCL is a group of one)."""
+        return self.num_processes > 1 or self.backend == "nccl"
 
     @property
     def lora_scale(self) -> float:

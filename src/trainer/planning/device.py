@@ -55,3 +55,10 @@ def fast_path_default() -> bool:
 def fast_path_on(wanted: bool | None) -> bool:
     """The fast path is on when `wanted`, or by backend when None."""
     return fast_path_default() if wanted is None else wanted
+
+
+def group_backend(backend: str) -> str:
+    """The MLX distributed backend a run's processes use: NCCL between CUDA GPUs, else the ring (TCP) backend."""
+    if backend != "auto":
+        return backend
+    return "nccl" if backend_kind() == "cuda" else "ring"

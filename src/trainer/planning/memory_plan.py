@@ -39,7 +39,7 @@ def plan_for(
     config: QLoRAConfig, seq_len: int, bytes_per_element: int, device: str = "cpu", fast: bool = False
 ) -> MemoryPlan:
     return MemoryPlan(
-        batch_size=config.batch_size,
+        batch_size=config.per_process_batch,  # the budget and the prediction are per process
         seq_len=seq_len,
         num_layers=config.num_layers,
         rank=config.rank,
@@ -72,9 +72,9 @@ def _alternatives(config: QLoRAConfig, device: str = "cpu") -> list[dict[str, An
         if not current.get(option) and not getattr(config, option):
             current = {**current, option: True}
             steps.append(current)
-    batch = config.batch_size
-    while batch > 1:
-        batch = max(1, batch // 2)
+    batch, processes = config.batch_size, config.num_processes
+    while batch > processes:  # halved, still split evenly over the processes
+        batch = max(processes, batch // 2 // processes * processes)
         current = {**current, "batch_size": batch}
         steps.append(current)
     seq = config.max_seq_length

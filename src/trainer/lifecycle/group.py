@@ -1,0 +1,199 @@
+"""A data-parallel run's process group, kept by rank 0: the worker the runner started.
+
+Rank 0 starts ranks 1..N-1 as its own children with the variables MLX's launcher (`mlx.launch`) gives each rank, so
+`mx.distributed.init` joins them; it passes their memory samples and failures on, and ends the whole group when any
+rank dies or no step ends within the timeout. Only rank 0 writes the run's events, checkpoints and adapter; the other
+ranks write samples and a failure to a pipe to it. They ignore SIGTERM and stop when rank 0 stops them, so a cancel
+never leaves one rank waiting in a collective for one that already left; and they exit when rank 0 is gone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..planning.config import QLoRAConfig
+from ..planning.device import group_backend
+from .events import Failed, MemorySample, decode_line
+from .jobs import FailureKind
+
+log = logging.getLogger(__name__)
+RANK_ENV = "MLX_RANK"
+HOSTFILE_ENV = "MLX_HOSTFILE"
+#: seconds without a step (or any report) after which a group counts as hung; tests shorten it
+TIMEOUT_ENV = "MCP_LOCAL_GROUP_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 600.0
+LOCALHOST = "127.0.0.1"
+WORKER_MODULE = "trainer.lifecycle.worker"
+#: how long a finished rank 0 waits for the others to end on their own before killing them
+FINISH_GRACE_S = 10.0
+
+
+@dataclass(frozen=True)
+class RankFailure:
+    rank: int
+    kind: FailureKind
+    message: str
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports free on the loopback now (held together while chosen, so they differ)."""
+    with ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind((LOCALHOST, 0))
+        return [s.getsockname()[1] for s in sockets]
+
+
+def rank_env(backend: str, rank: int, size: int, port: int, hostfile: Path) -> dict[str, str]:
+    """What `mlx.launch` sets for one rank on this host: the ring reads its peers from a hostfile, NCCL meets at
+    rank 0's address and port, one GPU per rank."""
+    env = {RANK_ENV: str(rank)}
+    if backend == "ring":
+        return env | {HOSTFILE_ENV: str(hostfile)}
+    env |= {"MLX_WORLD_SIZE": str(size), "NCCL_HOST_IP": LOCALHOST, "NCCL_PORT": str(port)}
+    if size > 1:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        devices = visible.split(",") if visible else [str(i) for i in range(size)]
+        if rank >= len(devices):
+            raise RuntimeError(f"num_processes is {size} but CUDA_VISIBLE_DEVICES={visible!r} names {len(devices)}")
+        env["CUDA_VISIBLE_DEVICES"] = devices[rank]
+    return env
+
+
+def group_timeout_s() -> float:
+    return float(os.environ.get(TIMEOUT_ENV) or DEFAULT_TIMEOUT_S)
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        return f"was killed by signal {signal.Signals(-code).name}"
+    return f"exited with status {code}"
+
+
+class RankGroup:
+    """Ranks 1..N-1 of a run, started and watched from rank 0: `start()`, `beat()` at each step, `close()`."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        db_path: Path,
+        config: QLoRAConfig,
+        on_sample: Callable[[MemorySample], None],
+        on_failure: Callable[[RankFailure], None],
+    ) -> None:
+        self.run_dir, self.db_path, self.config = run_dir, db_path, config
+        self.on_sample, self.on_failure = on_sample, on_failure
+        self.backend = group_backend(config.backend)
+        self.timeout_s = group_timeout_s()
+        self.failure: RankFailure | None = None
+        self._children: dict[int, subprocess.Popen[bytes]] = {}
+        self._closing = threading.Event()
+        self._last_beat = time.monotonic()
+        self._failed = threading.Event()
+
+    def start(self) -> None:
+        """Set rank 0's own variables (before MLX joins the group) and start the other ranks."""
+        size = self.config.num_processes
+        ports = free_ports(size)
+        hostfile = self.run_dir / "group.json"
+        hostfile.write_text(json.dumps([[f"{LOCALHOST}:{port}"] for port in ports]), encoding="utf-8")
+        os.environ.update(rank_env(self.backend, 0, size, ports[0], hostfile))
+        log.info("starting %d processes with the %s backend", size, self.backend)
+        for rank in range(1, size):
+            self._start_rank(rank, {**os.environ, **rank_env(self.backend, rank, size, ports[0], hostfile)})
+        threading.Thread(target=self._watch_progress, name="group-timeout", daemon=True).start()
+
+    def _start_rank(self, rank: int, env: dict[str, str]) -> None:
+        read_fd, write_fd = os.pipe()
+        try:
+            child = subprocess.Popen(
+                [sys.executable, "-m", WORKER_MODULE, str(self.run_dir), "--db", str(self.db_path)]
+                + ["--rank", str(rank), "--channel-fd", str(write_fd)],
+                stdin=subprocess.DEVNULL,
+                pass_fds=(write_fd,),
+                env=env,
+            )  # stdout and stderr: rank 0's, the run's worker.log; same process group, so a group kill reaches it
+        finally:
+            os.close(write_fd)
+        self._children[rank] = child
+        threading.Thread(target=self._follow, args=(rank, child, read_fd), name=f"rank-{rank}", daemon=True).start()
+
+    def _follow(self, rank: int, child: subprocess.Popen[bytes], read_fd: int) -> None:
+        """A rank's samples and failure, then its end: an end before rank 0 closes the group fails the run."""
+        reported: Failed | None = None
+        with os.fdopen(read_fd, "rb") as channel:
+            for line in channel:
+                try:
+                    event = decode_line(line)
+                except ValueError:
+                    continue
+                if isinstance(event, MemorySample):
+                    self.on_sample(event.model_copy(update={"rank": rank}))
+                elif isinstance(event, Failed):
+                    reported = event
+        code = child.wait()
+        if self._closing.is_set() or (code == 0 and reported is None):  # ended with rank 0, or its steps all done
+            return
+        if reported is not None:
+            failure = RankFailure(rank, reported.kind, f"rank {rank} failed: {reported.message}")
+        else:
+            failure = RankFailure(
+                rank, FailureKind.CRASHED, f"rank {rank} of {self.config.num_processes} {describe_exit(code)}"
+            )
+        self._fail(failure)
+
+    def _watch_progress(self) -> None:
+        while not self._closing.wait(1.0):
+            idle = time.monotonic() - self._last_beat
+            if idle > self.timeout_s:
+                self._fail(
+                    RankFailure(
+                        0,
+                        FailureKind.BACKEND,
+                        f"no step of the {self.config.num_processes}-process group ended in {idle:.0f} s: a rank "
+                        f"hung (the timeout is {self.timeout_s:.0f} s, {TIMEOUT_ENV})",
+                    )
+                )
+                return
+
+    def _fail(self, failure: RankFailure) -> None:
+        if self._failed.is_set():
+            return
+        self._failed.set()
+        self.failure = failure
+        log.error("%s", failure.message)
+        self.on_failure(failure)
+
+    def beat(self) -> None:
+        self._last_beat = time.monotonic()
+
+    def wait_for_failure(self, seconds: float) -> RankFailure | None:
+        """A rank's failure, waiting up to `seconds` for one (rank 0's own error may be the symptom of it)."""
+        self._failed.wait(seconds)
+        return self.failure
+
+    def close(self, grace_s: float = 0.0) -> None:
+        """End the other ranks: wait up to `grace_s` for them to exit on their own, then kill them."""
+        self._closing.set()
+        deadline = time.monotonic() + grace_s
+        for child in self._children.values():
+            try:
+                child.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for child in self._children.values():
+            if child.poll() is None:
+                child.kill()
+                child.wait()
