@@ -44,7 +44,8 @@ def run_status(state: AppState, run_id: str, memory_samples: int = 2, include_co
     snap = state.runner.get(run_id)
     pct = 100.0 * snap.iteration / snap.iters if snap.iters else 0.0
     train, _ = state.runner.reports(run_id)
-    samples = state.runner.memory_samples(run_id, memory_samples) if memory_samples else []
+    processes = snap.config.num_processes
+    samples = state.runner.memory_samples(run_id, memory_samples * processes) if memory_samples else []
     return RunStatus(
         id=snap.id,
         state=snap.state,
@@ -66,7 +67,13 @@ def run_status(state: AppState, run_id: str, memory_samples: int = 2, include_co
         error=snap.error,
         evaluation=_evaluation_summary(snap.run_dir) if snap.state.terminal else None,
         recent_memory=[
-            MemoryPoint(at=iso(m.ts) or "", rss_gb=m.rss_gb, mlx_active_gb=m.active_gb, mlx_peak_gb=m.peak_gb)
+            MemoryPoint(
+                at=iso(m.ts) or "",
+                rss_gb=m.rss_gb,
+                mlx_active_gb=m.active_gb,
+                mlx_peak_gb=m.peak_gb,
+                rank=m.rank if processes > 1 else None,
+            )
             for m in samples
         ],
         config=snap.config.model_dump(mode="json") if include_config else None,

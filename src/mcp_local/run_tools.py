@@ -58,8 +58,7 @@ async def run_status_tool(
     include_config: Annotated[bool, Field(description="Also return the run's config.")] = False,
     include_plot: Annotated[bool, Field(description="Also a PNG of loss and memory.")] = False,
 ) -> Annotated[CallToolResult, RunStatus]:
-    """A run's state, phase, iteration, losses, tokens/s, ETA, memory against prediction and budget, adapter,
-    error."""
+    """A run's state, progress, losses, tokens/s, ETA, memory vs prediction and budget, adapter, error."""
     state = app_state(ctx)
     with trainer_errors():
         snap = state.runner.get(run_id)
@@ -103,7 +102,7 @@ async def _wait_reporting_progress(ctx: AppContext, state: AppState, run_id: str
 async def cancel_run(
     ctx: AppContext, run_id: Annotated[str, Field(description="The run to stop.")]
 ) -> Annotated[CallToolResult, CancelledRun]:
-    """Cancel a queued run or stop a running one (its adapter is saved); returns once its worker is gone."""
+    """Cancel a queued run or stop a running one (adapter saved); returns once it stopped."""
     state = app_state(ctx)
     with trainer_errors():
         await state.runner.cancel(run_id)
@@ -117,8 +116,8 @@ async def resume_run(
     run_id: Annotated[str, Field(description="A run that failed or was cancelled.")],
     force: Annotated[bool, Field(description="Even if its data or model changed.")] = False,
 ) -> Annotated[CallToolResult, ResumedRun]:
-    """Continue a failed or cancelled run exactly from its newest checkpoint; refused if its data or model changed,
-    unless force."""
+    """Continue a failed or cancelled run from its newest checkpoint; refused if data or model changed, unless
+    force."""
     state = app_state(ctx)
     with trainer_errors():
         snap, plan = await state.runner.resume(run_id, force)
@@ -140,7 +139,7 @@ async def list_runs(
     state: Annotated[JobState | None, Field(description="Only runs in this state.")] = None,
     limit: Annotated[int, Field(ge=1, le=200, description="Most runs to return, newest first.")] = 20,
 ) -> Annotated[CallToolResult, RunList]:
-    """Runs, newest first (state, progress, last validation loss, adapter), optionally in one state."""
+    """Runs, newest first: state, progress, last validation loss, adapter."""
     app = app_state(ctx)
     snaps = app.runner.list_runs(state, limit)
     briefs = [

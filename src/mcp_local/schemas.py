@@ -31,6 +31,7 @@ class MemoryPoint(BaseModel):
     rss_gb: float
     mlx_active_gb: float
     mlx_peak_gb: float
+    rank: int | None = Field(None, description="The process, in a run of several.")
 
 
 class RunStatus(BaseModel):

@@ -67,7 +67,7 @@ async def generate(
     adapter: Annotated[str | None, Field(description="An adapter folder.")] = None,
     run_id: Annotated[str | None, Field(description="A run's model and adapter.")] = None,
 ) -> Annotated[CallToolResult, Generation]:
-    """Generate with the loaded model, optionally through an adapter or a run's: text, tokens/s."""
+    """Generate with the loaded model, optionally through an adapter: text, tokens/s."""
     state = app_state(ctx)
     model: str | None = None
     if run_id is not None and adapter is not None:

@@ -96,6 +96,8 @@ class RunMetrics(BaseModel):
     tokens_per_second: float | None = None
     trained_tokens: int = 0
     peak_memory_gb: float | None = None
+    #: a run of several processes: each rank's MLX peak, rank 0 first (the budget and prediction are per process)
+    rank_peak_memory_gb: list[float] | None = None
     predicted_peak_gb: float | None = None
 
 
@@ -138,7 +140,9 @@ class RunSnapshot(BaseModel):
             parts.append(f"STALLED: the worker has been silent for {self.stalled_seconds:.0f}s (stopped or hung?)")
         elif self.eta_seconds is not None:
             parts.append(f"ETA {self.eta_seconds:.0f}s")
-        if m.peak_memory_gb:
+        if m.rank_peak_memory_gb:
+            parts.append("peak per process " + " / ".join(f"{p:.2f}" for p in m.rank_peak_memory_gb) + " GB")
+        elif m.peak_memory_gb:
             parts.append(f"peak {m.peak_memory_gb:.2f} GB")
         if self.error:
             parts.append(f"error ({self.error.kind.value}): {self.error.message}")

@@ -79,6 +79,7 @@ class ProcessMemory(BaseModel):
 class WorkerMemory(ProcessMemory):
     run_id: str
     sampled_at: float | None = Field(None, description="When the worker last sampled its MLX memory (epoch s).")
+    rank_peaks_gb: list[float] | None = Field(None, description="A run of several processes: each one's MLX peak.")
 
 
 def process_memory(pid: int | None = None) -> ProcessMemory:
@@ -113,6 +114,7 @@ def workers_memory(workers: dict[str, tuple[int, list[MemorySample]]]) -> list[W
                 mlx_peak_gb=sample.peak_gb if sample else None,
                 mlx_cache_gb=sample.cache_gb if sample else None,
                 sampled_at=sample.ts if sample else None,
+                rank_peaks_gb=None,
             )
         )
     return found

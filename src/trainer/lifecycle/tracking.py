@@ -63,6 +63,11 @@ def apply_event(job: Job, history: RunHistory, event: Event) -> frozenset[RunAsp
     if isinstance(event, MemorySample):
         history.memory.append(event)
         metrics.peak_memory_gb = max(metrics.peak_memory_gb or 0.0, event.peak_gb)
+        processes = job.config.num_processes
+        if processes > 1 and event.rank < processes:
+            peaks = list(metrics.rank_peak_memory_gb or [0.0] * processes)
+            peaks[event.rank] = max(peaks[event.rank], event.peak_gb)
+            metrics.rank_peak_memory_gb = peaks
         return _MEMORY
     if isinstance(event, TrainReport):
         history.train_reports.append(event)

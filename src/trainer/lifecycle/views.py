@@ -102,7 +102,10 @@ class RunViews:
 
     def worker_memory(self) -> list[WorkerMemory]:
         """Each live worker's RSS now and its latest MLX numbers (MLX's allocator is only readable from inside)."""
-        return workers_memory({rid: (pid, self.memory_samples(rid, 1)) for rid, pid in self.live_workers().items()})
+        found = workers_memory({rid: (pid, self.memory_samples(rid, 1)) for rid, pid in self.live_workers().items()})
+        for worker in found:  # a run of several processes: its other ranks' peaks too (their pids stay in rank 0)
+            worker.rank_peaks_gb = self._tracker(worker.run_id).job.metrics.rank_peak_memory_gb
+        return found
 
     def adapter_for(self, run_id: str) -> tuple[str, str]:
         """The run's base model and adapter folder, for generating through it; RunConflict if it has none yet."""

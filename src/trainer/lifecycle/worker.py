@@ -127,12 +127,13 @@ def run(run_dir: Path, emit: EventWriter, attempt: int = 1, db_path: Path | None
     emit(Started(pid=os.getpid(), backend=backend.name, device=device, attempt=attempt))
     watchdog = Watchdog(config.memory_budget_gb, emit)
     group = _start_group(config, run_dir, db_path, emit, watchdog) if config.distributed else None
+    code = EXIT_FAILED
     try:
         with MemorySampler(config.memory_sample_interval or DEFAULT_SAMPLE_INTERVAL_S, watchdog):
             code = _train(backend, config, run_dir, emit, watchdog, group)
     finally:
-        if group is not None:
-            group.close(FINISH_GRACE_S)
+        if group is not None:  # finished: the others finish too; stopped or failed: they are stopped now
+            group.close(FINISH_GRACE_S if code == 0 else 0.0)
     return code
 
 

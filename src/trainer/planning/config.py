@@ -64,43 +64,40 @@ class QLoRAConfig(BaseModel):
     save_every: Annotated[int, Field(ge=1, le=MAX_ITERS, description="Steps between checkpoints.")] = 100
     fast_path: Annotated[
         bool | None,
-        Field(description="Our faster kernels. Null: on for CPU and CUDA, off on Metal; false: plain MLX-LM."),
+        Field(description="Our kernels; null: on except on Metal."),
     ] = None
     dense_weights: Annotated[
         bool | None,
-        Field(description="CPU: float32 copies of frozen weights (~1.5x faster, ~4x their memory). Null: when small."),
+        Field(description="CPU: float32 frozen weights (faster, more memory); null: if small."),
     ] = None
     chunked_loss: Annotated[
         bool,
-        Field(description="Loss in sequence chunks: less memory for large vocabularies."),
+        Field(description="Loss in chunks: less memory for large vocabularies."),
     ] = False
     layerwise: Annotated[
         bool,
-        Field(description="One transformer block at a time: the least memory (about a third of MLX-LM's)."),
+        Field(description="One block at a time: the least memory."),
     ] = False
     memory_budget_gb: Annotated[
         float | None,
         Field(
             gt=0,
             le=1e6,
-            description="GB of peak memory (default: the server's). Over it: refused if predicted, stopped if "
-            "measured.",
+            description="Peak GB per process (default: the server's): refused if predicted over, stopped if over.",
         ),
     ] = None
-    allow_over_budget: Annotated[bool, Field(description="Start even if predicted over budget (still watched).")] = (
-        False
-    )
+    allow_over_budget: Annotated[bool, Field(description="Start even if predicted over budget.")] = False
     fit_to_budget: Annotated[
         bool,
-        Field(description="Change memory settings, batch size or sequence length to fit the budget."),
+        Field(description="Change settings to fit the budget."),
     ] = False
     num_processes: Annotated[
         int,
-        Field(ge=1, le=64, description="Data-parallel processes on this host, batch_size split over them."),
+        Field(ge=1, le=64, description="Data-parallel processes (batch_size split over them)."),
     ] = 1
     backend: Annotated[
         Literal["auto", "ring", "nccl"],
-        Field(description="Their MLX distributed backend; auto: nccl on CUDA, else ring."),
+        Field(description="auto: nccl on CUDA, else ring."),
     ] = "auto"
     memory_sample_interval: Annotated[
         float | None,
