@@ -76,7 +76,14 @@ def _lora_layers(model: Path) -> int:
 
 
 def product(
-    model: Path, data: Path, batch: int, seq: int, iters: int, layerwise: bool, interval: float | None = None
+    model: Path,
+    data: Path,
+    batch: int,
+    seq: int,
+    iters: int,
+    layerwise: bool,
+    interval: float | None = None,
+    **group: Any,
 ) -> dict[str, Any]:
     home = Path(tempfile.mkdtemp(prefix="product-home-"))
     config = {
@@ -96,6 +103,7 @@ def product(
         "memory_budget_gb": 120,
         "allow_over_budget": True,
         "memory_sample_interval": interval,
+        **group,  # num_processes, backend
     }
     path = home / "config.json"
     path.write_text(json.dumps(config), encoding="utf-8")
@@ -112,10 +120,15 @@ def product(
     steady = reports[1:] or reports  # the first window holds the compilation
     tokens = sum(r["tokens_per_second"] / r["iterations_per_second"] * 5 for r in steady)  # 5 steps per report
     seconds = sum(5 / r["iterations_per_second"] for r in steady)
-    peak = max((e["peak_gb"] for e in events if e["type"] == "memory"), default=0.0)
+    peaks: dict[int, float] = {}
+    for e in events:
+        if e["type"] == "memory":
+            peaks[e.get("rank", 0)] = max(peaks.get(e.get("rank", 0), 0.0), e["peak_gb"])
     return {
         "tok_s": round(tokens / seconds, 1),
-        "peak_gb": round(peak, 2),
+        "peak_gb": round(max(peaks.values(), default=0.0), 2),
+        "rank_peaks_gb": [round(peaks[r], 2) for r in sorted(peaks)],
+        "losses": [r["train_loss"] for r in reports],
         "predicted_gb": snap["metrics"]["predicted_peak_gb"],
         "wall_s": round(wall, 1),
         "state": snap["state"],
@@ -162,6 +175,9 @@ def main() -> None:
     parser.add_argument("--hf", action="store_true", help="also HF + PEFT + bitsandbytes (needs torch and those)")
     parser.add_argument("--shape", default=SHAPE, choices=list(SHAPES), help="another shape to try the script")
     parser.add_argument("--work", default=None, help="a folder kept between calls: its model is built once")
+    parser.add_argument("--nccl", action="store_true", help="also each mode as an NCCL group of one process")
+    parser.add_argument("--processes", type=int, default=1, help="also N processes (one GPU each), N x the batch")
+    parser.add_argument("--skip-peers", action="store_true", help="no plain mlx_lm or HF rows")
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="gpu-product-"))
     tic = time.perf_counter()
@@ -189,6 +205,9 @@ def main() -> None:
                 }
                 products[(size, name)] = got["tok_s"]
                 report({"size": size, "mode": name, **{k: round(v, 3) for k, v in ratios.items()}}, args.out)
+            groups(model, data, batch, seq, layerwise, got, args, f"{size} {name}")
+        if args.skip_peers:
+            continue
         peers = [("plain mlx_lm lora CLI", plain(model, data, batch, seq, args.iters))]
         if args.hf:
             peers.append(("HF transformers + PEFT + bitsandbytes NF4", hugging_face(size)))
@@ -198,6 +217,41 @@ def main() -> None:
                 if "tok_s" in row and (size, name) in products:
                     ratio = round(products[(size, name)] / row["tok_s"], 3)
                     report({"size": size, "mode": name, "over": who, "ratio": ratio}, args.out)
+
+
+def groups(
+    model: Path, data: Path, batch: int, seq: int, layerwise: bool, alone: dict[str, Any], args: Any, what: str
+) -> None:
+    """The distributed rows: an NCCL group of one against the plain run (`alone`), and N processes of the same
+    per-GPU batch against one process of the same global batch (losses) and of the same per-GPU batch (speed)."""
+
+    def differ(a: dict[str, Any], b: dict[str, Any]) -> float | None:
+        if "losses" not in a or "losses" not in b:
+            return None
+        return float(max(abs(x - y) for x, y in zip(a["losses"], b["losses"], strict=False)))
+
+    if args.nccl:
+        got = product(model, data, batch, seq, args.iters, layerwise, num_processes=1, backend="nccl")
+        report(
+            {"case": what, "row": "product, NCCL group of one", **got, "max_loss_diff": differ(got, alone)}, args.out
+        )
+        if "tok_s" in got and "tok_s" in alone:
+            report({"case": what, "nccl_one_over_plain": round(got["tok_s"] / alone["tok_s"], 3)}, args.out)
+    n = args.processes
+    if n > 1:
+        got = product(model, data, n * batch, seq, args.iters, layerwise, num_processes=n)
+        report({"case": what, "row": f"product, {n} processes x batch {batch}", **got}, args.out)
+        same_global = product(model, data, n * batch, seq, args.iters, layerwise)
+        report({"case": what, "row": f"product, 1 process x batch {n * batch}", **same_global}, args.out)
+        if "tok_s" in got and "tok_s" in alone:
+            report(
+                {
+                    "case": what,
+                    "scaling_over_one_gpu": round(got["tok_s"] / alone["tok_s"], 3),
+                    "max_loss_diff_vs_same_global_batch": differ(got, same_global),
+                },
+                args.out,
+            )
 
 
 if __name__ == "__main__":
