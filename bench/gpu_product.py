@@ -177,6 +177,7 @@ def main() -> None:
     parser.add_argument("--work", default=None, help="a folder kept between calls: its model is built once")
     parser.add_argument("--nccl", action="store_true", help="also each mode as an NCCL group of one process")
     parser.add_argument("--processes", type=int, default=1, help="also N processes (one GPU each), N x the batch")
+    parser.add_argument("--warm", action="store_true", help="measure each mode's product after a first run")
     parser.add_argument("--skip-peers", action="store_true", help="no plain mlx_lm or HF rows")
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="gpu-product-"))
@@ -192,6 +193,9 @@ def main() -> None:
         data = build_data(work / f"data-{seq}", words_per_record=seq)
         for name, mode in MODES.items():
             layerwise = mode["layerwise"]
+            if args.warm:  # a user's first run on a machine compiles MLX's CUDA kernels; later runs find them cached
+                cold = product(model, data, batch, seq, args.iters, layerwise)
+                report({"size": size, "mode": name, "row": "product, first run (kernel cache cold)", **cold}, args.out)
             got = product(model, data, batch, seq, args.iters, layerwise)
             report({"size": size, "mode": name, "row": "product", **got}, args.out)
             case = {"shape": args.shape, "batch": batch, "seq": seq, "ckpt": False, "chunked": layerwise}

@@ -53,8 +53,13 @@ def render_run_plot(
     loss_axes.set_ylabel("loss")
     loss_axes.legend(loc="upper right", fontsize=8)
     loss_axes.grid(alpha=0.3)
-    memory_axes.plot(_iteration_of(memory, train), [m.peak_gb for m in memory], "-", label="MLX peak (GB)")
-    memory_axes.plot(_iteration_of(memory, train), [m.active_gb for m in memory], "-", alpha=0.6, label="MLX active")
+    ranks = sorted({m.rank for m in memory})
+    for rank in ranks:  # a run of several processes: one pair of lines per process (the budget is per process)
+        own = [m for m in memory if m.rank == rank]
+        label = f" rank {rank}" if len(ranks) > 1 else ""
+        places = _iteration_of(own, train)
+        memory_axes.plot(places, [m.peak_gb for m in own], "-", label=f"MLX peak{label} (GB)")
+        memory_axes.plot(places, [m.active_gb for m in own], "-", alpha=0.6, label=f"MLX active{label}")
     if predicted_gb is not None:
         memory_axes.axhline(predicted_gb, color="tab:green", ls=":", label=f"predicted {predicted_gb:.2f} GB")
     if budget_gb is not None:
