@@ -161,16 +161,3 @@ async def test_a_batch_that_does_not_split_is_refused(tmp_path: Path, tiny_model
         )
     text = refused.content[0].text  # type: ignore[union-attr]
     assert refused.is_error and "batch_size 3 does not split over num_processes 2" in text, text
-
-
-def test_ranks_get_what_mlx_launch_gives_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from trainer.lifecycle.group import rank_env
-
-    hostfile = tmp_path / "group.json"
-    assert rank_env("ring", 1, 2, 5000, hostfile) == {"MLX_RANK": "1", "MLX_HOSTFILE": str(hostfile)}
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
-    nccl = rank_env("nccl", 1, 2, 5000, hostfile)
-    assert nccl["CUDA_VISIBLE_DEVICES"] == "3" and nccl["MLX_WORLD_SIZE"] == "2" and nccl["NCCL_PORT"] == "5000"
-    assert "CUDA_VISIBLE_DEVICES" not in rank_env("nccl", 0, 1, 5000, hostfile)  # one process: the user's GPUs
-    with pytest.raises(RuntimeError, match="names 2"):
-        rank_env("nccl", 2, 3, 5000, hostfile)

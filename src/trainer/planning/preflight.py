@@ -18,6 +18,7 @@ from ..settings import DEFAULT_SAMPLE_INTERVAL_S, default_budget_gb, default_hom
 from .config import QLoRAConfig
 from .dataset_check import DatasetSummary, check_dataset
 from .dataset_report import refuse_unless_trainable, validate_dataset
+from .device import backend_kind
 from .memory_plan import MemoryCheck, check_memory
 from .modelref import num_hidden_layers, read_model_config, resolve_model_dir
 from .paths import PathPolicy, check_adapter_dir
@@ -105,6 +106,8 @@ def prepare_run(config: QLoRAConfig, defaults: RunDefaults | None = None) -> Pre
         _check_writable(config.adapter_dir)
     config = config.model_copy(update=updates)
     budget = defaults.budget_gb()
+    if config.num_processes > 1 and backend_kind() != "cuda":  # the processes share this host's memory
+        budget = round(budget / config.num_processes, 2)
     try:
         config, check = check_memory(config, model_config, budget, summary.longest_tokens)
     except KeyError as missing:  # a config without the dimensions we need: the watchdog still guards the run
