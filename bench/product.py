@@ -35,8 +35,9 @@ from trainer import QLoRAConfig, RunDefaults, prepare_run
 BATCH, SEQ = 4, 256
 
 
-def run_config(model: str, data: str, iters: int) -> dict[str, Any]:
+def run_config(model: str, data: str, iters: int, processes: int = 1) -> dict[str, Any]:
     return {
+        "num_processes": processes,
         "model": model,
         "data": data,
         "iters": iters,
@@ -51,7 +52,7 @@ def run_config(model: str, data: str, iters: int) -> dict[str, Any]:
     }
 
 
-async def product(model: str, data: str, iters: int, home: Path) -> dict[str, Any]:
+async def product(model: str, data: str, iters: int, home: Path, processes: int = 1) -> dict[str, Any]:
     roots = [arg for folder in (Path(data), Path(model).parent) for arg in ("--root", str(folder))]
     params = StdioServerParameters(
         command=sys.executable,
@@ -60,7 +61,8 @@ async def product(model: str, data: str, iters: int, home: Path) -> dict[str, An
     )
     async with Client(params, mode="legacy") as client:
         started_at = time.perf_counter()
-        started = await client.call_tool("start_qlora_run", {"config": run_config(model, data, iters)})
+        config = run_config(model, data, iters, processes)
+        started = await client.call_tool("start_qlora_run", {"config": config})
         assert not started.is_error, started.content
         run_id = started.structured_content["run_id"]
         while True:
@@ -77,9 +79,11 @@ async def product(model: str, data: str, iters: int, home: Path) -> dict[str, An
     tokens = sum(r["trained_tokens"] - p["trained_tokens"] for r, p in steady)
     seconds = sum((r["trained_tokens"] - p["trained_tokens"]) / r["tokens_per_second"] for r, p in steady)
     return {
-        "who": "product: start_qlora_run over MCP stdio",
+        "who": "product: start_qlora_run over MCP stdio" + (f", {processes} processes" if processes > 1 else ""),
         "tok_s": tokens / seconds,
         "peak_gb": status["metrics"]["peak_memory_gb"],
+        "rank_peaks_gb": status["metrics"].get("rank_peak_memory_gb"),
+        "losses": [r["train_loss"] for r in reports],
         "predicted_gb": status["metrics"]["predicted_peak_gb"],
         "wall_s": wall,
         "iters": iters,
@@ -170,12 +174,23 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=40)
     parser.add_argument("--plain-iters", type=int, default=3, help="plain MLX-LM's CPU training is slow: fewer")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--processes", type=int, default=1, help="also the product with N ring processes, same batch")
+    parser.add_argument("--skip-peers", action="store_true", help="no step benchmark or plain MLX-LM rows")
     args = parser.parse_args()
     machine = {"cpu": _cpu_model(), "date": time.strftime("%Y-%m-%d")}
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp) / "home"
         first = anyio.run(product, args.model, args.data, args.iters, home)
         report({**machine, **first}, args.out)
+        if args.processes > 1:
+            group = anyio.run(product, args.model, args.data, args.iters, Path(tmp) / "home-group", args.processes)
+            diff = max(abs(a - b) for a, b in zip(first["losses"], group["losses"], strict=True))
+            report(
+                {**machine, **group, "over_one_process": group["tok_s"] / first["tok_s"], "max_loss_diff": diff},
+                args.out,
+            )
+        if args.skip_peers:
+            return
         for measure in (
             lambda: step_benchmark(args.model, args.data, args.iters, home),
             lambda: plain_cli(_model_dir(args, home), args.data, args.plain_iters, Path(tmp)),
