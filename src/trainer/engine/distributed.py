@@ -8,13 +8,14 @@ has as many tokens, which padded, length-sorted batches of code rarely give.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 from mlx.nn.utils import average_gradients
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from ..lifecycle.group import RANK_ENV
+from .run_state import LoopState
 
 
 def join_group(backend: str) -> Any:
@@ -49,3 +50,28 @@ def sum_over_ranks(value: mx.array, toks: mx.array, grads: Any) -> tuple[mx.arra
     summed = average_gradients(tree_map(lambda g: g * weight.astype(g.dtype), grads))
     loss = mx.distributed.all_sum(value.astype(mx.float32) * toks_f) / total
     return loss, total.astype(toks.dtype), summed
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether `flag` holds on any rank (every rank must call this)."""
+    if world_size() == 1:
+        return flag
+    return bool(mx.distributed.all_sum(mx.array(int(flag)), stream=mx.cpu).item())
+
+
+def from_primary(state: Any) -> Any:
+    """Rank 0's values of a tree of arrays (or of a LoopState) on every rank: the others add zeros to a sum."""
+    if world_size() == 1:
+        return state
+    if isinstance(state, LoopState):  # int32 parts: trained tokens pass 2**31 in long runs
+        parts = mx.array([state.step, state.trained_tokens >> 30, state.trained_tokens & ((1 << 30) - 1)])
+        step, high, low = (int(v) for v in from_primary(parts).tolist())  # type: ignore[union-attr]
+        return LoopState(step=step, trained_tokens=(high << 30) | low)
+    if isinstance(state, mx.array):
+        return from_primary({"value": state})["value"]
+    primary = is_primary()
+    # by name: rank 0's tree was read from a file, the others' built in place, so their orders differ
+    leaves = sorted(cast(list[tuple[str, mx.array]], tree_flatten(state)), key=lambda item: item[0])
+    summed = [(k, mx.distributed.all_sum(a if primary else mx.zeros_like(a))) for k, a in leaves]
+    mx.eval([a for _, a in summed])
+    return tree_unflatten(summed)

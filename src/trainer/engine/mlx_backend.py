@@ -188,6 +188,29 @@ def _add_lora(config: QLoRAConfig, model: Any) -> int:
     return num_layers
 
 
+def _resume(events: _RunEvents, model: Any, optimizer: Any, emit: Emit) -> None:
+    """Continue from the run's newest checkpoint that verifies, if it has one. In a run of several processes rank 0
+    reads it and the others receive its state, so ranks on other hosts need no copy of the run folder."""
+    import mlx.core as mx
+
+    from .distributed import any_rank, from_primary
+
+    resume_from = newest_verified(events.checkpoints) if events.primary else None
+    if not any_rank(resume_from is not None):
+        return
+    if resume_from is not None:
+        events.done = read_state(resume_from.path, model, optimizer)
+        emit(Resumed(iteration=events.done.step, path=str(resume_from.path)))
+    else:
+        optimizer.init(model.trainable_parameters())  # the same tree as rank 0's, to be overwritten by it
+    model.update(from_primary(model.trainable_parameters()))
+    optimizer.state = from_primary(optimizer.state)
+    hi, lo = from_primary(cast(list[Any], mx.random.state)[0]).tolist()  # dropout's generator, as rank 0 read it
+    mx.random.seed((int(hi) << 32) | int(lo))  # a key is (hi, lo) of a 64-bit seed, as in read_state
+    events.done = from_primary(events.done)
+    events.saved_step = events.done.step
+
+
 class MlxTrainingBackend:
     name = "mlx"
 
@@ -229,11 +252,7 @@ class MlxTrainingBackend:
         events.hashes = (config_hash(config), data_hash(Path(config.data)))
         if primary and clean_staging(events.checkpoints):
             log.info("removed a checkpoint a crash left half-written")
-        resume_from = newest_verified(events.checkpoints)
-        if resume_from is not None:
-            events.done = read_state(resume_from.path, model, optimizer)
-            events.saved_step = events.done.step
-            emit(Resumed(iteration=events.done.step, path=str(resume_from.path)))
+        _resume(events, model, optimizer, emit)
         step, val_loss = _step_and_eval_loss(config, model, optimizer)
         maybe_set_recommended_wired_limit()
         try:
