@@ -70,7 +70,7 @@ async def validate_dataset_tool(
     max_seq_length: Annotated[int, Field(ge=8)] = 2048,
     mask_prompt: bool = False,
 ) -> Annotated[CallToolResult, DatasetReport]:
-    """Check every line before a run (JSON, format, roles, chat template, length): problems by line, token counts."""
+    """Check every line before a run (JSON, format, roles, template, length): problems by line, token counts."""
     state = app_state(ctx)
     with trainer_errors():
         report = await anyio.to_thread.run_sync(
@@ -90,8 +90,8 @@ async def evaluate_tool(
     humaneval_limit: Annotated[int, Field(ge=0, le=164)] = 20,
     checker: Annotated[str | None, Field(description="A .py file with score(prompt, reply).")] = None,
 ) -> Annotated[CallToolResult, EvaluationState]:
-    """Base vs adapter, in the background: HumanEval pass@1 (sandboxed), test loss, a checker's score. Waits up to
-    50 s; call again to follow."""
+    """Base vs adapter in the background: HumanEval pass@1 (sandboxed), test loss, a checker's score. Waits 50 s;
+    call again to follow."""
     state = app_state(ctx)
     with trainer_errors():
         spec, folder = evaluation_spec(

@@ -44,7 +44,7 @@ async def load_model(
     path: Annotated[str, Field(description="A model folder, a .gguf file or a hub repo id.")],
     adapter: Annotated[str | None, Field(description="An adapter folder (a run's adapter_path).")] = None,
 ) -> Annotated[CallToolResult, ModelInfo]:
-    """Load a model for generate (it stays loaded): architecture, size, quantization, memory."""
+    """Load a model for generate (stays loaded): architecture, size, quantization, memory."""
     state = app_state(ctx)
     with trainer_errors():
         info = await anyio.to_thread.run_sync(state.models.load, path, adapter)
@@ -120,7 +120,7 @@ async def profile_memory(
     grad_checkpoint: bool = False,
     chunked_loss: bool = False,
 ) -> Annotated[CallToolResult, MemoryProfile]:
-    """Memory of the server, models, workers and system; with a run config or model, its predicted peak vs budget."""
+    """Memory of the server, models, workers, system; with a config or model, its predicted peak vs budget."""
     state = app_state(ctx)
     settings = {
         "batch_size": batch_size,
@@ -158,7 +158,7 @@ async def profile_memory(
 
 
 async def list_models(ctx: AppContext) -> Annotated[CallToolResult, ModelList]:
-    """Models loaded, imported from GGUF and in the Hugging Face cache, with size and origin."""
+    """Models loaded, imported from GGUF and in the Hugging Face cache."""
     state = app_state(ctx)
     models_root = state.settings.home / "models"
     imported = await anyio.to_thread.run_sync(imported_models, models_root)

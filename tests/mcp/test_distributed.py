@@ -20,6 +20,13 @@ from tests.mcp.test_stdio_e2e import TIMEOUT, follow_to_end, server_params
 
 pytestmark = pytest.mark.slow
 GROUP_GONE_S = 10.0
+#: stands in for ssh (no SSH server here): records the host it was asked for, then runs the command on this machine
+FAKE_SSH = """#!/bin/bash
+while [[ "$1" == -* ]]; do [[ "$1" == "-o" ]] && shift; shift; done
+echo "$1" >> "$FAKE_SSH_LOG"
+shift
+exec env -i PATH="$PATH" HOME="$HOME" bash -c "$*"
+"""
 
 
 def config(model: Path, data: Path, processes: int, iters: int = 8, **overrides: Any) -> dict[str, Any]:
@@ -152,6 +159,32 @@ async def test_a_hung_rank_fails_the_run_after_the_timeout(tmp_path: Path, tiny_
                     p.send_signal(signal.SIGCONT)
         assert_all_gone([rank0, *others])
     assert status["state"] == "failed" and "a rank hung" in status["error"]["message"], status["error"]
+
+
+async def test_a_run_over_two_machines_starts_the_other_rank_over_ssh(
+    tmp_path: Path, tiny_model: Path, tiny_data: Path
+) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ssh").write_text(FAKE_SSH, encoding="utf-8")
+    (bin_dir / "ssh").chmod(0o755)
+    hostfile = tmp_path / "hosts.json"
+    machines = [{"ssh": "this-mac", "ips": ["127.0.0.1"]}, {"ssh": "mac-2", "ips": ["127.0.0.1"]}]
+    hostfile.write_text(json.dumps({"hosts": machines}), encoding="utf-8")
+    params = server_params(tmp_path / "home")
+    env = params.env or {}
+    params.env = env | {"PATH": f"{bin_dir}:{env.get('PATH', '')}", "FAKE_SSH_LOG": str(tmp_path / "ssh.log")}
+    async with Client(params, mode="legacy") as client:
+        losses, statuses = [], []
+        for run in (config(tiny_model, tiny_data, 1), config(tiny_model, tiny_data, 1, hosts=str(hostfile))):
+            started = await client.call_tool("start_qlora_run", {"config": run})
+            run_id = started.structured_content["run_id"]  # type: ignore[index]
+            statuses.append(await follow_to_end(client, run_id, []))
+            assert statuses[-1]["state"] == "succeeded", statuses[-1]
+            losses.append(await train_losses(client, run_id))
+    assert (tmp_path / "ssh.log").read_text() == "mac-2\n"  # rank 1 went to the second machine, rank 0 ran here
+    assert len(statuses[1]["metrics"]["rank_peak_memory_gb"]) == 2
+    assert max(abs(a - b) for a, b in zip(losses[0], losses[1], strict=True)) < 1e-5, losses
 
 
 async def test_a_batch_that_does_not_split_is_refused(tmp_path: Path, tiny_model: Path, tiny_data: Path) -> None:

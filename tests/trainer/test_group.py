@@ -4,6 +4,7 @@ its events end and how each rank's memory is kept (the processes themselves: tes
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,25 @@ def test_ranks_get_what_mlx_launch_gives_them(tmp_path: Path, monkeypatch: pytes
     assert "CUDA_VISIBLE_DEVICES" not in rank_env("nccl", 0, 1, 5000, hostfile)  # one process: the user's GPUs
     with pytest.raises(RuntimeError, match="names 2"):
         rank_env("nccl", 2, 3, 5000, hostfile)
+
+
+def test_a_hostfile_is_checked_before_a_run_over_machines(tmp_path: Path) -> None:
+    from trainer.planning.hostfile import read_hostfile
+    from trainer.planning.preflight import _with_hosts
+
+    hostfile = tmp_path / "hosts.json"
+    with pytest.raises(ConfigError, match="is not a readable hostfile.*write one like"):
+        read_hostfile(str(hostfile), "ring")
+    hostfile.write_text(json.dumps([{"ssh": "a", "ips": ["10.0.0.1"]}, {"ssh": "b"}]))
+    with pytest.raises(ConfigError, match="host 'b' has no ips; the ring backend connects to IPs"):
+        read_hostfile(str(hostfile), "ring")
+    assert [h.ssh for h in read_hostfile(str(hostfile), "nccl")] == ["a", "b"]  # NCCL meets at the first host's IP
+    hostfile.write_text(json.dumps({"hosts": [{"ssh": "a", "ips": ["10.0.0.1"]}]}))
+    with pytest.raises(ConfigError, match="lists 1 host"):
+        read_hostfile(str(hostfile), "ring")
+    hostfile.write_text(json.dumps([{"ssh": h, "ips": ["10.0.0.1"]} for h in "abc"]))
+    assert _with_hosts(config(hosts=str(hostfile), batch_size=6)).num_processes == 3
+    with pytest.raises(ConfigError, match="num_processes is 2 but hosts .* lists 3 machines"):
+        _with_hosts(config(hosts=str(hostfile), num_processes=2))
+    with pytest.raises(ConfigError, match="batch_size 4 does not split over num_processes 3"):
+        _with_hosts(config(hosts=str(hostfile), batch_size=4))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from ..planning.config import QLoRAConfig
 from ..planning.device import group_backend
+from ..planning.hostfile import Host, read_hostfile
 from .events import Failed, MemorySample, decode_line
 from .jobs import FailureKind
 
@@ -36,6 +38,11 @@ TIMEOUT_ENV = "MCP_LOCAL_GROUP_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 600.0
 LOCALHOST = "127.0.0.1"
 WORKER_MODULE = "trainer.lifecycle.worker"
+#: a rank on another machine reads its run config from here (it has no run folder)
+RUN_CONFIG_ENV = "MCP_LOCAL_RUN_CONFIG"
+#: the variables a rank on another machine gets from rank 0's environment (besides its own)
+FORWARDED_PREFIXES = ("MLX_", "MCP_LOCAL_", "NCCL_", "HF_")
+FORWARDED = frozenset({"PYTHONPATH", "TRAINER_BACKEND"})
 #: how long a finished rank 0 waits for the others to end on their own before killing them
 FINISH_GRACE_S = 10.0
 
@@ -56,20 +63,48 @@ def free_ports(count: int) -> list[int]:
         return [s.getsockname()[1] for s in sockets]
 
 
-def rank_env(backend: str, rank: int, size: int, port: int, hostfile: Path) -> dict[str, str]:
-    """What `mlx.launch` sets for one rank on this host: the ring reads its peers from a hostfile, NCCL meets at
-    rank 0's address and port, one GPU per rank."""
+def rank_env(
+    backend: str, rank: int, size: int, port: int, hostfile: Path, master: str = LOCALHOST, one_host: bool = True
+) -> dict[str, str]:
+    """What `mlx.launch` sets for one rank: the ring reads its peers from a hostfile, NCCL meets at rank 0's address
+    and port; on one host, one GPU per rank."""
     env = {RANK_ENV: str(rank)}
     if backend == "ring":
         return env | {HOSTFILE_ENV: str(hostfile)}
-    env |= {"MLX_WORLD_SIZE": str(size), "NCCL_HOST_IP": LOCALHOST, "NCCL_PORT": str(port)}
-    if size > 1:
+    env |= {"MLX_WORLD_SIZE": str(size), "NCCL_HOST_IP": master, "NCCL_PORT": str(port)}
+    if size > 1 and one_host:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         devices = visible.split(",") if visible else [str(i) for i in range(size)]
         if rank >= len(devices):
             raise RuntimeError(f"num_processes is {size} but CUDA_VISIBLE_DEVICES={visible!r} names {len(devices)}")
         env["CUDA_VISIBLE_DEVICES"] = devices[rank]
     return env
+
+
+def rank_command(run_dir: Path, db_path: Path, rank: int) -> list[str]:
+    """A rank's worker: it writes its samples and failure to its stdout, its own prints going to stderr."""
+    return [sys.executable, "-m", WORKER_MODULE, str(run_dir), "--db", str(db_path), "--rank", str(rank)] + [
+        "--channel-fd",
+        "1",
+    ]
+
+
+def remote_command(host: Host, command: list[str], env: dict[str, str], ring: str | None) -> list[str]:
+    """`command` on another machine over SSH, as mlx.launch runs one there: the same working folder and Python (the
+    same paths on every machine), the rank's variables, the ring's hostfile written to a temporary file there."""
+    forwarded = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES) or k in FORWARDED}
+    variables = {k: v for k, v in {**forwarded, **env}.items() if k not in (HOSTFILE_ENV, RANK_ENV)} | {
+        RANK_ENV: env[RANK_ENV]
+    }
+    script = [f"cd {shlex.quote(os.getcwd())}"] + [f"export {k}={shlex.quote(v)}" for k, v in variables.items()]
+    if ring is not None:
+        script += [
+            "hostfile=$(mktemp)",
+            f"printf %s {shlex.quote(ring)} > $hostfile",
+            f"export {HOSTFILE_ENV}=$hostfile",
+        ]
+    script.append(f"exec {shlex.join(command)}")
+    return ["ssh", "-o", "BatchMode=yes", "-o", "LogLevel=QUIET", host.ssh, "; ".join(script)]
 
 
 def group_timeout_s() -> float:
@@ -106,34 +141,41 @@ class RankGroup:
     def start(self) -> None:
         """Set rank 0's own variables (before MLX joins the group) and start the other ranks."""
         size = self.config.num_processes
-        ports = free_ports(size)
+        hosts = read_hostfile(self.config.hosts, self.backend) if self.config.hosts else None
+        ports = free_ports(size)  # free here; on other machines, ports free here are assumed free too
+        ips = [h.ips[0] if h.ips else LOCALHOST for h in hosts] if hosts else [LOCALHOST] * size
+        ring = json.dumps([[f"{ip}:{port}"] for ip, port in zip(ips, ports, strict=True)])
         hostfile = self.run_dir / "group.json"
-        hostfile.write_text(json.dumps([[f"{LOCALHOST}:{port}"] for port in ports]), encoding="utf-8")
-        os.environ.update(rank_env(self.backend, 0, size, ports[0], hostfile))
-        log.info("starting %d processes with the %s backend", size, self.backend)
+        hostfile.write_text(ring, encoding="utf-8")
+
+        def env_of(rank: int) -> dict[str, str]:
+            return rank_env(self.backend, rank, size, ports[0], hostfile, master=ips[0], one_host=hosts is None)
+
+        os.environ.update(env_of(0))
+        log.info("starting %d processes with the %s backend%s", size, self.backend, " over SSH" if hosts else "")
         for rank in range(1, size):
-            self._start_rank(rank, {**os.environ, **rank_env(self.backend, rank, size, ports[0], hostfile)})
+            env = env_of(rank)
+            command = rank_command(self.run_dir, self.db_path, rank)
+            if hosts is None:
+                self._start_rank(rank, command, {**os.environ, **env})
+            else:
+                env[RUN_CONFIG_ENV] = self.config.model_dump_json()  # the other machine has no run folder
+                ring_text = ring if self.backend == "ring" else None
+                self._start_rank(rank, remote_command(hosts[rank], command, env, ring_text), dict(os.environ))
         threading.Thread(target=self._watch_progress, name="group-timeout", daemon=True).start()
 
-    def _start_rank(self, rank: int, env: dict[str, str]) -> None:
-        read_fd, write_fd = os.pipe()
-        try:
-            child = subprocess.Popen(
-                [sys.executable, "-m", WORKER_MODULE, str(self.run_dir), "--db", str(self.db_path)]
-                + ["--rank", str(rank), "--channel-fd", str(write_fd)],
-                stdin=subprocess.DEVNULL,
-                pass_fds=(write_fd,),
-                env=env,
-            )  # stdout and stderr: rank 0's, the run's worker.log; same process group, so a group kill reaches it
-        finally:
-            os.close(write_fd)
+    def _start_rank(self, rank: int, command: list[str], env: dict[str, str]) -> None:
+        # stdout: the rank's channel; stderr: rank 0's, the run's worker.log; the same process group, so the
+        # server's kill of the worker's group reaches it
+        child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, env=env)
         self._children[rank] = child
-        threading.Thread(target=self._follow, args=(rank, child, read_fd), name=f"rank-{rank}", daemon=True).start()
+        threading.Thread(target=self._follow, args=(rank, child), name=f"rank-{rank}", daemon=True).start()
 
-    def _follow(self, rank: int, child: subprocess.Popen[bytes], read_fd: int) -> None:
+    def _follow(self, rank: int, child: subprocess.Popen[bytes]) -> None:
         """A rank's samples and failure, then its end: an end before rank 0 closes the group fails the run."""
         reported: Failed | None = None
-        with os.fdopen(read_fd, "rb") as channel:
+        assert child.stdout is not None
+        with child.stdout as channel:
             for line in channel:
                 try:
                     event = decode_line(line)

@@ -23,7 +23,10 @@ def _mlx_memory() -> tuple[float, float, float]:
     mx = sys.modules.get("mlx.core")
     if mx is None:
         return 0.0, 0.0, 0.0
-    return mx.get_active_memory() / GB, mx.get_peak_memory() / GB, mx.get_cache_memory() / GB
+    try:
+        return mx.get_active_memory() / GB, mx.get_peak_memory() / GB, mx.get_cache_memory() / GB
+    except AttributeError:  # another thread is importing it right now
+        return 0.0, 0.0, 0.0
 
 
 def sample_memory(process: psutil.Process | None = None) -> MemorySample:

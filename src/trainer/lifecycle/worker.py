@@ -34,7 +34,7 @@ from .backend import (
     request_stop,
 )
 from .events import Failed, Finished, MemorySample, Started, Stopped, encode_line
-from .group import FINISH_GRACE_S, RankFailure, RankGroup
+from .group import FINISH_GRACE_S, RUN_CONFIG_ENV, RankFailure, RankGroup
 from .jobs import FailureKind
 from .leases import LeaseKeeper
 from .memory import MemorySampler
@@ -208,14 +208,23 @@ def run_rank(run_dir: Path, channel: BinaryIO) -> int:
     samples and a failure. Only rank 0 stops the group (SIGTERM is ignored); rank 0 gone, this one exits too."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), name="parent-watch", daemon=True).start()
-    emit = EventWriter(channel)
-    config = QLoRAConfig.model_validate_json((run_dir / "config.json").read_text(encoding="utf-8"))
+    writer = EventWriter(channel)
+
+    def emit(event: MemorySample) -> None:
+        try:
+            writer(event)
+        except OSError:  # rank 0 is gone (on another machine, this is how a rank learns it)
+            log.error("the channel to rank 0 closed; exiting")
+            os._exit(EXIT_FAILED)
+
+    given = os.environ.get(RUN_CONFIG_ENV)  # a rank on another machine: no run folder there
+    config = QLoRAConfig.model_validate_json(given or (run_dir / "config.json").read_text(encoding="utf-8"))
     with MemorySampler(config.memory_sample_interval or DEFAULT_SAMPLE_INTERVAL_S, emit):
         try:
             load_backend().train(config, run_dir, lambda event: None)
         except Exception as exc:
             log.error("training failed:\n%s", traceback.format_exc())
-            emit.end(Failed(kind=failure_kind(exc), message=f"{type(exc).__name__}: {exc}"))
+            writer.end(Failed(kind=failure_kind(exc), message=f"{type(exc).__name__}: {exc}"))
             return EXIT_FAILED
     return 0
 
@@ -238,7 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     rank = f" rank {args.rank}" if args.rank else ""
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format=f"%(asctime)s{rank} %(name)s %(message)s")
     if args.rank:
-        with os.fdopen(args.channel_fd, "ab", buffering=0) as channel:
+        channel_fd = args.channel_fd
+        if channel_fd == 1:  # the channel is our stdout: what MLX-LM prints goes to stderr instead
+            channel_fd = os.dup(1)
+            os.dup2(2, 1)
+        with os.fdopen(channel_fd, "ab", buffering=0) as channel:
             return run_rank(args.run_dir, channel)
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGUSR1, _on_over_budget)

@@ -56,8 +56,8 @@ class QLoRAConfig(BaseModel):
     learning_rate: Annotated[float, Field(gt=0, le=1, description="Adam learning rate.")] = 1e-5
     max_seq_length: Annotated[int, Field(ge=8, le=1 << 20, description="Longer examples are truncated.")] = 2048
     grad_checkpoint: Annotated[bool, Field(description="Recompute activations: less memory.")] = False
-    mask_prompt: Annotated[bool, Field(description="Train on the completion / last assistant turn only.")] = False
-    seed: Annotated[int, Field(ge=0, lt=1 << 32, description="Seed for LoRA init and batch order.")] = 0
+    mask_prompt: Annotated[bool, Field(description="Train on completions / last assistant turns only.")] = False
+    seed: Annotated[int, Field(ge=0, lt=1 << 32, description="For LoRA init and batch order.")] = 0
     steps_per_report: Annotated[int, Field(ge=1, le=MAX_ITERS, description="Steps between train-loss reports.")] = 10
     steps_per_eval: Annotated[int, Field(ge=1, le=MAX_ITERS, description="Steps between validation losses.")] = 200
     val_batches: Annotated[int, Field(ge=-1, le=MAX_ITERS, description="Validation batches each time; -1: all.")] = 25
@@ -83,7 +83,7 @@ class QLoRAConfig(BaseModel):
         Field(
             gt=0,
             le=1e6,
-            description="Peak GB per process (default: the server's): refused if predicted over, stopped if over.",
+            description="Peak GB per process (default: the server's); refused or stopped when over.",
         ),
     ] = None
     allow_over_budget: Annotated[bool, Field(description="Start even if predicted over budget.")] = False
@@ -93,12 +93,16 @@ class QLoRAConfig(BaseModel):
     ] = False
     num_processes: Annotated[
         int,
-        Field(ge=1, le=64, description="Data-parallel processes (batch_size split over them)."),
+        Field(ge=1, le=64, description="Data-parallel processes sharing batch_size."),
     ] = 1
     backend: Annotated[
         Literal["auto", "ring", "nccl"],
         Field(description="auto: nccl on CUDA, else ring."),
     ] = "auto"
+    hosts: Annotated[
+        str | None,
+        Field(max_length=MAX_PATH, description="mlx.launch hostfile: a process per host (SSH), this one first."),
+    ] = None
     memory_sample_interval: Annotated[
         float | None,
         Field(ge=0.05, le=60, description="Seconds between memory samples (default 0.5)."),
@@ -127,7 +131,7 @@ class QLoRAConfig(BaseModel):
     @property
     def distributed(self) -> bool:
         """Whether the run starts an MLX process group (one process asking for NCCL is a group of one)."""
-        return self.num_processes > 1 or self.backend == "nccl"
+        return self.num_processes > 1 or self.backend == "nccl" or self.hosts is not None
 
     @property
     def lora_scale(self) -> float:

@@ -18,7 +18,8 @@ from ..settings import DEFAULT_SAMPLE_INTERVAL_S, default_budget_gb, default_hom
 from .config import QLoRAConfig
 from .dataset_check import DatasetSummary, check_dataset
 from .dataset_report import refuse_unless_trainable, validate_dataset
-from .device import backend_kind
+from .device import backend_kind, group_backend
+from .hostfile import read_hostfile
 from .memory_plan import MemoryCheck, check_memory
 from .modelref import num_hidden_layers, read_model_config, resolve_model_dir
 from .paths import PathPolicy, check_adapter_dir
@@ -76,10 +77,25 @@ def _check_writable(folder: str) -> None:
         raise ConfigError(f"adapter_dir {folder!r} is not writable (checked {str(probe)!r}); pick a folder you own")
 
 
+def _with_hosts(config: QLoRAConfig) -> QLoRAConfig:
+    """A run over the machines of a hostfile: one process per host, the hostfile's absolute path."""
+    if config.hosts is None:
+        return config
+    hosts = read_hostfile(config.hosts, group_backend(config.backend))
+    if config.num_processes not in (1, len(hosts)):
+        raise ConfigError(
+            f"num_processes is {config.num_processes} but hosts {config.hosts!r} lists {len(hosts)} machines, one "
+            f"process each; leave num_processes out or set it to {len(hosts)}"
+        )
+    hostfile = str(Path(config.hosts).expanduser().resolve())
+    return QLoRAConfig.parse({**config.model_dump(), "num_processes": len(hosts), "hosts": hostfile})
+
+
 def prepare_run(config: QLoRAConfig, defaults: RunDefaults | None = None) -> PreparedRun:
     """Check a config and prepare it; raises ConfigError (and writes nothing) when the run cannot start."""
     defaults = defaults or RunDefaults()
     policy = defaults.path_policy()
+    config = _with_hosts(config)
     model_dir = resolve_model_dir(config.model, defaults.models(), policy)
     model_config = read_model_config(model_dir)
     layers = num_hidden_layers(model_config)
@@ -106,7 +122,7 @@ def prepare_run(config: QLoRAConfig, defaults: RunDefaults | None = None) -> Pre
         _check_writable(config.adapter_dir)
     config = config.model_copy(update=updates)
     budget = defaults.budget_gb()
-    if config.num_processes > 1 and backend_kind() != "cuda":  # the processes share this host's memory
+    if config.num_processes > 1 and not config.hosts and backend_kind() != "cuda":  # they share this host's memory
         budget = round(budget / config.num_processes, 2)
     try:
         config, check = check_memory(config, model_config, budget, summary.longest_tokens)
