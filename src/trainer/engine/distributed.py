@@ -56,7 +56,7 @@ def any_rank(flag: bool) -> bool:
     """Whether `flag` holds on any rank (every rank must call this)."""
     if world_size() == 1:
         return flag
-    return bool(mx.distributed.all_sum(mx.array(int(flag)), stream=mx.cpu).item())
+    return bool(mx.distributed.all_sum(mx.array(int(flag))).item())  # the default stream: NCCL runs on the GPU
 
 
 def from_primary(state: Any) -> Any:
