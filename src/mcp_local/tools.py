@@ -145,8 +145,10 @@ async def profile_memory(
     predicted = ""
     if prediction is not None:
         verdict = "fits" if prediction.fits else "does NOT fit"
+        processes = run_config.num_processes if run_config is not None else 1
+        each = f" per process (each of {processes})" if processes > 1 else ""
         predicted = (
-            f"predicted peak {prediction.prediction.total_gb:.2f} GB {verdict} the budget of "
+            f"predicted peak {prediction.prediction.total_gb:.2f} GB{each} {verdict} the budget of "
             f"{prediction.budget_gb:.2f} GB; "
         )
     summary = predicted + (

@@ -192,5 +192,10 @@ async def test_a_batch_that_does_not_split_is_refused(tmp_path: Path, tiny_model
         refused = await client.call_tool(
             "start_qlora_run", {"config": tiny_run_config(tiny_model, tiny_data, batch_size=3, num_processes=2)}
         )
+        profile = await client.call_tool(
+            "profile_memory", {"config": tiny_run_config(tiny_model, tiny_data, batch_size=4, num_processes=2)}
+        )
+    plan = profile.structured_content["prediction"]["plan"]  # type: ignore[index]
+    assert plan["batch_size"] == 2 and "per process (each of 2)" in profile.content[0].text  # type: ignore[union-attr]
     text = refused.content[0].text  # type: ignore[union-attr]
     assert refused.is_error and "batch_size 3 does not split over num_processes 2" in text, text
