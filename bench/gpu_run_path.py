@@ -32,8 +32,8 @@ from trainer.engine.mlx_backend import _add_lora, load_for_training
 from trainer.planning.config import QLoRAConfig
 
 cfg = json.loads(sys.argv[1])
-import trainer.engine.batches as tb
-tb.ALIGN = cfg["align"]
+import os
+os.environ["MCP_LOCAL_INPUT_ALIGN"] = str(cfg["align"])
 config = QLoRAConfig.model_validate(cfg["config"])
 mx.random.seed(0)
 model, tokenizer, _ = load_for_training(config)
@@ -42,7 +42,7 @@ _add_lora(config, model)
 optimizer = optim.Adam(learning_rate=config.learning_rate)
 step = fused_step(model, optimizer, training_loss(True, False), False)
 model.train()
-times, fetch = [], []
+times, fetch, counted = [], [], []
 batches = training_batches(CacheDataset(train_set), config.batch_size, config.max_seq_length, 0)
 fixed = None
 for it in range(config.iters):
@@ -53,12 +53,13 @@ for it in range(config.iters):
         batch = fixed
     t1 = time.perf_counter()
     value, toks = step(batch)
-    value.item(); toks.item()
+    value.item(); counted.append(int(toks.item()))
     t2 = time.perf_counter()
     fetch.append(t1 - t0); times.append(t2 - t1)
 steady = times[3:]
 tokens = batch[0].shape[0] * (batch[0].shape[1] - 1)
 print(json.dumps({"tok_s_mean": tokens / statistics.mean(steady), "tok_s_min": tokens / min(steady),
+                  "trained_tok_s": sum(counted[3:]) / sum(steady), "inputs": batch[0].shape[1] - 1,
                   "step_ms": [round(t * 1000, 1) for t in times], "fetch_ms_mean": 1000 * statistics.mean(fetch[3:]),
                   "peak_gb": mx.get_peak_memory() / 1e9}))
 """
@@ -84,13 +85,19 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--shape", default="qwen2.5-coder-7b")
     parser.add_argument("--in-process-only", action="store_true")
+    parser.add_argument("--words", type=int, default=0, help="records of this many words (shorter than the sequence)")
+    parser.add_argument("--aligns", default="", help="e.g. 32,128: in-process and product rows padded to each")
     args = parser.parse_args()
     work = Path(args.work)
     model = work / "model"
     if not (model / "config.json").is_file():
         build_model(model, args.shape)
     batch, seq = (int(v) for v in args.size.split("x"))
-    data = build_data(work / f"data-{seq}", words_per_record=seq)
+    words = args.words or seq
+    data = build_data(work / f"data-{seq}-{words}", words_per_record=words)
+    if args.aligns:
+        aligns(model, data, batch, seq, args)
+        return
     libs = sorted(
         p.name for p in Path("/usr/lib/x86_64-linux-gnu").glob("*") if "tcmalloc" in p.name or "blas" in p.name
     )
@@ -115,6 +122,25 @@ def main() -> None:
             os.environ.clear()
             os.environ.update(saved)
         report({"variant": name, **got}, args.out)
+
+
+def aligns(model: Path, data: Path, batch: int, seq: int, args: Any) -> None:
+    """Inputs padded to each alignment: MLX's fused (cuDNN) attention backward takes multiples of 128 only."""
+    for align in (int(a) for a in args.aligns.split(",")):
+        got = in_process(model, data, batch, seq, args.iters, fixed=False, align=align)
+        got.pop("step_ms", None)
+        report({"variant": f"in-process, inputs padded to a multiple of {align}", **got}, args.out)
+        saved = dict(os.environ)
+        os.environ["MCP_LOCAL_INPUT_ALIGN"] = str(align)
+        try:
+            for layerwise in (False, True):
+                got = product(model, data, batch, seq, args.iters, layerwise)
+                got.pop("losses", None)
+                mode = "layerwise" if layerwise else "fast path"
+                report({"variant": f"product, {mode}, inputs padded to a multiple of {align}", **got}, args.out)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
 
 
 if __name__ == "__main__":

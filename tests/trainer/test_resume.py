@@ -115,11 +115,26 @@ def test_a_layerwise_run_resumes_bit_for_bit(tiny_model: Path, small_data: Path,
 
 def test_batches_are_padded_to_aligned_inputs_and_the_padding_is_masked() -> None:
     """MLX-LM caps a batch at max_seq_length (2047 inputs for 2048-token records), which GPU kernels run slowly."""
-    from trainer.engine.batches import ALIGN, aligned
+    from trainer.engine.batches import aligned
+    from trainer.planning.device import input_alignment
 
     tokens, lengths = mx.ones((2, 2048), dtype=mx.int32), mx.array([[0, 2048], [0, 1000]])
     padded, same = aligned((tokens, lengths))
-    assert padded.shape == (2, 2049) and (padded.shape[1] - 1) % ALIGN == 0 and same is lengths
+    assert padded.shape == (2, 2049) and (padded.shape[1] - 1) % input_alignment() == 0 and same is lengths
     assert padded[:, -1].tolist() == [0, 0] and mx.array_equal(padded[:, :2048], tokens).item()
     already = (mx.ones((1, 33), dtype=mx.int32), lengths[:1])
     assert aligned(already) is already
+
+
+def test_inputs_are_aligned_to_128_where_cudnn_attention_needs_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA: MLX's fused attention backward takes multiples of 128; the CPU keeps MLX-LM's 32 (its calibration)."""
+    from trainer.engine.batches import aligned
+    from trainer.planning import device
+
+    assert device.input_alignment() == 32  # this machine: the CPU
+    monkeypatch.setattr(device, "backend_kind", lambda: "cuda")
+    assert device.input_alignment() == 128
+    tokens, lengths = mx.ones((1, 1500), dtype=mx.int32), mx.array([[0, 1500]])
+    assert aligned((tokens, lengths))[0].shape == (1, 1537)
+    monkeypatch.setenv(device.ALIGN_ENV, "32")
+    assert aligned((tokens, lengths))[0].shape == (1, 1505)

@@ -11,20 +11,21 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from ..planning.device import input_alignment
+
 #: seeds validation passes from the run's seed, apart from every epoch's
 _VALIDATION = 1 << 31
-#: a batch's inputs (its length less one) are padded to a multiple of this. MLX-LM pads them so, but then caps the
-#: length at max_seq_length: 2048-token records at max_seq_length 2048 give 2047 inputs, which run markedly slower
-#: on CUDA than 2048 (docs/benchmarks.md). The padding is masked out of the loss like any other.
-ALIGN = 32
 
 
 def aligned(batch: Any) -> Any:
-    """The batch with its token array padded (with zeros, masked by its lengths) to ALIGN inputs."""
+    """The batch with its token array padded (with zeros, masked by its lengths) to a multiple of
+    `input_alignment()` inputs. MLX-LM pads to 32 but then caps the length at max_seq_length: 2048-token records at
+    max_seq_length 2048 give 2047 inputs, which run markedly slower on CUDA than 2048 (docs/benchmarks.md). The
+    padding is masked out of the loss like any other."""
     import mlx.core as mx
 
     tokens, lengths = batch
-    extra = -(tokens.shape[1] - 1) % ALIGN
+    extra = -(tokens.shape[1] - 1) % input_alignment()
     return batch if extra == 0 else (mx.pad(tokens, [(0, 0), (0, extra)]), lengths)
 
 

@@ -62,3 +62,16 @@ def group_backend(backend: str) -> str:
     if backend != "auto":
         return backend
     return "nccl" if backend_kind() == "cuda" else "ring"
+
+
+ALIGN_ENV = "MCP_LOCAL_INPUT_ALIGN"
+
+
+def input_alignment() -> int:
+    """A batch's inputs are padded to a multiple of this: 128 on CUDA, where MLX's fused attention backward (cuDNN)
+    needs one (otherwise it falls back to materializing every score matrix: slower, and more memory than predicted);
+    32 elsewhere, as MLX-LM pads. `MCP_LOCAL_INPUT_ALIGN` overrides it."""
+    given = os.environ.get(ALIGN_ENV)
+    if given:
+        return max(1, int(given))
+    return 128 if backend_kind() == "cuda" else 32

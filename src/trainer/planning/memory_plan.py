@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 
 from ..errors import ConfigError
 from .config import QLoRAConfig
-from .device import device_kind, fast_path_on
+from .device import device_kind, fast_path_on, input_alignment
 from .memory_estimate import MemoryParts, MemoryPlan, dense_copy_bytes, predict_peak
 
 log = logging.getLogger(__name__)
@@ -108,9 +108,12 @@ def check_memory(
             update={"dense_weights": device == "cpu" and fast and dense_fits(model_config, budget)}
         )
     longest = longest_tokens
+    align = input_alignment()
 
     def predict(cfg: QLoRAConfig) -> tuple[MemoryPlan, MemoryParts]:
         seq = min(cfg.max_seq_length, longest) if longest else cfg.max_seq_length
+        if align > 32:  # CUDA: inputs padded to a multiple of 128 (the CPU's calibration used MLX-LM's padding)
+            seq = -(-(seq - 1) // align) * align
         cfg_bytes, _, cfg_fast = compute_bytes(cfg.fast_path)
         plan = plan_for(cfg, seq, cfg_bytes, device, cfg_fast)
         return plan, predict_peak(model_config, plan)
