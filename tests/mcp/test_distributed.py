@@ -5,6 +5,7 @@ group, and no process of it is left."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import time
 from pathlib import Path
@@ -185,6 +186,19 @@ async def test_a_run_over_two_machines_starts_the_other_rank_over_ssh(
     assert (tmp_path / "ssh.log").read_text() == "mac-2\n"  # rank 1 went to the second machine, rank 0 ran here
     assert len(statuses[1]["metrics"]["rank_peak_memory_gb"]) == 2
     assert max(abs(a - b) for a, b in zip(losses[0], losses[1], strict=True)) < 1e-5, losses
+
+
+async def test_a_group_past_its_per_process_budget_is_stopped_whole(
+    tmp_path: Path, tiny_model: Path, tiny_data: Path
+) -> None:
+    run = config(tiny_model, tiny_data, 2, iters=100_000, memory_budget_gb=0.006, allow_over_budget=True)
+    async with Client(server_params(tmp_path / "home"), mode="legacy") as client:
+        started = await client.call_tool("start_qlora_run", {"config": run})
+        status = await follow_to_end(client, started.structured_content["run_id"], [])  # type: ignore[index]
+        assert (await client.call_tool("profile_memory", {})).structured_content["workers"] == []  # type: ignore[index]
+    error = status["error"]
+    assert status["state"] == "failed" and error["kind"] == "memory_budget", status
+    assert re.search(r"reached [0-9.]+ GB on rank [01], over the run's budget of 0.006 GB", error["message"]), error
 
 
 async def test_a_batch_that_does_not_split_is_refused(tmp_path: Path, tiny_model: Path, tiny_data: Path) -> None:
