@@ -36,6 +36,8 @@ HOSTFILE_ENV = "MLX_HOSTFILE"
 #: seconds without a step (or any report) after which a group counts as hung; tests shorten it
 TIMEOUT_ENV = "MCP_LOCAL_GROUP_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 600.0
+#: before the first step, the timeout is this many times longer
+LOADING_TIMEOUT_FACTOR = 3
 LOCALHOST = "127.0.0.1"
 WORKER_MODULE = "trainer.lifecycle.worker"
 #: a rank on another machine reads its run config from here (it has no run folder)
@@ -137,6 +139,8 @@ class RankGroup:
         self._closing = threading.Event()
         self._last_beat = time.monotonic()
         self._failed = threading.Event()
+        self._lock = threading.Lock()
+        self._stepping = False
 
     def start(self) -> None:
         """Set rank 0's own variables (before MLX joins the group) and start the other ranks."""
@@ -199,7 +203,8 @@ class RankGroup:
     def _watch_progress(self) -> None:
         while not self._closing.wait(1.0):
             idle = time.monotonic() - self._last_beat
-            if idle > self.timeout_s:
+            # loading (and quantizing) a large model before the first step may take longer than a step ever does
+            if idle > (self.timeout_s if self._stepping else LOADING_TIMEOUT_FACTOR * self.timeout_s):
                 self._fail(
                     RankFailure(
                         0,
@@ -211,15 +216,18 @@ class RankGroup:
                 return
 
     def _fail(self, failure: RankFailure) -> None:
-        if self._failed.is_set():
-            return
-        self._failed.set()
-        self.failure = failure
+        with self._lock:  # the rank threads and the timeout may fail the group at once: the first one counts
+            if self._failed.is_set():
+                return
+            self.failure = failure
+            self._failed.set()
         log.error("%s", failure.message)
         self.on_failure(failure)
 
-    def beat(self) -> None:
+    def beat(self, stepping: bool = False) -> None:
+        """Rank 0 reported something (`stepping`: about a training step or evaluation)."""
         self._last_beat = time.monotonic()
+        self._stepping = self._stepping or stepping
 
     def wait_for_failure(self, seconds: float) -> RankFailure | None:
         """A rank's failure, waiting up to `seconds` for one (rank 0's own error may be the symptom of it)."""

@@ -33,7 +33,7 @@ from .backend import (
     load_backend,
     request_stop,
 )
-from .events import Failed, Finished, MemorySample, Started, Stopped, encode_line
+from .events import Failed, Finished, MemorySample, Progress, Started, Stopped, TrainReport, ValReport, encode_line
 from .group import FINISH_GRACE_S, RUN_CONFIG_ENV, RankFailure, RankGroup
 from .jobs import FailureKind
 from .leases import LeaseKeeper
@@ -163,7 +163,7 @@ def _train(
 ) -> int:
     def backend_emit(event: BackendEvent) -> None:
         if group is not None:
-            group.beat()
+            group.beat(isinstance(event, Progress | TrainReport | ValReport))
         emit(event)
 
     try:
