@@ -145,7 +145,7 @@ async def profile_memory(
     predicted = ""
     if prediction is not None:
         verdict = "fits" if prediction.fits else "does NOT fit"
-        processes = run_config.num_processes if run_config is not None else 1
+        processes = prediction.num_processes
         each = f" per process (each of {processes})" if processes > 1 else ""
         predicted = (
             f"predicted peak {prediction.prediction.total_gb:.2f} GB{each} {verdict} the budget of "

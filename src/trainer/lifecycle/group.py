@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import shlex
-import signal
 import socket
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from ..planning.device import group_backend
 from ..planning.hostfile import Host, read_hostfile
 from .events import Failed, MemorySample, decode_line
 from .jobs import FailureKind
+from .tracking import describe_exit
 
 log = logging.getLogger(__name__)
 RANK_ENV = "MLX_RANK"
@@ -83,12 +83,10 @@ def rank_env(
     return env
 
 
-def rank_command(run_dir: Path, db_path: Path, rank: int) -> list[str]:
-    """A rank's worker: it writes its samples and failure to its stdout, its own prints going to stderr."""
-    return [sys.executable, "-m", WORKER_MODULE, str(run_dir), "--db", str(db_path), "--rank", str(rank)] + [
-        "--channel-fd",
-        "1",
-    ]
+def rank_command(run_dir: Path, rank: int) -> list[str]:
+    """A rank's worker: it writes its samples and failure to its stdout, its own prints going to stderr (it holds
+    no lease: rank 0's is the run's)."""
+    return [sys.executable, "-m", WORKER_MODULE, str(run_dir), "--rank", str(rank), "--channel-fd", "1"]
 
 
 def remote_command(host: Host, command: list[str], env: dict[str, str], ring: str | None) -> list[str]:
@@ -113,24 +111,17 @@ def group_timeout_s() -> float:
     return float(os.environ.get(TIMEOUT_ENV) or DEFAULT_TIMEOUT_S)
 
 
-def describe_exit(code: int) -> str:
-    if code < 0:
-        return f"was killed by signal {signal.Signals(-code).name}"
-    return f"exited with status {code}"
-
-
 class RankGroup:
     """Ranks 1..N-1 of a run, started and watched from rank 0: `start()`, `beat()` at each step, `close()`."""
 
     def __init__(
         self,
         run_dir: Path,
-        db_path: Path,
         config: QLoRAConfig,
         on_sample: Callable[[MemorySample], None],
         on_failure: Callable[[RankFailure], None],
     ) -> None:
-        self.run_dir, self.db_path, self.config = run_dir, db_path, config
+        self.run_dir, self.config = run_dir, config
         self.on_sample, self.on_failure = on_sample, on_failure
         self.backend = group_backend(config.backend)
         self.timeout_s = group_timeout_s()
@@ -159,7 +150,7 @@ class RankGroup:
         log.info("starting %d processes with the %s backend%s", size, self.backend, " over SSH" if hosts else "")
         for rank in range(1, size):
             env = env_of(rank)
-            command = rank_command(self.run_dir, self.db_path, rank)
+            command = rank_command(self.run_dir, rank)
             if hosts is None:
                 self._start_rank(rank, command, {**os.environ, **env})
             else:

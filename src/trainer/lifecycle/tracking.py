@@ -151,15 +151,21 @@ def final_outcome(job: Job, ending: Ending) -> tuple[JobState, JobError | None]:
     return JobState.FAILED, crash.model_copy(update={"message": f"{crash.message}; {last_checkpoint(job)}"})
 
 
+def describe_exit(code: int) -> str:
+    """How a process ended, in words for an error message."""
+    if code >= 0:
+        return f"exited with status {code}"
+    how = f"was killed by signal {signal.Signals(-code).name}"
+    if -code == signal.SIGKILL:
+        how += " (often the kernel's out-of-memory killer; check the memory samples)"
+    return how
+
+
 def crash_error(exit_code: int | None, run_dir: Path, stderr_tail: str) -> JobError:
     if exit_code is None:
         how = "died without reporting a result (another server started it, so its exit status is unknown)"
-    elif exit_code < 0:
-        how = f"was killed by signal {signal.Signals(-exit_code).name}"
-        if -exit_code == signal.SIGKILL:
-            how += " (often the kernel's out-of-memory killer; check the memory samples)"
     else:
-        how = f"exited with status {exit_code} without reporting a result"
+        how = describe_exit(exit_code) + ("" if exit_code < 0 else " without reporting a result")
     return JobError(
         kind=FailureKind.CRASHED,
         message=f"the worker {how}; see {run_dir / 'worker.log'}",

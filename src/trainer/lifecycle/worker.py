@@ -115,8 +115,8 @@ def failure_kind(exc: BaseException) -> FailureKind:
     return FailureKind.BACKEND
 
 
-def run(run_dir: Path, emit: EventWriter, attempt: int = 1, db_path: Path | None = None) -> int:
-    config = QLoRAConfig.model_validate_json((run_dir / "config.json").read_text(encoding="utf-8"))
+def run(run_dir: Path, emit: EventWriter, attempt: int = 1) -> int:
+    config = _read_config(run_dir)
     backend = load_backend()
     try:
         device = backend.device()
@@ -126,7 +126,7 @@ def run(run_dir: Path, emit: EventWriter, attempt: int = 1, db_path: Path | None
         return EXIT_FAILED
     emit(Started(pid=os.getpid(), backend=backend.name, device=device, attempt=attempt))
     watchdog = Watchdog(config.memory_budget_gb, emit)
-    group = _start_group(config, run_dir, db_path, emit, watchdog) if config.distributed else None
+    group = _start_group(config, run_dir, emit, watchdog) if config.distributed else None
     code = EXIT_FAILED
     try:
         with MemorySampler(config.memory_sample_interval or DEFAULT_SAMPLE_INTERVAL_S, watchdog):
@@ -137,9 +137,7 @@ def run(run_dir: Path, emit: EventWriter, attempt: int = 1, db_path: Path | None
     return code
 
 
-def _start_group(
-    config: QLoRAConfig, run_dir: Path, db_path: Path | None, emit: EventWriter, watchdog: Watchdog
-) -> RankGroup:
+def _start_group(config: QLoRAConfig, run_dir: Path, emit: EventWriter, watchdog: Watchdog) -> RankGroup:
     """Rank 0 of a run of several processes: start the others; a rank's death or a hang ends the whole group now
     (this rank may be waiting in a collective for the dead one, so it cannot wait for a safe point)."""
 
@@ -148,7 +146,7 @@ def _start_group(
             group.close()
             os._exit(EXIT_FAILED)
 
-    group = RankGroup(run_dir, db_path or run_dir / "runs.sqlite3", config, watchdog, abandon)
+    group = RankGroup(run_dir, config, watchdog, abandon)
     group.start()
     return group
 
@@ -217,8 +215,7 @@ def run_rank(run_dir: Path, channel: BinaryIO) -> int:
             log.error("the channel to rank 0 closed; exiting")
             os._exit(EXIT_FAILED)
 
-    given = os.environ.get(RUN_CONFIG_ENV)  # a rank on another machine: no run folder there
-    config = QLoRAConfig.model_validate_json(given or (run_dir / "config.json").read_text(encoding="utf-8"))
+    config = _read_config(run_dir)
     with MemorySampler(config.memory_sample_interval or DEFAULT_SAMPLE_INTERVAL_S, emit):
         try:
             load_backend().train(config, run_dir, lambda event: None)
@@ -227,6 +224,11 @@ def run_rank(run_dir: Path, channel: BinaryIO) -> int:
             writer.end(Failed(kind=failure_kind(exc), message=f"{type(exc).__name__}: {exc}"))
             return EXIT_FAILED
     return 0
+
+
+def _read_config(run_dir: Path) -> QLoRAConfig:
+    given = os.environ.get(RUN_CONFIG_ENV)  # a rank on another machine: no run folder there
+    return QLoRAConfig.model_validate_json(given or (run_dir / "config.json").read_text(encoding="utf-8"))
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -239,7 +241,7 @@ def _exit_with_parent(parent: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer.lifecycle.worker")
     parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--db", type=Path, required=True, help="the store's database, for this run's lease")
+    parser.add_argument("--db", type=Path, help="the store's database, for this run's lease (rank 0 only)")
     parser.add_argument("--attempt", type=int, default=1, help="2 and on: a resumed run (its newest checkpoint)")
     parser.add_argument("--rank", type=int, default=0, help="1 and on: a rank that rank 0 started (group.py)")
     parser.add_argument("--channel-fd", type=int, help="with --rank: the pipe to rank 0")
@@ -256,13 +258,15 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGUSR1, _on_over_budget)
     run_dir = args.run_dir
+    if args.db is None:
+        parser.error("--db is required (but for --rank 1 and on)")
     # unbuffered append: each event is one write(2) of one line, so a follower never reads half an event
     with LeaseKeeper(args.db, run_dir.name), open(run_dir / "events.jsonl", "ab", buffering=0) as channel:
         after_seq = last_seq(run_dir)
         if channel.tell() and not _ends_with_newline(run_dir / "events.jsonl"):
             channel.write(b"\n")  # a torn last line of a killed worker stays one unreadable line, apart from ours
         try:
-            return run(run_dir, EventWriter(channel, after_seq), args.attempt, args.db)
+            return run(run_dir, EventWriter(channel, after_seq), args.attempt)
         except Cancelled:
             return EXIT_CANCELLED
 

@@ -23,6 +23,7 @@ class RunPrediction(BaseModel):
     budget_gb: float
     fits: bool
     changes: list[str] = Field(description="Settings fit_to_budget would change.")
+    num_processes: int = Field(1, description="The prediction and the budget are each process's.")
 
 
 def predict_run(config: QLoRAConfig, defaults: RunDefaults | None = None) -> RunPrediction:
@@ -30,7 +31,8 @@ def predict_run(config: QLoRAConfig, defaults: RunDefaults | None = None) -> Run
     prepared = prepare_run(config.model_copy(update={"allow_over_budget": True}), defaults)
     if prepared.memory is None:
         raise ConfigError(f"cannot predict memory for {config.model!r}: its config.json lacks the model dimensions")
-    return RunPrediction(model=prepared.config.model, **prepared.memory.model_dump())
+    processes = prepared.config.num_processes  # a hostfile's machines are counted by now
+    return RunPrediction(model=prepared.config.model, num_processes=processes, **prepared.memory.model_dump())
 
 
 def predict_model(model: str, settings: dict[str, Any], defaults: RunDefaults | None = None) -> RunPrediction:
