@@ -39,7 +39,8 @@ def _inspect(home: Path, roots: list[Path], method: str, *extra: str) -> dict[st
 
 
 def _call(home: Path, roots: list[Path], tool: str, **arguments: Any) -> dict[str, Any]:
-    args = [f"{key}={json.dumps(value) if not isinstance(value, str) else value}" for key, value in arguments.items()]
+    # every value as JSON: the Inspector JSON-parses each one, so a bare run id of digits only (1 in 43) became a number
+    args = [f"{key}={json.dumps(value)}" for key, value in arguments.items()]
     result = _inspect(home, roots, "tools/call", "--tool-name", tool, *(["--tool-arg", *args] if args else []))
     assert result["isError"] is False, result
     return dict(result["structuredContent"])
