@@ -23,6 +23,9 @@ VARIANTS: dict[str, tuple[bool, dict[str, Any]]] = {
     "plain + mlx-lm checkpointing": (False, {"ckpt": True}),
     "plain + mlx-lm checkpointing, not compiled": (False, {"ckpt": True, "compile": False}),
     "fast ours, compiled step": (True, {}),
+    "fast ours, compiled step, one step ahead": (True, {"ahead": True}),
+    "fast ours, compiled step, one step ahead, memory limit 22 GB": (True, {"ahead": True, "limit_gb": 22}),
+    "fast ours, compiled step, MLX-LM's float32 LoRA": (True, {"lora_f32": True}),
     "fast ours, not compiled": (True, {"compile": False}),
     "fast kept, not compiled (issue probe)": (True, {"compile": False, "fast_impl": "kept"}),
     "fast kept, compiled step": (True, {"fast_impl": "kept"}),
@@ -35,6 +38,14 @@ VARIANTS: dict[str, tuple[bool, dict[str, Any]]] = {
     "layerwise + fast, pipelined": (True, {"layerwise": True, "chunked": True, "lw_compiled": False}),
     "layerwise + fast, compiled": (True, {"layerwise": True, "chunked": True, "lw_pipelined": False}),
     "layerwise + fast, compiled + pipelined": (True, {"layerwise": True, "chunked": True}),
+    "layerwise + fast, compiled + pipelined, one step ahead": (
+        True,
+        {"layerwise": True, "chunked": True, "ahead": True},
+    ),
+    "layerwise + fast, compiled + pipelined, MLX-LM's float32 LoRA": (
+        True,
+        {"layerwise": True, "chunked": True, "lora_f32": True},
+    ),
     "layerwise + fast unordered, compiled + pipelined": (
         True,
         {"layerwise": True, "chunked": True, "fast_impl": "unordered"},

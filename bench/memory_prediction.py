@@ -3,8 +3,10 @@
 uv run python bench/memory_prediction.py [--device cpu|gpu] [--grid cpu|gpu] [--out results.json]
 
 Each configuration runs in a fresh subprocess: a random-weight model of the given shape, quantized to 4 bits
-(group 64), LoRA rank 16, Adam, mlx-lm's compiled training step (as our worker runs it), three steps; the
-measured peak is MLX's peak memory after the first step.
+(group 64), LoRA rank 16, Adam, mlx-lm's compiled training step (as our worker runs it: LoRA in half precision
+unless the case says `lora_f32`), a first step, the allocator's cache cleared, an untimed step that refills it, then
+the timed steps; the measured peak is MLX's peak memory after the first step. Tokens/s: of the best timed step, and
+of all of them (`tok_s_mean`), with each step's seconds.
 """
 
 from __future__ import annotations
@@ -117,6 +119,9 @@ if cfg.get("dense"):
     cache_dense_weights(model, 1 << 62)
 model.freeze()
 linear_to_lora_layers(model, cfg["layers"], {"rank": 16, "scale": 2.0, "dropout": 0.0})
+if cfg["fast"] is not False and not cfg.get("lora_f32"):  # as our worker (MLX-LM's own float32 LoRA for plain rows)
+    from trainer.engine.lora_math import lora_in_half_precision
+    lora_in_half_precision(model)
 if cfg["ckpt"]:
     grad_checkpoint(model.layers[0])
 loss = training_loss(fast, cfg["chunked"])  # as our worker's step
@@ -143,11 +148,22 @@ x = mx.random.randint(0, shape["vocab_size"], (B, T + 1), key=mx.random.key(1))
 lengths = mx.array([[0, T]] * B)
 l, n = step(x, lengths); mx.eval(state, l)
 mx.clear_cache(); mx.reset_peak_memory(); base_gb = mx.get_active_memory() / 1e9
+l, n = step(x, lengths); mx.eval(state, l)  # refills the allocator's cache: the timed steps are steady ones
 times = []
-for _ in range(cfg["steps"]):
+if cfg.get("limit_gb"):  # MLX's eval waits for work in flight while its active memory is past this limit
+    mx.set_memory_limit(int(cfg["limit_gb"] * 1e9))
+if cfg.get("ahead"):  # each step dispatched before the one before it is read: the device never waits for Python
+    t = time.perf_counter(); prev = None
+    for _ in range(cfg["steps"]):
+        l, n = step(x, lengths); mx.async_eval(state, l, n)
+        if prev is not None:
+            prev.item()
+        prev = l
+    l.item(); times = [(time.perf_counter() - t) / cfg["steps"]]
+for _ in range(0 if cfg.get("ahead") else cfg["steps"]):
     t = time.perf_counter(); l, n = step(x, lengths); mx.eval(state, l); times.append(time.perf_counter() - t)
 peak_gb = mx.get_peak_memory() / 1e9
-print(json.dumps({"peak_gb": peak_gb, "base_gb": base_gb, "tok_s": B * T / min(times),
+print(json.dumps({"peak_gb": peak_gb, "base_gb": base_gb, "tok_s": B * T / min(times), "step_s": times,
                   "tok_s_mean": B * T * len(times) / sum(times), "loss": l.item()}))
 """
 
@@ -158,6 +174,10 @@ def report(row: dict[str, Any], out: str | None) -> None:
     if out:
         with open(out, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
+
+
+#: a case's optional settings passed on to the child (bench/gpu_step_variants.py)
+OPTIONS = ("fast_impl", "lw_compiled", "lw_pipelined", "ahead", "limit_gb", "lora_f32")
 
 
 def measure(case: dict[str, Any], fast: bool | None, steps: int, env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -173,7 +193,7 @@ def measure(case: dict[str, Any], fast: bool | None, steps: int, env: dict[str, 
         "layerwise": case.get("layerwise", False),
         "layers": 16,
         "steps": steps,
-        **{k: case[k] for k in ("fast_impl", "lw_compiled", "lw_pipelined") if k in case},
+        **{k: case[k] for k in OPTIONS if k in case},
     }
     out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(payload)], capture_output=True, text=True, env=env)
     if out.returncode != 0:

@@ -178,6 +178,8 @@ def _add_lora(config: QLoRAConfig, model: Any) -> int:
     """Freeze the base and put LoRA on the last `num_layers` blocks; returns how many."""
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
+    from .lora_math import lora_in_half_precision
+
     num_layers = len(model.layers) if config.num_layers == -1 else config.num_layers
     if num_layers > len(model.layers):
         raise ConfigError(f"num_layers={num_layers} but the model has only {len(model.layers)} layers")
@@ -185,6 +187,7 @@ def _add_lora(config: QLoRAConfig, model: Any) -> int:
     linear_to_lora_layers(
         model, num_layers, {"rank": config.rank, "scale": config.lora_scale, "dropout": config.dropout}
     )
+    lora_in_half_precision(model)
     return num_layers
 
 

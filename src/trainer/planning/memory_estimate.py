@@ -37,11 +37,12 @@ CHECKPOINT_LAYERS = 0.22
 CPU_OVERHEAD_GB = 0.07
 #: fraction added for the allocator's fragmentation and cache
 SLACK = 0.02
-#: CUDA, as our workers run it (8 operations per command buffer, environment/mlx_env.py), fit to the 7B shape on an
-#: H200: the peak is linear in batch x length whatever the split, so attention runs fused and keeps no T x T
-#: probabilities; per-token tensors are a share of the CPU's; a one-graph step adds a fixed amount and, with the fast
-#: path, the head's and a few blocks' dequantized weights (docs/benchmarks.md)
-GPU_TOKEN_SCALE = 0.93
+#: CUDA, as our workers run it (8 operations per command buffer, environment/mlx_env.py; LoRA in half precision,
+#: engine/lora_math.py), fit to the 7B shape on an H200: the peak is linear in batch x length whatever the split, so
+#: attention runs fused and keeps no T x T probabilities; per-token tensors are a share of the CPU's (0.93 with
+#: MLX-LM's float32 LoRA); a one-graph step adds a fixed amount and, with the fast path, the head's and a few
+#: blocks' dequantized weights (docs/benchmarks.md)
+GPU_TOKEN_SCALE = 0.70
 GPU_OVERHEAD_GB = 0.9
 FAST_GPU_BLOCKS = 3
 #: CUDA, layerwise step: one block's forward and backward, in layers of activations, with the next block handed to the
