@@ -4,9 +4,8 @@ MLX-LM keeps `lora_a`/`lora_b` in float32, so in a bfloat16 (or float16) model e
 to float32, computes the (tokens x output) update in float32 and casts it back: more memory traffic than the base
 layer's own output, forward and backward, and a float32 copy of each input kept for the backward pass. Here the two
 small matrices are cast to the input's dtype (the scale folded into `lora_b`), as PEFT computes under half-precision
-autocast: on an H200 the 7B step got 9-11% faster and its peak 14-17% lower (docs/benchmarks.md). The parameters,
-their float32 gradients and optimizer state, and saved adapters are unchanged; float32 inputs (our CPU runs) take
-MLX-LM's own path.
+autocast: faster and smaller on a GPU (docs/benchmarks.md). The parameters, their float32 gradients and optimizer
+state, and saved adapters are unchanged; float32 inputs (our CPU runs) take MLX-LM's own path.
 """
 
 from __future__ import annotations
