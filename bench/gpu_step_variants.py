@@ -24,7 +24,6 @@ VARIANTS: dict[str, tuple[bool, dict[str, Any]]] = {
     "plain + mlx-lm checkpointing, not compiled": (False, {"ckpt": True, "compile": False}),
     "fast ours, compiled step": (True, {}),
     "fast ours, compiled step, one step ahead": (True, {"ahead": True}),
-    "fast ours, compiled step, one step ahead, memory limit 22 GB": (True, {"ahead": True, "limit_gb": 22}),
     "fast ours, compiled step, MLX-LM's float32 LoRA": (True, {"lora_f32": True}),
     "fast ours, not compiled": (True, {"compile": False}),
     "fast kept, not compiled (issue probe)": (True, {"compile": False, "fast_impl": "kept"}),

@@ -150,8 +150,6 @@ l, n = step(x, lengths); mx.eval(state, l)
 mx.clear_cache(); mx.reset_peak_memory(); base_gb = mx.get_active_memory() / 1e9
 l, n = step(x, lengths); mx.eval(state, l)  # refills the allocator's cache: the timed steps are steady ones
 times = []
-if cfg.get("limit_gb"):  # MLX's eval waits for work in flight while its active memory is past this limit
-    mx.set_memory_limit(int(cfg["limit_gb"] * 1e9))
 if cfg.get("ahead"):  # each step dispatched before the one before it is read: the device never waits for Python
     t = time.perf_counter(); prev = None
     for _ in range(cfg["steps"]):
@@ -177,7 +175,7 @@ def report(row: dict[str, Any], out: str | None) -> None:
 
 
 #: a case's optional settings passed on to the child (bench/gpu_step_variants.py)
-OPTIONS = ("fast_impl", "lw_compiled", "lw_pipelined", "ahead", "limit_gb", "lora_f32")
+OPTIONS = ("fast_impl", "lw_compiled", "lw_pipelined", "ahead", "lora_f32")
 
 
 def measure(case: dict[str, Any], fast: bool | None, steps: int, env: dict[str, str] | None = None) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from mlx_lm.tuner.trainer import default_loss
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from trainer.engine.lora_math import HalfPrecisionLoRALinear, lora_in_half_precision
+from trainer.engine.tiny import TINY_ARGS
 
 
 def _number(a: mx.array) -> float:
@@ -67,19 +68,7 @@ def test_float32_inputs_take_mlx_lm_s_own_path_exactly() -> None:
 
 def test_a_bfloat16_model_trains_with_the_same_adapter_names_and_its_fused_weights_agree() -> None:
     mx.random.seed(0)
-    args = qwen2.ModelArgs.from_dict(
-        {
-            "model_type": "qwen2",
-            "hidden_size": 128,
-            "num_hidden_layers": 2,
-            "intermediate_size": 256,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "rms_norm_eps": 1e-6,
-            "vocab_size": 512,
-            "tie_word_embeddings": True,
-        }
-    )
+    args = qwen2.ModelArgs.from_dict({**TINY_ARGS, "vocab_size": 512})
     model = qwen2.Model(args)
     model.set_dtype(mx.bfloat16)
     quantize(model, group_size=64, bits=4)
@@ -99,9 +88,9 @@ def test_a_bfloat16_model_trains_with_the_same_adapter_names_and_its_fused_weigh
         mx.eval(model.parameters(), optimizer.state)
         losses.append(_number(value))
     assert losses[-1] < losses[0]  # it learns through the half-precision branch
-    layer = model.layers[0].self_attn.q_proj
+    layer = model.layers[-1].self_attn.q_proj  # LoRA is on the last blocks
     assert isinstance(layer, HalfPrecisionLoRALinear)
-    x = mx.random.normal((1, 8, 128), key=mx.random.key(4)).astype(mx.bfloat16)
+    x = mx.random.normal((1, 8, TINY_ARGS["hidden_size"]), key=mx.random.key(4)).astype(mx.bfloat16)
     fused = layer.fuse(dequantize=True)  # MLX-LM's fuse, inherited: the update merged into the weight
     want = layer(x).astype(mx.float32)
     error = _number(mx.abs(fused(x).astype(mx.float32) - want).max())
