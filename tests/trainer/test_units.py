@@ -12,6 +12,7 @@ import pytest
 from trainer import FailureKind, InvalidTransition, JobError, JobState, MemorySample, QLoRAConfig, RunStore
 from trainer.lifecycle.events import Progress, TrainReport, decode_line, encode_line
 from trainer.lifecycle.jobs import TRANSITIONS, Job
+from trainer.lifecycle.memory import MemorySampler
 
 CFG = QLoRAConfig(model="m", data="d")
 
@@ -150,3 +151,10 @@ def test_the_predictor_knows_the_layerwise_steps_chunk_and_pipeline_sizes() -> N
 
     assert memory_estimate.LAYERWISE_LOSS_TOKENS == layerwise.LOSS_CHUNK_TOKENS
     assert memory_estimate.LAYERWISE_PIPELINE_MAX_TOKENS == layerwise.PIPELINE_MAX_TOKENS
+
+
+def test_memory_sampler_records_a_sample_even_for_a_run_shorter_than_its_interval() -> None:
+    samples: list[MemorySample] = []
+    with MemorySampler(60.0, samples.append):
+        pass  # a run that ends before the sampler thread's first wake-up
+    assert len(samples) == 1 and samples[0].rss_gb > 0

@@ -53,22 +53,29 @@ class MemorySampler:
         self._thread = threading.Thread(target=self._loop, name="memory-sampler", daemon=True)
         self._process = psutil.Process()
 
+    def _sample(self) -> bool:
+        try:
+            self._emit(sample_memory(self._process))
+        except OSError:  # the event channel closed: the parent is gone, nothing left to report to
+            log.warning("memory sampler stopped: event channel closed")
+            return False
+        return True
+
     def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._emit(sample_memory(self._process))
-            except OSError:  # the event channel closed: the parent is gone, nothing left to report to
-                log.warning("memory sampler stopped: event channel closed")
-                return
-            self._stop.wait(self.interval)
+        while not self._stop.wait(self.interval) and self._sample():
+            pass
 
     def __enter__(self) -> MemorySampler:
-        self._thread.start()
+        # The first sample is taken here, not on the thread: a run shorter than the thread's first time slice on a
+        # loaded machine would otherwise record no sample at all.
+        if self._sample():
+            self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
 
 
 class ProcessMemory(BaseModel):
