@@ -62,8 +62,9 @@ class MemorySampler:
         return True
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.interval) and self._sample():
-            pass
+        while not self._stop.wait(self.interval):
+            if not self._sample():
+                return
 
     def __enter__(self) -> MemorySampler:
         # The first sample is taken here, not on the thread: a run shorter than the thread's first time slice on a
