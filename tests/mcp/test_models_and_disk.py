@@ -26,7 +26,7 @@ async def _until(client: Client, run_id: str, states: set[str]) -> dict:  # type
 async def test_an_ended_run_is_deleted_whole_and_a_running_one_is_refused(
     tmp_path: Path, fake_model: Path, tiny_data: Path
 ) -> None:
-    elsewhere = tmp_path / "my-adapter"  # an adapter_dir outside the run folder goes too
+    elsewhere = tmp_path / "my-adapter"  # an adapter_dir the run created outside its folder goes too
     async with Client(fake_server(tmp_path / "home", "slow"), mode="legacy") as client:
         live = await client.call_tool("start_qlora_run", {"config": config(fake_model, tiny_data, iters=200)})
         live_id = live.structured_content["run_id"]  # type: ignore[index]
@@ -47,7 +47,8 @@ async def test_an_ended_run_is_deleted_whole_and_a_running_one_is_refused(
         deleted = await client.call_tool("delete_run", {"run_id": run_id})
         assert not deleted.is_error, deleted.content
         body = deleted.structured_content
-        assert body["removed"] == [str(run_dir), str(elsewhere)] and body["freed_gb"] >= 0  # type: ignore[index]
+        written = [str(elsewhere / "adapters.safetensors"), str(elsewhere / "adapter_config.json")]
+        assert body["removed"] == [str(run_dir), *written, str(elsewhere)] and body["freed_gb"] >= 0  # type: ignore[index]
         assert not run_dir.exists() and not elsewhere.exists()
         assert not list(run_dir.parent.iterdir())  # nothing set aside is left
         assert (await client.call_tool("list_runs", {})).structured_content["runs"] == []  # type: ignore[index]

@@ -1,7 +1,8 @@
 """A scripted training backend for runner fault tests, loaded by the real worker subprocess by dotted path.
 
 FAKE_MODE picks the behaviour: succeed, fail, crash (SIGKILL itself), segfault, hang, hang_ignoring_term, noisy,
-slow (succeed, FAKE_STEP_S seconds per iteration), diverge.
+slow (succeed, FAKE_STEP_S seconds per iteration), diverge, stepwise (as the MLX backend stops: at safe points
+between steps of FAKE_STEP_S seconds, then a save of FAKE_SAVE_S seconds).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import time
 from pathlib import Path
 
 from trainer.errors import Diverged
-from trainer.lifecycle.backend import Emit, adapter_dir_for
+from trainer.lifecycle.backend import Cancelled, Emit, adapter_dir_for, stop_if_requested, stops_at_safe_points
 from trainer.lifecycle.events import PhaseChanged, Progress, TrainReport, ValReport
 from trainer.lifecycle.jobs import Phase
 from trainer.planning.config import QLoRAConfig
@@ -30,6 +31,8 @@ class FakeBackend:
     def train(self, config: QLoRAConfig, run_dir: Path, emit: Emit) -> Path:
         mode = os.environ.get("FAKE_MODE", "succeed")
         emit(PhaseChanged(phase=Phase.TRAINING))
+        if mode == "stepwise":
+            return _stepwise(config, run_dir, emit)
         if mode == "noisy":
             print("this line is MLX-LM-style noise on stdout")  # noqa: T201  (must land in worker.log only)
             sys.stdout.flush()
@@ -68,3 +71,31 @@ class FakeBackend:
         (adapters / "adapters.safetensors").write_bytes(b"fake")
         (adapters / "adapter_config.json").write_text("{}")  # as MLX-LM writes beside its weights
         return adapters
+
+
+def _stepwise(config: QLoRAConfig, run_dir: Path, emit: Emit) -> Path:
+    """Steps a stop waits for (a step is one long call, as an MLX step is), and a save that takes its time."""
+    step_s = float(os.environ.get("FAKE_STEP_S", "0.05"))
+    adapters = adapter_dir_for(config, run_dir)
+    adapters.mkdir(parents=True, exist_ok=True)
+    done = 0
+    try:
+        with stops_at_safe_points():
+            for it in range(1, config.iters + 1):
+                stop_if_requested()
+                emit(Progress(iteration=it, iters=config.iters))
+                time.sleep(step_s)
+                done = it
+    except Cancelled:
+        _save(adapters, done)
+        raise
+    _save(adapters, done)
+    return adapters
+
+
+def _save(adapters: Path, step: int) -> None:
+    staging = adapters / "adapters.safetensors.tmp"
+    staging.write_bytes(f"step {step}".encode())
+    time.sleep(float(os.environ.get("FAKE_SAVE_S", "0")))
+    os.replace(staging, adapters / "adapters.safetensors")
+    (adapters / "adapter_config.json").write_text("{}")

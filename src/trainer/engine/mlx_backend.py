@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Any, cast
 
 from ..errors import ConfigError, Diverged
-from ..lifecycle.backend import Cancelled, Emit, adapter_dir_for, stop_if_requested, stops_at_safe_points
+from ..lifecycle.backend import (
+    Cancelled,
+    Emit,
+    adapter_dir_for,
+    stop_if_requested,
+    stops_at_safe_points,
+    stops_ignored,
+)
 from ..lifecycle.checkpoints import (
     checkpoints_dir,
     clean_staging,
@@ -124,6 +131,7 @@ class _RunEvents:
         weights = adapter_weights(self.model)
         if not all(bool(mx.all(mx.isfinite(w)).item()) for w in weights.values()):
             raise Diverged(f"the adapter's weights became NaN or infinite by step {done.step}; not saving them")
+        started = time.monotonic()
         position = data_position(done.step, self.per_epoch)
         config_hash, data_hash = self.hashes
         folder = write_checkpoint(
@@ -135,7 +143,8 @@ class _RunEvents:
         )
         save_adapter(self.model, self.adapter_dir / ADAPTERS)
         self.saved_step = done.step
-        self.emit(Checkpoint(iteration=done.step, path=str(folder), adapter_dir=str(self.adapter_dir)))
+        seconds = round(time.monotonic() - started, 3)
+        self.emit(Checkpoint(iteration=done.step, path=str(folder), adapter_dir=str(self.adapter_dir), seconds=seconds))
 
     def save_on_stop(self) -> None:
         """A stop (cancel, the watchdog) keeps everything learned: a checkpoint of the last finished step."""
@@ -276,5 +285,6 @@ class MlxTrainingBackend:
             raise
         events.set_phase(Phase.SAVING)
         if primary:
-            save_adapter(model, adapter_dir / ADAPTERS)
+            with stops_ignored():  # every step is done: a stop now has nothing left to stop, and must not cut the save
+                save_adapter(model, adapter_dir / ADAPTERS)
         return adapter_dir

@@ -31,17 +31,23 @@ class OverBudget(Cancelled):
 
 class _Stops:
     """Stop requests (SIGTERM, the watchdog) waiting for a safe point: an exception raised while MLX builds or runs a
-    step can leave the model's arrays unevaluable, and then the adapter cannot be saved."""
+    step can leave the model's arrays unevaluable, and then the adapter cannot be saved. Only the first request
+    counts: a second SIGTERM (two cancels at once) must not interrupt the save the first one started."""
 
     deferred = False
+    ignored = False
+    requested = False
     pending: type[Cancelled] | None = None
 
 
 def request_stop(kind: type[Cancelled]) -> None:
     """From a signal handler: stop now, or at the next safe point while a backend has asked for that."""
+    if _Stops.requested or _Stops.ignored:
+        return
+    _Stops.requested = True
     if not _Stops.deferred:
         raise kind()
-    _Stops.pending = _Stops.pending or kind
+    _Stops.pending = kind
 
 
 def stop_if_requested() -> None:
@@ -60,6 +66,16 @@ def stops_at_safe_points() -> Iterator[None]:
     finally:
         _Stops.deferred = False
     stop_if_requested()
+
+
+@contextmanager
+def stops_ignored() -> Iterator[None]:
+    """Within the block (the final save, once every step is done), stop requests are dropped."""
+    _Stops.ignored = True
+    try:
+        yield
+    finally:
+        _Stops.ignored = False
 
 
 class TrainingBackend(Protocol):

@@ -1,7 +1,8 @@
-"""Deleting an ended run: its record, its folder and its adapter, with nothing left half-deleted.
+"""Deleting an ended run: its record, its folder, and of its adapter_dir only the files it wrote there.
 
 The folder is first renamed aside (atomic), then the record deleted, then the files removed: a crash in between
 leaves either the whole run or a `.deleting-*` folder that the next deletion sweeps, never a record without files.
+Outside its folder a run removes only what `written.json` records it wrote and still holds that content (written.py).
 """
 
 from __future__ import annotations
@@ -14,27 +15,16 @@ from pydantic import BaseModel
 from ..errors import RunConflict
 from ..planning.model_inventory import folder_size
 from .store import RunStore
+from .written import read_written, remove_written
 
 ASIDE_PREFIX = ".deleting-"
-ADAPTER_FILES = ("adapters.safetensors", "adapter_config.json")
 
 
 class DeletedRun(BaseModel):
     run_id: str
     removed: list[str]
+    kept: list[str] = []  # what the run's adapter_dir holds that was left alone, and why
     freed_gb: float
-
-
-def _adapter_outside(adapter: str | None, folder: Path) -> Path | None:
-    """A run's adapter written outside its folder (adapter_dir), if it holds only what a run writes there."""
-    if adapter is None:
-        return None
-    path = Path(adapter)
-    if path.resolve().is_relative_to(folder.resolve()) or not path.is_dir():
-        return None
-    if not all((path / name).is_file() for name in ADAPTER_FILES):
-        return None  # not (or no longer) an adapter folder: leave it alone
-    return path
 
 
 def delete_run(store: RunStore, run_id: str) -> DeletedRun:
@@ -42,7 +32,8 @@ def delete_run(store: RunStore, run_id: str) -> DeletedRun:
     if not job.state.terminal:
         raise RunConflict(f"run {run_id} is {job.state.value}: stop it with cancel_run first, then delete it")
     folder = store.run_dir(run_id)
-    adapter = _adapter_outside(job.adapter_path, folder)
+    record = read_written(folder)
+    outside = job.adapter_path is not None and not Path(job.adapter_path).resolve().is_relative_to(folder.resolve())
     aside = folder.with_name(ASIDE_PREFIX + run_id)
     if folder.exists():
         folder.rename(aside)
@@ -53,12 +44,19 @@ def delete_run(store: RunStore, run_id: str) -> DeletedRun:
         if aside.exists():
             aside.rename(folder)
         raise
-    removed, freed = [], 0
-    for path in (aside, adapter):
-        if path is not None and path.exists():
-            freed += folder_size(path)
-            shutil.rmtree(path)
-            removed.append(str(folder if path == aside else path))
+    removed: list[str] = []
+    kept: list[str] = []
+    freed = 0
+    if aside.exists():
+        freed += folder_size(aside)
+        shutil.rmtree(aside)
+        removed.append(str(folder))
+    if record is not None:
+        written, kept, freed_outside = remove_written(record)
+        removed += written
+        freed += freed_outside
+    elif outside:
+        kept.append(f"{job.adapter_path} (no record of what the run wrote there; delete it yourself if it is yours)")
     for leftover in folder.parent.glob(ASIDE_PREFIX + "*"):  # an earlier deletion cut short
         shutil.rmtree(leftover, ignore_errors=True)
-    return DeletedRun(run_id=run_id, removed=removed, freed_gb=round(freed / 1e9, 4))
+    return DeletedRun(run_id=run_id, removed=removed, kept=kept, freed_gb=round(freed / 1e9, 4))

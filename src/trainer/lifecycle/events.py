@@ -16,9 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from .jobs import FailureKind, Phase
 
 log = logging.getLogger(__name__)
-WIRE_VERSION = 3  # 2: `stopped`; workers write events.jsonl themselves. 3: `resumed`, attempts
+WIRE_VERSION = 4  # 2: `stopped`; workers write events.jsonl themselves. 3: `resumed`, attempts. 4: `stopping`
 #: older versions whose events this one still reads (a subset of it), for runs recorded before an upgrade
-READABLE_VERSIONS = frozenset({1, 2, 3})
+READABLE_VERSIONS = frozenset({1, 2, 3, 4})
 
 
 class _Event(BaseModel):
@@ -96,6 +96,13 @@ class Checkpoint(_Event):
     iteration: int
     path: str
     adapter_dir: str | None = None
+    seconds: float | None = None  # how long writing it took: a stop waits for one such save
+
+
+class Stopping(_Event):
+    """The worker received SIGTERM and will stop at its next safe point (after the step in flight), then save."""
+
+    type: Literal["stopping"] = "stopping"
 
 
 class Finished(_Event):
@@ -127,6 +134,7 @@ Event = Annotated[
     | ValReport
     | MemorySample
     | Checkpoint
+    | Stopping
     | Finished
     | Failed
     | Stopped,

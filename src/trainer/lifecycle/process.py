@@ -66,18 +66,6 @@ class WorkerProcess:
         self._log_file.close()
 
 
-async def stop_group(pid: int, grace_s: float, gone: anyio.Event, what: str) -> None:
-    """SIGTERM to the worker's group (it saves its adapter), then SIGKILL after `grace_s`; returns once `gone`."""
-    log.info("%s: stopping worker %d", what, pid)
-    signal_group(pid, signal.SIGTERM)
-    with anyio.move_on_after(grace_s):
-        await gone.wait()
-        return
-    log.warning("%s: worker ignored SIGTERM for %.0fs; killing it", what, grace_s)
-    signal_group(pid, signal.SIGKILL)
-    await gone.wait()
-
-
 class EventTail:
     """Reads the complete lines appended to a run's events.jsonl since the last read."""
 

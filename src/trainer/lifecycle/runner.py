@@ -17,6 +17,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager, suppress
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +36,10 @@ from .events import Event, MemorySample
 from .follow import START_GRACE_S, Liveness, follow_events
 from .jobs import FailureKind, Job, JobError, JobState, RunSnapshot
 from .leases import SchedulerElection, read_lease
-from .process import WorkerProcess, signal_group, stop_group
+from .process import WorkerProcess, signal_group
 from .resume import ResumePlan, plan_resume
 from .run_log import disk_free, read_events, stderr_tail
+from .stopping import stop_worker
 from .store import RunStore
 from .tracking import Ending, RunAspect, apply_event, final_outcome, last_checkpoint
 from .views import RunViews, Tracked
@@ -347,7 +349,7 @@ class JobRunner(RunViews):
         assert self._tg is not None
         self._tg.start_soon(reap)
         if tracked.cancel_requested or tracked.shutting_down:  # stopped while the process was starting
-            signal_group(worker.pid, signal.SIGTERM)
+            self._stop_once(tracked, worker.pid)
         try:
             await self._follow(tracked, liveness)
         finally:
@@ -380,9 +382,17 @@ class JobRunner(RunViews):
         self._finish(tracked, state, error)
 
     async def _stop(self, tracked: Tracked) -> None:
-        """SIGTERM the run's worker (whoever started it), SIGKILL after the grace period; return once it ended."""
+        """Stop the run's worker once, however many ask; return once it ended. The stop runs in the runner's own task
+        group: a caller that stops waiting (a cancelled request) leaves it going, SIGKILL included."""
         pid = tracked.worker.pid if tracked.worker else tracked.job.pid
-        if pid is None:  # starting right now: _run_worker sees the flags once it has a process
-            await tracked.done.wait()
-            return
-        await stop_group(pid, self.cancel_grace_s, tracked.done, f"run {tracked.job.id}")
+        if pid is not None:  # else starting right now: _run_worker stops it once it has a process
+            self._stop_once(tracked, pid)
+        await tracked.done.wait()
+
+    def _stop_once(self, tracked: Tracked, pid: int) -> None:
+        if not tracked.stopping:
+            tracked.stopping = True
+            job, pace, grace = tracked.job, tracked.history.pace, self.cancel_grace_s
+            assert self._tg is not None
+            lease = partial(read_lease, self.store, job.id)
+            self._tg.start_soon(stop_worker, pid, pace, grace, tracked.done, f"run {job.id}", lease)

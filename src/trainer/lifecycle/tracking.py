@@ -28,6 +28,7 @@ from .events import (
     ValReport,
 )
 from .jobs import FailureKind, Job, JobError, JobState
+from .stopping import StopPace
 
 #: a filesystem with less free space than this is full, as far as a worker that must write its events is concerned
 DISK_FULL_BYTES = 1 << 20
@@ -50,6 +51,7 @@ class RunHistory:
     memory: deque[MemorySample] = field(default_factory=lambda: deque(maxlen=MEMORY_RING))
     train_reports: list[TrainReport] = field(default_factory=list)
     val_reports: list[ValReport] = field(default_factory=list)
+    pace: StopPace = field(default_factory=StopPace)  # what a stop of the run waits for
 
 
 _STATUS = frozenset({RunAspect.STATUS})
@@ -60,6 +62,7 @@ _METRICS = frozenset({RunAspect.METRICS, RunAspect.STATUS})
 def apply_event(job: Job, history: RunHistory, event: Event) -> frozenset[RunAspect]:
     """Fold one event into the run's record and history; returns the aspects it changed."""
     metrics = job.metrics
+    history.pace.observe(event)
     if isinstance(event, MemorySample):
         history.memory.append(event)
         metrics.peak_memory_gb = max(metrics.peak_memory_gb or 0.0, event.peak_gb)
@@ -100,7 +103,7 @@ def apply_event(job: Job, history: RunHistory, event: Event) -> frozenset[RunAsp
         return _METRICS
     elif isinstance(event, Finished):
         job.adapter_path = event.adapter_path
-    else:  # Started: nothing a reader of the run sees changes
+    else:  # Started, Stopping: nothing a reader of the run sees changes
         return frozenset()
     return _STATUS
 

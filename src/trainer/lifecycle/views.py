@@ -32,6 +32,7 @@ class Tracked:
     following: bool = False
     cancel_requested: bool = False
     shutting_down: bool = False
+    stopping: bool = False  # a stop (SIGTERM, then SIGKILL if need be) is under way: later cancels join it
     done: anyio.Event = field(default_factory=anyio.Event)
 
 

@@ -33,14 +33,30 @@ from .backend import (
     load_backend,
     request_stop,
 )
-from .events import Failed, Finished, MemorySample, Progress, Started, Stopped, TrainReport, ValReport, encode_line
+from .events import (
+    Checkpoint,
+    Failed,
+    Finished,
+    MemorySample,
+    PhaseChanged,
+    Progress,
+    Started,
+    Stopped,
+    Stopping,
+    TrainReport,
+    ValReport,
+    encode_line,
+)
 from .group import FINISH_GRACE_S, RUN_CONFIG_ENV, RankFailure, RankGroup
 from .jobs import FailureKind
 from .leases import LeaseKeeper
 from .memory import MemorySampler
 from .run_log import last_seq
+from .written import WrittenLog
 
 log = logging.getLogger(__name__)
+#: what a run writes into its adapter_dir (MLX-LM's layout)
+ADAPTER_FILES = ("adapters.safetensors", "adapter_config.json")
 EXIT_FAILED = 1
 EXIT_CANCELLED = 128 + signal.SIGTERM
 #: how long rank 0, failing, waits to learn whether another rank's death caused it
@@ -57,7 +73,7 @@ class EventWriter:
         self._seq = after_seq  # a resumed run's worker continues its events.jsonl after the last attempt's
         self._ended = False
 
-    def __call__(self, event: BackendEvent | MemorySample | Started) -> None:
+    def __call__(self, event: BackendEvent | MemorySample | Started | Stopping) -> None:
         with self._lock:
             if not self._ended:
                 self._write(event)
@@ -71,7 +87,7 @@ class EventWriter:
             self._write(event)
             return True
 
-    def _write(self, event: BackendEvent | MemorySample | Started | Finished | Failed | Stopped) -> None:
+    def _write(self, event: BackendEvent | MemorySample | Started | Stopping | Finished | Failed | Stopped) -> None:
         self._seq += 1
         self._channel.write(encode_line(event.model_copy(update={"seq": self._seq})))
         self._channel.flush()
@@ -159,19 +175,27 @@ def _train(
     watchdog: Watchdog,
     group: RankGroup | None,
 ) -> int:
+    adapter_dir = adapter_dir_for(config, run_dir)
+    written = _record_outside(adapter_dir, run_dir)
+
     def backend_emit(event: BackendEvent) -> None:
         if group is not None:
             group.beat(isinstance(event, Progress | TrainReport | ValReport))
+        if written is not None and isinstance(event, Checkpoint | PhaseChanged):  # after the adapter or its config
+            written.note(adapter_dir, ADAPTER_FILES)
         emit(event)
 
     try:
-        adapter = backend.train(config, run_dir, backend_emit)
+        try:
+            adapter = backend.train(config, run_dir, backend_emit)
+        finally:  # whatever the ending, the record names every adapter file the run wrote
+            if written is not None:
+                written.note(adapter_dir, ADAPTER_FILES)
     except OverBudget:
         emit.end(_over_budget(config, run_dir, watchdog.tripped))
         return EXIT_FAILED
     except Cancelled:
         log.info("stopped by SIGTERM")
-        adapter_dir = adapter_dir_for(config, run_dir)
         saved = (adapter_dir / "adapters.safetensors").is_file()
         emit.end(Stopped(adapter_path=str(adapter_dir) if saved else None))
         return EXIT_CANCELLED
@@ -183,6 +207,15 @@ def _train(
         return EXIT_FAILED
     emit.end(Finished(adapter_path=str(adapter), iterations=config.iters))
     return 0
+
+
+def _record_outside(adapter_dir: Path, run_dir: Path) -> WrittenLog | None:
+    """An adapter_dir outside the run's folder: create it, recording what it creates and (later) writes there."""
+    if adapter_dir.resolve().is_relative_to(run_dir.resolve()):
+        return None  # inside the run's folder, which goes whole with the run
+    written = WrittenLog(run_dir)
+    written.make_folder(adapter_dir)
+    return written
 
 
 def _over_budget(config: QLoRAConfig, run_dir: Path, sample: MemorySample | None) -> Failed:
@@ -265,10 +298,28 @@ def main(argv: list[str] | None = None) -> int:
         after_seq = last_seq(run_dir)
         if channel.tell() and not _ends_with_newline(run_dir / "events.jsonl"):
             channel.write(b"\n")  # a torn last line of a killed worker stays one unreadable line, apart from ours
+        writer = EventWriter(channel, after_seq)
+        _acknowledge_stops(writer)
         try:
-            return run(run_dir, EventWriter(channel, after_seq), args.attempt)
+            return run(run_dir, writer, args.attempt)
         except Cancelled:
             return EXIT_CANCELLED
+
+
+def _acknowledge_stops(emit: EventWriter) -> None:
+    """Python runs the SIGTERM handler only between bytecodes, so a long MLX step delays the stop; the C-level wakeup
+    byte arrives at once, and a thread tells the runner the stop is under way (it then waits for the step and the
+    save, measured, instead of killing the worker after a fixed grace). A worker that ignores SIGTERM sends nothing."""
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+
+    def watch() -> None:
+        while signal.SIGTERM not in os.read(read_fd, 64):
+            pass
+        emit(Stopping())
+
+    threading.Thread(target=watch, name="stop-ack", daemon=True).start()
 
 
 def _ends_with_newline(path: Path) -> bool:

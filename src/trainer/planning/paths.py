@@ -32,9 +32,18 @@ class PathPolicy:
         return resolved
 
 
-def check_adapter_dir(folder: Path, runs_dir: Path, policy: PathPolicy) -> Path:
-    """An adapter folder of its own: allowed, not inside another run's folder, holding no adapter yet."""
+def check_adapter_dir(
+    folder: Path, runs_dir: Path, policy: PathPolicy, protected: dict[str, Path] | None = None
+) -> Path:
+    """An adapter folder of its own: allowed, not inside another run's folder, holding no adapter yet, and neither
+    one of the `protected` folders (the server's home, the model's, the dataset's) nor a folder above one."""
     resolved = policy.check(folder, "adapter_dir")
+    for what, other in {"the server's home": runs_dir.parent, **(protected or {})}.items():
+        if other.resolve().is_relative_to(resolved):
+            raise ConfigError(
+                f"adapter_dir {str(folder)!r} is {what} ({other}) or a folder above it: a run's adapter must not mix "
+                "with those files; pick a new or empty folder of its own (e.g. a subfolder named after the run)"
+            )
     if resolved.is_relative_to(runs_dir.resolve()):
         raise ConfigError(
             f"adapter_dir {str(folder)!r} is inside a run's folder ({runs_dir}); leave adapter_dir unset to write to "

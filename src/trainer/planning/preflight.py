@@ -118,7 +118,8 @@ def prepare_run(config: QLoRAConfig, defaults: RunDefaults | None = None) -> Pre
     }
     if config.adapter_dir is not None:
         runs_dir = defaults.runs_dir or default_home() / "runs"
-        updates["adapter_dir"] = str(check_adapter_dir(Path(config.adapter_dir), runs_dir, policy))
+        protected = {"the model's folder": model_dir, "the dataset's folder": data_dir, "the models": defaults.models()}
+        updates["adapter_dir"] = str(check_adapter_dir(Path(config.adapter_dir), runs_dir, policy, protected))
         _check_writable(config.adapter_dir)
     config = config.model_copy(update=updates)
     budget = defaults.budget_gb()
