@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None) -> None:
         type=Path,
         action="append",
         default=None,
-        help="a folder whose models, data and adapters tools may use (repeatable; default: the home and the current "
-        "directory)",
+        help="a folder whose models, data and adapters tools may use, besides the home (repeatable; default: the home "
+        "only; a host's working directory is never allowed on its own)",
     )
     parser.add_argument("--max-queued", type=int, default=100, help="runs waiting at once (default %(default)s)")
     parser.add_argument(
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         stream=sys.stderr, level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
     home = args.home.expanduser().resolve()
-    roots = tuple(root.expanduser().resolve() for root in (args.root or [Path.cwd()]))
+    roots = tuple(root.expanduser().resolve() for root in args.root or [])
     settings = ServerSettings(
         home=home,
         roots=roots,

@@ -95,4 +95,9 @@ def main(argv: list[str] | None = None) -> None:
     package = args.package or ("mcp-local[cuda]" if args.cuda else "mcp-local[cpu]")
     server = server_command(package=package, source=args.source, home=args.home, roots=args.root)
     sys.stderr.write(f"# {WHERE[args.host]}\n")
+    if not args.root:
+        sys.stderr.write(
+            "# no --root given: tools may use only files under the server's home; rerun with --root FOLDER "
+            "(repeatable) for the folders that hold your models, datasets and adapters\n"
+        )
     sys.stdout.write(snippet(args.host, server) + "\n")

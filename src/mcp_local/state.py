@@ -28,7 +28,7 @@ class ServerSettings:
     #: None: the trainer's default (the smaller of 16 GB and 75% of physical memory)
     memory_budget_gb: float | None = None
     #: folders that model, data, adapter and adapter_dir paths must resolve into (the home is always one);
-    #: None allows any path (programmatic use; the `mcp-local` command defaults to the home and its cwd)
+    #: None allows any path (programmatic use; the `mcp-local` command allows the home and its --root folders only)
     roots: tuple[Path, ...] | None = None
     max_queued: int = 100
     max_dataset_mb: float = 2048.0

@@ -8,6 +8,7 @@ import hashlib
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -129,3 +130,58 @@ async def test_twenty_concurrent_cancel_run_calls_keep_the_save(
     assert status["state"] == "cancelled"
     assert all(not a.is_error and a.structured_content["state"] == "cancelled" for a in answers)
     assert Path(status["adapter_path"], "adapters.safetensors").read_bytes().startswith(b"step ")
+
+
+async def test_a_huge_prompt_is_refused_before_it_is_tokenized(tmp_path: Path, tiny_model: Path) -> None:
+    import psutil
+
+    async with Client(fake_stdio(tmp_path / "home", "succeed"), mode="legacy") as client:
+        assert not (await client.call_tool("load_model", {"path": str(tiny_model)})).is_error
+        server = next(p for p in psutil.Process().children(recursive=True) if "mcp_local" in " ".join(p.cmdline()))
+        huge: list[dict[str, Any]] = [
+            {"prompt": "def f():\n    return 1\n" * 2_300_000},  # 50 MB
+            {"messages": [{"role": "user", "content": "x" * 25_000}] * 2_000},  # 2,000 messages of 25 KB
+        ]
+        for arguments in huge:
+            started = time.monotonic()
+            refused = await client.call_tool("generate", {**arguments, "max_tokens": 8})
+            took = time.monotonic() - started
+            assert refused.is_error
+            text = refused.content[0].text  # type: ignore[union-attr]
+            assert "bytes" in text and "context of 1024 tokens" in text and "shorten the prompt" in text
+            assert took < 30  # not minutes of tokenizing (the wire itself carries 50 MB)
+        assert server.memory_info().rss < 3e9  # not the 9-12 GB a tokenized 50 MB prompt took
+        fine = await client.call_tool("generate", {"prompt": "def add", "max_tokens": 4})
+        assert not fine.is_error, fine.content
+
+
+async def test_a_hostfile_must_be_inside_the_roots_and_never_leaks_or_injects(
+    tmp_path: Path, fake_model: Path, tiny_data: Path
+) -> None:
+    secret = tmp_path / "secret.json"
+    secret.write_text('[{"ssh": 1, "token": "SECRET-CONTENT-42"}, {"ssh": 2}]')
+    injecting = tmp_path / "hosts.json"
+    injecting.write_text(
+        '[{"ssh": "-oProxyCommand=touch /tmp/pwned", "ips": ["10.0.0.1"]}, {"ssh": "b", "ips": ["1"]}]'
+    )
+    outside = Path("/etc/hostname")
+    async with Client(fake_stdio(tmp_path / "home", "succeed"), mode="legacy") as client:
+        for hosts, expected in [
+            (outside, "outside the server's allowed roots"),
+            (secret, "entry 0.ssh"),
+            (injecting, "entry 0.ssh: string_pattern_mismatch"),
+        ]:
+            refused = await client.call_tool(
+                "start_qlora_run", {"config": config(fake_model, tiny_data, hosts=str(hosts))}
+            )
+            text = refused.content[0].text  # type: ignore[union-attr]
+            assert refused.is_error and expected in text, text
+            assert "SECRET-CONTENT" not in text and "ProxyCommand" not in text
+
+
+def test_ssh_never_takes_a_host_name_as_an_option() -> None:
+    from trainer.lifecycle.group import RANK_ENV, remote_command
+    from trainer.planning.hostfile import Host
+
+    command = remote_command(Host(ssh="mac-2", ips=["10.0.0.2"]), ["true"], {RANK_ENV: "1"}, None)
+    assert command[command.index("mac-2") - 1] == "--"

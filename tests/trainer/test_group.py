@@ -17,6 +17,7 @@ from trainer.lifecycle.tracking import RunHistory, apply_event
 from trainer.lifecycle.worker import EventWriter
 from trainer.planning.config import QLoRAConfig
 from trainer.planning.memory_plan import _alternatives, plan_for
+from trainer.planning.paths import PathPolicy
 from trainer.planning.preflight import RunDefaults, prepare_run
 
 
@@ -103,8 +104,8 @@ def test_a_hostfile_is_checked_before_a_run_over_machines(tmp_path: Path) -> Non
     with pytest.raises(ConfigError, match="lists 1 host"):
         read_hostfile(str(hostfile), "ring")
     hostfile.write_text(json.dumps([{"ssh": h, "ips": ["10.0.0.1"]} for h in "abc"]))
-    assert _with_hosts(config(hosts=str(hostfile), batch_size=6)).num_processes == 3
+    assert _with_hosts(config(hosts=str(hostfile), batch_size=6), PathPolicy()).num_processes == 3
     with pytest.raises(ConfigError, match="num_processes is 2 but hosts .* lists 3 machines"):
-        _with_hosts(config(hosts=str(hostfile), num_processes=2))
+        _with_hosts(config(hosts=str(hostfile), num_processes=2), PathPolicy())
     with pytest.raises(ConfigError, match="batch_size 4 does not split over num_processes 3"):
-        _with_hosts(config(hosts=str(hostfile), batch_size=4))
+        _with_hosts(config(hosts=str(hostfile), batch_size=4), PathPolicy())

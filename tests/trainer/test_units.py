@@ -158,3 +158,15 @@ def test_memory_sampler_records_a_sample_even_for_a_run_shorter_than_its_interva
     with MemorySampler(60.0, samples.append):
         pass  # a run that ends before the sampler thread's first wake-up
     assert len(samples) == 1 and samples[0].rss_gb > 0
+
+
+def test_a_full_disk_fails_a_run_as_storage_however_it_is_raised() -> None:
+    import errno
+
+    from trainer.lifecycle.worker import failure_kind
+
+    assert failure_kind(OSError(errno.ENOSPC, "No space left on device")) is FailureKind.STORAGE
+    assert failure_kind(OSError(errno.EDQUOT, "Disk quota exceeded")) is FailureKind.STORAGE
+    mlx_style = RuntimeError("[save_safetensors] Failed to write: No space left on device")  # MLX's C++ writers
+    assert failure_kind(mlx_style) is FailureKind.STORAGE
+    assert failure_kind(OSError(errno.EIO, "Input/output error")) is FailureKind.BACKEND

@@ -23,6 +23,8 @@ from ..planning.paths import PathPolicy
 from .mlx_import import require_mlx
 
 MAX_CACHED = 3
+#: the context assumed for bounding a prompt's bytes when the model's config does not give one
+UNKNOWN_CONTEXT = 131072
 DENSE_CACHE_MAX_BYTES = 2 * 1024**3
 
 
@@ -65,18 +67,57 @@ class _Loaded:
     tokenizer: Any
     info: ModelInfo
     context: int | None = None  # the model's max_position_embeddings, when its config says
+    max_token_bytes: int = 1024  # the longest vocabulary entry (_max_token_bytes)
 
 
-def _check_context(tokenizer: Any, prompt: str, context: int | None, max_tokens: int) -> None:
+def _prompt_bytes(prompt: str | None, messages: list[dict[str, str]] | None) -> int:
+    if prompt is not None:
+        return len(prompt.encode("utf-8", errors="replace"))
+    return sum(len(str(m.get("content", "")).encode("utf-8", errors="replace")) for m in messages or [])
+
+
+def _refuse_oversized(nbytes: int, loaded: _Loaded, max_tokens: int) -> None:
+    """Before tokenizing: a prompt of more bytes than the context could hold at the vocabulary's longest token is
+    over the context whatever it says; tokenizing megabytes first would take the server's memory and minutes."""
+    context = loaded.context or UNKNOWN_CONTEXT
+    most = (context - max_tokens) * loaded.max_token_bytes
+    if nbytes > most:
+        raise ConfigError(
+            f"the prompt is {nbytes} bytes; the model's context of {context} tokens (less max_tokens "
+            f"{max_tokens}) holds at most {max(most, 0)} bytes even at its vocabulary's longest token of "
+            f"{loaded.max_token_bytes} bytes; shorten the prompt or lower max_tokens"
+        )
+
+
+def _check_context(tokens: int, context: int | None, max_tokens: int) -> None:
     """A prompt longer than the model's context would only fill memory; refuse it with the numbers."""
-    if context is None:
-        return
-    tokens = len(tokenizer.encode(prompt))
-    if tokens + max_tokens > context:
+    if context is not None and tokens + max_tokens > context:
         raise ConfigError(
             f"the prompt is {tokens} tokens and max_tokens {max_tokens}, more than the model's context of {context} "
             "tokens (max_position_embeddings); shorten the prompt or lower max_tokens"
         )
+
+
+def _prompt_ids(tokenizer: Any, prompt: str | None, messages: list[dict[str, str]] | None) -> list[int]:
+    """The prompt's tokens as `stream_generate` would make them, through the chat template when there is one."""
+    chat = messages if messages is not None else [{"role": "user", "content": prompt or ""}]
+    if getattr(tokenizer, "chat_template", None):
+        text = str(tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False))
+    elif prompt is not None:
+        text = prompt
+    else:
+        text = "\n".join(m["content"] for m in chat)
+    bos = getattr(tokenizer, "bos_token", None)
+    return list(tokenizer.encode(text, add_special_tokens=bos is None or not text.startswith(bos)))
+
+
+def _max_token_bytes(tokenizer: Any) -> int:
+    """The longest vocabulary entry in UTF-8 bytes: at least as many input bytes as any one token can stand for."""
+    try:
+        vocab = tokenizer.get_vocab()
+    except (AttributeError, TypeError, ValueError):
+        return 1024
+    return max((len(token.encode("utf-8")) for token in vocab), default=1024)
 
 
 def _count_parameters(model: Any) -> int:
@@ -150,7 +191,8 @@ class ModelSession:
         while len(self._loaded) >= MAX_CACHED:  # drop the oldest; MLX frees its arrays with it
             self._loaded.pop(next(iter(self._loaded)))
         context = config.get("max_position_embeddings")
-        loaded = _Loaded(model, tokenizer, info, int(context) if isinstance(context, int) else None)
+        context = int(context) if isinstance(context, int) else None
+        loaded = _Loaded(model, tokenizer, info, context, _max_token_bytes(tokenizer))
         self._loaded[key] = loaded
         return loaded
 
@@ -190,15 +232,11 @@ class ModelSession:
         with self._lock:
             key = key or self._current()
             loaded = self._loaded.get(key) or self._load(key)
-            tokenizer = loaded.tokenizer
-            chat = messages if messages is not None else [{"role": "user", "content": prompt or ""}]
-            if getattr(tokenizer, "chat_template", None):
-                text_prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
-            elif prompt is not None:
-                text_prompt = prompt
-            else:
-                text_prompt = "\n".join(m["content"] for m in chat)
-            _check_context(tokenizer, text_prompt, loaded.context, max_tokens)
+        # measured and tokenized outside the lock: a huge prompt must not hold up every other call
+        _refuse_oversized(_prompt_bytes(prompt, messages), loaded, max_tokens)
+        ids = _prompt_ids(loaded.tokenizer, prompt, messages)
+        _check_context(len(ids), loaded.context, max_tokens)
+        with self._lock:
             if seed is not None:
                 mx.random.seed(seed)
             mx.reset_peak_memory()
@@ -207,7 +245,7 @@ class ModelSession:
             sampler = make_sampler(temp=temperature, top_p=top_p)
             with fast_activations(loaded.model):
                 for last in stream_generate(
-                    loaded.model, tokenizer, text_prompt, max_tokens=max_tokens, sampler=sampler
+                    loaded.model, loaded.tokenizer, mx.array(ids), max_tokens=max_tokens, sampler=sampler
                 ):
                     pieces.append(last.text)
                     if stop_when is not None and stop_when("".join(pieces)):

@@ -104,7 +104,7 @@ def remote_command(host: Host, command: list[str], env: dict[str, str], ring: st
             f"export {HOSTFILE_ENV}=$hostfile",
         ]
     script.append(f"exec {shlex.join(command)}")
-    return ["ssh", "-o", "BatchMode=yes", "-o", "LogLevel=QUIET", host.ssh, "; ".join(script)]
+    return ["ssh", "-o", "BatchMode=yes", "-o", "LogLevel=QUIET", "--", host.ssh, "; ".join(script)]
 
 
 def group_timeout_s() -> float:

@@ -10,6 +10,7 @@ it end decides the run's final state from that and from whether the process is g
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
@@ -119,7 +120,7 @@ class Watchdog:
 def failure_kind(exc: BaseException) -> FailureKind:
     if isinstance(exc, Diverged):
         return FailureKind.DIVERGED
-    if isinstance(exc, CheckpointWriteError):
+    if isinstance(exc, CheckpointWriteError) or _disk_full(exc):
         return FailureKind.STORAGE
     if isinstance(exc, ConfigError | FileNotFoundError):
         return FailureKind.CONFIG
@@ -129,6 +130,13 @@ def failure_kind(exc: BaseException) -> FailureKind:
     if isinstance(exc, ValueError):
         return FailureKind.CONFIG
     return FailureKind.BACKEND
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """ENOSPC or a quota, raised by Python or reported in the text of an MLX error (its file writers are C++)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "no space left on device" in str(exc).lower() or "disk quota exceeded" in str(exc).lower()
 
 
 def run(run_dir: Path, emit: EventWriter, attempt: int = 1) -> int:

@@ -77,17 +77,17 @@ def _check_writable(folder: str) -> None:
         raise ConfigError(f"adapter_dir {folder!r} is not writable (checked {str(probe)!r}); pick a folder you own")
 
 
-def _with_hosts(config: QLoRAConfig) -> QLoRAConfig:
-    """A run over the machines of a hostfile: one process per host, the hostfile's absolute path."""
+def _with_hosts(config: QLoRAConfig, policy: PathPolicy) -> QLoRAConfig:
+    """A run over the machines of a hostfile (inside the allowed roots): one process per host, its absolute path."""
     if config.hosts is None:
         return config
-    hosts = read_hostfile(config.hosts, group_backend(config.backend))
+    hostfile = str(policy.check(Path(config.hosts), "hosts"))
+    hosts = read_hostfile(hostfile, group_backend(config.backend))
     if config.num_processes not in (1, len(hosts)):
         raise ConfigError(
             f"num_processes is {config.num_processes} but hosts {config.hosts!r} lists {len(hosts)} machines, one "
             f"process each; leave num_processes out or set it to {len(hosts)}"
         )
-    hostfile = str(Path(config.hosts).expanduser().resolve())
     return QLoRAConfig.parse({**config.model_dump(), "num_processes": len(hosts), "hosts": hostfile})
 
 
@@ -95,7 +95,7 @@ def prepare_run(config: QLoRAConfig, defaults: RunDefaults | None = None) -> Pre
     """Check a config and prepare it; raises ConfigError (and writes nothing) when the run cannot start."""
     defaults = defaults or RunDefaults()
     policy = defaults.path_policy()
-    config = _with_hosts(config)
+    config = _with_hosts(config, policy)
     model_dir = resolve_model_dir(config.model, defaults.models(), policy)
     model_config = read_model_config(model_dir)
     layers = num_hidden_layers(model_config)

@@ -138,25 +138,27 @@ def run_evaluation(spec: EvaluationSpec, save_in: Path | None, progress: Callabl
         spec_file.write_text(spec.model_dump_json(), encoding="utf-8")
         cmd = [sys.executable, "-m", "trainer.engine.evaluate", str(spec_file)]
         cmd += ["--save", str(save_in)] if save_in is not None else []
-        child = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        assert child.stderr is not None and child.stdout is not None
+        out_file = Path(scratch) / "scores.json"
         tail: list[str] = []
-        for line in child.stderr:
-            if line.startswith("progress "):
-                progress(line[len("progress ") :].strip())
-            else:
-                tail = (tail + [line.rstrip()])[-20:]
-        out = child.stdout.read()
-        child.wait()
+        # stdout to a file, stderr read as it comes: no pipe can fill up and stall the child
+        with (
+            out_file.open("w+", encoding="utf-8") as out,
+            subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.PIPE, text=True) as child,
+        ):
+            assert child.stderr is not None
+            for line in child.stderr:
+                if line.startswith("progress "):
+                    progress(line[len("progress ") :].strip())
+                else:
+                    tail = (tail + [line.rstrip()])[-20:]
+        out_text = out_file.read_text(encoding="utf-8")
     if child.returncode != 0:
         last = next((line for line in reversed(tail) if line.strip()), "")
         raise ConfigError(f"the evaluation stopped with status {child.returncode}: {last}")
     saved = stored_evaluation(save_in) if save_in is not None else None  # the child wrote it, atomically
     if saved is not None:
         return saved
-    scores = [ModelScores.model_validate(s) for s in json.loads(out.strip().splitlines()[-1])]
+    scores = [ModelScores.model_validate(s) for s in json.loads(out_text.strip().splitlines()[-1])]
     return Evaluation(spec=spec, scores=scores, seconds=round(time.perf_counter() - start, 1))
 
 
