@@ -162,7 +162,7 @@ async def list_runs(
 async def delete_run(
     ctx: AppContext, run_id: Annotated[str, Field(description="An ended run.")]
 ) -> Annotated[CallToolResult, DeletedRun]:
-    """Delete an ended run: its record, folder and adapter (not while queued or running)."""
+    """Delete an ended run and the files it wrote (not while live)."""
     state = app_state(ctx)
     with trainer_errors():
         deleted = await state.runner.delete(run_id)

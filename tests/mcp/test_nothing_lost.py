@@ -185,3 +185,55 @@ def test_ssh_never_takes_a_host_name_as_an_option() -> None:
 
     command = remote_command(Host(ssh="mac-2", ips=["10.0.0.2"]), ["true"], {RANK_ENV: "1"}, None)
     assert command[command.index("mac-2") - 1] == "--"
+
+
+async def test_concurrent_first_calls_on_a_fresh_server_all_answer(
+    tmp_path: Path, tiny_model: Path, tiny_data: Path
+) -> None:
+    """The first calls race for the first imports of mlx-lm and transformers, and for one GGUF's import."""
+    from mcp_local_demo.bundled import smollm2_gguf
+
+    gguf = smollm2_gguf()
+    params = fake_stdio(tmp_path / "home", "succeed")
+    params.args += ["--root", str(gguf.parent)]
+    async with Client(params, mode="legacy") as client:
+        answers: dict[int, Any] = {}
+
+        async def call(i: int, name: str, arguments: dict[str, Any]) -> None:
+            answers[i] = await client.call_tool(name, arguments)
+
+        with anyio.fail_after(240):
+            async with anyio.create_task_group() as tg:
+                for i in range(3):
+                    tg.start_soon(call, i, "load_model", {"path": str(gguf)})
+                tg.start_soon(call, 3, "validate_dataset", {"data": str(tiny_data), "model": str(tiny_model)})
+                tg.start_soon(call, 4, "profile_memory", {"model": str(tiny_model)})
+                tg.start_soon(call, 5, "load_model", {"path": str(tiny_model)})
+    failed = {i: a.content[0].text for i, a in answers.items() if a.is_error}
+    assert len(answers) == 6 and failed == {}, failed
+    assert len({a.structured_content["model"] for i, a in answers.items() if i < 3}) == 1  # one import, shared
+
+
+async def test_paths_and_files_symlinked_out_of_the_roots_are_refused(tmp_path: Path, tiny_model: Path) -> None:
+    outside = Path("/etc")  # not under the test's roots (the temp folder and the home)
+    linked_model = tmp_path / "linked-model"
+    linked_model.mkdir()
+    for item in tiny_model.iterdir():
+        (linked_model / item.name).symlink_to(item)
+    (linked_model / "config.json").unlink()
+    (linked_model / "config.json").symlink_to(outside / "hostname")
+    linked_data = tmp_path / "linked-data"
+    linked_data.mkdir()
+    (linked_data / "train.jsonl").symlink_to(outside / "passwd")
+    async with Client(fake_stdio(tmp_path / "home", "succeed"), mode="legacy") as client:
+        for tool, arguments in [
+            ("profile_memory", {"model": str(outside)}),
+            ("profile_memory", {"model": str(linked_model)}),
+            ("load_model", {"path": str(linked_model)}),
+            ("validate_dataset", {"data": str(linked_data)}),
+            ("start_qlora_run", {"config": {"model": str(tiny_model), "data": str(linked_data), "num_layers": 4}}),
+        ]:
+            refused = await client.call_tool(tool, arguments)
+            text = refused.content[0].text  # type: ignore[union-attr]
+            assert refused.is_error and "outside the server's allowed roots" in text, (tool, text)
+            assert "root:" not in text  # nothing of /etc/passwd

@@ -156,6 +156,7 @@ class ModelSession:
 
     def loaded(self, model: str, adapter: str | None = None) -> _Loaded:
         """The loaded model and tokenizer themselves (loading them if needed), for evaluation in this process."""
+        require_mlx()
         key = self._key(model, adapter)
         with self._lock:
             return self._loaded.get(key) or self._load(key)
@@ -223,6 +224,7 @@ class ModelSession:
         if (prompt is None) == (messages is None):
             raise ConfigError("pass exactly one of prompt (a string) or messages (a chat list)")
         key = self._key(model or self._current()[0], adapter) if adapter or model else None
+        require_mlx()
         import mlx.core as mx
         from mlx_lm.generate import stream_generate
         from mlx_lm.sample_utils import make_sampler

@@ -7,6 +7,10 @@ one by default; a plain `pip install` or `uvx` of this package needs its `cpu` o
 from __future__ import annotations
 
 from ..errors import ModelError
+from ..first_import import import_once
+
+#: what this process's generation imports (first_import.py says why one at a time)
+_MLX_STACK = ("mlx.core", "mlx.nn", "mlx_lm", "mlx_lm.utils", "mlx_lm.generate", "mlx_lm.sample_utils")
 
 INSTALL_BACKEND = (
     "MLX is installed without a backend ({detail}): install one with `pip install 'mcp-local[cpu]'` (Linux CPU) or "
@@ -16,8 +20,10 @@ INSTALL_BACKEND = (
 
 
 def require_mlx() -> None:
-    """Import MLX's core, or raise ModelError saying which backend to install."""
+    """Import MLX and mlx-lm once, one thread at a time, or raise ModelError saying which backend to install."""
     try:
-        import mlx.core  # noqa: F401
+        import_once("mlx.core")
     except ImportError as exc:
         raise ModelError(INSTALL_BACKEND.format(detail=exc)) from None
+    for name in _MLX_STACK[1:]:
+        import_once(name)

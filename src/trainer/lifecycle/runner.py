@@ -233,7 +233,7 @@ class JobRunner(RunViews):
         return job.snapshot(), plan
 
     async def delete(self, run_id: str) -> DeletedRun:
-        """Delete an ended run's record, folder and adapter (refused while it is queued or running)."""
+        """Delete an ended run's record, folder and the adapter files it wrote (refused while it is live)."""
         deleted = await anyio.to_thread.run_sync(delete_run, self.store, run_id)
         self._tracked.pop(run_id, None)
         return deleted

@@ -56,8 +56,8 @@ class QLoRAConfig(BaseModel):
     learning_rate: Annotated[float, Field(gt=0, le=1, description="Adam learning rate.")] = 1e-5
     max_seq_length: Annotated[int, Field(ge=8, le=1 << 20, description="Longer examples are truncated.")] = 2048
     grad_checkpoint: Annotated[bool, Field(description="Recompute activations: less memory.")] = False
-    mask_prompt: Annotated[bool, Field(description="Train on completions / last assistant turns only.")] = False
-    seed: Annotated[int, Field(ge=0, lt=1 << 32, description="For LoRA init and batch order.")] = 0
+    mask_prompt: Annotated[bool, Field(description="Loss on completions only.")] = False
+    seed: Annotated[int, Field(ge=0, lt=1 << 32, description="LoRA init, batch order.")] = 0
     steps_per_report: Annotated[int, Field(ge=1, le=MAX_ITERS, description="Steps between train-loss reports.")] = 10
     steps_per_eval: Annotated[int, Field(ge=1, le=MAX_ITERS, description="Steps between validation losses.")] = 200
     val_batches: Annotated[int, Field(ge=-1, le=MAX_ITERS, description="Validation batches each time; -1: all.")] = 25
@@ -68,11 +68,11 @@ class QLoRAConfig(BaseModel):
     ] = None
     dense_weights: Annotated[
         bool | None,
-        Field(description="CPU: float32 frozen weights (faster, more memory); null: if small."),
+        Field(description="CPU: float32 frozen weights, faster; null: if small."),
     ] = None
     chunked_loss: Annotated[
         bool,
-        Field(description="Loss in chunks: less memory for large vocabularies."),
+        Field(description="Loss in chunks: less memory, large vocabularies."),
     ] = False
     layerwise: Annotated[
         bool,

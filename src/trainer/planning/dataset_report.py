@@ -91,9 +91,10 @@ class _Tokens:
     def __init__(self, model_dir: Path | None) -> None:
         self.tokenizer: Any = None
         if model_dir is not None and (model_dir / "tokenizer.json").is_file():
-            from transformers import AutoTokenizer  # not MLX: what mlx_lm.load uses for the tokenizer
+            from ..first_import import attribute_once
 
-            self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+            auto_tokenizer = attribute_once("transformers", "AutoTokenizer")  # not MLX: what mlx_lm.load uses
+            self.tokenizer = auto_tokenizer.from_pretrained(str(model_dir))
 
     def count(self, fmt: str, record: dict[str, Any], mask_prompt: bool) -> tuple[int, int] | None:
         tok = self.tokenizer
@@ -269,7 +270,7 @@ def validate_dataset(
     """Check every line of `data`'s train/valid/test.jsonl; with a model (folder, .gguf or repo id: its tokenizer and
     chat template), tokenize as a run would. `paths`: the roots the data and model must be under."""
     model_dir = resolve_model_dir(str(model), models_root, paths) if model is not None else None
-    folder = paths.check(Path(data), "data folder") if paths else Path(data).expanduser()
+    folder = paths.check_folder(Path(data), "data folder") if paths else Path(data).expanduser()
     if not folder.is_dir() or not (folder / "train.jsonl").is_file():
         raise ConfigError(
             f"data folder {str(data)!r} has no train.jsonl; pass a folder holding train.jsonl (and valid.jsonl)"

@@ -7,6 +7,7 @@ id such as `Qwen/Qwen2.5-Coder-7B-Instruct` (downloaded where the hub is reachab
 from __future__ import annotations
 
 import ast
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -41,7 +42,7 @@ def resolve_model_dir(ref: str, models_root: Path | None = None, policy: PathPol
     if not path.exists() and REPO_ID.match(ref) and not ref.startswith((".", "/", "~")):
         return _check_folder(resolve_hub_model(ref), ref)
     if path.exists() and policy is not None:
-        path = policy.check(path, "model path")
+        path = policy.check_folder(path, "model path")
     if not path.exists():
         raise ConfigError(
             f"model path {ref!r} does not exist; pass a local model folder (with config.json), a .gguf file "
@@ -94,16 +95,22 @@ def import_gguf_isolated(gguf_path: Path, models_root: Path) -> Path:
     folder = gguf_cache_folder(gguf_path, models_root)
     if (folder / "config.json").is_file():
         return folder
-    log.info("importing %s into %s", gguf_path, folder)
-    run_isolated(
-        "trainer.engine.gguf",
-        [str(gguf_path), str(folder)],
-        what=f"importing {str(gguf_path)!r}",
-        hint="the file is damaged or not a GGUF model: download it again, or pass a model folder",
-    )
-    if not (folder / "config.json").is_file():
-        raise ConfigError(f"importing {str(gguf_path)!r} wrote no model folder; pass a model folder instead")
-    (folder / SOURCE_FILE).write_text(json.dumps({"gguf": str(gguf_path)}), encoding="utf-8")  # for list_models
+    models_root.mkdir(parents=True, exist_ok=True)
+    # one import per file at a time, across threads and processes: the others wait for it and use its folder
+    with open(folder.with_name(folder.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (folder / "config.json").is_file():
+            return folder
+        log.info("importing %s into %s", gguf_path, folder)
+        run_isolated(
+            "trainer.engine.gguf",
+            [str(gguf_path), str(folder)],
+            what=f"importing {str(gguf_path)!r}",
+            hint="the file is damaged or not a GGUF model: download it again, or pass a model folder",
+        )
+        if not (folder / "config.json").is_file():
+            raise ConfigError(f"importing {str(gguf_path)!r} wrote no model folder; pass a model folder instead")
+        (folder / SOURCE_FILE).write_text(json.dumps({"gguf": str(gguf_path)}), encoding="utf-8")  # for list_models
     return folder
 
 

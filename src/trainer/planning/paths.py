@@ -31,6 +31,16 @@ class PathPolicy:
             )
         return resolved
 
+    def check_folder(self, folder: Path, what: str) -> Path:
+        """`check`, and every file directly in the folder too: a symlink inside an allowed folder pointing outside
+        the roots would let a tool read (and a reply or error show) a file the server may not."""
+        resolved = self.check(folder, what)
+        if self.roots is not None and resolved.is_dir():
+            for entry in resolved.iterdir():
+                if entry.is_symlink():
+                    self.check(entry, f"{what} file")
+        return resolved
+
 
 def check_adapter_dir(
     folder: Path, runs_dir: Path, policy: PathPolicy, protected: dict[str, Path] | None = None

@@ -38,7 +38,7 @@ def predict_run(config: QLoRAConfig, defaults: RunDefaults | None = None) -> Run
 def predict_model(model: str, settings: dict[str, Any], defaults: RunDefaults | None = None) -> RunPrediction:
     """The prediction for `model` with run settings (batch_size, max_seq_length, ...) and no dataset."""
     defaults = defaults or RunDefaults()
-    model_dir = resolve_model_dir(model, defaults.models())
+    model_dir = resolve_model_dir(model, defaults.models(), defaults.path_policy())
     model_config = read_model_config(model_dir)
     config = QLoRAConfig.parse({**settings, "model": str(model_dir), "data": str(model_dir), "allow_over_budget": True})
     try:

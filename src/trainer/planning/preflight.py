@@ -104,7 +104,7 @@ def prepare_run(config: QLoRAConfig, defaults: RunDefaults | None = None) -> Pre
             f"num_layers={config.num_layers} but the model {config.model!r} has only {layers} layers; "
             f"use at most {layers} (or -1 for all)"
         )
-    data_dir = policy.check(Path(config.data), "data folder")
+    data_dir = policy.check_folder(Path(config.data), "data folder")
     summary = check_dataset(str(data_dir), config.batch_size, model_dir / "tokenizer.json", defaults.max_dataset_mb)
     if (model_dir / "tokenizer.json").is_file():  # the chat template over every line, as the run will apply it
         report = validate_dataset(

@@ -117,7 +117,7 @@ def evaluation_spec(
         resolve_adapter_dir(str(paths.check(Path(adapter), "adapter") if paths else adapter)) if adapter else None
     )
     if data is not None:
-        data = str(paths.check(Path(data), "data folder") if paths else Path(data))
+        data = str(paths.check_folder(Path(data), "data folder") if paths else Path(data))
     checker = settings.get("checker")
     if isinstance(checker, str):
         checked = paths.check(Path(checker), "checker") if paths else Path(checker)
