@@ -226,13 +226,14 @@ async def test_paths_and_files_symlinked_out_of_the_roots_are_refused(tmp_path: 
     linked_data.mkdir()
     (linked_data / "train.jsonl").symlink_to(outside / "passwd")
     async with Client(fake_stdio(tmp_path / "home", "succeed"), mode="legacy") as client:
-        for tool, arguments in [
+        calls: list[tuple[str, dict[str, Any]]] = [
             ("profile_memory", {"model": str(outside)}),
             ("profile_memory", {"model": str(linked_model)}),
             ("load_model", {"path": str(linked_model)}),
             ("validate_dataset", {"data": str(linked_data)}),
             ("start_qlora_run", {"config": {"model": str(tiny_model), "data": str(linked_data), "num_layers": 4}}),
-        ]:
+        ]
+        for tool, arguments in calls:
             refused = await client.call_tool(tool, arguments)
             text = refused.content[0].text  # type: ignore[union-attr]
             assert refused.is_error and "outside the server's allowed roots" in text, (tool, text)
