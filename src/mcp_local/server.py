@@ -39,6 +39,7 @@ from .resources import register_resource_templates, register_run_resources
 from .state import AppState, HomeUnavailable, ServerSettings
 from .subscribe import register_legacy_subscriptions
 from .tools import register_tools
+from .wire import ScreenedLines, claim_stdin
 
 log = logging.getLogger(__name__)
 RECENT_RUNS_LISTED = 50
@@ -144,7 +145,9 @@ async def serve_stdio(mcp: MCPServer[Any]) -> None:
     stopped_by: list[signal.Signals] = []
     async with anyio.create_task_group() as tg:
         tg.start_soon(_stop_on_signals, tg.cancel_scope, stopped_by)
-        async with stdio_server() as (read, write):
+        lines = ScreenedLines(claim_stdin())
+        async with stdio_server(stdin=cast(Any, lines)) as (read, write):
+            lines.answer_through(write)
             await lowlevel.run(read, write, options)
             if stopped_by:  # the lifespan has closed: the thread blocked reading stdin would hold the exit
                 _exit_now()

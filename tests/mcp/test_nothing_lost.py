@@ -238,3 +238,14 @@ async def test_paths_and_files_symlinked_out_of_the_roots_are_refused(tmp_path: 
             text = refused.content[0].text  # type: ignore[union-attr]
             assert refused.is_error and "outside the server's allowed roots" in text, (tool, text)
             assert "root:" not in text  # nothing of /etc/passwd
+
+
+async def test_a_start_whose_request_the_client_cancels_queues_nothing(
+    tmp_path: Path, tiny_model: Path, tiny_data: Path
+) -> None:
+    async with Client(fake_stdio(tmp_path / "home", "succeed"), mode="legacy") as client:
+        await client.call_tool("list_runs", {})
+        with anyio.move_on_after(0.3):  # during the checks (reading the data with the model's tokenizer)
+            await client.call_tool("start_qlora_run", {"config": config(tiny_model, tiny_data, iters=10_000)})
+        await anyio.sleep(3)
+        assert (await client.call_tool("list_runs", {})).structured_content["runs"] == []  # type: ignore[index]

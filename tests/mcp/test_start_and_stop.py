@@ -57,8 +57,11 @@ def _start_load_and_close(home: Path, model: Path) -> tuple[int, str, float]:
     assert server.stdin is not None
     server.stdin.close()
     code = server.wait(timeout=30)
-    assert server.stderr is not None
-    return code, server.stderr.read(), first_list
+    assert server.stderr is not None and server.stdout is not None
+    stderr = server.stderr.read()
+    server.stdout.close()
+    server.stderr.close()
+    return code, stderr, first_list
 
 
 @pytest.mark.slow

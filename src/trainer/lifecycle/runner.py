@@ -23,6 +23,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ..environment.process_env import worker_environment
@@ -85,8 +86,6 @@ class JobRunner(RunViews):
         self._unsaved: dict[str, tuple[Tracked, JobState]] = {}  # ends the database refused, retried
         self._quiet_saves_resume_at = 0.0
         self._tg: anyio.abc.TaskGroup | None = None
-
-    # ---- lifecycle -------------------------------------------------------------------------------------------
 
     async def __aenter__(self) -> JobRunner:
         self._tg = anyio.create_task_group()
@@ -194,6 +193,7 @@ class JobRunner(RunViews):
         """
         parsed = config if isinstance(config, QLoRAConfig) else QLoRAConfig.parse(config)
         prepared = await anyio.to_thread.run_sync(prepare_run, parsed, self.defaults)
+        await anyio.lowlevel.checkpoint_if_cancelled()  # the caller gave up during the checks: queue nothing
         return self.enqueue(prepared)
 
     def enqueue(self, prepared: PreparedRun) -> RunSnapshot:
@@ -214,6 +214,7 @@ class JobRunner(RunViews):
         checkpoint that verifies. RunConflict for a run that is live or succeeded; ConfigError when its data or model
         changed since that checkpoint (unless `force`) or the queue is full."""
         plan = await anyio.to_thread.run_sync(plan_resume, self._tracker(run_id).job, force)
+        await anyio.lowlevel.checkpoint_if_cancelled()
         queued = self.store.count(JobState.QUEUED)
         if queued >= self.defaults.max_queued:
             raise ConfigError(
