@@ -59,14 +59,15 @@ def test_malformed_messages_get_the_spec_errors_and_the_server_keeps_serving(tmp
         wire.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
         nested = '{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"list_runs","arguments":'
         nested += '{"a":' * 5000 + "1" + "}" * 5000 + "}}"
-        for line, request_id, code, says in [
+        cases: list[tuple[Any, int | None, int, str]] = [
             ([{"jsonrpc": "2.0", "id": 2, "method": "tools/list"}], None, -32600, "batches"),
             ({"jsonrpc": "2.0", "id": 3}, 3, -32600, 'no "method"'),
             ({"jsonrpc": "1.0", "id": 4, "method": "tools/list"}, 4, -32600, '"jsonrpc" must be "2.0"'),
             (nested, 5, -32600, "nested too deeply"),
             ("{not json", None, -32700, "Parse error"),
             ('"just a string"', None, -32600, "a JSON object"),
-        ]:
+        ]
+        for line, request_id, code, says in cases:
             wire.send(line)
             reply = wire.receive()
             assert reply["id"] == request_id and reply["error"]["code"] == code and says in reply["error"]["message"]
