@@ -249,3 +249,24 @@ async def test_a_start_whose_request_the_client_cancels_queues_nothing(
             await client.call_tool("start_qlora_run", {"config": config(tiny_model, tiny_data, iters=10_000)})
         await anyio.sleep(3)
         assert (await client.call_tool("list_runs", {})).structured_content["runs"] == []  # type: ignore[index]
+
+
+async def test_odd_paths_and_damaged_weights_get_named_errors(
+    tmp_path: Path, tiny_model: Path, tiny_data: Path
+) -> None:
+    damaged = tmp_path / "damaged-model"
+    damaged.mkdir()
+    (damaged / "config.json").write_text((tiny_model / "config.json").read_text())
+    (damaged / "model.safetensors").write_bytes(os.urandom(100_000))
+    nul_data = str(tiny_data) + "\x00"
+    async with Client(fake_stdio(tmp_path / "home", "succeed"), mode="legacy") as client:
+        for tool, arguments, says in [
+            ("start_qlora_run", {"config": config(tiny_model, tiny_data, data=nul_data)}, "contains a NUL byte"),
+            ("validate_dataset", {"data": nul_data}, "contains a NUL byte"),
+            ("load_model", {"path": str(damaged)}, "damaged or not safetensors"),
+            ("load_model", {"path": "x/.."}, "not an existing path, nor a Hugging Face repo id"),
+            ("profile_memory", {"model": "x/.."}, "not an existing path, nor a Hugging Face repo id"),
+        ]:
+            refused = await client.call_tool(tool, arguments)
+            text = refused.content[0].text  # type: ignore[union-attr]
+            assert refused.is_error and says in text, (tool, text)

@@ -173,6 +173,11 @@ class ModelSession:
             model, tokenizer, config = cast(tuple[Any, Any, dict[str, Any]], result)
         except (ValueError, FileNotFoundError, KeyError, json.JSONDecodeError) as exc:
             raise ModelError(f"could not load model {model_dir!r}: {exc}") from exc
+        except RuntimeError as exc:  # MLX's readers: damaged or foreign weight files
+            raise ModelError(
+                f"could not load model {model_dir!r}: {exc}; its weight files are damaged or not safetensors: copy or "
+                "download the model again"
+            ) from exc
         from .fastpath import apply_fast_path, cache_dense_weights
 
         if apply_fast_path(model, self.fast_path):

@@ -22,7 +22,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..isolated import run_isolated
 from ..settings import default_home
-from .paths import PathPolicy
+from .paths import PathPolicy, reject_nul
 
 #: bump when the GGUF importer's output changes, so earlier imports are redone
 GGUF_IMPORT_VERSION = 1
@@ -38,6 +38,7 @@ def resolve_model_dir(ref: str, models_root: Path | None = None, policy: PathPol
 
     GGUF imports are cached under `models_root` (default: the default home's models/); a local path must pass
     `policy` (the server's allowed roots), a hub repo id resolves into the hub's own cache."""
+    reject_nul(ref, "model path")
     path = Path(ref).expanduser()
     if not path.exists() and REPO_ID.match(ref) and not ref.startswith((".", "/", "~")):
         return _check_folder(resolve_hub_model(ref), ref)
@@ -56,12 +57,17 @@ def resolve_model_dir(ref: str, models_root: Path | None = None, policy: PathPol
 def resolve_hub_model(repo_id: str) -> Path:
     """The local snapshot of a hub repo: from the cache first, else downloaded (progress bars on stderr)."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
     try:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, local_files_only=True))
     except LocalEntryNotFoundError:
         pass
+    except HFValidationError as exc:
+        raise ConfigError(
+            f"model {repo_id!r} is not an existing path, nor a Hugging Face repo id ({exc}); pass a model folder, a "
+            ".gguf file or a repo id such as Qwen/Qwen2.5-Coder-7B-Instruct"
+        ) from None
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     if offline:
         raise ConfigError(

@@ -10,6 +10,12 @@ from pathlib import Path
 from ..errors import ConfigError
 
 
+def reject_nul(value: str, what: str) -> None:
+    """No file name holds a NUL byte; the OS would refuse it with a bare ValueError deep in the call."""
+    if "\x00" in value:
+        raise ConfigError(f"{what} {value!r} contains a NUL byte (\\x00), which no path can; pass the real path")
+
+
 @dataclass(frozen=True)
 class PathPolicy:
     """`roots` None: any path (the CLI, where the user is the caller); else only paths under one of them."""
@@ -18,6 +24,7 @@ class PathPolicy:
 
     def check(self, path: Path, what: str) -> Path:
         """The resolved path, or a ConfigError naming it, the roots and how to allow it."""
+        reject_nul(str(path), what)
         resolved = path.expanduser().resolve()
         if path.exists():
             mode = resolved.stat().st_mode
