@@ -15,7 +15,7 @@ from .plot import PNG, run_plot
 from .resources import iso, run_status, status_line
 from .schemas import CancelledRun, ResumedRun, RunBrief, RunList, RunStatus, StartedRun, run_resources, tool_result
 from .state import AppState
-from .tool_support import MAX_WAIT_S, AppContext, app_state, trainer_errors
+from .tool_support import MAX_WAIT_S, AppContext, app_state, progress_from_thread, trainer_errors
 
 PROGRESS_EVERY_S = 1.0
 
@@ -25,7 +25,7 @@ async def start_qlora_run(ctx: AppContext, config: QLoRAConfig) -> Annotated[Cal
     wait_seconds=30)."""
     state = app_state(ctx)
     with trainer_errors():
-        snap = await state.runner.submit(config)
+        snap = await state.runner.submit(config, progress_from_thread(ctx, "reading the dataset"))
     started = StartedRun(
         run_id=snap.id,
         state=snap.state,

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from typing import Any
 
+import anyio
+import anyio.from_thread
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import ToolAnnotations
@@ -44,3 +47,20 @@ def app_state(ctx: AppContext) -> AppState:
     # 2.3 has no public per-connection key; the SDK's migration guide uses this one (see notify)
     state.legacy_sessions.setdefault(session._connection, session)
     return state
+
+
+def progress_from_thread(ctx: AppContext, message: str, every_s: float = 1.0) -> Callable[[float], None]:
+    """A progress callback for work in a thread (fraction done): a notification to the client at most every `every_s`
+    seconds, sent on the event loop."""
+    last = 0.0
+
+    def report(fraction: float) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last < every_s:
+            return
+        last = now
+        with suppress(Exception):  # a client gone or a loop closing: progress is a courtesy, the work goes on
+            anyio.from_thread.run(ctx.report_progress, round(fraction * 100, 1), 100.0, message)
+
+    return report

@@ -5,6 +5,7 @@ concurrent cancels keep the save."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
 import tempfile
@@ -260,13 +261,37 @@ async def test_odd_paths_and_damaged_weights_get_named_errors(
     (damaged / "model.safetensors").write_bytes(os.urandom(100_000))
     nul_data = str(tiny_data) + "\x00"
     async with Client(fake_stdio(tmp_path / "home", "succeed"), mode="legacy") as client:
-        for tool, arguments, says in [
+        calls: list[tuple[str, dict[str, Any], str]] = [
             ("start_qlora_run", {"config": config(tiny_model, tiny_data, data=nul_data)}, "contains a NUL byte"),
             ("validate_dataset", {"data": nul_data}, "contains a NUL byte"),
             ("load_model", {"path": str(damaged)}, "damaged or not safetensors"),
             ("load_model", {"path": "x/.."}, "not an existing path, nor a Hugging Face repo id"),
             ("profile_memory", {"model": "x/.."}, "not an existing path, nor a Hugging Face repo id"),
-        ]:
+        ]
+        for tool, arguments, says in calls:
             refused = await client.call_tool(tool, arguments)
             text = refused.content[0].text  # type: ignore[union-attr]
             assert refused.is_error and says in text, (tool, text)
+
+
+async def test_accepting_a_large_dataset_shows_progress_to_the_client(tmp_path: Path, tiny_model: Path) -> None:
+    data = tmp_path / "large"
+    data.mkdir()
+    turn = {
+        "messages": [{"role": "user", "content": "Write add_one. " * 20}, {"role": "assistant", "content": "x" * 800}]
+    }
+    (data / "train.jsonl").write_text((json.dumps(turn) + "\n") * 6000)
+    seen: list[tuple[float, float | None, str | None]] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append((progress, total, message))
+
+    async with Client(fake_stdio(tmp_path / "home", "succeed"), mode="legacy") as client:
+        started = await client.call_tool(
+            "start_qlora_run",
+            {"config": config(tiny_model, data, iters=1, max_seq_length=2048)},
+            progress_callback=on_progress,
+        )
+    assert not started.is_error, started.content
+    assert seen and all(total == 100 and message == "reading the dataset" for _, total, message in seen)
+    assert [p for p, _, _ in seen] == sorted(p for p, _, _ in seen) and seen[-1][0] <= 100

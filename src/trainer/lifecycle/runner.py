@@ -15,7 +15,7 @@ import secrets
 import signal
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager, suppress
 from functools import partial
 from pathlib import Path
@@ -186,13 +186,14 @@ class JobRunner(RunViews):
 
     # ---- public API --------------------------------------------------------------------------------------------
 
-    async def submit(self, config: QLoRAConfig | dict[str, Any]) -> RunSnapshot:
+    async def submit(
+        self, config: QLoRAConfig | dict[str, Any], progress: Callable[[float], None] | None = None
+    ) -> RunSnapshot:
         """Check and enqueue a run; returns once it is queued. Raises ConfigError and writes nothing on bad input.
-
-        The checks (model resolution, a GGUF import, reading the dataset) run in a thread: they may take seconds.
-        """
+        The checks (model resolution, a GGUF import, reading the dataset) run in a thread, `progress` getting the
+        fraction of the dataset read: they may take a minute for a large dataset."""
         parsed = config if isinstance(config, QLoRAConfig) else QLoRAConfig.parse(config)
-        prepared = await anyio.to_thread.run_sync(prepare_run, parsed, self.defaults)
+        prepared = await anyio.to_thread.run_sync(prepare_run, parsed, self.defaults, progress)
         await anyio.lowlevel.checkpoint_if_cancelled()  # the caller gave up during the checks: queue nothing
         return self.enqueue(prepared)
 

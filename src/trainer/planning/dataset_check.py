@@ -123,40 +123,58 @@ def _check_file(path: Path, counter: _TokenCounter) -> tuple[str | None, int]:
     return fmt, count
 
 
-def check_dataset(
-    data: str, batch_size: int, tokenizer_file: Path | None = None, max_mb: float | None = None
-) -> DatasetSummary:
-    """Read the data folder once: check every record, count examples and (with a tokenizer) the longest one."""
+def data_files(data: str) -> tuple[Path, Path]:
+    """train.jsonl and valid.jsonl of a data folder, or a ConfigError saying what is missing."""
     folder = Path(data).expanduser()
     if not folder.is_dir():
         raise ConfigError(f"data folder {data!r} does not exist; pass a folder holding train.jsonl (and valid.jsonl)")
     train = folder / "train.jsonl"
     if not train.is_file():
         raise ConfigError(f"data folder {data!r} has no train.jsonl; put the training examples there, one per line")
-    counter = _TokenCounter(tokenizer_file)
-    size_mb = sum(path.stat().st_size for path in (train, folder / "valid.jsonl") if path.is_file()) / 1e6
+    return train, folder / "valid.jsonl"
+
+
+def check_size(data: str, max_mb: float | None) -> None:
+    train, valid = data_files(data)
+    size_mb = sum(path.stat().st_size for path in (train, valid) if path.is_file()) / 1e6
     if max_mb is not None and size_mb > max_mb:
         raise ConfigError(
             f"the dataset in {data!r} is {size_mb:.0f} MB, over the server's limit of {max_mb:.0f} MB "
             "(--max-dataset-mb raises it)"
         )
-    fmt, n_train = _check_file(train, counter)
-    if n_train == 0 or fmt is None:
+
+
+def check_counts(data: str, batch_size: int, n_train: int, n_valid: int) -> None:
+    """Enough examples for one batch, in train and (when it has any) valid."""
+    train, valid = data_files(data)
+    if n_train == 0:
         raise ConfigError(f"{train} is empty; it needs at least batch_size={batch_size} examples")
     if n_train < batch_size:
         raise ConfigError(
             f"batch_size={batch_size} is larger than the {n_train} examples in {train}; "
             f"lower batch_size to at most {n_train} or add examples"
         )
+    if 0 < n_valid < batch_size:
+        raise ConfigError(
+            f"batch_size={batch_size} is larger than the {n_valid} examples in {valid}; "
+            f"lower batch_size or add validation examples"
+        )
+
+
+def check_dataset(
+    data: str, batch_size: int, tokenizer_file: Path | None = None, max_mb: float | None = None
+) -> DatasetSummary:
+    """Read the data folder once: check every record, count examples and (with a tokenizer) the longest one. The
+    preflight uses this only for a model without tokenizer.json (dataset_report.py reads it with the tokenizer)."""
+    train, valid = data_files(data)
+    check_size(data, max_mb)
+    counter = _TokenCounter(tokenizer_file)
+    fmt, n_train = _check_file(train, counter)
     n_valid = 0
-    valid = folder / "valid.jsonl"
     if valid.is_file():
         valid_fmt, n_valid = _check_file(valid, counter)
-        if n_valid and valid_fmt != fmt:
+        if n_valid and fmt is not None and valid_fmt != fmt:
             raise ConfigError(f"{valid} holds {valid_fmt} records but train.jsonl holds {fmt}; use one format")
-        if 0 < n_valid < batch_size:
-            raise ConfigError(
-                f"batch_size={batch_size} is larger than the {n_valid} examples in {valid}; "
-                f"lower batch_size or add validation examples"
-            )
+    check_counts(data, batch_size, n_train, n_valid)
+    assert fmt is not None
     return DatasetSummary(format=fmt, train_examples=n_train, valid_examples=n_valid, longest_tokens=counter.longest)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
@@ -16,8 +17,8 @@ from pydantic import BaseModel, ConfigDict
 from ..errors import ConfigError
 from ..settings import DEFAULT_SAMPLE_INTERVAL_S, default_budget_gb, default_home
 from .config import QLoRAConfig
-from .dataset_check import DatasetSummary, check_dataset
-from .dataset_report import refuse_unless_trainable, validate_dataset
+from .dataset_check import DatasetSummary, check_dataset, check_size
+from .dataset_report import trainable_summary, validate_dataset
 from .device import backend_kind, group_backend
 from .hostfile import read_hostfile
 from .memory_plan import MemoryCheck, check_memory
@@ -91,8 +92,25 @@ def _with_hosts(config: QLoRAConfig, policy: PathPolicy) -> QLoRAConfig:
     return QLoRAConfig.parse({**config.model_dump(), "num_processes": len(hosts), "hosts": hostfile})
 
 
-def prepare_run(config: QLoRAConfig, defaults: RunDefaults | None = None) -> PreparedRun:
-    """Check a config and prepare it; raises ConfigError (and writes nothing) when the run cannot start."""
+def _read_dataset(
+    config: QLoRAConfig, model_dir: Path, data_dir: Path, max_mb: float, progress: Callable[[float], None] | None
+) -> DatasetSummary:
+    """Every line read once: with the model's tokenizer and chat template where it has tokenizer.json (as the run
+    will tokenize it, a batch at a time), else checked for format alone."""
+    if not (model_dir / "tokenizer.json").is_file():
+        return check_dataset(str(data_dir), config.batch_size, None, max_mb)
+    check_size(str(data_dir), max_mb)
+    report = validate_dataset(
+        data_dir, model_dir, max_seq_length=config.max_seq_length, mask_prompt=config.mask_prompt, progress=progress
+    )
+    return trainable_summary(report, config.batch_size)
+
+
+def prepare_run(
+    config: QLoRAConfig, defaults: RunDefaults | None = None, progress: Callable[[float], None] | None = None
+) -> PreparedRun:
+    """Check a config and prepare it; raises ConfigError (and writes nothing) when the run cannot start. `progress`
+    gets the fraction of the dataset read, as it is read."""
     defaults = defaults or RunDefaults()
     policy = defaults.path_policy()
     config = _with_hosts(config, policy)
@@ -105,12 +123,7 @@ def prepare_run(config: QLoRAConfig, defaults: RunDefaults | None = None) -> Pre
             f"use at most {layers} (or -1 for all)"
         )
     data_dir = policy.check_folder(Path(config.data), "data folder")
-    summary = check_dataset(str(data_dir), config.batch_size, model_dir / "tokenizer.json", defaults.max_dataset_mb)
-    if (model_dir / "tokenizer.json").is_file():  # the chat template over every line, as the run will apply it
-        report = validate_dataset(
-            data_dir, model_dir, max_seq_length=config.max_seq_length, mask_prompt=config.mask_prompt
-        )
-        refuse_unless_trainable(report)
+    summary = _read_dataset(config, model_dir, data_dir, defaults.max_dataset_mb, progress)
     updates: dict[str, object] = {
         "model": str(model_dir),
         "data": str(data_dir),
