@@ -60,7 +60,7 @@ def server(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
         yield f"http://127.0.0.1:{port}/mcp", process
     finally:
         process.terminate()
-        process.wait(timeout=20)
+        process.communicate(timeout=20)  # reaps it and closes its stderr pipe
 
 
 async def test_http_needs_the_token_and_this_servers_host_and_origin(

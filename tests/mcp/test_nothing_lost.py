@@ -295,3 +295,22 @@ async def test_accepting_a_large_dataset_shows_progress_to_the_client(tmp_path: 
     assert not started.is_error, started.content
     assert seen and all(total == 100 and message == "reading the dataset" for _, total, message in seen)
     assert [p for p, _, _ in seen] == sorted(p for p, _, _ in seen) and seen[-1][0] <= 100
+
+
+async def test_the_default_roots_are_the_home_alone_not_the_working_directory(tmp_path: Path, tiny_model: Path) -> None:
+    import subprocess
+
+    params = StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "mcp_local", "--home", str(tmp_path / "home")],
+        env={"PATH": os.environ.get("PATH", "")},
+        cwd=str(tiny_model.parent),  # a host's working directory holding the model
+    )
+    async with Client(params, mode="legacy") as client:
+        refused = await client.call_tool("load_model", {"path": str(tiny_model)})
+    text = refused.content[0].text  # type: ignore[union-attr]
+    assert refused.is_error and "outside the server's allowed roots" in text and "--root" in text
+    config_run = subprocess.run(
+        [sys.executable, "-m", "mcp_local", "config", "--host", "cursor"], capture_output=True, text=True, check=True
+    )
+    assert "no --root given: tools may use only files under the server's home" in config_run.stderr
