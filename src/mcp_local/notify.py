@@ -18,14 +18,6 @@ from .state import AppState
 log = logging.getLogger(__name__)
 MIN_INTERVAL_S = 0.5  # at most 2 updates a second per resource
 
-#: which resources a cue touches (status includes the latest memory samples and metrics)
-ASPECT_URIS = {
-    "state": ("status",),
-    "progress": ("status",),
-    "memory": ("memory", "status"),
-    "metrics": ("metrics", "status"),
-}
-
 
 async def publish_updated(state: AppState, uri: str) -> None:
     await state.bus.publish(ResourceUpdated(uri=uri))  # 2026-07-28 subscriptions/listen
