@@ -2,7 +2,7 @@
 
 The layers of `trainer` (docs/architecture.md), lowest first; a layer imports only from itself and the ones listed:
 
-    base         trainer.errors, trainer.settings, trainer.isolated
+    base         trainer.errors, trainer.settings, trainer.isolated, trainer.first_import, trainer.entrypoints
     environment  base                                      (no MLX: sets up the processes MLX runs in)
     planning     base                                      (no MLX: config, model and data checks, memory)
     lifecycle    base, environment, planning               (no MLX: jobs, events, store, runner, worker)
@@ -37,6 +37,7 @@ ALLOWED = {
 NO_MLX = {"base", "environment", "planning", "lifecycle", "results"}
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 80
+MAX_CLASS_LINES = 200
 
 
 def _module_name(path: Path) -> str:
@@ -50,7 +51,7 @@ def _layer(module: str) -> str | None:
         return None
     if len(parts) == 1 or parts[1] in ("__main__",):
         return "trainer"
-    if parts[1] in ("errors", "settings", "isolated"):
+    if parts[1] in ("errors", "settings", "isolated", "first_import", "entrypoints"):
         return "base"
     return parts[1]
 
@@ -114,7 +115,7 @@ def test_the_mcp_layer_uses_only_the_public_trainer_api() -> None:
     assert offenders == []
 
 
-def test_no_module_over_400_lines_and_no_function_over_80() -> None:
+def test_no_module_over_400_lines_no_class_over_200_and_no_function_over_80() -> None:
     too_long = [
         f"{path.relative_to(SRC)}: {n} lines"
         for path in sorted(SRC.rglob("*"))
@@ -129,6 +130,10 @@ def test_no_module_over_400_lines_and_no_function_over_80() -> None:
                 length = (node.end_lineno or node.lineno) - node.lineno + 1
                 if length > MAX_FUNCTION_LINES:
                     too_long.append(f"{path.relative_to(SRC)}: {node.name}() is {length} lines")
+            elif isinstance(node, ast.ClassDef):
+                length = (node.end_lineno or node.lineno) - node.lineno + 1
+                if length > MAX_CLASS_LINES:
+                    too_long.append(f"{path.relative_to(SRC)}: class {node.name} is {length} lines")
     assert too_long == []
 
 
@@ -171,3 +176,26 @@ def test_planning_and_submitting_a_run_in_the_server_never_imports_mlx(
     result = json.loads(done.stdout)
     assert result["predicted"] and result["predicted"] > 0  # the memory prediction ran, without MLX
     assert result["mlx"] == []
+
+
+def test_every_module_started_by_name_is_listed_in_entrypoints_and_resolves() -> None:
+    """A child process or a dotted-path import is an edge no import graph shows: each is named in
+    trainer/entrypoints.py, resolves to a module of the package, and no other file spells a module's name."""
+    import importlib.util
+
+    from trainer import entrypoints
+
+    for entry in entrypoints.ALL:
+        module, _, attribute = entry.partition(":")
+        assert importlib.util.find_spec(module) is not None, entry
+        assert (SRC / (module.replace(".", "/") + ".py")).is_file(), entry
+        if attribute:
+            assert f"class {attribute}" in (SRC / (module.replace(".", "/") + ".py")).read_text(), entry
+    spelled = [
+        f"{path.relative_to(SRC)}: {node.value}"
+        for path in sorted(SRC.rglob("*.py"))
+        if path.name != "entrypoints.py"
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("trainer.")
+    ]
+    assert spelled == []

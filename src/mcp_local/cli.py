@@ -52,9 +52,11 @@ def main(argv: list[str] | None = None) -> None:
         help="a folder whose models, data and adapters tools may use, besides the home (repeatable; default: the home "
         "only; a host's working directory is never allowed on its own)",
     )
-    parser.add_argument("--max-queued", type=int, default=100, help="runs waiting at once (default %(default)s)")
     parser.add_argument(
-        "--max-dataset-mb", type=float, default=2048, help="largest dataset a run may use (default %(default)s MB)"
+        "--max-queued", type=int, default=defaults.max_queued, help="runs waiting at once (default %(default)s)"
+    )
+    parser.add_argument(
+        "--max-dataset-mb", type=float, default=defaults.max_dataset_mb, help="largest dataset a run may use (MB)"
     )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     http = parser.add_argument_group("Streamable HTTP (remote and shared use)")

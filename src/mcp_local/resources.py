@@ -42,17 +42,16 @@ def sparkline(values: list[float], width: int = 24) -> str | None:
 
 def run_status(state: AppState, run_id: str, memory_samples: int = 2, include_config: bool = False) -> RunStatus:
     snap = state.runner.get(run_id)
-    pct = 100.0 * snap.iteration / snap.iters if snap.iters else 0.0
     train, _ = state.runner.reports(run_id)
     processes = snap.config.num_processes
-    samples = state.runner.memory_samples(run_id, memory_samples * processes) if memory_samples else []
+    samples = state.runner.latest_memory(run_id, memory_samples)
     return RunStatus(
         id=snap.id,
         state=snap.state,
         phase=snap.phase,
         iteration=snap.iteration,
         iters=snap.iters,
-        progress_percent=round(pct, 1),
+        progress_percent=snap.progress_percent,
         attempt=snap.attempt,
         eta_seconds=None if snap.eta_seconds is None else round(snap.eta_seconds, 1),
         stalled_seconds=snap.stalled_seconds,

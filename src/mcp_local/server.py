@@ -89,7 +89,7 @@ def build_server(settings: ServerSettings) -> MCPServer[AppState]:
     @asynccontextmanager
     async def lifespan(mcp: MCPServer[AppState]) -> AsyncIterator[AppState]:
         build_decode_kernel_in_background()  # once per machine; load_model never waits for the compiler
-        models = ModelSession(models_root=settings.home / "models", roots=settings.allowed_roots())
+        models = ModelSession(models_root=settings.models_root(), roots=settings.allowed_roots())
         try:
             store = RunStore(settings.home)
         except (OSError, sqlite3.Error) as exc:  # still answer: the model tools work, the run tools say why not

@@ -30,8 +30,8 @@ class ServerSettings:
     #: folders that model, data, adapter and adapter_dir paths must resolve into (the home is always one);
     #: None allows any path (programmatic use; the `mcp-local` command allows the home and its --root folders only)
     roots: tuple[Path, ...] | None = None
-    max_queued: int = 100
-    max_dataset_mb: float = 2048.0
+    max_queued: int = RunDefaults.model_fields["max_queued"].default  # the trainer's defaults, in one place
+    max_dataset_mb: float = RunDefaults.model_fields["max_dataset_mb"].default
 
     @classmethod
     def from_env(cls) -> ServerSettings:
@@ -42,6 +42,10 @@ class ServerSettings:
             max_concurrent=int(os.environ.get(MAX_CONCURRENT_ENV) or 1),
             memory_budget_gb=float(budget) if budget else None,
         )
+
+    def models_root(self) -> Path:
+        """Where GGUF imports go: the run defaults' models folder, under the home."""
+        return self.run_defaults().models()
 
     def allowed_roots(self) -> tuple[Path, ...] | None:
         return None if self.roots is None else (self.home, *self.roots)

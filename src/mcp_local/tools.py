@@ -162,7 +162,7 @@ async def profile_memory(
 async def list_models(ctx: AppContext) -> Annotated[CallToolResult, ModelList]:
     """Models loaded, imported from GGUF and in the Hugging Face cache."""
     state = app_state(ctx)
-    models_root = state.settings.home / "models"
+    models_root = state.settings.models_root()
     imported = await anyio.to_thread.run_sync(imported_models, models_root)
     cached = await anyio.to_thread.run_sync(hub_cached_models)
     listing = ModelList(loaded=state.models.loaded_models(), imported=imported, hub_cache=cached)

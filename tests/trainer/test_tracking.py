@@ -22,9 +22,9 @@ from trainer.lifecycle.events import (
     decode_line,
     encode_line,
 )
+from trainer.lifecycle.follow import EventTail
 from trainer.lifecycle.jobs import Job, Phase
 from trainer.lifecycle.leases import SchedulerElection
-from trainer.lifecycle.process import EventTail
 from trainer.lifecycle.tracking import Ending, RunHistory, apply_event, final_outcome
 from trainer.planning.memory_plan import refusal_message
 

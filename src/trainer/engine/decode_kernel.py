@@ -30,6 +30,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from ..entrypoints import DECODE_KERNEL_BUILD, python_module
 from ..errors import KernelBuildError
 from .decode_choice import measure, recorded, stale
 
@@ -190,7 +191,7 @@ def build_in_background() -> threading.Thread | None:
 
     def work() -> None:
         try:
-            command = [sys.executable, "-m", "trainer.engine.decode_kernel"]
+            command = python_module(DECODE_KERNEL_BUILD)
             done = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False)
             said = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
             log.log(logging.INFO if done.returncode == 0 else logging.WARNING, "decode kernel build: %s", said)

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
+from ..entrypoints import TRAINING_BACKEND
 from ..errors import ConfigError
 from ..planning.config import QLoRAConfig
 from .events import Checkpoint, Failed, PhaseChanged, Progress, Resumed, TrainReport, ValReport
@@ -17,7 +18,7 @@ from .events import Checkpoint, Failed, PhaseChanged, Progress, Resumed, TrainRe
 BackendEvent = PhaseChanged | Progress | TrainReport | ValReport | Checkpoint | Resumed | Failed
 Emit = Callable[[BackendEvent], None]
 
-DEFAULT_BACKEND = "trainer.engine.mlx_backend:MlxTrainingBackend"
+DEFAULT_BACKEND = TRAINING_BACKEND
 BACKEND_ENV = "TRAINER_BACKEND"
 
 

@@ -18,7 +18,6 @@ import anyio
 
 from .events import Event, EventReader, Failed, Finished, Started, Stopped
 from .leases import Lease
-from .process import EventTail
 
 log = logging.getLogger(__name__)
 #: seconds between looks at events.jsonl and at the worker's liveness
@@ -27,6 +26,27 @@ POLL_S = 0.1
 START_GRACE_S = 30.0
 
 LeaseReader = Callable[[], Lease | None]
+
+
+class EventTail:
+    """Reads the complete lines appended to a run's events.jsonl since the last read."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._offset = 0
+        self._partial = b""
+
+    def read(self) -> list[bytes]:
+        try:
+            with self.path.open("rb") as events:
+                events.seek(self._offset)
+                data = events.read()
+        except FileNotFoundError:  # the worker has not written its first event yet
+            return []
+        self._offset += len(data)
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()  # an unfinished last line waits for its end
+        return [line + b"\n" for line in lines if line.strip()]
 
 
 @dataclass

@@ -23,6 +23,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..entrypoints import WORKER
 from ..planning.config import QLoRAConfig
 from ..planning.device import group_backend
 from ..planning.hostfile import Host, read_hostfile
@@ -39,7 +40,7 @@ DEFAULT_TIMEOUT_S = 600.0
 #: before the first step, the timeout is this many times longer
 LOADING_TIMEOUT_FACTOR = 3
 LOCALHOST = "127.0.0.1"
-WORKER_MODULE = "trainer.lifecycle.worker"
+WORKER_MODULE = WORKER
 #: a rank on another machine reads its run config from here (it has no run folder)
 RUN_CONFIG_ENV = "MCP_LOCAL_RUN_CONFIG"
 #: the variables a rank on another machine gets from rank 0's environment (besides its own)

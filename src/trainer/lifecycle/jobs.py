@@ -123,6 +123,10 @@ class RunSnapshot(BaseModel):
     config: QLoRAConfig
     attempt: int = 1  # 2 and on: resumed (resume_run) from a checkpoint of the attempt before
 
+    @property
+    def progress_percent(self) -> float:
+        return round(100.0 * self.iteration / self.iters, 1) if self.iters else 0.0
+
     def summary(self) -> str:
         """One line a person (or a model that reads only text) can follow a run by."""
         m = self.metrics

@@ -1,7 +1,7 @@
 """Worker processes: started in a session of their own (so they outlive the server), signalled as a group.
 
 The worker's stdout and stderr go to the run's worker.log and its events to the run's events.jsonl, which the runner
-follows (`EventTail`); its stdin is /dev/null, so the server's stdio closing (a host quitting) never reaches it.
+follows (follow.py); its stdin is /dev/null, so the server's stdio closing (a host quitting) never reaches it.
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ from typing import BinaryIO
 import anyio
 import anyio.abc
 
+from ..entrypoints import WORKER
+
 log = logging.getLogger(__name__)
-WORKER_MODULE = "trainer.lifecycle.worker"
+WORKER_MODULE = WORKER
 
 
 def signal_group(pid: int, sig: signal.Signals) -> None:
@@ -64,24 +66,3 @@ class WorkerProcess:
 
     def close(self) -> None:
         self._log_file.close()
-
-
-class EventTail:
-    """Reads the complete lines appended to a run's events.jsonl since the last read."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._offset = 0
-        self._partial = b""
-
-    def read(self) -> list[bytes]:
-        try:
-            with self.path.open("rb") as events:
-                events.seek(self._offset)
-                data = events.read()
-        except FileNotFoundError:  # the worker has not written its first event yet
-            return []
-        self._offset += len(data)
-        lines = (self._partial + data).split(b"\n")
-        self._partial = lines.pop()  # an unfinished last line waits for its end
-        return [line + b"\n" for line in lines if line.strip()]

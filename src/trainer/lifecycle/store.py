@@ -1,7 +1,8 @@
 """The run store: one SQLite database (WAL) of run records, plus a folder per run.
 
-runs/<id>/config.json    the accepted config, as the worker reads it
-runs/<id>/prepared.json  what the checks found: the dataset summary and the memory prediction
+runs/<id>/config.json    the accepted config (the record holds it; this is the worker's copy, written once)
+runs/<id>/written.json   the files the run wrote outside its folder, with their SHA-256 (written.py)
+runs/<id>/preflight.json what the checks found: the dataset summary and the memory prediction
 runs/<id>/events.jsonl   every event the worker sent, append-only
 runs/<id>/worker.log     the worker's stdout and stderr (MLX-LM's own prints land here)
 runs/<id>/adapters/      adapter_config.json and adapters.safetensors (as of the last checkpoint, then final)
@@ -133,8 +134,9 @@ class RunStore:
     def run_dir(self, run_id: str) -> Path:
         return self.runs_dir / run_id
 
-    def create(self, job: Job, prepared_json: str | None = None) -> None:
-        """Write the run folder and its record together: either both exist afterwards or neither does."""
+    def create(self, job: Job, preflight_json: str | None = None) -> None:
+        """Write the run folder and its record together: either both exist afterwards or neither does. The record's
+        config is the run's; config.json is its copy for the worker, written once here."""
         folder = Path(job.run_dir)
         try:
             folder.mkdir(parents=True)
@@ -142,8 +144,8 @@ class RunStore:
             raise StoreUnavailable(f"could not create the run folder {folder}: {exc.strerror or exc}") from exc
         try:
             (folder / "config.json").write_text(job.config.model_dump_json(indent=2), encoding="utf-8")
-            if prepared_json is not None:
-                (folder / "prepared.json").write_text(prepared_json, encoding="utf-8")
+            if preflight_json is not None:
+                (folder / "preflight.json").write_text(preflight_json, encoding="utf-8")
             with self._transaction() as db:
                 db.execute(f"INSERT INTO runs ({_COLUMNS}) VALUES ({', '.join('?' * 15)})", _row(job))
         except OSError as exc:  # a full or read-only disk: nothing of the run is left
@@ -161,18 +163,7 @@ class RunStore:
             "UPDATE runs SET state=?, phase=?, iteration=?, started_at=?, ended_at=?, pid=?, adapter_path=?, "
             "metrics=?, error=? WHERE id=?"
         )
-        values: tuple[object, ...] = (
-            row[1],
-            row[2],
-            row[6],
-            row[8],
-            row[9],
-            row[10],
-            row[11],
-            row[12],
-            row[13],
-            job.id,
-        )
+        values: tuple[object, ...] = (*row[1:3], row[6], *row[8:14], job.id)  # the columns the query names
         if if_state is not None:
             query += " AND state=?"
             values += (if_state.value,)

@@ -1,40 +1,21 @@
 """The runner's read side: a run's record, history and liveness as callers see them, and waiting for changes.
 
-`JobRunner` (runner.py) keeps a `Tracked` per run it has seen and writes records; this is what it answers from.
+It answers from the registry (registry.py), which the scheduler keeps current, and from the store.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 import anyio
 
 from ..errors import RunConflict
 from . import leases
 from .events import MemorySample, TrainReport, ValReport
-from .jobs import Job, JobState, RunSnapshot
+from .jobs import JobState, RunSnapshot
 from .leases import process_started, read_lease
 from .memory import WorkerMemory, workers_memory
-from .process import WorkerProcess
-from .store import RunStore
-from .tracking import RunHistory
-
-
-@dataclass
-class Tracked:
-    """What the runner keeps in memory about a run it has seen this session."""
-
-    job: Job
-    history: RunHistory = field(default_factory=RunHistory)
-    changed: anyio.Event = field(default_factory=anyio.Event)
-    worker: WorkerProcess | None = None  # only for workers this runner started
-    following: bool = False
-    cancel_requested: bool = False
-    shutting_down: bool = False
-    stopping: bool = False  # a stop (SIGTERM, then SIGKILL if need be) is under way: later cancels join it
-    done: anyio.Event = field(default_factory=anyio.Event)
-
+from .registry import RunRegistry, Tracked
 
 #: after a change, how long a long-poll keeps gathering the changes that follow it
 SETTLE_S = 2.0
@@ -47,18 +28,16 @@ def _milestone(tracked: Tracked) -> tuple[object, ...]:
 
 
 class RunViews:
-    """Read-only answers about runs, over the runner's tracked runs and the store."""
+    """Read-only answers about runs, over the registry's tracked runs and the store."""
 
-    store: RunStore
-    _tracked: dict[str, Tracked]
-
-    def _tracker(self, run_id: str) -> Tracked:
-        raise NotImplementedError
+    def __init__(self, registry: RunRegistry) -> None:
+        self.registry = registry
+        self.store = registry.store
 
     def get(self, run_id: str) -> RunSnapshot:
         """The run as this runner sees it, or as the store records it where that is further along (another runner
         started it, or recorded its end first); a running run whose worker went silent says for how long."""
-        tracked = self._tracked.get(run_id)
+        tracked = self.registry.live.get(run_id)
         if tracked is not None and tracked.job.state is JobState.RUNNING:
             stored = self.store.get(run_id)
             if stored.state.terminal:
@@ -71,19 +50,23 @@ class RunViews:
 
     def list_runs(self, state: JobState | None = None, limit: int = 50) -> list[RunSnapshot]:
         return [
-            self._tracked[j.id].job.snapshot() if j.id in self._tracked else j.snapshot()
+            self.registry.live[j.id].job.snapshot() if j.id in self.registry.live else j.snapshot()
             for j in self.store.list_runs(state, limit)
         ]
 
     def memory_samples(self, run_id: str, limit: int | None = None) -> list[MemorySample]:
         """The run's latest memory samples, oldest first: `limit` of them (0: none), or all that are kept."""
-        samples = list(self._tracker(run_id).history.memory)
+        samples = list(self.registry.get(run_id).history.memory)
         if limit is None:
             return samples
         return samples[-limit:] if limit > 0 else []
 
+    def latest_memory(self, run_id: str, per_process: int) -> list[MemorySample]:
+        """The latest `per_process` samples of each of the run's processes (rank 0's carry the others' too)."""
+        return self.memory_samples(run_id, per_process * self.get(run_id).config.num_processes)
+
     def reports(self, run_id: str) -> tuple[list[TrainReport], list[ValReport]]:
-        history = self._tracker(run_id).history
+        history = self.registry.get(run_id).history
         return list(history.train_reports), list(history.val_reports)
 
     def queue_position(self, run_id: str) -> int:
@@ -94,7 +77,7 @@ class RunViews:
     def live_workers(self) -> dict[str, int]:
         """run id -> worker pid, for every run being trained now (by a worker of this runner or another's)."""
         workers = {}
-        for run_id, tracked in self._tracked.items():
+        for run_id, tracked in self.registry.live.items():
             if tracked.job.state is JobState.RUNNING and not tracked.done.is_set():
                 pid = tracked.worker.pid if tracked.worker else tracked.job.pid
                 if pid is not None and process_started(pid) is not None:
@@ -105,7 +88,7 @@ class RunViews:
         """Each live worker's RSS now and its latest MLX numbers (MLX's allocator is only readable from inside)."""
         found = workers_memory({rid: (pid, self.memory_samples(rid, 1)) for rid, pid in self.live_workers().items()})
         for worker in found:  # a run of several processes: its other ranks' peaks too (their pids stay in rank 0)
-            worker.rank_peaks_gb = self._tracker(worker.run_id).job.metrics.rank_peak_memory_gb
+            worker.rank_peaks_gb = self.registry.get(worker.run_id).job.metrics.rank_peak_memory_gb
         return found
 
     def adapter_for(self, run_id: str) -> tuple[str, str]:
@@ -121,7 +104,7 @@ class RunViews:
     async def wait_for_change(self, run_id: str, timeout: float) -> RunSnapshot:
         """Return when something worth a look happens (the state or phase changes, a train or validation report
         arrives, an error), or after `timeout` seconds; changes within SETTLE_S of the first come in one answer."""
-        tracked = self._tracker(run_id)
+        tracked = self.registry.get(run_id)
         before = _milestone(tracked)
         with anyio.move_on_after(timeout):
             while _milestone(tracked) == before and not tracked.job.state.terminal:
@@ -133,7 +116,7 @@ class RunViews:
         return tracked.job.snapshot()
 
     async def wait_until_done(self, run_id: str, timeout: float | None = None) -> RunSnapshot:
-        tracked = self._tracker(run_id)
+        tracked = self.registry.get(run_id)
         with anyio.fail_after(timeout):
             while not tracked.job.state.terminal:
                 await tracked.changed.wait()

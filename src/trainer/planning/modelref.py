@@ -19,6 +19,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from ..entrypoints import GGUF_IMPORT
 from ..errors import ConfigError
 from ..isolated import run_isolated
 from ..settings import default_home
@@ -109,7 +110,7 @@ def import_gguf_isolated(gguf_path: Path, models_root: Path) -> Path:
             return folder
         log.info("importing %s into %s", gguf_path, folder)
         run_isolated(
-            "trainer.engine.gguf",
+            GGUF_IMPORT,
             [str(gguf_path), str(folder)],
             what=f"importing {str(gguf_path)!r}",
             hint="the file is damaged or not a GGUF model: download it again, or pass a model folder",

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -16,6 +15,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..entrypoints import EVALUATE, python_module
 from ..errors import ConfigError
 from ..lifecycle.store import RunStore
 from ..planning.modelref import resolve_adapter_dir, resolve_model_dir
@@ -136,7 +136,7 @@ def run_evaluation(spec: EvaluationSpec, save_in: Path | None, progress: Callabl
     with tempfile.TemporaryDirectory() as scratch:
         spec_file = Path(scratch) / "spec.json"
         spec_file.write_text(spec.model_dump_json(), encoding="utf-8")
-        cmd = [sys.executable, "-m", "trainer.engine.evaluate", str(spec_file)]
+        cmd = python_module(EVALUATE, str(spec_file))
         cmd += ["--save", str(save_in)] if save_in is not None else []
         out_file = Path(scratch) / "scores.json"
         tail: list[str] = []

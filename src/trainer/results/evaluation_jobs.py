@@ -9,13 +9,13 @@ child itself, atomically).
 from __future__ import annotations
 
 import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from ..entrypoints import EVALUATE, python_module
 from ..errors import ConfigError
 from ..lifecycle.leases import process_started, same_process_alive
 from .evaluation import EVALUATION_FILE, Evaluation, EvaluationSpec, stored_evaluation
@@ -87,7 +87,7 @@ def start_evaluation(spec: EvaluationSpec, folder: Path) -> EvaluationState:
     spec_file.write_text(spec.model_dump_json(), encoding="utf-8")
     with (folder / LOG_FILE).open("w", encoding="utf-8") as log:
         child = subprocess.Popen(
-            [sys.executable, "-m", "trainer.engine.evaluate", str(spec_file), "--save", str(folder)],
+            python_module(EVALUATE, str(spec_file), "--save", str(folder)),
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
         )  # fmt: skip
     started = process_started(child.pid)

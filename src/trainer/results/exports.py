@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..entrypoints import FUSE, GGUF_EXPORT
 from ..errors import ConfigError
 from ..isolated import run_isolated
 from ..lifecycle.jobs import Job
@@ -63,7 +64,7 @@ def fuse(model_dir: Path, adapter_dir: Path, out_dir: Path, *, dequantize: bool 
     start = time.perf_counter()
     args = [str(model_dir), str(adapter_dir), str(out_dir)] + (["--dequantize"] if dequantize else [])
     run_isolated(
-        "trainer.engine.fuse",
+        FUSE,
         args,
         what=f"fusing {adapter_dir} into {model_dir}",
         hint="check that the adapter was trained on this model (its adapter_config.json names it)",
@@ -86,7 +87,7 @@ def export_gguf(model_dir: Path, out_path: Path, file_type: GgufType = "f16", *,
         raise ConfigError(f"GGUF file name {str(out_path)!r} must end in .gguf")
     start = time.perf_counter()
     out = run_isolated(
-        "trainer.engine.gguf_export",
+        GGUF_EXPORT,
         [str(model_dir), str(out_path), file_type] + ([CHECK_PROMPT] if check else []),
         what=f"exporting {model_dir} as GGUF",
         hint="only llama and qwen2 models with byte-level BPE tokenizers are exported",
