@@ -40,7 +40,7 @@ model, tokenizer, _ = load_for_training(config)
 train_set, _, _ = load_local_dataset(Path(config.data), tokenizer, types.SimpleNamespace(mask_prompt=False))
 _add_lora(config, model)
 optimizer = optim.Adam(learning_rate=config.learning_rate)
-step = fused_step(model, optimizer, training_loss(True, False), False)
+step = fused_step(model, optimizer, training_loss(True, False))
 model.train()
 times, fetch, counted = [], [], []
 batches = training_batches(CacheDataset(train_set), config.batch_size, config.max_seq_length, 0)

@@ -199,3 +199,16 @@ def test_every_module_started_by_name_is_listed_in_entrypoints_and_resolves() ->
         if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("trainer.")
     ]
     assert spelled == []
+
+
+def test_only_patches_py_touches_mlx_internals() -> None:
+    """Class swaps, private attributes of MLX objects and mlx-lm's grad_checkpoint go through engine/patches.py."""
+    found = []
+    for path in sorted((SRC / "trainer").rglob("*.py")):
+        if path.name == "patches.py":
+            continue
+        text = path.read_text(encoding="utf-8")
+        for marker in (".__class__ =", "._p_1", "grad_checkpoint(", "._decode_kernel =", "._dense_weight ="):
+            if marker in text:
+                found.append(f"{path.relative_to(SRC)}: {marker}")
+    assert found == []

@@ -36,7 +36,8 @@ from .compact import compact_schema, shallow_schema
 from .notify import bridge
 from .plot import register_plot_template
 from .resources import register_resource_templates, register_run_resources
-from .state import AppState, HomeUnavailable, ServerSettings
+from .sdk_private import lowlevel_server
+from .state import AppState, ServerSettings
 from .subscribe import register_legacy_subscriptions
 from .tools import register_tools
 from .wire import ScreenedLines, claim_stdin
@@ -98,7 +99,7 @@ def build_server(settings: ServerSettings) -> MCPServer[AppState]:
                 f"{HOME_ENV}) set to a writable folder"
             )
             log.error("%s", message)
-            yield AppState(settings=settings, runner=cast(JobRunner, HomeUnavailable(message)), models=models, bus=bus)
+            yield AppState(settings=settings, models=models, bus=bus, home_error=message)
             return
         try:
             async with (
@@ -111,7 +112,7 @@ def build_server(settings: ServerSettings) -> MCPServer[AppState]:
                 ) as runner,
                 anyio.create_task_group() as tg,
             ):
-                state = AppState(settings=settings, runner=runner, models=models, bus=bus)
+                state = AppState(settings=settings, models=models, bus=bus, job_runner=runner)
                 for snap in runner.list_runs(limit=RECENT_RUNS_LISTED):
                     register_run_resources(mcp, state, snap.id)
                 tg.start_soon(bridge, state, lambda run_id: register_run_resources(mcp, state, run_id))
@@ -140,7 +141,7 @@ def build_server(settings: ServerSettings) -> MCPServer[AppState]:
 async def serve_stdio(mcp: MCPServer[Any]) -> None:
     """Like mcp.run() over stdio, but also advertising listChanged to 2025-era clients, and ending cleanly on SIGTERM
     or SIGINT (hosts send them to stop a server): the lifespan closes, and the workers keep training."""
-    lowlevel = mcp._lowlevel_server
+    lowlevel = lowlevel_server(mcp)
     options = lowlevel.create_initialization_options(NotificationOptions(resources_changed=True))
     stopped_by: list[signal.Signals] = []
     async with anyio.create_task_group() as tg:

@@ -6,7 +6,6 @@ import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from mcp.server.session import ServerSession
 from mcp.server.subscriptions import InMemorySubscriptionBus
@@ -61,23 +60,22 @@ class ServerSettings:
         )
 
 
-class HomeUnavailable:
-    """Stands in for the job runner when the home cannot hold runs (read-only, full): every use says why."""
-
-    def __init__(self, message: str) -> None:
-        self.message = message
-
-    def __getattr__(self, name: str) -> Any:
-        raise StoreUnavailable(self.message)
-
-
 @dataclass
 class AppState:
     settings: ServerSettings
-    runner: JobRunner
     models: ModelSession
     bus: InMemorySubscriptionBus
+    #: None when the home cannot hold runs (read-only, full): then `home_error` says why, and every run tool says it
+    job_runner: JobRunner | None = None
+    home_error: str = ""
     #: 2025-era `resources/subscribe`: uri -> {connection: session}
     legacy_subscriptions: dict[str, dict[object, ServerSession]] = field(default_factory=lambda: defaultdict(dict))
     #: every 2025-era connection seen, for list_changed
     legacy_sessions: dict[object, ServerSession] = field(default_factory=dict)
+
+    @property
+    def runner(self) -> JobRunner:
+        """The job runner; StoreUnavailable saying why where the home cannot hold runs."""
+        if self.job_runner is None:
+            raise StoreUnavailable(self.home_error)
+        return self.job_runner

@@ -7,6 +7,7 @@ from typing import Any
 from mcp.server import MCPServer, ServerRequestContext
 from mcp.types import EmptyResult, SubscribeRequestParams, UnsubscribeRequestParams
 
+from .sdk_private import connection_of, lowlevel_server
 from .state import AppState
 
 _CLEANUP_KEY = "mcp_local.subscriptions_cleanup"
@@ -14,7 +15,7 @@ _CLEANUP_KEY = "mcp_local.subscriptions_cleanup"
 
 async def handle_subscribe(ctx: ServerRequestContext[AppState, Any], params: SubscribeRequestParams) -> EmptyResult:
     state = ctx.lifespan_context
-    conn = ctx.session._connection  # the only per-connection identity and teardown hook in 2.3
+    conn = connection_of(ctx.session)
     if not conn.state.get(_CLEANUP_KEY):
         conn.state[_CLEANUP_KEY] = True
 
@@ -30,11 +31,11 @@ async def handle_subscribe(ctx: ServerRequestContext[AppState, Any], params: Sub
 
 
 async def handle_unsubscribe(ctx: ServerRequestContext[AppState, Any], params: UnsubscribeRequestParams) -> EmptyResult:
-    ctx.lifespan_context.legacy_subscriptions[str(params.uri)].pop(ctx.session._connection, None)
+    ctx.lifespan_context.legacy_subscriptions[str(params.uri)].pop(connection_of(ctx.session), None)
     return EmptyResult()
 
 
 def register_legacy_subscriptions(mcp: MCPServer[Any]) -> None:
-    lowlevel = mcp._lowlevel_server
+    lowlevel = lowlevel_server(mcp)
     lowlevel.add_request_handler("resources/subscribe", SubscribeRequestParams, handle_subscribe)
     lowlevel.add_request_handler("resources/unsubscribe", UnsubscribeRequestParams, handle_unsubscribe)

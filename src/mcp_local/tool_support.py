@@ -15,6 +15,7 @@ from mcp.types import ToolAnnotations
 
 from trainer import TrainerError
 
+from .sdk_private import connection_of
 from .state import AppState
 
 MAX_WAIT_S = 60.0  # some hosts background a call after 120 s
@@ -44,8 +45,7 @@ def trainer_errors() -> Iterator[None]:
 def app_state(ctx: AppContext) -> AppState:
     state = ctx.request_context.lifespan_context
     session = ctx.request_context.session
-    # 2.3 has no public per-connection key; the SDK's migration guide uses this one (see notify)
-    state.legacy_sessions.setdefault(session._connection, session)
+    state.legacy_sessions.setdefault(connection_of(session), session)
     return state
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -72,9 +73,29 @@ async def test_a_run_followed_with_run_status_alone(tmp_path: Path, fake_model, 
         assert [r["iteration"] for r in metrics["train"]] == [1, 2, 3, 4, 5]
 
 
-async def test_wait_seconds_is_capped_and_answers_at_once_for_a_finished_run(
-    tmp_path: Path, fake_model, tiny_data
+async def test_wait_seconds_is_capped_on_a_running_run(
+    tmp_path: Path, fake_model, tiny_data, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A hung run never changes: the long-poll must end at the cap, not at the 600 s asked for."""
+    from mcp_local import run_tools
+
+    monkeypatch.setattr(run_tools, "MAX_WAIT_S", 1.5)
+    async with Client(fake_server(tmp_path, "hang"), mode="legacy") as client:
+        run_id = (
+            await client.call_tool("start_qlora_run", {"config": config(fake_model, tiny_data)})
+        ).structured_content["run_id"]
+        with anyio.fail_after(60):
+            while (await client.call_tool("run_status", {"run_id": run_id})).structured_content["iteration"] < 1:
+                await anyio.sleep(0.2)
+        tic = time.monotonic()
+        waited = await client.call_tool("run_status", {"run_id": run_id, "wait_seconds": 600})
+        took = time.monotonic() - tic
+        await client.call_tool("cancel_run", {"run_id": run_id})
+    assert not waited.is_error and waited.structured_content["state"] == "running"
+    assert 1.0 < took < 20
+
+
+async def test_wait_seconds_answers_at_once_for_a_finished_run(tmp_path: Path, fake_model, tiny_data) -> None:
     async with Client(fake_server(tmp_path), mode="legacy") as client:
         run_id = (
             await client.call_tool("start_qlora_run", {"config": config(fake_model, tiny_data)})

@@ -15,6 +15,7 @@ from mlx.nn.layers.normalization import RMSNorm
 from mlx.nn.layers.positional_encoding import RoPE
 
 from .decode_kernel import DECODE_ROWS, few_rows
+from .patches import stash, swap_class
 
 
 class DecodeRMSNorm(RMSNorm):
@@ -43,7 +44,7 @@ def use_decode_layers(model: Module, kernel: Any) -> int:
     for _, module in model.named_modules():
         decode_class = _DECODE_CLASSES.get(type(module))
         if decode_class is not None:
-            module.__class__ = decode_class
-            module._decode_kernel = kernel
+            swap_class(module, decode_class)
+            stash(module, "_decode_kernel", kernel)
             switched += 1
     return switched

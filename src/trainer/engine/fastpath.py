@@ -27,6 +27,7 @@ from . import decode_kernel
 from .cpu_math import row_ranges
 from .decode_kernel import few_rows
 from .decode_layers import use_decode_layers
+from .patches import stash, swap_class
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +167,7 @@ def enable_fast_quantized(model: Module) -> int:
     for _, module in model.named_modules():
         fast = _FAST_CLASSES.get(type(module))
         if fast is not None and getattr(module, "mode", "affine") == "affine" and module.get("biases") is not None:
-            module.__class__ = fast
+            swap_class(module, fast)
             switched += 1
     return switched
 
@@ -183,7 +184,7 @@ def attach_decode_kernel(model: Module, kernel: Any) -> int:
     attached = 0
     for module in _fast_layers(model):
         if module.bits in (4, 8) and module.group_size % 32 == 0 and module["scales"].dtype == mx.float32:
-            module._decode_kernel = kernel
+            stash(module, "_decode_kernel", kernel)
             attached += 1
     return attached
 
@@ -222,7 +223,7 @@ def cache_dense_weights(model: Module, budget_bytes: int) -> bool:
         if isinstance(module, FastQuantizedLinear):
             dense = mx.contiguous(dense.T)
         mx.eval(dense)
-        module._dense_weight = dense
+        stash(module, "_dense_weight", dense)
     return True
 
 

@@ -20,6 +20,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .fastpath import keep_dequantized
 from .losses import CrossEntropy, head_of
+from .patches import dropout_keep_probability, stash
 
 #: the step is pipelined up to this many tokens (batch x length). Beyond, the second block in flight costs more memory
 #: than the overlap gains (docs/benchmarks.md)
@@ -40,7 +41,7 @@ def block_seeds(count: int) -> list[int]:
 
 
 def _has_dropout(layers: list[Any]) -> bool:
-    return any(getattr(m, "_p_1", 1.0) < 1.0 for layer in layers for _, m in layer.named_modules())
+    return any(dropout_keep_probability(m) < 1.0 for layer in layers for _, m in layer.named_modules())
 
 
 class _Pipeline:
@@ -100,7 +101,7 @@ class _BlockFunctions:
         layer.update(tree_unflatten(list(zip(names, frozen[:k] + trainable, strict=True))))
         modules = dict(layer.named_modules())
         for name, dense in zip(self.dense_modules, frozen[k:], strict=True):
-            modules[name]._dense_weight = dense
+            stash(modules[name], "_dense_weight", dense)
 
     def _apply(self, frozen: list[mx.array], trainable: list[mx.array], h: mx.array) -> mx.array:
         own = self.values(self.template)

@@ -44,16 +44,13 @@ class LoopHooks(Protocol):
         """A checkpoint after `done.step` steps."""
 
 
-def fused_step(model: Any, optimizer: Any, loss: Loss, grad_checkpoint: bool) -> Step:
+def fused_step(model: Any, optimizer: Any, loss: Loss) -> Step:
     """MLX-LM's step: loss, gradients and the optimizer update compiled as one graph (in a run of several processes,
     the whole batch's loss and gradients, summed over the ranks)."""
     from mlx.nn.utils import value_and_grad
-    from mlx_lm.tuner.trainer import grad_checkpoint as checkpoint_layer
 
     from .distributed import sum_over_ranks
 
-    if grad_checkpoint:
-        checkpoint_layer(model.layers[0])
     loss_value_and_grad = value_and_grad(model, loss)
     state = [model.state, optimizer.state, mx.random.state]
 

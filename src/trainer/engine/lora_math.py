@@ -15,6 +15,8 @@ from typing import Any, cast
 import mlx.core as mx
 from mlx_lm.tuner.lora import LoRALinear
 
+from .patches import swap_class
+
 HALF = (mx.bfloat16, mx.float16)
 
 
@@ -33,6 +35,6 @@ def lora_in_half_precision(model: Any) -> int:
     switched = 0
     for _, module in model.named_modules():
         if type(module) is LoRALinear:
-            module.__class__ = HalfPrecisionLoRALinear
+            swap_class(module, HalfPrecisionLoRALinear)
             switched += 1
     return switched

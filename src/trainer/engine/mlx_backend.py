@@ -174,7 +174,7 @@ def _step_and_eval_loss(config: QLoRAConfig, model: Any, optimizer: Any) -> tupl
     fast = fast_path_on(config.fast_path)
     if not config.layerwise:
         loss = training_loss(fast, config.chunked_loss)
-        return fused_step(model, optimizer, loss, config.grad_checkpoint), loss
+        return fused_step(model, optimizer, loss), loss
     from .layerwise import make_layerwise_eval_loss, supports_layerwise
 
     if not supports_layerwise(model):
@@ -241,7 +241,7 @@ class MlxTrainingBackend:
 
         from ..planning.device import group_backend
         from .distributed import is_primary, join_group
-        from .patches import fast_activations
+        from .patches import checkpointed_blocks, fast_activations
 
         if config.distributed:
             join_group(group_backend(config.backend))
@@ -268,7 +268,8 @@ class MlxTrainingBackend:
         step, val_loss = _step_and_eval_loss(config, model, optimizer)
         maybe_set_recommended_wired_limit()
         try:
-            with fast_activations(model), stops_at_safe_points():
+            checkpointed = config.grad_checkpoint and not config.layerwise
+            with fast_activations(model), checkpointed_blocks(model, checkpointed), stops_at_safe_points():
                 train_steps(
                     model,
                     optimizer,

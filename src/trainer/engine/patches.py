@@ -6,8 +6,15 @@ What we change, and how far each change reaches:
   `scaled_dot_product_attention` by name; on float32 CPU runs we rebind both to `cpu_math.fast_swiglu` and
   `cpu_math.fast_attention` (MLX's CPU `exp` is slow) for the duration of the context only, and restore mlx-lm's own
   on exit, so nothing outlives a run or a generation or leaks between models and tests.
-- Per model instance, not per library (see fastpath.py, decode_layers.py): quantized layers, RMS norms and RoPEs of
-  one loaded model change class to our subclasses; parameters, adapters and saving are untouched.
+- Per model instance, not per library (`swap_class`, used by fastpath.py, decode_layers.py, lora_math.py): quantized
+  layers, RMS norms, RoPEs and LoRA layers of one loaded model change class to our subclasses; parameters, adapters
+  and saving are untouched. `stash` keeps a value on a module outside its parameter tree (a kernel, a float32 weight).
+- `checkpointed_blocks(model)`: mlx-lm's `grad_checkpoint` replaces the block class's `__call__` for the whole
+  process; within the context only here, restored on exit.
+- `dropout_keep_probability(module)`: MLX's Dropout keeps its keep probability in a private attribute.
+
+tests/trainer/test_patches.py pins what each relies on (attribute names, signatures), and tests/test_layout.py checks
+that no other module touches these internals.
 
 The rebinding depends on mlx-lm's internals, so it is only applied on the mlx-lm versions it was checked against;
 on any other it falls back to mlx-lm's own functions and says so once.
@@ -24,6 +31,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import mlx.core as mx
+from mlx.nn.layers.dropout import Dropout
 
 from .cpu_math import fast_attention, fast_swiglu
 
@@ -81,3 +89,39 @@ def fast_activations(model: Any, wanted: bool = True) -> Iterator[bool]:
     finally:
         for name, original in originals.items():
             setattr(module, name, original)
+
+
+def swap_class(module: Any, cls: type) -> None:
+    """Make one module instance ours: `cls` subclasses its class and adds no state of its own."""
+    if not isinstance(module, cls.__mro__[1]):
+        raise TypeError(f"{cls.__name__} does not extend {type(module).__name__}")
+    module.__class__ = cls
+
+
+def stash(module: Any, name: str, value: Any) -> None:
+    """A value on an MLX module that is not a parameter (a private name: MLX neither trains nor saves it)."""
+    assert name.startswith("_"), name
+    setattr(module, name, value)
+
+
+def dropout_keep_probability(module: Any) -> float:
+    """1 - p for an MLX Dropout (kept as `_p_1`), 1.0 for any other module."""
+    return float(getattr(module, "_p_1", 1.0)) if isinstance(module, Dropout) else 1.0
+
+
+@contextmanager
+def checkpointed_blocks(model: Any, wanted: bool = True) -> Iterator[None]:
+    """Gradient checkpointing of every block (mlx-lm's `grad_checkpoint`), undone on exit: it patches the block
+    class, which other models of that class in this process share."""
+    if not wanted:
+        yield
+        return
+    from mlx_lm.tuner.trainer import grad_checkpoint
+
+    block_class = type(model.layers[0])
+    original = block_class.__call__
+    grad_checkpoint(model.layers[0])
+    try:
+        yield
+    finally:
+        block_class.__call__ = original
