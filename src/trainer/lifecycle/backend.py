@@ -60,7 +60,9 @@ def stop_if_requested() -> None:
 
 @contextmanager
 def stops_at_safe_points() -> Iterator[None]:
-    """Within the block, stop requests wait for `stop_if_requested`; one still pending at its end is raised then."""
+    """Within the block, stop requests wait for `stop_if_requested`; one still pending at its end is raised then. A
+    block is one run's training: an earlier run's stop (in this process: tests) no longer counts."""
+    _Stops.requested, _Stops.pending = False, None
     _Stops.deferred = True
     try:
         yield
