@@ -1,5 +1,5 @@
-"""Around a run over MCP: validate_dataset before it; evaluate and export_model after it (export_model fuses a run's
-adapter into its base and writes the model as GGUF).
+"""Around a run over MCP: build_dataset and validate_dataset before it; evaluate and export_model after it
+(export_model fuses a run's adapter into its base and writes the model as GGUF).
 
 One tool rather than two (the CLI has `fuse` and `export-gguf`): an assistant asked for "a GGUF of my run" makes
 one call, and the tool list stays small. The work runs in child processes; this waits in a thread.
@@ -16,9 +16,11 @@ from mcp.types import CallToolResult
 from pydantic import Field
 
 from trainer import (
+    BuildReport,
     DatasetReport,
     EvaluationState,
     ExportedModel,
+    build_dataset,
     evaluation_spec,
     evaluation_state,
     export_inputs,
@@ -28,7 +30,7 @@ from trainer import (
 )
 
 from .schemas import tool_result
-from .tool_support import AppContext, app_state, trainer_errors
+from .tool_support import AppContext, app_state, progress_from_thread, trainer_errors
 
 #: seconds between looks at a background evaluation's folder
 POLL_S = 0.5
@@ -61,6 +63,32 @@ async def export_model_tool(
             lambda: export_model(inputs, gguf_type=gguf, keep_quantized=keep_quantized, out=target)
         )
     return tool_result(exported, exported.summary())
+
+
+async def build_dataset_tool(
+    ctx: AppContext,
+    source: Annotated[str, Field(description="A repository folder (.gitignore honoured).")],
+    out: Annotated[str, Field(description="A new folder for train/valid/test.jsonl + report.json.")],
+    format: Annotated[
+        Literal["completion", "fim", "instruct"],
+        Field(description="completion: code chunks; fim: fill-in-the-middle; instruct: Python docstring -> body."),
+    ] = "completion",
+    model: Annotated[str | None, Field(description="Its tokenizer counts tokens (fim: needs one).")] = None,
+    max_seq_length: Annotated[int, Field(ge=64, le=32768, description="Chunk size, tokens.")] = 2048,
+    seed: Annotated[int, Field(ge=0, description="Which files are held out.")] = 0,
+) -> Annotated[CallToolResult, BuildReport]:
+    """A repository as training data, held out by file, secrets and generated code left out; then start_qlora_run."""
+    state = app_state(ctx)
+    with trainer_errors():
+        paths = state.models.paths
+        report = await anyio.to_thread.run_sync(
+            lambda: build_dataset(
+                source, out, fmt=format, model=model, models_root=state.models.models_root,
+                max_seq_length=max_seq_length, seed=seed, paths=paths,
+                progress=progress_from_thread(ctx, "reading the repository"),
+            )
+        )  # fmt: skip
+    return tool_result(report, report.summary())
 
 
 async def validate_dataset_tool(

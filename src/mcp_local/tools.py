@@ -27,7 +27,7 @@ from trainer import (
     sample_memory,
 )
 
-from .result_tools import evaluate_tool, export_model_tool, validate_dataset_tool
+from .result_tools import build_dataset_tool, evaluate_tool, export_model_tool, validate_dataset_tool
 from .run_tools import cancel_run, delete_run, list_runs, resume_run, run_status_tool, start_qlora_run
 from .schemas import MemoryProfile, ModelList, tool_result
 from .state import AppState
@@ -187,6 +187,7 @@ TOOLS: dict[str, tuple[Tool, ToolAnnotations]] = {
     "list_runs": (list_runs, local_hints(read_only=True, idempotent=True)),
     "delete_run": (delete_run, local_hints(destructive=True, idempotent=True)),
     "list_models": (list_models, local_hints(read_only=True, idempotent=True)),
+    "build_dataset": (build_dataset_tool, local_hints()),
     "validate_dataset": (validate_dataset_tool, local_hints(read_only=True, idempotent=True)),
     "evaluate": (evaluate_tool, local_hints()),  # writes evaluation.json into the run folder
     "export_model": (export_model_tool, local_hints()),

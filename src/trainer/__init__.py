@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from .planning.model_inventory import StoredModel, hub_cached_models, imported_models
     from .planning.predict import RunPrediction, predict_model, predict_run
     from .planning.preflight import PreparedRun, RunDefaults, prepare_run
+    from .planning.repo_dataset import BuildReport, build_dataset
     from .results.evaluation import Evaluation, evaluation_spec, run_evaluation, stored_evaluation
     from .results.evaluation_jobs import EvaluationState, evaluation_state, start_evaluation
     from .results.exports import ExportedModel, export_inputs, export_model
@@ -65,6 +66,8 @@ _LAZY = {
     "ConfigError": (".errors", "ConfigError"),
     "DEFAULT_SAMPLE_INTERVAL_S": (".settings", "DEFAULT_SAMPLE_INTERVAL_S"),
     "DatasetReport": (".planning.dataset_report", "DatasetReport"),
+    "BuildReport": (".planning.repo_dataset", "BuildReport"),
+    "build_dataset": (".planning.repo_dataset", "build_dataset"),
     "DeletedRun": (".lifecycle.deletion", "DeletedRun"),
     "Event": (".lifecycle.events", "Event"),
     "Failed": (".lifecycle.events", "Failed"),
@@ -131,6 +134,8 @@ _LAZY = {
 }
 
 __all__ = [
+    "BuildReport",
+    "build_dataset",
     "DEFAULT_SAMPLE_INTERVAL_S",
     "DatasetReport",
     "validate_dataset",

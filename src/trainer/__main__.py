@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if report.ok else 1
         elif args.command == "evaluate":
             sys.stdout.write(_evaluate(args, home).model_dump_json(indent=2) + "\n")
+        elif args.command == "build-dataset":
+            sys.stdout.write(_build_dataset(args).model_dump_json(indent=2) + "\n")
         elif args.command in ("fuse", "export-gguf"):
             sys.stdout.write(_export(args, home).model_dump_json(indent=2) + "\n")
         elif args.command == "make-tiny":
@@ -146,8 +148,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _build_dataset(args: argparse.Namespace) -> Any:
+    from .planning.repo_dataset import build_dataset
+
+    report = build_dataset(
+        args.source, args.out, fmt=args.format, model=args.model, max_seq_length=args.max_seq_length, seed=args.seed
+    )
+    log.info("%s", report.summary())
+    return report
+
+
 def _add_result_commands(sub: Any) -> None:
-    """Before and after a run: validate, evaluate, fuse, export-gguf."""
+    """Before and after a run: build-dataset, validate, evaluate, fuse, export-gguf."""
+    build = sub.add_parser("build-dataset", help="a repository as train/valid/test.jsonl, held out by file")
+    build.add_argument("source", type=Path, help="the repository's folder")
+    build.add_argument("out", type=Path, help="a new folder for the dataset and report.json")
+    build.add_argument("--format", choices=["completion", "fim", "instruct"], default="completion")
+    build.add_argument("--model", help="its tokenizer counts tokens (and gives fim its tokens)")
+    build.add_argument("--max-seq-length", type=int, default=2048, help="sizes the completion and fim chunks")
+    build.add_argument("--seed", type=int, default=0, help="which files are held out")
     check = sub.add_parser("validate", help="check every line of a dataset with the model's tokenizer and template")
     check.add_argument("data", type=Path)
     check.add_argument("--model", help="the model whose tokenizer and chat template the run will use")

@@ -24,12 +24,15 @@ from ..errors import ConfigError
 from .dataset_check import FORMATS, MAX_LINE_BYTES, DatasetSummary, check_counts
 from .modelref import resolve_model_dir
 from .paths import PathPolicy
+from .repo_files import may_hold_secret, secret_in_line
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "valid", "test")
-ProblemKind = Literal["encoding", "json", "format", "roles", "template", "empty", "too_long", "duplicate"]
+ProblemKind = Literal[
+    "encoding", "json", "format", "roles", "template", "secret", "empty", "too_long", "duplicate"
+]  # fmt: skip
 #: problems that would stop a run; the others (empty messages, unusual roles, truncation, duplicates) are warnings
-ERRORS = frozenset({"encoding", "json", "format", "roles", "template"})
+ERRORS = frozenset({"encoding", "json", "format", "roles", "template", "secret"})
 #: problems listed in full (the counts cover them all)
 MAX_LISTED = 50
 ROLES = frozenset({"system", "user", "assistant", "tool"})
@@ -139,6 +142,11 @@ class _Tokens:
         return counts
 
 
+def json_unescaped(line: str) -> str:
+    """The line with JSON's string escapes undone (a private key's newlines are `\\n` there), for the scan."""
+    return line.replace("\\n", "\n").replace('\\"', '"')
+
+
 def _format_of(record: object) -> str | None:
     if not isinstance(record, dict):
         return None
@@ -246,6 +254,9 @@ class _Reader:
             self.problem(path, number, "encoding", "not UTF-8 text")
             return None
         if not line.strip():
+            return None
+        if may_hold_secret(line) and (secret := secret_in_line(json_unescaped(line))) is not None:
+            self.problem(path, number, "secret", f"a {secret} (detect-secrets): remove it from the data")
             return None
         try:
             record = json.loads(line)
