@@ -67,17 +67,17 @@ async def export_model_tool(
 
 async def build_dataset_tool(
     ctx: AppContext,
-    source: Annotated[str, Field(description="A repository folder (.gitignore honoured).")],
-    out: Annotated[str, Field(description="A new folder for train/valid/test.jsonl + report.json.")],
+    source: Annotated[str, Field(description="A repository folder.")],
+    out: Annotated[str, Field(description="A new folder.")],
     format: Annotated[
         Literal["completion", "fim", "instruct"],
-        Field(description="completion: code chunks; fim: fill-in-the-middle; instruct: Python docstring -> body."),
+        Field(description="Code chunks; fill-in-the-middle; Python docstring -> body."),
     ] = "completion",
-    model: Annotated[str | None, Field(description="Its tokenizer counts tokens (fim: needs one).")] = None,
-    max_seq_length: Annotated[int, Field(ge=64, le=32768, description="Chunk size, tokens.")] = 2048,
-    seed: Annotated[int, Field(ge=0, description="Which files are held out.")] = 0,
+    model: Annotated[str | None, Field(description="Counts tokens; fim needs it.")] = None,
+    max_seq_length: Annotated[int, Field(ge=64, le=32768, description="Chunk tokens.")] = 2048,
+    seed: Annotated[int, Field(ge=0, description="Picks held-out files.")] = 0,
 ) -> Annotated[CallToolResult, BuildReport]:
-    """A repository as training data, held out by file, secrets and generated code left out; then start_qlora_run."""
+    """Repo -> train/valid/test.jsonl, split by file, .gitignore'd, secret and generated files left out; a report."""
     state = app_state(ctx)
     with trainer_errors():
         paths = state.models.paths

@@ -29,6 +29,7 @@ TOOLS = {
     "list_models",
     "export_model",
     "validate_dataset",
+    "build_dataset",
     "evaluate",
 }
 

@@ -200,7 +200,7 @@ def test_a_large_repository_streams_in_bounded_memory(tmp_path: Path) -> None:
     """80 MB of source through the CLI: the process's peak RSS stays far under the repository's size (one file at a
     time); bench/build_dataset.py does the same with 200 MB."""
     repo = tmp_path / "big"
-    body = module("big", n=40) * 5  # about 80 KB a file
+    body = module("big", n=40) * 15  # about 80 KB a file
     for i in range(1000):
         write(repo, {f"p{i % 30}/m{i}.py": body.replace("big", f"big{i}")})
     size = sum(p.stat().st_size for p in repo.rglob("*.py"))
