@@ -5,9 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from mcp import Client
 from tests.mcp.conftest import fake_server
 from tests.trainer.test_results import random_adapter
+
+pytestmark = pytest.mark.slow  # real MLX: export and evaluate over MCP
 
 
 async def test_export_model_fuses_then_writes_gguf_reusing_the_fused_folder(tmp_path: Path, tiny_model: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import anyio
+import pytest
 
 from mcp import Client
 from mcp_local import ServerSettings, build_server
@@ -56,6 +57,7 @@ async def test_an_ended_run_is_deleted_whole_and_a_running_one_is_refused(
         assert gone.is_error and "no run" in gone.content[0].text  # type: ignore[union-attr]
 
 
+@pytest.mark.slow  # a real GGUF import
 async def test_models_are_listed_with_their_origin_and_imports_live_under_the_home(tmp_path: Path) -> None:
     home = tmp_path / "home"
     gguf = smollm2_gguf()

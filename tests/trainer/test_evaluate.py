@@ -18,6 +18,8 @@ from trainer.results.sandbox import run_sandboxed
 
 from .test_results import random_adapter
 
+pytestmark = pytest.mark.slow  # real MLX in evaluation children
+
 
 def test_the_canonical_solutions_pass_and_a_wrong_one_fails() -> None:
     """The harness itself: prompt + canonical solution + the problem's tests pass in the sandbox."""

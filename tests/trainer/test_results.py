@@ -16,6 +16,8 @@ from trainer import ConfigError
 from trainer.engine.gguf import import_gguf
 from trainer.results.exports import CHECK_PROMPT, ExportedGguf, export_gguf, fuse
 
+pytestmark = pytest.mark.slow  # real MLX: fuse and GGUF export
+
 PROMPT = [1, 5, 9, 20, 33, 7, 100, 3]
 
 

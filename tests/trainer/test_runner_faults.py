@@ -137,6 +137,7 @@ async def test_workers_stdout_goes_to_the_log_not_the_event_channel(tmp_path: Pa
     assert "noise" not in (run_dir / "events.jsonl").read_text()
 
 
+@pytest.mark.slow  # waits out the start grace
 async def test_runs_left_running_by_a_dead_server_are_orphaned_and_queued_ones_resume(
     tmp_path: Path, fake_model, tiny_data
 ) -> None:
@@ -213,6 +214,7 @@ async def test_caps_on_queued_runs_and_dataset_size_name_the_limit(tmp_path: Pat
     assert len(RunStore(tmp_path).list_runs()) == 2
 
 
+@pytest.mark.slow  # 15 s of a locked database
 async def test_a_database_locked_for_15_seconds_stops_nothing(tmp_path: Path, fake_model, tiny_data) -> None:
     """Another process holding the run database's write lock past the busy timeout: the run keeps training in its
     worker and the runner keeps following it without stalling its event loop, a new run is refused with a named error
@@ -261,6 +263,7 @@ async def test_a_database_locked_for_15_seconds_stops_nothing(tmp_path: Path, fa
     assert stored.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
+@pytest.mark.slow  # 100 worker starts
 async def test_100_start_cancel_cycles_leave_no_process(tmp_path: Path, fake_model, tiny_data) -> None:
     """Cancels at every moment of a run's life (queued, its worker starting, training), four runs at a time: each
     cancel returns with the run cancelled and no process of it left."""

@@ -51,6 +51,7 @@ def test_no_new_processes() -> None:
         assert run_sandboxed(program).outcome == "blocked"
 
 
+@pytest.mark.slow  # waits out the time limit
 def test_over_long_runs_are_stopped() -> None:
     for program in ("while True:\n    pass", "import time\ntime.sleep(60)"):
         tic = time.monotonic()
