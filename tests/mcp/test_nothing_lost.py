@@ -314,3 +314,39 @@ async def test_the_default_roots_are_the_home_alone_not_the_working_directory(tm
         [sys.executable, "-m", "mcp_local", "config", "--host", "cursor"], capture_output=True, text=True, check=True
     )
     assert "no --root given: tools may use only files under the server's home" in config_run.stderr
+
+
+async def test_over_stdio_a_step_longer_than_the_grace_is_saved_and_a_frozen_worker_still_killed(
+    tmp_path: Path, fake_model: Path, tiny_data: Path
+) -> None:
+    """The server's 10 s grace: a 13 s step is waited for (the worker acknowledged the SIGTERM) and its state saved;
+    a SIGSTOPped worker whose cancel request the client abandoned is killed all the same."""
+    import signal
+
+    import psutil
+
+    server = fake_stdio(tmp_path / "home", "stepwise", FAKE_STEP_S="13")
+    async with Client(server, mode="legacy") as client:
+        run_id = await start(client, config(fake_model, tiny_data, iters=100))
+        with anyio.fail_after(TIMEOUT):
+            while (await client.call_tool("run_status", {"run_id": run_id})).structured_content["iteration"] < 1:  # type: ignore[index]
+                await anyio.sleep(0.2)
+        await anyio.sleep(1.0)  # a second into the first, unmeasured, 13 s step
+        tic = time.monotonic()
+        cancelled = await client.call_tool("cancel_run", {"run_id": run_id})
+        assert time.monotonic() - tic > 10  # past the grace: waited for the step
+        body = cancelled.structured_content
+        assert body is not None and body["state"] == "cancelled"
+        assert Path(body["adapter_path"], "adapters.safetensors").read_bytes() == b"step 1"
+
+        frozen = await start(client, config(fake_model, tiny_data, iters=100))
+        with anyio.fail_after(TIMEOUT):
+            while (await client.call_tool("run_status", {"run_id": frozen})).structured_content["iteration"] < 1:  # type: ignore[index]
+                await anyio.sleep(0.2)
+        pid = next(w["pid"] for w in (await client.call_tool("profile_memory", {})).structured_content["workers"])  # type: ignore[index]
+        os.kill(pid, signal.SIGSTOP)
+        with anyio.move_on_after(0.5):  # the client gives up on its cancel_run
+            await client.call_tool("cancel_run", {"run_id": frozen})
+        status = await until_ended(client, frozen)
+    assert status["state"] == "cancelled"
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
