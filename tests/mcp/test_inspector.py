@@ -49,7 +49,10 @@ def _call(home: Path, roots: list[Path], tool: str, **arguments: Any) -> dict[st
 def test_the_inspector_calls_every_tool_and_reads_every_template(
     tmp_path: Path, tiny_model: Path, tiny_data: Path
 ) -> None:
-    home, roots = tmp_path / "home", [tiny_model.parent, tiny_data]
+    repo = tmp_path / "repo"
+    (repo / "pkg").mkdir(parents=True)
+    (repo / "pkg" / "add.py").write_text('def add(a: int, b: int) -> int:\n    """Add."""\n    return a + b\n')
+    home, roots = tmp_path / "home", [tiny_model.parent, tiny_data, tmp_path]
     config = tiny_run_config(tiny_model, tiny_data, iters=10, steps_per_report=5, steps_per_eval=10)
     (tmp_path / "run.json").write_text(json.dumps(config), encoding="utf-8")
     trained = subprocess.run(
@@ -88,5 +91,8 @@ def test_the_inspector_calls_every_tool_and_reads_every_template(
     assert judged["state"] == "succeeded" and [s["name"] for s in judged["evaluation"]["scores"]] == ["base", "adapter"]
     assert _call(home, roots, "run_status", run_id=run_id)["evaluation"].startswith("base: pass@1 0.000 (0/1)")
     called |= {"validate_dataset", "evaluate"}
+    built = _call(home, roots, "build_dataset", source=str(repo), out=str(tmp_path / "built"), format="instruct")
+    assert built["files_used"] == 1 and (tmp_path / "built" / "report.json").is_file()
+    called.add("build_dataset")
     called |= {"start_qlora_run", "cancel_run", "resume_run", "delete_run"}
     assert called == TOOLS
