@@ -206,11 +206,13 @@ def test_a_large_repository_streams_in_bounded_memory(tmp_path: Path) -> None:
         write(repo, {f"p{i % 30}/m{i}.py": body.replace("big", f"big{i}")})
     size = sum(p.stat().st_size for p in repo.rglob("*.py"))
     assert size > 75e6
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so it would report the forking pytest's size
     script = (
-        "import resource, sys, psutil; from trainer.__main__ import main; "
+        "import re, sys, psutil; from trainer.__main__ import main; "
         "from trainer.planning.repo_files import _detector_patterns; _detector_patterns(); "
         "base = psutil.Process().memory_info().rss; code = main(sys.argv[1:]); "
-        "print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, file=sys.stderr); sys.exit(code)"
+        "peak = int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) * 1024; "
+        "print(base, peak, file=sys.stderr); sys.exit(code)"
     )
     untraced = {k: v for k, v in os.environ.items() if not k.startswith("COVERAGE_")}  # CI's coverage tracer grows
     done = subprocess.run(
