@@ -232,7 +232,7 @@ def use_float32_on_cpu(model: Module) -> bool:
     if mx.default_device() != mx.cpu:
         return False
     model.set_dtype(mx.float32)
-    model._float32_on_cpu = True  # patches.fast_activations may then swap in the CPU SwiGLU and attention
+    stash(model, "_float32_on_cpu", True)  # patches.fast_activations may then swap in the CPU SwiGLU and attention
     return True
 
 
