@@ -5,7 +5,6 @@ nothing that could be lost); at the end no worker process is left."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import shutil
@@ -21,19 +20,12 @@ import pytest
 
 from mcp import Client, StdioServerParameters
 from tests.conftest import REPO, tiny_run_config
+from tests.trainer.helpers import tree_hashes
 
 pytestmark = pytest.mark.slow
 ACTIONS = 100
 SEED = 26
 ENDED = ("succeeded", "failed", "cancelled")
-
-
-def tree_hashes(folder: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
 
 
 class Chaos:

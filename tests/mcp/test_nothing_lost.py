@@ -4,7 +4,6 @@ concurrent cancels keep the save."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -17,7 +16,7 @@ import anyio
 import pytest
 
 from mcp import Client, StdioServerParameters
-from tests.trainer.helpers import config, fake_env
+from tests.trainer.helpers import config, fake_env, tree_hashes
 
 pytestmark = pytest.mark.slow
 TIMEOUT = 60
@@ -29,14 +28,6 @@ def fake_stdio(home: Path, mode: str, **env: str) -> StdioServerParameters:
         args=["-m", "mcp_local", "--home", str(home), "--root", tempfile.gettempdir()],
         env={"PATH": os.environ.get("PATH", ""), **fake_env(mode), **env},
     )
-
-
-def tree_hashes(folder: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
 
 
 async def until_ended(client: Client, run_id: str) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -33,3 +34,12 @@ def process_gone(pid: int) -> bool:
 def config(model: Path, data: Path, /, **overrides: Any) -> dict[str, Any]:
     base: dict[str, Any] = {"model": str(model), "data": str(data), "num_layers": 4, "iters": 5, "batch_size": 2}
     return {**base, **overrides}
+
+
+def tree_hashes(folder: Path) -> dict[str, str]:
+    """Every file under `folder` with its SHA-256: what a user's folder held, to compare after."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }

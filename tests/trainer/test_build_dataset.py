@@ -187,9 +187,12 @@ def test_bad_sources_are_named_errors_and_leave_nothing(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="outside the server's allowed roots"):
         build_dataset("/etc", tmp_path / "o4", paths=PathPolicy((tmp_path,)))
     occupied = write(tmp_path / "occupied", {"keep.txt": "mine"})
-    with pytest.raises(ConfigError, match="exists and is not empty"):
-        build_dataset(loop, occupied)
-    assert [p.name for p in occupied.iterdir()] == ["keep.txt"]
+    empty_out = tmp_path / "empty-out"
+    empty_out.mkdir()
+    for taken in (occupied, empty_out):  # a folder that exists is the user's, even an empty one
+        with pytest.raises(ConfigError, match="exists; name a new folder"):
+            build_dataset(loop, taken)
+    assert [p.name for p in occupied.iterdir()] == ["keep.txt"] and empty_out.is_dir()
     with pytest.raises(ConfigError, match="inside the source"):
         build_dataset(loop, loop / "data")
     assert not any(p.name.startswith(".") and "partial" in p.name for p in tmp_path.iterdir())

@@ -170,3 +170,20 @@ def test_a_full_disk_fails_a_run_as_storage_however_it_is_raised() -> None:
     mlx_style = RuntimeError("[save_safetensors] Failed to write: No space left on device")  # MLX's C++ writers
     assert failure_kind(mlx_style) is FailureKind.STORAGE
     assert failure_kind(OSError(errno.EIO, "Input/output error")) is FailureKind.BACKEND
+
+
+def test_a_written_record_removes_nothing_outside_the_runs_adapter_dir(tmp_path: Path) -> None:
+    from trainer.lifecycle.written import WrittenFiles, file_sha256, remove_written
+
+    adapter_dir, mine = tmp_path / "adapter", tmp_path / "notes.txt"
+    adapter_dir.mkdir()
+    mine.write_text("a user's")
+    ours = adapter_dir / "adapters.safetensors"
+    ours.write_bytes(b"weights")
+    record = WrittenFiles(
+        created_dirs=[str(tmp_path), str(adapter_dir)],
+        files={str(mine): file_sha256(mine), str(ours): file_sha256(ours)},  # a record naming a user's file
+    )
+    removed, kept, _ = remove_written(record, adapter_dir)
+    assert removed == [str(ours), str(adapter_dir)] and mine.read_text() == "a user's" and tmp_path.is_dir()
+    assert kept == [f"{mine} (not in the run's adapter_dir)", f"{tmp_path} (holds files the run did not write)"]

@@ -47,12 +47,12 @@ def delete_run(store: RunStore, run_id: str) -> DeletedRun:
     removed: list[str] = []
     kept: list[str] = []
     freed = 0
-    if aside.exists():
+    if aside.exists():  # the run's folder: the store created it (never an existing one) and only runs write there
         freed += folder_size(aside)
         shutil.rmtree(aside)
         removed.append(str(folder))
-    if record is not None:
-        written, kept, freed_outside = remove_written(record)
+    if record is not None and job.config.adapter_dir is not None:
+        written, kept, freed_outside = remove_written(record, Path(job.config.adapter_dir))
         removed += written
         freed += freed_outside
     elif outside:

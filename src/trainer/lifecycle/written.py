@@ -80,13 +80,18 @@ class WrittenLog:
         os.replace(staging, target)
 
 
-def remove_written(record: WrittenFiles) -> tuple[list[str], list[str], int]:
-    """Remove what the record names and still holds the run's content; returns (removed, kept with reasons, bytes)."""
+def remove_written(record: WrittenFiles, adapter_dir: Path) -> tuple[list[str], list[str], int]:
+    """Remove what the record names and still holds the run's content; returns (removed, kept with reasons, bytes).
+    Only inside the run's `adapter_dir` (and folders above it that the run created): a record naming anything else
+    is not the run's own, whatever it says."""
     removed: list[str] = []
     kept: list[str] = []
     freed = 0
     for name, digest in record.files.items():
         path = Path(name)
+        if path.parent != adapter_dir:
+            kept.append(f"{path} (not in the run's adapter_dir)")
+            continue
         if not path.is_file() or path.is_symlink():
             continue
         if file_sha256(path) != digest:
@@ -97,7 +102,7 @@ def remove_written(record: WrittenFiles) -> tuple[list[str], list[str], int]:
         removed.append(str(path))
     for name in reversed(record.created_dirs):  # innermost first; a folder holding anything else stays
         folder = Path(name)
-        if not folder.is_dir() or folder.is_symlink():
+        if not adapter_dir.is_relative_to(folder) or not folder.is_dir() or folder.is_symlink():
             continue
         if any(folder.iterdir()):
             kept.append(f"{folder} (holds files the run did not write)")

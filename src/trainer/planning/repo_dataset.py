@@ -12,8 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -23,6 +23,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import ConfigError
+from .dataset_report import SPLITS
 from .modelref import resolve_model_dir
 from .paths import PathPolicy
 from .repo_files import SkippedFile, SourceFile, classify, walk
@@ -30,7 +31,6 @@ from .repo_records import fim_tokens, records
 
 log = logging.getLogger(__name__)
 DatasetFormat = Literal["completion", "fim", "instruct"]
-SPLITS = ("train", "valid", "test")
 #: characters per token of code, to size chunks when no tokenizer is given (measured on Qwen and SmolLM2: 3-4)
 CHARS_PER_TOKEN = 3
 MAX_LISTED = 50
@@ -101,8 +101,10 @@ def build_dataset(
     target = policy.check(Path(out), "out")
     if not root.is_dir():
         raise ConfigError(f"source {str(source)!r} is not a folder; pass a repository's folder")
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise ConfigError(f"out {str(out)!r} exists and is not empty; pick a new folder (nothing is overwritten)")
+    if target.exists():
+        raise ConfigError(
+            f"out {str(out)!r} exists; name a new folder, which build_dataset creates (nothing is overwritten)"
+        )
     if target.is_relative_to(root):
         raise ConfigError(f"out {str(out)!r} is inside the source {str(source)!r}; pick a folder outside it")
     tokenizer = _tokenizer(model_dir)
@@ -114,9 +116,9 @@ def build_dataset(
         reasons = ", ".join(f"{n} {r}" for r, n in Counter(s.reason for s in skipped).most_common())
         raise ConfigError(f"source {str(source)!r} has no usable source or docs files ({reasons}); see build_dataset")
     split_of = assign_splits(usable, seed)
-    staging = target.with_name(f".{target.name}.partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # a new folder of our own (mkdtemp never reuses a name): the only one removed if the build fails
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
         counts, languages = _write(staging, usable, split_of, fmt, max_seq_length, fim, seed, tokenizer, progress)
         report = BuildReport(
@@ -126,8 +128,8 @@ def build_dataset(
             splits=counts, languages=languages, seconds=round(time.perf_counter() - started, 1),
         )  # fmt: skip
         (staging / "report.json").write_text(report.model_dump_json(indent=1), encoding="utf-8")
-        if target.exists():
-            target.rmdir()  # empty, checked above
+        if target.exists():  # taken meanwhile: keep it, and leave nothing of ours
+            raise ConfigError(f"out {str(out)!r} appeared while the dataset was built; nothing was written there")
         staging.rename(target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -24,6 +24,12 @@ FIM_TOKENS = (
 INSTRUCT_ASK = "Write the body of this Python function from `{file}`:\n\n```python\n{head}```"
 
 
+def _first_line(node: ast.stmt) -> int:
+    """A statement's first line, 0-based, its decorators included."""
+    decorators: list[ast.expr] = getattr(node, "decorator_list", [])
+    return min([node.lineno] + [d.lineno for d in decorators]) - 1
+
+
 def _python_blocks(text: str) -> list[str] | None:
     """Top-level statements with the comments and blank lines before each; None if the file does not parse."""
     try:
@@ -31,7 +37,7 @@ def _python_blocks(text: str) -> list[str] | None:
     except (SyntaxError, ValueError):
         return None
     lines = text.splitlines(keepends=True)
-    starts = [min([n.lineno] + [d.lineno for d in getattr(n, "decorator_list", [])]) - 1 for n in tree.body]
+    starts = [_first_line(n) for n in tree.body]
     if not starts:
         return [text]
     cuts = [0, *starts[1:], len(lines)]
@@ -111,7 +117,7 @@ def instruct_records(text: str, relative: str) -> Iterator[dict[str, Any]]:
         docstring, rest = node.body[0], node.body[1:]
         if not rest:
             continue  # a docstring alone: nothing to write
-        first = min([node.lineno] + [d.lineno for d in node.decorator_list]) - 1
+        first = _first_line(node)
         head = textwrap.dedent("".join(lines[first : docstring.end_lineno]))
         indent = len(lines[first]) - len(lines[first].lstrip())
         body = "".join(_outdent(line, indent) for line in lines[rest[0].lineno - 1 : node.end_lineno])
