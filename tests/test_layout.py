@@ -2,9 +2,9 @@
 
 The layers of `trainer` (docs/architecture.md), lowest first; a layer imports only from itself and the ones listed:
 
-    base         trainer.errors, trainer.settings, trainer.isolated, trainer.first_import, trainer.entrypoints
-    environment  base                                      (no MLX: sets up the processes MLX runs in)
-    planning     base                                      (no MLX: config, model and data checks, memory)
+    base         trainer.errors, trainer.settings, trainer.first_import, trainer.entrypoints
+    environment  base                                      (no MLX: sets up and starts the processes MLX runs in)
+    planning     base, environment                         (no MLX: config, model and data checks, memory)
     lifecycle    base, environment, planning               (no MLX: jobs, events, store, runner, worker)
     results      base, environment, planning, lifecycle    (no MLX: fuse, export, evaluate; starts engine modules as
                                                            child processes; the sandbox)
@@ -29,7 +29,7 @@ SRC = REPO / "src"
 ALLOWED = {
     "base": {"base"},
     "environment": {"base", "environment"},
-    "planning": {"base", "planning"},
+    "planning": {"base", "environment", "planning"},
     "lifecycle": {"base", "environment", "planning", "lifecycle"},
     "engine": {"base", "environment", "planning", "lifecycle", "results", "engine"},
     "results": {"base", "environment", "planning", "lifecycle", "results"},
@@ -51,7 +51,7 @@ def _layer(module: str) -> str | None:
         return None
     if len(parts) == 1 or parts[1] in ("__main__",):
         return "trainer"
-    if parts[1] in ("errors", "settings", "isolated", "first_import", "entrypoints"):
+    if parts[1] in ("errors", "settings", "first_import", "entrypoints"):
         return "base"
     return parts[1]
 
@@ -215,3 +215,54 @@ def test_only_patches_py_touches_mlx_internals() -> None:
             if marker in text:
                 found.append(f"{path.relative_to(SRC)}: {marker}")
     assert found == []
+
+
+def _is_python_command(node: ast.expr, assigned: dict[str, list[ast.expr]]) -> bool:
+    """`python_module(...)`, `[sys.executable, ...]`, or a name assigned one of them in the same function."""
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "python_module":
+        return True
+    if isinstance(node, ast.List) and node.elts:
+        first = node.elts[0]
+        return isinstance(first, ast.Attribute) and first.attr == "executable"
+    if isinstance(node, ast.Name):
+        return any(_is_python_command(value, {}) for value in assigned.get(node.id, []))
+    return False
+
+
+def test_every_python_child_gets_the_mlx_environment() -> None:
+    """Without the preloads a child's MLX runs the reference BLAS (a held-out loss at 14 tokens/s instead of 203):
+    every subprocess started with this interpreter passes an `env` built by our environment functions."""
+    missing = []
+    for path in sorted((SRC / "trainer").rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for function in ast.walk(tree):
+            if not isinstance(function, ast.FunctionDef):
+                continue
+            assigned: dict[str, list[ast.expr]] = {}
+            for node in ast.walk(function):
+                if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+                    assigned.setdefault(node.targets[0].id, []).append(node.value)
+            for call in ast.walk(function):
+                if (
+                    isinstance(call, ast.Call)
+                    and isinstance(call.func, ast.Attribute)
+                    and call.func.attr in ("run", "Popen")
+                    and isinstance(call.func.value, ast.Name)
+                    and call.func.value.id == "subprocess"
+                    and call.args
+                    and _is_python_command(call.args[0], assigned)
+                    and not any(k.arg == "env" for k in call.keywords)
+                ):
+                    missing.append(f"{path.relative_to(SRC)}:{call.lineno}")
+    assert not missing, f"python children started without env= (use mlx_child_environment): {missing}"
+
+
+def test_a_child_gets_the_preloads_this_machine_has() -> None:
+    from trainer.environment.isolated import run_isolated
+    from trainer.environment.preload import LIBRARIES, find
+
+    printed = run_isolated("trainer.environment.process_env", [], what="the probe", hint="")
+    preloaded = next(line for line in printed.splitlines() if line.startswith("LD_PRELOAD=")).split("=", 1)[1]
+    for lib in LIBRARIES:
+        path = find(lib)
+        assert path is None or str(path) in preloaded.split(":"), (lib.name, preloaded)

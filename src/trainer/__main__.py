@@ -13,6 +13,7 @@ import anyio
 from pydantic import BaseModel
 from tqdm import tqdm
 
+from .environment.preload import reexec_with_preloads
 from .errors import ConfigError, TrainerError
 from .lifecycle.jobs import JobState, RunSnapshot
 from .lifecycle.runner import JobRunner
@@ -77,6 +78,8 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # as a command: MLX work in this process (and its children) runs with the preloads
+        reexec_with_preloads()
     parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__)
     parser.add_argument("--home", type=Path, default=None, help="runs folder and database (default: %(default)s)")
     sub = parser.add_subparsers(dest="command", required=True)

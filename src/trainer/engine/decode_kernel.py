@@ -31,6 +31,7 @@ from types import ModuleType
 from typing import Any
 
 from ..entrypoints import DECODE_KERNEL_BUILD, python_module
+from ..environment.process_env import mlx_child_environment
 from ..errors import KernelBuildError
 from .decode_choice import measure, recorded, stale
 
@@ -192,7 +193,8 @@ def build_in_background() -> threading.Thread | None:
     def work() -> None:
         try:
             command = python_module(DECODE_KERNEL_BUILD)
-            done = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False)
+            env = mlx_child_environment()
+            done = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False, env=env)
             said = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
             log.log(logging.INFO if done.returncode == 0 else logging.WARNING, "decode kernel build: %s", said)
         finally:

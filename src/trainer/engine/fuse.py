@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from ..errors import ConfigError
-from ..isolated import child_main
+from ..environment.isolated import child_main
 from .mlx_import import require_mlx
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from ..errors import ConfigError
-from ..isolated import child_main
+from ..environment.isolated import child_main
 from ..planning.modelref import GGUF_IMPORT_VERSION, gguf_cache_folder
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 from ..errors import ConfigError
-from ..isolated import child_main
+from ..environment.isolated import child_main
 from .gguf import _BLOCK, _QWEN2_SPLIT, _TOP, SUPPORTED_ARCHITECTURES
 from .mlx_import import require_mlx
 

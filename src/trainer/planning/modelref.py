@@ -21,7 +21,7 @@ from typing import Any
 
 from ..entrypoints import GGUF_IMPORT
 from ..errors import ConfigError
-from ..isolated import run_isolated
+from ..environment.isolated import run_isolated
 from ..settings import default_home
 from .paths import PathPolicy, reject_nul
 

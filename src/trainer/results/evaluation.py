@@ -16,6 +16,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..entrypoints import EVALUATE, python_module
+from ..environment.process_env import mlx_child_environment
 from ..errors import ConfigError
 from ..lifecycle.store import RunStore
 from ..planning.modelref import resolve_adapter_dir, resolve_model_dir
@@ -143,7 +144,9 @@ def run_evaluation(spec: EvaluationSpec, save_in: Path | None, progress: Callabl
         # stdout to a file, stderr read as it comes: no pipe can fill up and stall the child
         with (
             out_file.open("w+", encoding="utf-8") as out,
-            subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.PIPE, text=True) as child,
+            subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.PIPE, text=True, env=mlx_child_environment()
+            ) as child,
         ):
             assert child.stderr is not None
             for line in child.stderr:

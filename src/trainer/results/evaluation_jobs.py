@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from ..entrypoints import EVALUATE, python_module
+from ..environment.process_env import mlx_child_environment
 from ..errors import ConfigError
 from ..lifecycle.leases import process_started, same_process_alive
 from .evaluation import EVALUATION_FILE, Evaluation, EvaluationSpec, stored_evaluation
@@ -89,6 +90,7 @@ def start_evaluation(spec: EvaluationSpec, folder: Path) -> EvaluationState:
         child = subprocess.Popen(
             python_module(EVALUATE, str(spec_file), "--save", str(folder)),
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
+            env=mlx_child_environment(),
         )  # fmt: skip
     started = process_started(child.pid)
     (folder / PID_FILE).write_text(f"{child.pid} {started or 0.0}", encoding="utf-8")

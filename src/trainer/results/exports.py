@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..entrypoints import FUSE, GGUF_EXPORT
 from ..errors import ConfigError
-from ..isolated import run_isolated
+from ..environment.isolated import run_isolated
 from ..lifecycle.jobs import Job
 from ..lifecycle.store import RunStore
 from ..planning.model_inventory import folder_size

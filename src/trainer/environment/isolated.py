@@ -10,7 +10,8 @@ import subprocess
 import sys
 from collections.abc import Callable
 
-from .errors import ConfigError
+from ..errors import ConfigError
+from .process_env import mlx_child_environment
 
 #: exit status of an isolated job that refused its input (its message is stderr's last line)
 REFUSED_EXIT = 2
@@ -20,7 +21,8 @@ def run_isolated(module: str, args: list[str], *, what: str, hint: str) -> str:
     """Run `python -m module args`; returns its stdout, or raises ConfigError (the child's refusal, or how it died
     and `hint`, the fix to try)."""
     cmd = [sys.executable, "-m", module, *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False)
+    env = mlx_child_environment()
+    done = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False, env=env)
     if done.returncode == 0:
         return done.stdout
     lines = [line for line in done.stderr.splitlines() if line.strip()]
