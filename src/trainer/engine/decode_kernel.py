@@ -194,7 +194,9 @@ def build_in_background() -> threading.Thread | None:
         try:
             command = python_module(DECODE_KERNEL_BUILD)
             env = mlx_child_environment()
-            done = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False, env=env)
+            done = subprocess.run(
+                command, capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False, env=env
+            )
             said = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
             log.log(logging.INFO if done.returncode == 0 else logging.WARNING, "decode kernel build: %s", said)
         finally:

@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any, cast
 
-from ..errors import ConfigError
 from ..environment.isolated import child_main
+from ..errors import ConfigError
 from .mlx_import import require_mlx
 
 log = logging.getLogger(__name__)

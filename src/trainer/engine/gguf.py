@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any, cast
 
-from ..errors import ConfigError
 from ..environment.isolated import child_main
+from ..errors import ConfigError
 from ..planning.modelref import GGUF_IMPORT_VERSION, gguf_cache_folder
 
 log = logging.getLogger(__name__)

@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from ..errors import ConfigError
 from ..environment.isolated import child_main
+from ..errors import ConfigError
 from .gguf import _BLOCK, _QWEN2_SPLIT, _TOP, SUPPORTED_ARCHITECTURES
 from .mlx_import import require_mlx
 

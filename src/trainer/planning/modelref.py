@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from ..entrypoints import GGUF_IMPORT
-from ..errors import ConfigError
 from ..environment.isolated import run_isolated
+from ..errors import ConfigError
 from ..settings import default_home
 from .paths import PathPolicy, reject_nul
 

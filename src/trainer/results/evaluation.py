@@ -141,11 +141,17 @@ def run_evaluation(spec: EvaluationSpec, save_in: Path | None, progress: Callabl
         cmd += ["--save", str(save_in)] if save_in is not None else []
         out_file = Path(scratch) / "scores.json"
         tail: list[str] = []
+        env = mlx_child_environment()
         # stdout to a file, stderr read as it comes: no pipe can fill up and stall the child
         with (
             out_file.open("w+", encoding="utf-8") as out,
             subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.PIPE, text=True, env=mlx_child_environment()
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=mlx_child_environment(),
             ) as child,
         ):
             assert child.stderr is not None

@@ -14,8 +14,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..entrypoints import FUSE, GGUF_EXPORT
-from ..errors import ConfigError
 from ..environment.isolated import run_isolated
+from ..errors import ConfigError
 from ..lifecycle.jobs import Job
 from ..lifecycle.store import RunStore
 from ..planning.model_inventory import folder_size
