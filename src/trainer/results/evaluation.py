@@ -146,12 +146,7 @@ def run_evaluation(spec: EvaluationSpec, save_in: Path | None, progress: Callabl
         with (
             out_file.open("w+", encoding="utf-8") as out,
             subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.PIPE,
-                text=True,
-                env=mlx_child_environment(),
+                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.PIPE, text=True, env=env
             ) as child,
         ):
             assert child.stderr is not None
