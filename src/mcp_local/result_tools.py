@@ -115,17 +115,20 @@ async def evaluate_tool(
     run_id: Annotated[str | None, Field(description="A run (its adapter).")] = None,
     model: str | None = None,
     adapter: str | None = None,
+    data: Annotated[str | None, Field(description="Folder whose test.jsonl is held out (default: the run's).")] = None,
     humaneval_limit: Annotated[int, Field(ge=0, le=164)] = 20,
+    completion_limit: Annotated[int, Field(ge=0, le=2000, description="Held-out functions to write.")] = 50,
+    test_command: Annotated[str | None, Field(description="Repo tests run per written body.")] = None,
     checker: Annotated[str | None, Field(description="A .py file with score(prompt, reply).")] = None,
 ) -> Annotated[CallToolResult, EvaluationState]:
-    """Base vs adapter in the background: HumanEval pass@1 (sandboxed), test loss, a checker's score. Waits 50 s;
-    call again to follow."""
+    """Base vs adapter in the background: held-out loss, perplexity and (instruct data) function completion with 95%
+    intervals, HumanEval pass@1, a checker. Waits 50 s; call again to follow."""
     state = app_state(ctx)
     with trainer_errors():
         spec, folder = evaluation_spec(
-            state.runner.store, run_id=run_id, model=model, adapter=adapter, data=None,
+            state.runner.store, run_id=run_id, model=model, adapter=adapter, data=data,
             models_root=state.models.models_root, paths=state.models.paths, humaneval_limit=humaneval_limit,
-            checker=checker,
+            checker=checker, completion_limit=completion_limit, test_command=test_command,
         )  # fmt: skip
         folder = (
             folder
@@ -153,8 +156,17 @@ async def _follow_evaluation(ctx: AppContext, folder: Path, current: EvaluationS
 
 
 def _brief(current: EvaluationState) -> EvaluationState:
-    """Per-problem outcomes stay in evaluation.json; the answer carries the scores."""
+    """Per-problem, per-file and per-function results stay in evaluation.json; the answer carries the figures."""
     if current.evaluation is None:
         return current
-    scores = [s.model_copy(update={"humaneval_problems": []}) for s in current.evaluation.scores]
+    scores = [
+        s.model_copy(
+            update={
+                "humaneval_problems": [],
+                "held_out": s.held_out.model_copy(update={"units": []}) if s.held_out else None,
+                "completion": s.completion.model_copy(update={"results": []}) if s.completion else None,
+            }
+        )
+        for s in current.evaluation.scores
+    ]
     return current.model_copy(update={"evaluation": current.evaluation.model_copy(update={"scores": scores})})

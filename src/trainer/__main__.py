@@ -155,8 +155,9 @@ def _build_dataset(args: argparse.Namespace) -> Any:
     from .planning.repo_dataset import build_dataset
 
     report = build_dataset(
-        args.source, args.out, fmt=args.format, model=args.model, max_seq_length=args.max_seq_length, seed=args.seed
-    )
+        args.source, args.out, fmt=args.format, model=args.model, max_seq_length=args.max_seq_length, seed=args.seed,
+        held_out=args.held_out,
+    )  # fmt: skip
     log.info("%s", report.summary())
     return report
 
@@ -170,6 +171,7 @@ def _add_result_commands(sub: Any) -> None:
     build.add_argument("--model", help="its tokenizer counts tokens (and gives fim its tokens)")
     build.add_argument("--max-seq-length", type=int, default=2048, help="sizes the completion and fim chunks")
     build.add_argument("--seed", type=int, default=0, help="which files are held out")
+    build.add_argument("--held-out", type=float, default=0.1, help="share of the bytes in each of valid and test")
     check = sub.add_parser("validate", help="check every line of a dataset with the model's tokenizer and template")
     check.add_argument("data", type=Path)
     check.add_argument("--model", help="the model whose tokenizer and chat template the run will use")
@@ -182,6 +184,8 @@ def _add_result_commands(sub: Any) -> None:
     judge.add_argument("--data", help="a folder whose test.jsonl gives the loss (default: the run's)")
     judge.add_argument("--limit", type=int, default=164, help="the first N HumanEval problems (default all 164)")
     judge.add_argument("--checker", help="a Python file with score(prompt, reply) -> float")
+    judge.add_argument("--completion-limit", type=int, default=50, help="held-out functions to complete (instruct)")
+    judge.add_argument("--test-command", help="the repository's tests, run with each generated body in place")
     fuse = sub.add_parser("fuse", help="fuse a run's adapter (or --model and --adapter) into its base model")
     fuse.add_argument("run_id", nargs="?")
     fuse.add_argument("--model", help="the base model (default: the run's)")
@@ -200,10 +204,12 @@ def _evaluate(args: argparse.Namespace, home: Path) -> BaseModel:
 
     spec, folder = evaluation_spec(
         RunStore(home), run_id=args.run_id, model=args.model, adapter=args.adapter, data=args.data,
-        humaneval_limit=args.limit, checker=args.checker,
+        humaneval_limit=args.limit, checker=args.checker, completion_limit=args.completion_limit,
+        test_command=args.test_command,
     )  # fmt: skip
-    with tqdm(total=args.limit * (2 if spec.adapter else 1), desc="evaluate", unit="problem", file=sys.stderr) as bar:
-        evaluation = run_evaluation(spec, folder, lambda line: bar.update(1) if "HumanEval/" in line else None)
+    total = spec.items_per_model() * (2 if spec.adapter else 1)
+    with tqdm(total=total, desc="evaluate", unit="item", file=sys.stderr) as bar:
+        evaluation = run_evaluation(spec, folder, lambda line: bar.update(1))
     log.info("%s", evaluation.summary())
     return evaluation
 

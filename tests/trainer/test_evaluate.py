@@ -4,6 +4,7 @@ run's adapter against its base (HumanEval, test loss, a checker), stored with th
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -74,14 +75,24 @@ def test_a_run_is_evaluated_against_its_base_and_the_result_kept(
         assert scores.humaneval_pass_at_1 == 0.0  # a random tiny model writes no working code
         assert scores.test_loss is not None and scores.test_loss > 0 and scores.test_examples == 40
         assert scores.checker_score == 1.0
+        held = scores.held_out
+        assert held is not None and held.unit == "record" and held.records == 40 and len(held.units) == 40
+        assert held.loss.value == pytest.approx(scores.test_loss)
+        assert held.loss.low < held.loss.value < held.loss.high  # 40 records that differ: an interval with width
+        assert held.perplexity.value == pytest.approx(math.exp(held.loss.value))
     assert evaluation.scores[0].test_loss != evaluation.scores[1].test_loss  # the adapter changes the model
-    assert lines == [
+    loss_change = next(c for c in evaluation.changes if c.metric == "held-out loss")
+    base_loss, adapter_loss = (s.test_loss or 0.0 for s in evaluation.scores)
+    assert loss_change.difference.value == pytest.approx(adapter_loss - base_loss)
+    assert [line for line in lines if "HumanEval/" in line] == [
         f"{who} HumanEval/{i} {p.outcome}"
         for who, s in zip(("base", "adapter"), evaluation.scores, strict=True)
         for i, p in enumerate(s.humaneval_problems)
     ]
+    assert sum("held-out loss" in line for line in lines) == 2
     assert stored_evaluation(tmp_path) == evaluation and (tmp_path / EVALUATION_FILE).is_file()
-    assert "base: pass@1 0.000 (0/2), test loss" in evaluation.summary()
+    assert "base: pass@1 0.000 (0/2), held-out perplexity" in evaluation.summary()
+    assert "held-out loss: " in evaluation.summary()
 
 
 def test_refusals_name_the_fix(tmp_path: Path, tiny_model: Path) -> None:
@@ -142,3 +153,33 @@ def test_a_background_evaluation_outlives_its_starter_and_leaves_its_result(tmp_
         assert time.monotonic() < deadline
         time.sleep(0.5)
     assert state is not None and state.state == "failed" and state.error
+
+
+def test_held_out_losses_batched_and_padded_equal_one_record_at_a_time(tiny_model: Path) -> None:
+    from trainer.engine.held_out import losses_by_unit, record_losses
+    from trainer.engine.inference import ModelSession
+
+    loaded = ModelSession().loaded(str(tiny_model))
+    records = [{"text": "def f(x):\n    return x\n" * n, "file": f"m{n % 3}.py"} for n in (1, 7, 3, 12, 2)]
+    chat = [
+        {"messages": [{"role": "user", "content": "Write it."}, {"role": "assistant", "content": "x = 1\n" * n}]}
+        for n in (1, 4)
+    ]
+    for group, mask in ((records, False), (chat, True)):
+        together = record_losses(loaded.model, loaded.tokenizer, group, max_seq_length=64, mask_prompt=mask)
+        alone = [
+            record_losses(loaded.model, loaded.tokenizer, [r], max_seq_length=64, mask_prompt=mask)[0] for r in group
+        ]
+        assert [t for _, t in together] == [t for _, t in alone] and all(t > 0 for _, t in alone)
+        assert [n for n, _ in together] == pytest.approx([n for n, _ in alone], rel=1e-4)
+    full = record_losses(loaded.model, loaded.tokenizer, chat, max_seq_length=64, mask_prompt=False)
+    assert all(f[1] > m[1] for f, m in zip(full, alone, strict=True))  # the masked prompt is not scored
+    units = losses_by_unit(
+        records,
+        together := record_losses(loaded.model, loaded.tokenizer, records, max_seq_length=64, mask_prompt=False),
+    )
+    assert [u.name for u in units] == ["m1.py", "m0.py", "m2.py"]
+    assert (
+        sum(u.tokens for u in units) == sum(t for _, t in together)
+        and units[0].tokens == together[0][1] + together[3][1]
+    )

@@ -8,19 +8,28 @@ in the sandbox (results/sandbox.py). Greedy decoding throughout, so the numbers 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
-import math
 import re
 import sys
 import time
-import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..results.evaluation import EVALUATION_FILE, Evaluation, EvaluationSpec, ModelScores, ProblemResult
+from ..results.held_out_scores import (
+    FunctionCompletion,
+    HeldOutLoss,
+    completion_changes,
+    held_out_changes,
+    perplexity,
+)
+from ..results.intervals import Change
+from ..results.repo_tests import RepoTests
 from ..results.sandbox import run_sandboxed
+from .held_out import complete_functions, losses_by_unit, record_losses
 from .inference import ModelSession
 
 ASK = "Complete this Python function. Reply with the whole function in one ```python code block.\n\n```python\n{}```"
@@ -63,18 +72,23 @@ def _humaneval(session: ModelSession, spec: EvaluationSpec, report: Callable[[st
     return results
 
 
-def _test_loss(model: Any, tokenizer: Any, spec: EvaluationSpec) -> tuple[float, int] | None:
-    from mlx_lm.tuner.datasets import CacheDataset, create_dataset
-    from mlx_lm.tuner.trainer import evaluate
-
+def _test_records(spec: EvaluationSpec) -> list[dict[str, Any]]:
     test = Path(spec.data or "") / "test.jsonl"
     if spec.data is None or not test.is_file():
+        return []
+    return [json.loads(line) for line in test.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _held_out(loaded: Any, spec: EvaluationSpec, records: list[dict[str, Any]]) -> HeldOutLoss | None:
+    """Loss per held-out file; a chat's prompt is masked for instruct data (what the model must write is the body)."""
+    if not records:
         return None
-    records = [json.loads(line) for line in test.read_text(encoding="utf-8").splitlines() if line.strip()]
-    config = types.SimpleNamespace(mask_prompt=spec.mask_prompt)
-    dataset = CacheDataset(create_dataset(records, tokenizer, config))
-    loss = evaluate(model, dataset, batch_size=1, num_batches=-1, max_seq_length=spec.max_seq_length)
-    return float(loss), len(records)
+    built = all("file" in r for r in records)
+    mask = spec.mask_prompt or (built and "messages" in records[0])
+    losses = record_losses(
+        loaded.model, loaded.tokenizer, records, max_seq_length=spec.max_seq_length, mask_prompt=mask
+    )
+    return HeldOutLoss.of(losses_by_unit(records, losses), len(records), "file" if built else "record")
 
 
 def _checker(session: ModelSession, spec: EvaluationSpec) -> float | None:
@@ -96,26 +110,47 @@ def _checker(session: ModelSession, spec: EvaluationSpec) -> float | None:
     return sum(scores) / len(scores) if scores else None
 
 
-def score_model(spec: EvaluationSpec, with_adapter: bool, report: Callable[[str], None]) -> ModelScores:
+def score_model(
+    spec: EvaluationSpec, with_adapter: bool, report: Callable[[str], None], tests: RepoTests | None = None
+) -> ModelScores:
     start = time.perf_counter()
     adapter = spec.adapter if with_adapter else None
     session = ModelSession()
     session.load(spec.model, adapter)
-    problems = _humaneval(session, spec, lambda line: report(f"{'adapter' if adapter else 'base'} {line}"))
-    loaded = session.loaded(spec.model, adapter)
-    loss = _test_loss(loaded.model, loaded.tokenizer, spec)
+    name = "adapter" if adapter else "base"
+    problems = _humaneval(session, spec, lambda line: report(f"{name} {line}"))
+    records = _test_records(spec)
+    held_out = _held_out(session.loaded(spec.model, adapter), spec, records)
+    if held_out is not None:
+        report(f"{name} held-out loss {held_out.loss}")
+    functions = [r for r in records if "body_lines" in r][: spec.completion_functions]
+    completion = None
+    if functions:
+        results = complete_functions(
+            session, functions, max_tokens=spec.max_tokens, tests=tests, report=lambda line: report(f"{name} {line}")
+        )
+        completion = FunctionCompletion.of(results)
     passed = sum(p.outcome == "passed" for p in problems)
     return ModelScores(
         name="adapter" if adapter else "base",
         humaneval_pass_at_1=passed / len(problems) if problems else None,
         humaneval_passed=passed,
         humaneval_problems=problems,
-        test_loss=loss[0] if loss else None,
-        test_perplexity=math.exp(min(loss[0], 50.0)) if loss else None,
-        test_examples=loss[1] if loss else 0,
+        test_loss=held_out.loss.value if held_out else None,
+        test_perplexity=perplexity(held_out.loss.value) if held_out else None,
+        test_examples=held_out.records if held_out else 0,
         checker_score=_checker(session, spec),
+        held_out=held_out,
+        completion=completion,
         seconds=round(time.perf_counter() - start, 1),
     )
+
+
+def _changes(scores: list[ModelScores]) -> list[Change]:
+    if len(scores) < 2:
+        return []
+    base, adapter = scores
+    return held_out_changes(base.held_out, adapter.held_out) + completion_changes(base.completion, adapter.completion)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,15 +164,32 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"progress {line}\n")
         sys.stderr.flush()
 
-    scores = [score_model(spec, False, report)]
-    if spec.adapter:
-        scores.append(score_model(spec, True, report))
-    sys.stdout.write(json.dumps([s.model_dump(mode="json") for s in scores]) + "\n")
+    with contextlib.ExitStack() as stack:
+        tests = None
+        if spec.test_command and spec.source and spec.completion_functions:
+            tests = stack.enter_context(RepoTests(Path(spec.source), spec.test_command, spec.test_timeout_s))
+        scores = [score_model(spec, False, report, tests)]
+        if spec.adapter:
+            scores.append(score_model(spec, True, report, tests))
+    changes = _changes(scores)
+    sys.stdout.write(
+        json.dumps(
+            {
+                "scores": [s.model_dump(mode="json") for s in scores],
+                "changes": [c.model_dump(mode="json") for c in changes],
+            }
+        )
+        + "\n"
+    )
     if "--save" in args:
         folder = Path(args[args.index("--save") + 1])
         target = folder / EVALUATION_FILE
         evaluation = Evaluation(
-            spec=spec, scores=scores, seconds=round(time.perf_counter() - start, 1), saved_to=str(target)
+            spec=spec,
+            scores=scores,
+            changes=changes,
+            seconds=round(time.perf_counter() - start, 1),
+            saved_to=str(target),
         )
         partial = target.with_suffix(".partial")
         partial.write_text(evaluation.model_dump_json(indent=2), encoding="utf-8")

@@ -27,7 +27,7 @@ from .dataset_report import SPLITS
 from .modelref import resolve_model_dir
 from .paths import PathPolicy
 from .repo_files import SkippedFile, SourceFile, classify, walk
-from .repo_records import fim_tokens, records
+from .repo_records import fim_tokens, instruct_records, records
 
 log = logging.getLogger(__name__)
 DatasetFormat = Literal["completion", "fim", "instruct"]
@@ -64,18 +64,27 @@ class BuildReport(BaseModel):
         return f"{self.out}: {parts}; {self.files_used} of {self.files_read} files used (skipped: {skipped})"
 
 
-def assign_splits(files: list[SourceFile], seed: int, held_out: float = 0.1) -> dict[str, str]:
-    """relative path -> split. Groups of near-duplicates go together; the order is a hash of the seed and the
-    group, so a seed always gives the same split; valid and test get at least one group each when there are three."""
+def assign_splits(
+    files: list[SourceFile], seed: int, held_out: float = 0.1, weight: Callable[[SourceFile], int] | None = None
+) -> dict[str, str]:
+    """relative path -> split. Groups of near-duplicates go together, in an order that is a hash of the seed and the
+    group (a seed always gives the same split); test, then valid, take groups until each holds `held_out` of the
+    weight (bytes; for instruct, functions), at least one group each when there are three; the rest is train."""
+    weigh = weight or (lambda source: source.size)
     groups: dict[str, list[SourceFile]] = {}
     for source in files:
         groups.setdefault(source.similar, []).append(source)
     order = sorted(groups, key=lambda key: hashlib.sha256(f"{seed}:{groups[key][0].relative}".encode()).hexdigest())
-    n = len(order)
-    n_held = max(1, round(held_out * n)) if n >= 3 else 0
-    split_of_group = {
-        key: "test" if i < n_held else "valid" if i < 2 * n_held else "train" for i, key in enumerate(order)
-    }
+    share = held_out * sum(weigh(source) for source in files)
+    split_of_group: dict[str, str] = {}
+    filled = {"test": 0, "valid": 0}
+    for key in order:
+        split = next((s for s in ("test", "valid") if len(groups) >= 3 and filled[s] < max(share, 1)), None)
+        if split is None or len(split_of_group) >= len(groups) - 1:  # train keeps one group at least
+            split = "train"
+        else:
+            filled[split] += sum(weigh(source) for source in groups[key])
+        split_of_group[key] = split
     return {source.relative: split_of_group[source.similar] for source in files}
 
 
@@ -88,6 +97,7 @@ def build_dataset(
     models_root: Path | None = None,
     max_seq_length: int = 2048,
     seed: int = 0,
+    held_out: float = 0.1,
     max_file_kb: int = 512,
     paths: PathPolicy | None = None,
     progress: Callable[[float], None] | None = None,
@@ -115,7 +125,11 @@ def build_dataset(
     if not usable:
         reasons = ", ".join(f"{n} {r}" for r, n in Counter(s.reason for s in skipped).most_common())
         raise ConfigError(f"source {str(source)!r} has no usable source or docs files ({reasons}); see build_dataset")
-    split_of = assign_splits(usable, seed)
+    if not 0 < held_out <= 0.4:
+        raise ConfigError(
+            f"held_out {held_out} is not a fraction in (0, 0.4]; the share of bytes in each of valid and test"
+        )
+    split_of = assign_splits(usable, seed, held_out, _functions if fmt == "instruct" else None)
     target.parent.mkdir(parents=True, exist_ok=True)
     # a new folder of our own (mkdtemp never reuses a name): the only one removed if the build fails
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
@@ -135,6 +149,13 @@ def build_dataset(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return report
+
+
+def _functions(source: SourceFile) -> int:
+    """An instruct file's weight in the split: its documented functions (what its records will be)."""
+    if source.language != "python":
+        return 0
+    return sum(1 for _ in instruct_records(source.path.read_text(encoding="utf-8"), source.relative))
 
 
 def _listed(skipped: list[SkippedFile]) -> list[SkippedFile]:

@@ -5,6 +5,10 @@
 - `fim`: each chunk as fill-in-the-middle (prefix, suffix, middle), in the model's own FIM tokens.
 - `instruct` (Python only): each function or method with a docstring becomes a chat: signature and docstring asked,
   the body answered; the two together parse back to the function.
+
+Each record names its `file` (held-out figures are bootstrapped over files); instruct records also name the function
+and its body's lines (an evaluation with a test command puts a generated body in their place). MLX-LM's
+loaders ignore these keys.
 """
 
 from __future__ import annotations
@@ -127,7 +131,11 @@ def instruct_records(text: str, relative: str) -> Iterator[dict[str, Any]]:
             "messages": [
                 {"role": "user", "content": INSTRUCT_ASK.format(file=relative, head=head)},
                 {"role": "assistant", "content": f"```python\n{body}```"},
-            ]
+            ],
+            # where the body stands in the repository, so an evaluation can put a generated one in its place
+            "file": relative,
+            "function": node.name,
+            "body_lines": [rest[0].lineno, node.end_lineno],
         }
 
 
@@ -146,5 +154,5 @@ def records(
     if fmt == "fim":
         assert fim is not None
         rng = random.Random(f"{seed}:{relative}")
-        return [fim_record(piece, fim, rng) for piece in pieces]
-    return [{"text": piece} for piece in pieces]
+        return [{**fim_record(piece, fim, rng), "file": relative} for piece in pieces]
+    return [{"text": piece, "file": relative} for piece in pieces]

@@ -1,5 +1,8 @@
 """Evaluate a run (or a model with an adapter) against its base: what to run, and the scores, stored with the run.
 
+On a dataset's test split (a built repository's held-out files): loss and perplexity, and for instruct data each
+held-out function completed, every figure with a 95% bootstrap interval and each change base -> adapter with its own.
+
 The MLX work is `engine/evaluate.py` in a child process; this module starts it, passes its progress lines on, and
 writes the result to the run folder (`evaluation.json`), where run_status finds it.
 """
@@ -22,6 +25,8 @@ from ..lifecycle.store import RunStore
 from ..planning.modelref import resolve_adapter_dir, resolve_model_dir
 from ..planning.paths import PathPolicy
 from .exports import run_with_adapter
+from .held_out_scores import FunctionCompletion, HeldOutLoss
+from .intervals import Change
 from .sandbox import Outcome
 
 EVALUATION_FILE = "evaluation.json"
@@ -41,6 +46,15 @@ class EvaluationSpec(BaseModel):
     max_seq_length: int = 2048
     mask_prompt: bool = False
     timeout_s: float = Field(10.0, gt=0, le=120)
+    completion_limit: int = Field(50, ge=0, le=2000, description="Held-out functions to complete (instruct data).")
+    completion_functions: int = Field(0, ge=0, description="How many there are to complete (set from the data).")
+    test_command: str | None = Field(None, description="Runs the repository's tests, e.g. 'python -m pytest -x -q'.")
+    source: str | None = Field(None, description="The repository the data was built from (its report.json).")
+    test_timeout_s: float = Field(300.0, gt=0, le=3600)
+
+    def items_per_model(self) -> int:
+        """Progress lines each model writes: its HumanEval problems, its held-out loss, its functions."""
+        return self.humaneval_limit + (1 if self.data else 0) + self.completion_functions
 
 
 class ProblemResult(BaseModel):
@@ -62,6 +76,8 @@ class ModelScores(BaseModel):
     test_perplexity: float | None
     test_examples: int
     checker_score: float | None
+    held_out: HeldOutLoss | None = None
+    completion: FunctionCompletion | None = None
     seconds: float
 
 
@@ -70,6 +86,9 @@ class Evaluation(BaseModel):
 
     spec: EvaluationSpec
     scores: list[ModelScores] = Field(description="The base first, then base + adapter.")
+    changes: list[Change] = Field(
+        default_factory=list, description="Held-out figures base -> adapter, each with its paired 95% interval."
+    )
     seconds: float
     saved_to: str | None = None
 
@@ -79,12 +98,19 @@ class Evaluation(BaseModel):
             items = []
             if s.humaneval_pass_at_1 is not None:
                 items.append(f"pass@1 {s.humaneval_pass_at_1:.3f} ({s.humaneval_passed}/{len(s.humaneval_problems)})")
-            if s.test_loss is not None:
+            if s.held_out is not None:
+                items.append(
+                    f"held-out perplexity {s.held_out.perplexity} over {len(s.held_out.units)} {s.held_out.unit}s"
+                )
+            elif s.test_loss is not None:
                 items.append(f"test loss {s.test_loss:.3f}")
+            if s.completion is not None:
+                items.append(f"{s.completion.functions} functions: similarity {s.completion.similarity}")
             if s.checker_score is not None:
                 items.append(f"checker {s.checker_score:.2f}")
             parts.append(f"{s.name}: " + ", ".join(items or ["nothing measured"]))
-        return "; ".join(parts) + f" ({self.seconds:.0f} s)"
+        changes = "".join(f"; {change}" for change in self.changes)
+        return "; ".join(parts) + changes + f" ({self.seconds:.0f} s)"
 
 
 def evaluation_spec(
@@ -125,10 +151,33 @@ def evaluation_spec(
         if not checked.is_file():
             raise ConfigError(f"checker {checker!r} is not a file; pass a Python file defining score(prompt, reply)")
         settings["checker"] = str(checked)
+    if data is not None:
+        settings.update(_from_built_dataset(Path(data), settings, paths))
     spec = EvaluationSpec.model_validate(
         {"model": str(model_dir), "adapter": str(adapter_dir) if adapter_dir else None, "data": data, **settings}
     )
     return spec, folder
+
+
+def _from_built_dataset(data: Path, settings: dict[str, object], paths: PathPolicy | None) -> dict[str, object]:
+    """The held-out functions to complete, and for a test command the repository the dataset was built from."""
+    test = data / "test.jsonl"
+    functions = 0
+    if test.is_file():
+        with test.open(encoding="utf-8") as lines:
+            functions = sum('"body_lines"' in line for line in lines)
+    limit = settings.get("completion_limit", EvaluationSpec.model_fields["completion_limit"].default)
+    found: dict[str, object] = {"completion_functions": min(functions, int(str(limit)))}
+    if settings.get("test_command"):
+        report = data / "report.json"
+        source = json.loads(report.read_text(encoding="utf-8")).get("source") if report.is_file() else None
+        if not source or not functions:
+            raise ConfigError(
+                f"test_command needs data built by build_dataset with format 'instruct' (its report.json names the "
+                f"repository, its test split the functions); {str(data)!r} is not"
+            )
+        found["source"] = str(paths.check_folder(Path(source), "source") if paths else Path(source))
+    return found
 
 
 def run_evaluation(spec: EvaluationSpec, save_in: Path | None, progress: Callable[[str], None]) -> Evaluation:
@@ -162,8 +211,10 @@ def run_evaluation(spec: EvaluationSpec, save_in: Path | None, progress: Callabl
     saved = stored_evaluation(save_in) if save_in is not None else None  # the child wrote it, atomically
     if saved is not None:
         return saved
-    scores = [ModelScores.model_validate(s) for s in json.loads(out_text.strip().splitlines()[-1])]
-    return Evaluation(spec=spec, scores=scores, seconds=round(time.perf_counter() - start, 1))
+    printed = json.loads(out_text.strip().splitlines()[-1])
+    scores = [ModelScores.model_validate(s) for s in printed["scores"]]
+    changes = [Change.model_validate(c) for c in printed["changes"]]
+    return Evaluation(spec=spec, scores=scores, changes=changes, seconds=round(time.perf_counter() - start, 1))
 
 
 def stored_evaluation(run_dir: Path) -> Evaluation | None:

@@ -65,7 +65,7 @@ def evaluation_state(folder: Path) -> EvaluationState | None:
         return None
     spec = spec or (done_file.spec if done_file else None)
     assert spec is not None
-    total = spec.humaneval_limit * (2 if spec.adapter else 1)
+    total = spec.items_per_model() * (2 if spec.adapter else 1)
     log = (folder / LOG_FILE).read_text(encoding="utf-8", errors="replace") if (folder / LOG_FILE).is_file() else ""
     done = sum(line.startswith("progress ") for line in log.splitlines())
     if done_file is not None:

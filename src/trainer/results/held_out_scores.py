@@ -1,0 +1,107 @@
+"""What an evaluation measures on held-out code, per model: loss and perplexity by file, function completion; each
+figure with its 95% bootstrap interval (results/intervals.py), and the units behind it so the changes can be paired."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .intervals import Change, Interval, paired_change, ratio_interval
+from .sandbox import Outcome
+
+
+class UnitLoss(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str = Field(description="A held-out file (or 'record N' for data that names none).")
+    nll: float = Field(description="Summed negative log-likelihood of its scored tokens (nats).")
+    tokens: int
+
+
+class HeldOutLoss(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    unit: Literal["file", "record"] = Field(description="What the intervals resample.")
+    records: int
+    tokens: int
+    loss: Interval = Field(description="Mean per-token loss (nats) on the test split.")
+    perplexity: Interval
+    units: list[UnitLoss]
+
+    @classmethod
+    def of(cls, units: list[UnitLoss], records: int, unit: Literal["file", "record"]) -> HeldOutLoss:
+        nll, tokens = [u.nll for u in units], [u.tokens for u in units]
+        return cls(
+            unit=unit, records=records, tokens=sum(tokens), loss=ratio_interval(nll, tokens),
+            perplexity=ratio_interval(nll, tokens, "exp"), units=units,
+        )  # fmt: skip
+
+
+class FunctionResult(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    file: str
+    function: str
+    exact: bool = Field(description="Equal to the real body after ast normalization.")
+    similarity: float = Field(description="Token similarity to the real body, 0-1 (difflib ratio).")
+    tests: Outcome | None = Field(None, description="The repository's tests with this body in place.")
+    seconds: float
+
+
+class FunctionCompletion(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    functions: int
+    exact_match: Interval
+    similarity: Interval
+    tests_passed: Interval | None = None
+    results: list[FunctionResult]
+
+    @classmethod
+    def of(cls, results: list[FunctionResult]) -> FunctionCompletion:
+        ones = [1.0] * len(results)
+        tested = [r for r in results if r.tests is not None]
+        return cls(
+            functions=len(results),
+            exact_match=ratio_interval([float(r.exact) for r in results], ones),
+            similarity=ratio_interval([r.similarity for r in results], ones),
+            tests_passed=ratio_interval([float(r.tests == "passed") for r in tested], [1.0] * len(tested))
+            if tested
+            else None,
+            results=results,
+        )
+
+
+def held_out_changes(base: HeldOutLoss | None, adapter: HeldOutLoss | None) -> list[Change]:
+    if base is None or adapter is None or [u.name for u in base.units] != [u.name for u in adapter.units]:
+        return []
+    b = ([u.nll for u in base.units], [float(u.tokens) for u in base.units])
+    a = ([u.nll for u in adapter.units], [float(u.tokens) for u in adapter.units])
+    return [
+        paired_change("held-out loss", b, a, higher_is_better=False),
+        paired_change("held-out perplexity", b, a, higher_is_better=False, transform="exp"),
+    ]
+
+
+def completion_changes(base: FunctionCompletion | None, adapter: FunctionCompletion | None) -> list[Change]:
+    if base is None or adapter is None or base.functions != adapter.functions or not base.functions:
+        return []
+    ones = [1.0] * base.functions
+
+    def pair(metric: str, values: list[float], other: list[float]) -> Change:
+        return paired_change(metric, (values, ones), (other, ones), higher_is_better=True)
+
+    changes = [
+        pair("exact match", [float(r.exact) for r in base.results], [float(r.exact) for r in adapter.results]),
+        pair("similarity", [r.similarity for r in base.results], [r.similarity for r in adapter.results]),
+    ]
+    if base.tests_passed is not None and adapter.tests_passed is not None:
+        passed = [float(r.tests == "passed") for r in base.results]
+        changes.append(pair("tests passed", passed, [float(r.tests == "passed") for r in adapter.results]))
+    return changes
+
+
+def perplexity(loss: float | None) -> float | None:
+    return math.exp(min(loss, 50.0)) if loss is not None else None
