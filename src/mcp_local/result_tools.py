@@ -76,6 +76,7 @@ async def build_dataset_tool(
     model: Annotated[str | None, Field(description="Counts tokens; fim needs it.")] = None,
     max_seq_length: Annotated[int, Field(ge=64, le=32768, description="Chunk tokens.")] = 2048,
     seed: Annotated[int, Field(ge=0, description="Picks held-out files.")] = 0,
+    held_out: Annotated[float, Field(gt=0, le=0.4, description="Share in valid, and in test.")] = 0.1,
 ) -> Annotated[CallToolResult, BuildReport]:
     """Repo -> train/valid/test.jsonl, split by file, .gitignore'd, secret and generated files left out; a report."""
     state = app_state(ctx)
@@ -84,7 +85,7 @@ async def build_dataset_tool(
         report = await anyio.to_thread.run_sync(
             lambda: build_dataset(
                 source, out, fmt=format, model=model, models_root=state.models.models_root,
-                max_seq_length=max_seq_length, seed=seed, paths=paths,
+                max_seq_length=max_seq_length, seed=seed, held_out=held_out, paths=paths,
                 progress=progress_from_thread(ctx, "reading the repository"),
             )
         )  # fmt: skip
@@ -115,10 +116,10 @@ async def evaluate_tool(
     run_id: Annotated[str | None, Field(description="A run (its adapter).")] = None,
     model: str | None = None,
     adapter: str | None = None,
-    data: Annotated[str | None, Field(description="Folder whose test.jsonl is held out (default: the run's).")] = None,
+    data: Annotated[str | None, Field(description="Its test.jsonl is held out; default: the run's.")] = None,
     humaneval_limit: Annotated[int, Field(ge=0, le=164)] = 20,
-    completion_limit: Annotated[int, Field(ge=0, le=2000, description="Held-out functions to write.")] = 50,
-    test_command: Annotated[str | None, Field(description="Repo tests run per written body.")] = None,
+    completion_limit: Annotated[int, Field(ge=0, le=2000, description="Held-out functions written.")] = 50,
+    test_command: Annotated[str | None, Field(description="Repo tests, run per body.")] = None,
     checker: Annotated[str | None, Field(description="A .py file with score(prompt, reply).")] = None,
 ) -> Annotated[CallToolResult, EvaluationState]:
     """Base vs adapter in the background: held-out loss, perplexity and (instruct data) function completion with 95%
