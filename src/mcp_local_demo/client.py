@@ -244,7 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--humaneval", type=int, default=5, help="HumanEval problems scored before and after (0: none)")
     parser.add_argument("--home", type=Path, default=Path("demo-output"), help="runs folder (default: %(default)s)")
     parser.add_argument("--json", type=Path, default=None, help="also write the summary as JSON here")
+    parser.add_argument("--repo", action="store_true", help="the second scenario: tune on toolz's code from PyPI")
     args = parser.parse_args(argv)
+    if args.repo:
+        return _repo_main(args)
     args.model = args.model or str(smollm2_gguf())
     args.data = (args.data or house_style_data()).resolve()
     try:
@@ -255,6 +258,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return 0 if summary["tuned_score"] > summary["base_score"] else 1
+
+
+def _repo_main(args: argparse.Namespace) -> int:
+    from .repo_demo import prepare, run_repo_demo
+
+    args.model = args.model or str(smollm2_gguf())
+    args.iters = args.iters if args.iters != 40 else 30
+    try:
+        prepare(args)
+        summary = anyio.run(run_repo_demo, args)
+    except DemoError as exc:
+        console.print(f"[red]demo failed: {exc}")
+        return 1
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    return 0
 
 
 if __name__ == "__main__":

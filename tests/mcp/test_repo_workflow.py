@@ -93,7 +93,7 @@ async def test_a_repository_to_an_evaluated_adapter_in_three_calls(tmp_path: Pat
     assert [s["name"] for s in evaluation["scores"]] == ["base", "adapter"]
     for scores in evaluation["scores"]:
         held = scores["held_out"]
-        assert held["unit"] == "file" and held["records"] == splits["test"]["records"] and held["tokens"] > 0
+        assert held["unit"] == "function" and held["records"] == splits["test"]["records"] and held["tokens"] > 0
         assert held["loss"]["low"] <= held["loss"]["value"] <= held["loss"]["high"]
         assert held["units"] == []  # per-file sums stay in evaluation.json
         completion = scores["completion"]

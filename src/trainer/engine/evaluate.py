@@ -88,7 +88,10 @@ def _held_out(loaded: Any, spec: EvaluationSpec, records: list[dict[str, Any]]) 
     losses = record_losses(
         loaded.model, loaded.tokenizer, records, max_seq_length=spec.max_seq_length, mask_prompt=mask
     )
-    return HeldOutLoss.of(losses_by_unit(records, losses), len(records), "file" if built else "record")
+    units = losses_by_unit(records, losses)
+    if "body_lines" in records[0]:
+        return HeldOutLoss.of(units, len(records), "function")
+    return HeldOutLoss.of(units, len(records), "file" if built else "record")
 
 
 def _checker(session: ModelSession, spec: EvaluationSpec) -> float | None:

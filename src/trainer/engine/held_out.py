@@ -74,11 +74,18 @@ def record_losses(
     return results
 
 
+def unit_of(record: dict[str, Any], number: int) -> str:
+    """A held-out function (instruct), else its file (a built dataset's chunks), else the record itself."""
+    if "body_lines" in record:
+        return f"{record.get('file')}:{record.get('function')}:{record['body_lines'][0]}"
+    return str(record.get("file") or f"record {number}")
+
+
 def losses_by_unit(records: list[dict[str, Any]], losses: list[tuple[float, int]]) -> list[UnitLoss]:
-    """Summed by file where the records name one (a built dataset), else one unit per record."""
+    """Summed per unit (unit_of): a file's chunks vary together, so they are resampled together."""
     units: dict[str, list[float]] = {}
     for number, (record, (nll, count)) in enumerate(zip(records, losses, strict=True), start=1):
-        name = str(record.get("file") or f"record {number}")
+        name = unit_of(record, number)
         sums = units.setdefault(name, [0.0, 0.0])
         sums[0] += nll
         sums[1] += count

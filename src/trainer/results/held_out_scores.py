@@ -15,7 +15,7 @@ from .sandbox import Outcome
 class UnitLoss(BaseModel):
     model_config = ConfigDict(frozen=True)
 
-    name: str = Field(description="A held-out file (or 'record N' for data that names none).")
+    name: str = Field(description="A held-out function (FILE:NAME:LINE), file, or 'record N' (data naming neither).")
     nll: float = Field(description="Summed negative log-likelihood of its scored tokens (nats).")
     tokens: int
 
@@ -23,7 +23,7 @@ class UnitLoss(BaseModel):
 class HeldOutLoss(BaseModel):
     model_config = ConfigDict(frozen=True)
 
-    unit: Literal["file", "record"] = Field(description="What the intervals resample.")
+    unit: Literal["function", "file", "record"] = Field(description="What the intervals resample.")
     records: int
     tokens: int
     loss: Interval = Field(description="Mean per-token loss (nats) on the test split.")
@@ -31,7 +31,7 @@ class HeldOutLoss(BaseModel):
     units: list[UnitLoss]
 
     @classmethod
-    def of(cls, units: list[UnitLoss], records: int, unit: Literal["file", "record"]) -> HeldOutLoss:
+    def of(cls, units: list[UnitLoss], records: int, unit: Literal["function", "file", "record"]) -> HeldOutLoss:
         nll, tokens = [u.nll for u in units], [u.tokens for u in units]
         return cls(
             unit=unit, records=records, tokens=sum(tokens), loss=ratio_interval(nll, tokens),
