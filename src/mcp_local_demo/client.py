@@ -29,7 +29,8 @@ from trainer import reexec_with_preloads
 from .bundled import house_style_data, smollm2_gguf
 from .house_style import load_heldout, score_reply
 
-console = Console(highlight=False)
+#: in a log, `tee` or CI (no terminal): whole lines, never cut at 80 columns
+console = Console(highlight=False, soft_wrap=not sys.stdout.isatty())
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
@@ -90,6 +91,8 @@ async def _follow(client: Client, run_id: str, iters: int) -> dict[str, Any]:
                 if part
             )
             bar.update(task, completed=status["iteration"], info=info)
+            if not console.is_terminal:  # no live bar there: a line per answer (about every 15 s) shows progress
+                console.print(f"training {status['iteration']}/{iters} {info}")
             if status["state"] in TERMINAL:
                 return status
 

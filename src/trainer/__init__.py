@@ -10,7 +10,11 @@ session or a worker does. The layers below (docs/architecture.md): `planning` an
 from __future__ import annotations
 
 import importlib
+import os
 from typing import TYPE_CHECKING, Any
+
+# transformers says "PyTorch was not found" on import; MLX does the work here and its tokenizers need no PyTorch
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 if TYPE_CHECKING:
     from .engine.decode_kernel import build_in_background as build_decode_kernel_in_background

@@ -19,7 +19,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..results.code_match import body_of, exact_match, reply_code, similarity
-from ..results.held_out_scores import FunctionResult, UnitLoss
+from ..results.held_out_scores import GENERATED_CHARS, FunctionResult, UnitLoss
 from ..results.repo_tests import RepoTests
 from .inference import ModelSession
 from .patches import fast_activations
@@ -120,7 +120,7 @@ def complete_functions(
         result = FunctionResult(
             file=str(record.get("file", "")), function=str(record.get("function", "")),
             exact=exact_match(body, reference), similarity=round(similarity(body, reference), 4),
-            tests=outcome, seconds=round(time.perf_counter() - start, 2),
+            tests=outcome, seconds=round(time.perf_counter() - start, 2), generated=body[:GENERATED_CHARS],
         )  # fmt: skip
         results.append(result)
         report(f"{result.file}:{result.function} similarity {result.similarity:.2f}")

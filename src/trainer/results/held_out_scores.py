@@ -39,6 +39,10 @@ class HeldOutLoss(BaseModel):
         )  # fmt: skip
 
 
+#: how much of each generated body evaluation.json keeps, to read what the model wrote
+GENERATED_CHARS = 2000
+
+
 class FunctionResult(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -48,6 +52,7 @@ class FunctionResult(BaseModel):
     similarity: float = Field(description="Token similarity to the real body, 0-1 (difflib ratio).")
     tests: Outcome | None = Field(None, description="The repository's tests with this body in place.")
     seconds: float
+    generated: str = Field("", description=f"The body as written (its first {GENERATED_CHARS} characters).")
 
 
 class FunctionCompletion(BaseModel):
