@@ -9,7 +9,7 @@ import anyio
 from mcp.types import CallToolResult, ImageContent
 from pydantic import Field
 
-from trainer import DeletedRun, JobState, QLoRAConfig
+from trainer import DeletedRun, JobState, QLoRAConfig, WaitFor
 
 from .plot import PNG, run_plot
 from .resources import iso, run_status, status_line
@@ -21,8 +21,8 @@ PROGRESS_EVERY_S = 1.0
 
 
 async def start_qlora_run(ctx: AppContext, config: QLoRAConfig) -> Annotated[CallToolResult, StartedRun]:
-    """Check a QLoRA config and queue the run; returns its run_id at once. Follow it with run_status(run_id,
-    wait_seconds=30)."""
+    """Check a QLoRA config and queue the run; returns its run_id at once. Follow: run_status(run_id,
+    wait_seconds=60, until="end")."""
     state = app_state(ctx)
     with trainer_errors():
         snap = await state.runner.submit(config, progress_from_thread(ctx, "reading the dataset"))
@@ -34,7 +34,7 @@ async def start_qlora_run(ctx: AppContext, config: QLoRAConfig) -> Annotated[Cal
         resources=run_resources(snap.id),
         predicted_peak_gb=snap.metrics.predicted_peak_gb,
         memory_budget_gb=snap.config.memory_budget_gb,
-        next_step=f"call run_status with run_id={snap.id!r} and wait_seconds=30 until the state is final",
+        next_step=f"call run_status with run_id={snap.id!r}, wait_seconds=60, until='end' until the state is final",
     )
     predicted = (
         f", predicted peak {snap.metrics.predicted_peak_gb:.2f} GB of a {started.memory_budget_gb:.2f} GB budget"
@@ -47,13 +47,11 @@ async def start_qlora_run(ctx: AppContext, config: QLoRAConfig) -> Annotated[Cal
 async def run_status_tool(
     ctx: AppContext,
     run_id: Annotated[str, Field(description="The id start_qlora_run returned.")],
-    wait_seconds: Annotated[
-        float,
-        Field(
-            ge=0,
-            description="Wait up to this many seconds (max 60) for a change.",
-        ),
-    ] = 0,
+    wait_seconds: Annotated[float, Field(ge=0, le=MAX_WAIT_S, description="Seconds to wait for `until`.")] = 0,
+    until: Annotated[
+        WaitFor,
+        Field(description="What ends the wait: change (any report), end, phase, validation; a stall or error always."),
+    ] = "change",
     memory_samples: Annotated[int, Field(ge=0, le=200, description="How many latest memory samples.")] = 2,
     include_config: Annotated[bool, Field(description="Also return the run's config.")] = False,
     include_plot: Annotated[bool, Field(description="Also a PNG of loss and memory.")] = False,
@@ -64,7 +62,7 @@ async def run_status_tool(
         snap = state.runner.get(run_id)
         wait = min(wait_seconds, MAX_WAIT_S)
         if wait > 0 and not snap.state.terminal:
-            await _wait_reporting_progress(ctx, state, run_id, wait)
+            await _wait_reporting_progress(ctx, state, run_id, wait, until)
         status = run_status(state, run_id, memory_samples, include_config)
         result = tool_result(status, status_line(state, status))
         if include_plot:
@@ -73,7 +71,7 @@ async def run_status_tool(
     return result
 
 
-async def _wait_reporting_progress(ctx: AppContext, state: AppState, run_id: str, wait: float) -> None:
+async def _wait_reporting_progress(ctx: AppContext, state: AppState, run_id: str, wait: float, until: WaitFor) -> None:
     """The long-poll, with a progress notification (iteration of total) each PROGRESS_EVERY_S the run advanced:
     hosts that ignore resources still see it move while the call waits."""
     done = anyio.Event()
@@ -87,7 +85,7 @@ async def _wait_reporting_progress(ctx: AppContext, state: AppState, run_id: str
             await ctx.report_progress(sent, snap.iters, f"{snap.state.value}, iteration {snap.iteration}")
 
     async def wait_then_stop() -> None:
-        await state.runner.wait_for_change(run_id, wait)
+        await state.runner.wait_for_change(run_id, wait, until)
         done.set()
 
     async with anyio.create_task_group() as tg:
@@ -129,7 +127,7 @@ async def resume_run(
         checkpoint=plan.checkpoint,
         forced_changes=plan.changed,
         queue_position=state.runner.queue_position(snap.id),
-        next_step=f"call run_status with run_id={snap.id!r} and wait_seconds=30 until the state is final",
+        next_step=f"call run_status with run_id={snap.id!r}, wait_seconds=60, until='end' until the state is final",
     )
     return tool_result(resumed, f"{plan.describe()}; attempt {snap.attempt}, {snap.state.value}")
 

@@ -48,15 +48,18 @@ RECENT_RUNS_LISTED = 50
 #: seconds a signalled server gives its lifespan to close before it exits regardless
 SHUTDOWN_GRACE_S = 3.0
 INSTRUCTIONS = """\
-Fine-tune and run local code LLMs with MLX-LM (QLoRA).
-- load_model(path) then generate(prompt) to try a model; generate(run_id=...) uses a finished run's adapter.
-- start_qlora_run(config) validates and queues a run and returns its run_id at once. Follow it with
-  run_status(run_id, wait_seconds=30) until the state is succeeded, failed or cancelled; cancel_run stops it.
-- profile_memory shows the server's, the loaded models' and every training worker's memory.
-- From a repository to a better coder (prompt tune_on_repository): build_dataset(source, out, format="instruct")
-  -> start_qlora_run(config with data=out) -> evaluate(run_id): held-out perplexity and function completion, base vs
-  adapter, each change with a 95% interval.
-- Resources runs://{run_id}/status, /memory and /metrics update live (subscribe to them); /plot is a PNG."""
+Fine-tune and run local code LLMs with MLX-LM (QLoRA). Three workflows, each also a prompt (prompts/list):
+- Try a model (try_a_model): list_models shows what is here; load_model(path) then generate(prompt).
+- Fine-tune and follow (fine_tune_and_follow): validate_dataset(data, model) checks every line;
+  start_qlora_run(config) queues a run and returns its run_id at once; follow it with
+  run_status(run_id, wait_seconds=60, until="end"), which answers at the end, on an error or a stall, or after 60 s,
+  with loss, memory and ETA; cancel_run stops it (adapter saved), resume_run continues a stopped one, list_runs and
+  delete_run manage them; generate(run_id=...) uses a finished run's adapter; export_model fuses it and writes GGUF.
+- From a repository to a better coder (tune_on_repository): build_dataset(source, out, format="instruct") ->
+  start_qlora_run(config with data=out) -> evaluate(run_id), called again until it has ended: held-out perplexity and
+  function completion, base vs adapter, each change with a 95% interval.
+profile_memory shows the server's, the models' and every worker's memory. Resources runs://{run_id}/status, /memory
+and /metrics update live (subscribe to them); /plot is a PNG."""
 
 
 class LocalServer(MCPServer[AppState]):

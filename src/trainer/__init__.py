@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from .lifecycle.runner import JobRunner
     from .lifecycle.store import RunStore
     from .lifecycle.tracking import RunAspect
+    from .lifecycle.views import WaitFor
     from .planning.config import QLoRAConfig, describe_validation_error
     from .planning.dataset_report import DatasetReport, validate_dataset
     from .planning.memory_estimate import MemoryParts, MemoryPlan
@@ -86,6 +87,7 @@ _LAZY = {
     "JobError": (".lifecycle.jobs", "JobError"),
     "JobRunner": (".lifecycle.runner", "JobRunner"),
     "JobState": (".lifecycle.jobs", "JobState"),
+    "WaitFor": (".lifecycle.views", "WaitFor"),
     "MemoryParts": (".planning.memory_estimate", "MemoryParts"),
     "MemoryPlan": (".planning.memory_estimate", "MemoryPlan"),
     "MemorySample": (".lifecycle.events", "MemorySample"),
@@ -167,6 +169,7 @@ __all__ = [
     "JobError",
     "JobRunner",
     "JobState",
+    "WaitFor",
     "MemoryParts",
     "MemoryPlan",
     "MemorySample",

@@ -216,3 +216,12 @@ async def test_a_damaged_gguf_is_a_tool_error_and_the_server_lives_on(tmp_path: 
             assert "damaged.gguf" in result.content[0].text and "Traceback" not in result.content[0].text
         assert (await client.call_tool("list_runs", {})).structured_content["runs"] == []  # nothing half-written
         assert not (await client.call_tool("profile_memory", {})).is_error  # the server is still here
+
+
+async def test_the_instructions_name_every_tool_and_prompt(tmp_path: Path) -> None:
+    async with Client(fake_server(tmp_path / "home"), mode="legacy") as client:
+        tools = {t.name for t in (await client.list_tools()).tools}
+        prompts = {p.name for p in (await client.list_prompts()).prompts}
+        instructions = client.instructions or ""
+    assert len(tools) == 14 and len(prompts) == 3
+    assert not [name for name in tools | prompts if name not in instructions]

@@ -2,7 +2,8 @@
 
 FAKE_MODE picks the behaviour: succeed, fail, crash (SIGKILL itself), segfault, hang, hang_ignoring_term, noisy,
 slow (succeed, FAKE_STEP_S seconds per iteration), diverge, stepwise (as the MLX backend stops: at safe points
-between steps of FAKE_STEP_S seconds, then a save of FAKE_SAVE_S seconds).
+between steps of FAKE_STEP_S seconds, then a save of FAKE_SAVE_S seconds), paced (FAKE_STEP_S seconds per iteration,
+reports as a real run makes them: a train loss every steps_per_report, a validation loss every steps_per_eval).
 """
 
 from __future__ import annotations
@@ -50,10 +51,13 @@ class FakeBackend:
             emit(Progress(iteration=1, iters=config.iters))
             while True:
                 time.sleep(0.05)
-        step_s = float(os.environ.get("FAKE_STEP_S", "0.05")) if mode == "slow" else 0.0
+        step_s = float(os.environ.get("FAKE_STEP_S", "0.05")) if mode in ("slow", "paced") else 0.0
         for it in range(1, config.iters + 1):
             time.sleep(step_s)
             emit(Progress(iteration=it, iters=config.iters))
+            if mode == "paced":  # as a real run reports: a train loss every steps_per_report, a val loss per eval
+                _paced_reports(config, it, emit)
+                continue
             emit(
                 TrainReport(
                     iteration=it,
@@ -71,6 +75,18 @@ class FakeBackend:
         (adapters / "adapters.safetensors").write_bytes(b"fake")
         (adapters / "adapter_config.json").write_text("{}")  # as MLX-LM writes beside its weights
         return adapters
+
+
+def _paced_reports(config: QLoRAConfig, it: int, emit: Emit) -> None:
+    if it % config.steps_per_report == 0 or it == config.iters:
+        emit(
+            TrainReport(
+                iteration=it, train_loss=2.0 / (1 + it / 20), learning_rate=config.learning_rate,
+                iterations_per_second=1.4, tokens_per_second=700.0, trained_tokens=500 * it, peak_memory=0.5,
+            )
+        )  # fmt: skip
+    if it % config.steps_per_eval == 0 and it < config.iters:  # the last one comes after the loop
+        emit(ValReport(iteration=it, val_loss=2.2 / (1 + it / 20), val_time=0.2))
 
 
 def _stepwise(config: QLoRAConfig, run_dir: Path, emit: Emit) -> Path:

@@ -6,6 +6,7 @@ It answers from the registry (registry.py), which the scheduler keeps current, a
 from __future__ import annotations
 
 import time
+from typing import Literal
 
 import anyio
 
@@ -21,9 +22,23 @@ from .registry import RunRegistry, Tracked
 SETTLE_S = 2.0
 
 
-def _milestone(tracked: Tracked) -> tuple[object, ...]:
+#: what a follower can wait for: any milestone (state, phase, a report, an error), or only some of them; each wait
+#: also ends on an error, the run's end, or a stall (the worker silent past leases.STALE_S)
+WaitFor = Literal["change", "end", "phase", "validation"]
+#: how often a wait looks for a stall (the worker's lease is a file, not an event)
+STALL_CHECK_S = 5.0
+
+
+def _milestone(tracked: Tracked, until: WaitFor = "change") -> tuple[object, ...]:
     """What a follower wants to be woken for: not every iteration or memory sample."""
     job, history = tracked.job, tracked.history
+    common = (job.state.terminal, job.error is not None)
+    if until == "end":
+        return common
+    if until == "phase":
+        return (*common, job.state, job.phase)
+    if until == "validation":
+        return (*common, job.state, len(history.val_reports))
     return (job.state, job.phase, len(history.train_reports), len(history.val_reports), job.error is not None)
 
 
@@ -101,15 +116,19 @@ class RunViews:
             )
         return snap.config.model, snap.adapter_path
 
-    async def wait_for_change(self, run_id: str, timeout: float) -> RunSnapshot:
-        """Return when something worth a look happens (the state or phase changes, a train or validation report
-        arrives, an error), or after `timeout` seconds; changes within SETTLE_S of the first come in one answer."""
+    async def wait_for_change(self, run_id: str, timeout: float, until: WaitFor = "change") -> RunSnapshot:
+        """Return when something worth a look happens (by default: the state or phase changes, a train or
+        validation report arrives, an error; `until` narrows it), the worker stalls, or after `timeout` seconds;
+        changes within SETTLE_S of the first come in one answer."""
         tracked = self.registry.get(run_id)
-        before = _milestone(tracked)
+        before = _milestone(tracked, until)
         with anyio.move_on_after(timeout):
-            while _milestone(tracked) == before and not tracked.job.state.terminal:
-                await tracked.changed.wait()
-        if _milestone(tracked) != before and not tracked.job.state.terminal:
+            while _milestone(tracked, until) == before and not tracked.job.state.terminal:
+                with anyio.move_on_after(STALL_CHECK_S):
+                    await tracked.changed.wait()
+                if self.get(run_id).stalled_seconds is not None:
+                    break
+        if _milestone(tracked, until) != before and not tracked.job.state.terminal:
             with anyio.move_on_after(min(SETTLE_S, timeout)):  # a burst (loading, evaluating, a report) as one
                 while not tracked.job.state.terminal:
                     await tracked.changed.wait()
