@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anyio
 from pydantic import BaseModel
@@ -17,10 +17,10 @@ from .environment.preload import reexec_with_preloads
 from .errors import ConfigError, TrainerError
 from .lifecycle.jobs import JobState, RunSnapshot
 from .lifecycle.runner import JobRunner
-from .lifecycle.store import RunStore
+from .lifecycle.store import STORE_FILE, RunStore
 from .planning.config import QLoRAConfig
 from .planning.preflight import RunDefaults, prepare_run
-from .settings import default_home
+from .settings import HOME_ENV, default_home
 
 log = logging.getLogger("trainer")
 
@@ -77,12 +77,26 @@ def _read_config(path: Path) -> dict[str, Any]:
     return raw
 
 
+class _Subcommands:
+    """add_subparsers, each subcommand also taking the common options (--home)."""
+
+    def __init__(self, action: Any, common: argparse.ArgumentParser) -> None:
+        self.action, self.common = action, common
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return cast(argparse.ArgumentParser, self.action.add_parser(name, parents=[self.common], **kwargs))
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None:  # as a command: MLX work in this process (and its children) runs with the preloads
         reexec_with_preloads()
     parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__)
-    parser.add_argument("--home", type=Path, default=None, help="runs folder and database (default: %(default)s)")
-    sub = parser.add_subparsers(dest="command", required=True)
+    home_help = f"runs folder and database (default: {default_home()}, or ${HOME_ENV})"
+    parser.add_argument("--home", type=Path, default=None, help=home_help)
+    # --home is also taken after the subcommand (SUPPRESS: the subcommand's parser sets it only when given)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--home", type=Path, default=argparse.SUPPRESS, help=home_help)
+    sub = _Subcommands(parser.add_subparsers(dest="command", required=True), common)
     run = sub.add_parser("run", help="run one QLoRA config (JSON) to the end, with a progress bar")
     run.add_argument("config", type=Path)
     resume = sub.add_parser("resume", help="continue a failed or cancelled run from its newest checkpoint, to the end")
@@ -107,7 +121,13 @@ def main(argv: list[str] | None = None) -> int:
             return anyio.run(_run, _read_config(args.config), home)
         if args.command == "resume":
             return anyio.run(_resume, args.run_id, args.force, home)
-        if args.command == "status":
+        if args.command in ("status", "list") and not (home / STORE_FILE).is_file():  # a read creates nothing
+            if args.command == "status":
+                raise ConfigError(
+                    f"no run with id {args.run_id!r}: {home} holds no runs yet; pass --home with your runs' folder"
+                )
+            log.info("no runs yet in %s", home)
+        elif args.command == "status":
             snap = RunStore(home).get(args.run_id).snapshot()
             sys.stdout.write(snap.model_dump_json(indent=2) + "\n")
         elif args.command == "list":

@@ -75,7 +75,8 @@ async def test_evaluate_follows_a_background_evaluation_and_answers_a_finished_o
         assert result["evaluation"]["scores"][0]["humaneval_problems"] == []  # type: ignore[index]  # in the file
         folder = Path(result["folder"])  # type: ignore[index]
         assert folder.parent == tmp_path / "home" / "evaluations"
-        pid = (folder / "evaluation.pid").read_text()
+        assert not (folder / "evaluation.pid").exists()  # ended: no stale pid file left behind
+        written = (folder / "evaluation.json").stat().st_mtime_ns
         again = await client.call_tool("evaluate", {"model": str(tiny_model), "humaneval_limit": 1})
         assert again.structured_content["state"] == "succeeded"  # type: ignore[index]
-        assert (folder / "evaluation.pid").read_text() == pid  # the finished one, not a new one
+        assert (folder / "evaluation.json").stat().st_mtime_ns == written  # the finished one, not redone

@@ -208,11 +208,16 @@ def build_in_background() -> threading.Thread | None:
     return thread
 
 
+_said_building = threading.Event()
+
+
 def load() -> ModuleType | None:
     """The kernel module, or None (with one warning saying why) where it is turned off, cannot be built, or is
     being built in the background right now (then the next load may have it)."""
     if _building.is_set():
-        log.info("the CPU decode kernel is being built in the background: this load decodes with MLX's operations")
+        if not _said_building.is_set():  # once: every layer of every load asks
+            _said_building.set()
+            log.info("the CPU decode kernel is being built in the background: loads decode with MLX's operations")
         return None
     return _load_once()
 

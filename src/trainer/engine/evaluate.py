@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..results.evaluation import EVALUATION_FILE, Evaluation, EvaluationSpec, ModelScores, ProblemResult
+from ..results.evaluation_jobs import PID_FILE
 from ..results.held_out_scores import (
     FunctionCompletion,
     HeldOutLoss,
@@ -197,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         partial = target.with_suffix(".partial")
         partial.write_text(evaluation.model_dump_json(indent=2), encoding="utf-8")
         partial.replace(target)
+        (folder / PID_FILE).unlink(missing_ok=True)  # written by evaluation_jobs for a background one: it has ended
     return 0
 
 

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 SYNC_S = 0.5
 #: seconds the runner's own writes on the event loop wait for a lock another process holds (then retried later)
 LOOP_LOCK_WAIT_S = 0.2
+#: consecutive failed looks at a busy database before a warning (about 10 s at SYNC_S); the rest are debug lines
+RETRIES_BEFORE_WARNING = 20
 #: seconds progress updates are skipped after the database refused one
 QUIET_SAVE_BACKOFF_S = 2.0
 
@@ -67,12 +69,17 @@ class Scheduler:
     async def run(self) -> None:
         """Keep up with the store: start queued runs while this runner is the scheduler, follow every live run."""
         assert self._tg is not None
+        failures = 0
         while True:
             try:  # a locked or full database stops nothing: runs go on in their workers, and this retries
                 with self.store.lock_wait(LOOP_LOCK_WAIT_S):
                     self.schedule_once()
+                failures = 0
             except StoreUnavailable as exc:
-                log.warning("%s; retrying in %.1f s", exc, SYNC_S)
+                # a busy database is normal under load: a warning only once the retries add up to a real wait
+                failures += 1
+                level = logging.WARNING if failures == RETRIES_BEFORE_WARNING else logging.DEBUG
+                log.log(level, "%s; retrying every %.1f s (%d tries so far)", exc, SYNC_S, failures)
             with anyio.move_on_after(SYNC_S):
                 await self._wake.wait()
             self._wake = anyio.Event()

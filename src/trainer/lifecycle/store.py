@@ -62,6 +62,8 @@ _COLUMNS = (
 )
 
 
+#: the database file in a home folder
+STORE_FILE = "runs.sqlite3"
 #: seconds a write waits for another connection's lock before StoreUnavailable
 BUSY_S = 10.0
 
@@ -71,7 +73,7 @@ class RunStore:
         self.root = root
         self.runs_dir = root / "runs"
         self.runs_dir.mkdir(parents=True, exist_ok=True)
-        self.db_path = root / "runs.sqlite3"
+        self.db_path = root / STORE_FILE
         self._db = sqlite3.connect(self.db_path, timeout=BUSY_S, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")

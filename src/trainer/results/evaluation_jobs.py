@@ -69,6 +69,8 @@ def evaluation_state(folder: Path) -> EvaluationState | None:
     log = (folder / LOG_FILE).read_text(encoding="utf-8", errors="replace") if (folder / LOG_FILE).is_file() else ""
     done = sum(line.startswith("progress ") for line in log.splitlines())
     if done_file is not None:
+        if not _alive(folder):  # ended: its pid file (ours) would only mislead a later look
+            (folder / PID_FILE).unlink(missing_ok=True)
         return EvaluationState(state="succeeded", done=total, total=total, folder=str(folder), evaluation=done_file)
     if _alive(folder):
         return EvaluationState(state="running", done=done, total=total, folder=str(folder))
