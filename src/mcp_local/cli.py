@@ -19,7 +19,12 @@ from .state import MAX_CONCURRENT_ENV, MEMORY_BUDGET_ENV, SAMPLE_INTERVAL_ENV, T
 
 def main(argv: list[str] | None = None) -> None:
     defaults = ServerSettings.from_env()
-    parser = argparse.ArgumentParser(prog="mcp-local", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="mcp-local",
+        description=__doc__,
+        epilog="mcp-local config --host HOST [--root FOLDER ...] prints the snippet that adds this server to an MCP "
+        "host (claude-desktop, claude-code, vscode, cursor, ...): see `mcp-local config --help`.",
+    )
     parser.add_argument(
         "--home",
         type=Path,

@@ -85,7 +85,7 @@ async def _follow(client: Client, run_id: str, iters: int) -> dict[str, Any]:
                     status["phase"] or status["state"],
                     f"loss {m['last_train_loss']:.3f}" if m["last_train_loss"] is not None else "",
                     f"val {m['last_val_loss']:.3f}" if m["last_val_loss"] is not None else "",
-                    f"{m['tokens_per_second']:.0f} tok/s" if m["tokens_per_second"] else "",
+                    f"{m['average_tokens_per_second']:.0f} tok/s average" if m.get("average_tokens_per_second") else "",
                     f"worker RSS {memory['rss_gb']:.2f} GB, MLX peak {memory['mlx_peak_gb']:.2f} GB" if memory else "",
                 )
                 if part
@@ -207,7 +207,8 @@ async def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         m = status["metrics"]
         console.print(
             f"validation loss {m['first_val_loss']:.3f} -> {m['last_val_loss']:.3f}, "
-            f"{m['tokens_per_second']:.0f} tokens/s, peak {m['peak_memory_gb']:.2f} GB"
+            f"{m['average_tokens_per_second'] or 0:.0f} tokens/s on average "
+            f"({m['tokens_per_second'] or 0:.0f} in the last window), peak {m['peak_memory_gb']:.2f} GB"
         )
         console.rule("after training")
         tuned = await _generate_all(client, prompts, args.max_tokens, run_id)
@@ -223,7 +224,8 @@ async def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         "wall_seconds": round(time.monotonic() - started, 1),
         "first_val_loss": m["first_val_loss"],
         "last_val_loss": m["last_val_loss"],
-        "tokens_per_second": m["tokens_per_second"],
+        "tokens_per_second": m["average_tokens_per_second"],
+        "last_window_tokens_per_second": m["tokens_per_second"],
         "peak_memory_gb": m["peak_memory_gb"],
         "base_score": base_mean,
         "tuned_score": tuned_mean,

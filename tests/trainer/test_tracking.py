@@ -181,3 +181,19 @@ def test_a_refusal_suggests_fit_to_budget_only_when_a_setting_fits() -> None:
     assert "grad_checkpoint=true" in fits and "fit_to_budget=true" in fits
     never = refusal_message(CONFIG, parts, 2.0, predict_never, "cpu")
     assert "no smaller setting" in never and "fit_to_budget" not in never and "allow_over_budget=true" in never
+
+
+def test_the_average_speed_is_trained_tokens_over_the_training_time_not_the_last_window() -> None:
+    job, history = _job(), RunHistory()
+    first = TrainReport(
+        iteration=5, train_loss=2.0, learning_rate=1e-4, iterations_per_second=1.0, tokens_per_second=100.0,
+        trained_tokens=1000, peak_memory=0.3,
+    )  # fmt: skip
+    apply_event(job, history, first)  # 1000 tokens at 100/s: 10 s
+    apply_event(
+        job, history, first.model_copy(update={"iteration": 10, "tokens_per_second": 500.0, "trained_tokens": 2000})
+    )
+    m = job.metrics  # then 1000 more at 500/s: 2 s
+    assert m.tokens_per_second == 500.0 and m.train_seconds == pytest.approx(12.0)
+    assert m.average_tokens_per_second == pytest.approx(2000 / 12, abs=0.1)
+    assert "167 tok/s average (500 last window)" in job.snapshot().summary()

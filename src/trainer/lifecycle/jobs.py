@@ -93,7 +93,13 @@ class RunMetrics(BaseModel):
     last_val_loss: float | None = None
     learning_rate: float | None = None
     iterations_per_second: float | None = None
-    tokens_per_second: float | None = None
+    tokens_per_second: float | None = Field(
+        default=None, description="The last report's window (steps_per_report steps)."
+    )
+    average_tokens_per_second: float | None = Field(
+        default=None, description="Trained tokens over the training steps' time."
+    )
+    train_seconds: float = 0.0  # in training steps so far
     trained_tokens: int = 0
     peak_memory_gb: float | None = None
     #: a run of several processes: each rank's MLX peak, rank 0 first (the budget and prediction are per process)
@@ -138,7 +144,9 @@ class RunSnapshot(BaseModel):
             parts.append(f"train loss {m.last_train_loss:.3f}")
         if m.last_val_loss is not None:
             parts.append(f"val loss {m.first_val_loss:.3f} -> {m.last_val_loss:.3f}")
-        if m.tokens_per_second:
+        if m.average_tokens_per_second and m.tokens_per_second:
+            parts.append(f"{m.average_tokens_per_second:.0f} tok/s average ({m.tokens_per_second:.0f} last window)")
+        elif m.tokens_per_second:
             parts.append(f"{m.tokens_per_second:.0f} tok/s")
         if self.stalled_seconds is not None:
             parts.append(f"STALLED: the worker has been silent for {self.stalled_seconds:.0f}s (stopped or hung?)")

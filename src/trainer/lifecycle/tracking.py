@@ -79,6 +79,10 @@ def apply_event(job: Job, history: RunHistory, event: Event) -> frozenset[RunAsp
         metrics.learning_rate = event.learning_rate
         metrics.iterations_per_second = event.iterations_per_second
         metrics.tokens_per_second = event.tokens_per_second
+        window = event.trained_tokens - metrics.trained_tokens  # tokens since the last report, at its speed
+        if window > 0 and event.tokens_per_second > 0:
+            metrics.train_seconds += window / event.tokens_per_second
+            metrics.average_tokens_per_second = round(event.trained_tokens / metrics.train_seconds, 1)
         metrics.trained_tokens = event.trained_tokens
         metrics.peak_memory_gb = max(metrics.peak_memory_gb or 0.0, event.peak_memory)
         return _METRICS
