@@ -93,12 +93,10 @@ class RunMetrics(BaseModel):
     last_val_loss: float | None = None
     learning_rate: float | None = None
     iterations_per_second: float | None = None
-    tokens_per_second: float | None = Field(
-        default=None, description="The last report's window (steps_per_report steps)."
-    )
-    average_tokens_per_second: float | None = Field(
-        default=None, description="Trained tokens over the training steps' time."
-    )
+    #: the last report's window (steps_per_report steps)
+    tokens_per_second: float | None = None
+    #: trained tokens over the time of the training steps (not evaluations or saves)
+    average_tokens_per_second: float | None = None
     train_seconds: float = 0.0  # in training steps so far
     trained_tokens: int = 0
     peak_memory_gb: float | None = None
