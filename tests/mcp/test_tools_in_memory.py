@@ -77,7 +77,7 @@ async def test_a_run_followed_with_run_status_alone(tmp_path: Path, fake_model, 
 async def test_wait_seconds_is_capped_on_a_running_run(
     tmp_path: Path, fake_model, tiny_data, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A hung run never changes: the long-poll must end at the cap, not at the 600 s asked for."""
+    """A hung run never changes: the long-poll must end at the cap; more than the schema's 60 s is refused."""
     from mcp_local import run_tools
 
     monkeypatch.setattr(run_tools, "MAX_WAIT_S", 1.5)
@@ -89,11 +89,13 @@ async def test_wait_seconds_is_capped_on_a_running_run(
             while (await client.call_tool("run_status", {"run_id": run_id})).structured_content["iteration"] < 1:
                 await anyio.sleep(0.2)
         tic = time.monotonic()
-        waited = await client.call_tool("run_status", {"run_id": run_id, "wait_seconds": 600})
+        waited = await client.call_tool("run_status", {"run_id": run_id, "wait_seconds": 1.5})  # the cap, patched
         took = time.monotonic() - tic
+        refused = await client.call_tool("run_status", {"run_id": run_id, "wait_seconds": 600})
         await client.call_tool("cancel_run", {"run_id": run_id})
     assert not waited.is_error and waited.structured_content["state"] == "running"
     assert 1.0 < took < 20
+    assert refused.is_error and "wait_seconds" in refused.content[0].text and "1.5 (got 600)" in refused.content[0].text
 
 
 async def test_wait_seconds_answers_at_once_for_a_finished_run(tmp_path: Path, fake_model, tiny_data) -> None:
@@ -105,7 +107,7 @@ async def test_wait_seconds_answers_at_once_for_a_finished_run(tmp_path: Path, f
             while (await client.call_tool("run_status", {"run_id": run_id})).structured_content["state"] != "succeeded":
                 await client.call_tool("run_status", {"run_id": run_id, "wait_seconds": 1})
         with anyio.fail_after(5):
-            done = await client.call_tool("run_status", {"run_id": run_id, "wait_seconds": 600})
+            done = await client.call_tool("run_status", {"run_id": run_id, "wait_seconds": 60})
     assert not done.is_error
 
 
