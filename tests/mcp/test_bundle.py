@@ -32,10 +32,10 @@ def test_server_json_names_this_package_and_version() -> None:
     (package,) = entry["packages"]
     assert package["registryType"] == "pypi" and package["identifier"] == PROJECT["name"]
     assert package["version"] == PROJECT["version"] and package["transport"] == {"type": "stdio"}
-    # uvx's --from carries the backend extra that pyproject defines
+    # uvx's --with adds the Linux backend the `cpu` extra pins (not --from: installers append identifier==version,
+    # which uvx then takes for the command, tests/mcp/test_install.py runs what they build)
     (runtime,) = package["runtimeArguments"]
-    extra = re.fullmatch(r"mcp-local\[(\w+)\]", runtime["value"])
-    assert runtime["name"] == "--from" and extra and extra[1] in PROJECT["optional-dependencies"]
+    assert runtime["name"] == "--with" and runtime["value"] in PROJECT["optional-dependencies"]["cpu"]
     # the registry proves PyPI ownership by this marker in the package's long description (the README)
     assert f"<!-- mcp-name: {entry['name']} -->" in (REPO / "README.md").read_text(encoding="utf-8")
 

@@ -3,10 +3,12 @@ error naming the install command."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -57,8 +59,6 @@ async def test_the_wheel_installs_with_pip_and_with_uvx_and_serves(
         assert profile.structured_content["server"]["pid"] > 0  # type: ignore[index]
 
     # the same wheel as the snippet `mcp-local config --host claude-desktop --package ...` prints, run as a host does
-    import json
-
     home2 = str(tmp_path / "home2")
     snippet = _config(
         "--host", "claude-desktop", "--package", f"{wheel}[cpu]", "--home", home2, "--root", str(tiny_model.parent)
@@ -73,6 +73,35 @@ async def test_the_wheel_installs_with_pip_and_with_uvx_and_serves(
         assert not loaded.is_error, loaded.content
 
 
+def registry_command(entry: dict[str, Any], package_args: list[str]) -> list[str]:
+    """The command VS Code's and the MCP Registry's installers build from a server.json pypi package: its runtime,
+    the runtime arguments, `identifier==version`, then the package arguments."""
+    (package,) = entry["packages"]
+    command = [package["runtimeHint"]]
+    for argument in package.get("runtimeArguments", []):
+        command += [argument["name"], argument["value"]] if argument["type"] == "named" else [argument["value"]]
+    return [*command, f"{package['identifier']}=={package['version']}", *package_args]
+
+
+@pytest.mark.slow
+async def test_the_registry_entry_starts_the_server_from_a_package_index(tmp_path: Path, tiny_model: Path) -> None:
+    """server.json's command, as an installer builds it, against a local index standing in for PyPI (uv's
+    find-links: the wheel built here; its dependencies from the usual index)."""
+    wheels = tmp_path / "index"
+    subprocess.run(["uv", "build", "--wheel", "-q", "-o", str(wheels)], cwd=REPO, check=True, timeout=300)
+    entry = json.loads((REPO / "server.json").read_text(encoding="utf-8"))
+    command = registry_command(entry, ["--home", str(tmp_path / "home"), "--root", str(tiny_model.parent)])
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "VIRTUAL_ENV", "PYTHONPATH")}
+    env["UV_FIND_LINKS"] = str(wheels)
+    warm = subprocess.run([*command[: command.index("--home")], "--help"], env=env, capture_output=True, text=True)
+    assert warm.returncode == 0, warm.stderr[-2000:]  # uvx builds its environment once, outside the host's timeout
+    params = StdioServerParameters(command=command[0], args=command[1:], env=env, cwd=str(tmp_path))
+    async with Client(params, mode="legacy") as client:
+        assert {t.name for t in (await client.list_tools()).tools} == TOOLS
+        loaded = await client.call_tool("load_model", {"path": str(tiny_model)})
+        assert not loaded.is_error, loaded.content  # MLX's backend came with it
+
+
 def _config(*args: str) -> str:
     done = subprocess.run(
         [sys.executable, "-m", "mcp_local", "config", *args], capture_output=True, text=True, check=True, timeout=60
@@ -81,7 +110,6 @@ def _config(*args: str) -> str:
 
 
 def test_config_prints_each_hosts_snippet_with_absolute_paths(tmp_path: Path) -> None:
-    import json
     import shlex
 
     for host in ("claude-desktop", "cursor"):
@@ -101,8 +129,6 @@ def test_config_prints_each_hosts_snippet_with_absolute_paths(tmp_path: Path) ->
 
 async def test_the_printed_source_snippet_starts_the_server(tmp_path: Path) -> None:
     """What a host runs from the Claude Desktop snippet of a clone: `uv run --no-sync --directory REPO mcp-local`."""
-    import json
-
     entry = json.loads(_config("--host", "claude-desktop", "--source", str(REPO), "--home", str(tmp_path)))
     server = entry["mcpServers"]["mcp-local"]
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "VIRTUAL_ENV")}
