@@ -101,3 +101,18 @@ def main(argv: list[str] | None = None) -> None:
             "(repeatable) for the folders that hold your models, datasets and adapters\n"
         )
     sys.stdout.write(snippet(args.host, server) + "\n")
+
+
+def install_links(package: str = f"{SERVER_NAME}[cpu]") -> dict[str, str]:
+    """One-click install links for the README's badges (web links: GitHub renders no vscode:/cursor: links); the
+    host resolves `uvx` on its own PATH here, as there is no machine to resolve it on."""
+    import base64
+    from urllib.parse import quote
+
+    server = {"command": "uvx", "args": ["--from", package, SERVER_NAME]}
+    vscode = json.dumps({"type": "stdio", **server}, separators=(",", ":"))
+    cursor = base64.b64encode(json.dumps(server, separators=(",", ":")).encode()).decode()
+    return {
+        "vscode": f"https://vscode.dev/redirect/mcp/install?name={SERVER_NAME}&config={quote(vscode, safe='')}",
+        "cursor": f"https://cursor.com/en/install-mcp?name={SERVER_NAME}&config={quote(cursor, safe='')}",
+    }

@@ -76,3 +76,12 @@ async def test_the_bundle_packs_and_its_manifest_command_serves(tmp_path: Path, 
         loaded = await client.call_tool("load_model", {"path": str(tiny_model)})
         assert not loaded.is_error, loaded.content
     assert (home / "runs.sqlite3").is_file()
+
+
+def test_the_package_metadata_is_complete() -> None:
+    """What PyPI and the registries show: authors, keywords, classifiers (Python versions, OS), links."""
+    assert PROJECT["authors"] and len(PROJECT["keywords"]) >= 5
+    classifiers = set(PROJECT["classifiers"])
+    assert {"Programming Language :: Python :: 3.11", "Operating System :: MacOS", "Typing :: Typed"} <= classifiers
+    assert {"Homepage", "Repository", "Documentation", "Issues"} <= set(PROJECT["urls"])
+    assert (REPO / "src" / "mcp_local" / "py.typed").is_file() and (REPO / "src" / "trainer" / "py.typed").is_file()

@@ -46,3 +46,18 @@ def test_host_config_snippets_are_valid_json() -> None:
     assert len(blocks) == 3  # Claude Desktop, VS Code, Cursor
     for block in blocks:
         json.loads(block)
+
+
+def test_the_readme_install_badges_carry_the_hosts_config() -> None:
+    import base64
+    from urllib.parse import parse_qs, urlparse
+
+    from mcp_local.host_config import install_links
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    links = install_links()
+    assert links["vscode"] in readme and links["cursor"] in readme
+    vscode = json.loads(parse_qs(urlparse(links["vscode"]).query)["config"][0])
+    cursor = json.loads(base64.b64decode(parse_qs(urlparse(links["cursor"]).query)["config"][0]))
+    for server in (vscode, cursor):
+        assert server["command"] == "uvx" and server["args"] == ["--from", "mcp-local[cpu]", "mcp-local"]
