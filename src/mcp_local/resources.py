@@ -13,7 +13,7 @@ from mcp.server.mcpserver.resources import FunctionResource
 
 from trainer import DEFAULT_SAMPLE_INTERVAL_S, RunAspect, RunNotFound, evaluation_state
 
-from .schemas import MemoryPoint, RunMemoryResource, RunMetricsResource, RunStatus, run_uri
+from .schemas import MemoryPoint, RunMemoryResource, RunMetricsResource, RunStatus, SampledMemory, run_uri
 from .state import AppState
 
 JSON = "application/json"
@@ -90,18 +90,43 @@ def status_line(state: AppState, status: RunStatus) -> str:
     return f"{line}, loss {status.loss_trend}" if status.loss_trend else line
 
 
+#: the memory resource's latest samples at full rate, and at most this many older ones
+RECENT_SAMPLES = 120
+OLDER_SAMPLES = 120
+
+
 def read_aspect(state: AppState, run_id: str, aspect: RunAspect) -> str:
     try:
         if aspect is RunAspect.STATUS:
             return run_status(state, run_id, memory_samples=10, include_config=True).model_dump_json(indent=1)
         if aspect is RunAspect.MEMORY:
             interval = state.runner.get(run_id).config.memory_sample_interval or DEFAULT_SAMPLE_INTERVAL_S
-            samples = state.runner.memory_samples(run_id)
-            return RunMemoryResource(run_id=run_id, interval_s=interval, samples=samples).model_dump_json(indent=1)
+            return memory_resource(run_id, interval, state.runner.memory_samples(run_id)).model_dump_json()
         train, val = state.runner.reports(run_id)
         return RunMetricsResource(run_id=run_id, train=train, validation=val).model_dump_json(indent=1)
     except RunNotFound as exc:
         raise ResourceNotFoundError(str(exc)) from None
+
+
+def memory_resource(run_id: str, interval: float, samples: list[Any]) -> RunMemoryResource:
+    """Bounded however long the run: the latest RECENT_SAMPLES as taken, the older ones thinned to at most
+    OLDER_SAMPLES; times as seconds since the first sample."""
+    older, recent = samples[:-RECENT_SAMPLES], samples[-RECENT_SAMPLES:]
+    step = max(1, -(-len(older) // OLDER_SAMPLES))
+    kept = older[::step] + recent
+    start = samples[0].ts if samples else 0.0
+    points = [
+        SampledMemory(
+            t=round(s.ts - start, 2), rank=s.rank, rss_gb=round(s.rss_gb, 3), active_gb=round(s.active_gb, 3),
+            peak_gb=round(s.peak_gb, 3), cache_gb=round(s.cache_gb, 3),
+            system_available_gb=round(s.system_available_gb, 2),
+        )
+        for s in kept
+    ]  # fmt: skip
+    total = samples[-1].system_total_gb if samples else None
+    return RunMemoryResource(
+        run_id=run_id, interval_s=interval, system_total_gb=total, thinned=len(samples) - len(kept), samples=points
+    )
 
 
 def register_run_resources(mcp: MCPServer[Any], state: AppState, run_id: str) -> None:

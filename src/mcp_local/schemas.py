@@ -10,7 +10,6 @@ from pydantic import BaseModel, Field
 from trainer import (
     JobError,
     JobState,
-    MemorySample,
     ModelInfo,
     Phase,
     ProcessMemory,
@@ -124,10 +123,24 @@ class ModelList(BaseModel):
     hub_cache: list[StoredModel] = Field(description="Hub cache repos (offline by repo id).")
 
 
+class SampledMemory(BaseModel):
+    """One memory sample as the memory resource shows it (GB)."""
+
+    t: float = Field(description="Seconds since the run's first sample.")
+    rank: int = Field(description="Which process, in a run of several (0: the first).")
+    rss_gb: float
+    active_gb: float = Field(description="MLX's active memory.")
+    peak_gb: float = Field(description="MLX's peak so far.")
+    cache_gb: float = Field(description="MLX's buffer cache.")
+    system_available_gb: float
+
+
 class RunMemoryResource(BaseModel):
     run_id: str
     interval_s: float = Field(description="The configured seconds between samples.")
-    samples: list[MemorySample]
+    system_total_gb: float | None = None
+    thinned: int = Field(0, description="Older samples left out: the oldest are kept one in every few.")
+    samples: list[SampledMemory]
 
 
 class RunMetricsResource(BaseModel):

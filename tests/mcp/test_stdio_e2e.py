@@ -90,7 +90,8 @@ async def load_and_generate(client: Client, model: Path) -> str:
 def check_memory_resource(body: dict[str, Any]) -> None:
     samples = body["samples"]
     assert body["interval_s"] == SAMPLE_INTERVAL and len(samples) >= 5
-    gaps = sorted(b["ts"] - a["ts"] for a, b in zip(samples, samples[1:], strict=False))
+    assert samples[0]["t"] == 0 and not {"v", "seq", "ts", "type"} & set(samples[0])  # documented fields only
+    gaps = sorted(b["t"] - a["t"] for a, b in zip(samples, samples[1:], strict=False))
     assert gaps[len(gaps) // 2] == pytest.approx(SAMPLE_INTERVAL, abs=0.1)
 
 

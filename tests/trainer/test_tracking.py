@@ -197,3 +197,13 @@ def test_the_average_speed_is_trained_tokens_over_the_training_time_not_the_last
     assert m.tokens_per_second == 500.0 and m.train_seconds == pytest.approx(12.0)
     assert m.average_tokens_per_second == pytest.approx(2000 / 12, abs=0.1)
     assert "167 tok/s average (500 last window)" in job.snapshot().summary()
+
+
+def test_the_memory_panel_scales_to_the_run_and_notes_a_far_budget() -> None:
+    from trainer.lifecycle.plot import memory_scale
+
+    small = [_sample(1.5)]
+    top, shown = memory_scale(small, predicted_gb=1.6, budget_gb=16.0)
+    assert shown is False and 1.6 < top < 2.5  # a 1.5 GB run fills the panel; the 16 GB budget is a note
+    top, shown = memory_scale(small, predicted_gb=1.6, budget_gb=2.5)
+    assert shown is True and top >= 2.5  # a budget near the data is drawn, and fits

@@ -11,6 +11,21 @@ from collections.abc import Sequence
 
 from .events import MemorySample, TrainReport, ValReport
 
+#: headroom above the highest sample or prediction; a budget above twice that is noted instead of drawn
+HEADROOM = 1.2
+
+
+def memory_scale(
+    memory: Sequence[MemorySample], predicted_gb: float | None, budget_gb: float | None
+) -> tuple[float, bool]:
+    """The memory panel's top (GB), scaled to the samples and the prediction, and whether the budget line fits: a
+    1.5 GB run under a 16 GB budget would otherwise sit in the panel's bottom tenth."""
+    data = max([m.peak_gb for m in memory] + [m.active_gb for m in memory] + [predicted_gb or 0.0, 0.01])
+    top = data * HEADROOM
+    if budget_gb is not None and budget_gb <= 2 * top:
+        return max(top, budget_gb * 1.05), True
+    return top, False
+
 
 def _iteration_of(samples: Sequence[MemorySample], reports: Sequence[TrainReport]) -> list[float]:
     """Memory samples carry times, reports carry iterations: place each sample at the iteration of its time."""
@@ -62,8 +77,15 @@ def render_run_plot(
         memory_axes.plot(places, [m.active_gb for m in own], "-", alpha=0.6, label=f"MLX active{label}")
     if predicted_gb is not None:
         memory_axes.axhline(predicted_gb, color="tab:green", ls=":", label=f"predicted {predicted_gb:.2f} GB")
-    if budget_gb is not None:
+    top, budget_shown = memory_scale(memory, predicted_gb, budget_gb)
+    if budget_gb is not None and budget_shown:
         memory_axes.axhline(budget_gb, color="tab:red", ls="--", label=f"budget {budget_gb:.2f} GB")
+    elif budget_gb is not None:  # far above the data: a note, so the samples keep the panel's height
+        memory_axes.annotate(
+            f"budget {budget_gb:.2f} GB (above the scale) \u2191", xy=(0.99, 0.97), xycoords="axes fraction",
+            ha="right", va="top", fontsize=8, color="tab:red",
+        )  # fmt: skip
+    memory_axes.set_ylim(0, top)
     memory_axes.set_xlabel("iteration")
     memory_axes.set_ylabel("GB")
     memory_axes.legend(loc="lower right", fontsize=8)
