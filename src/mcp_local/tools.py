@@ -175,7 +175,23 @@ async def list_models(ctx: AppContext) -> Annotated[CallToolResult, ModelList]:
 
 
 Tool = Callable[..., Awaitable[CallToolResult]]
-#: no display titles: the names read well, and every byte of tools/list is in every conversation
+#: display titles, for hosts that list tools to people (short: every byte of tools/list is in every conversation)
+TITLES = {
+    "load_model": "Load a model",
+    "generate": "Generate text",
+    "profile_memory": "Profile memory",
+    "start_qlora_run": "Start a QLoRA run",
+    "run_status": "Follow a run",
+    "cancel_run": "Cancel a run",
+    "resume_run": "Resume a run",
+    "list_runs": "List runs",
+    "delete_run": "Delete a run",
+    "list_models": "List models",
+    "build_dataset": "Build a dataset from a repo",
+    "validate_dataset": "Validate a dataset",
+    "evaluate": "Evaluate base vs adapter",
+    "export_model": "Fuse and export to GGUF",
+}
 TOOLS: dict[str, tuple[Tool, ToolAnnotations]] = {
     "load_model": (load_model, local_hints(idempotent=True)),
     "generate": (generate, local_hints(read_only=True)),
@@ -201,4 +217,4 @@ def description(tool: Tool) -> str:
 
 def register_tools(mcp: MCPServer[Any]) -> None:
     for name, (tool, hints) in TOOLS.items():
-        mcp.tool(name=name, description=description(tool), annotations=hints)(tool)
+        mcp.tool(name=name, title=TITLES[name], description=description(tool), annotations=hints)(tool)

@@ -45,3 +45,6 @@ def test_demo_fine_tunes_smollm2_and_the_tuned_model_follows_the_house_style(tmp
     assert (Path(summary["adapter"]) / "adapters.safetensors").is_file()
     assert (Path(summary["run_dir"]) / "plot.png").read_bytes().startswith(b"\x89PNG")  # the run's picture beside it
     assert "base vs tuned" in result.stdout
+    # no terminal here (captured, as in a log or CI): a plain progress line per run_status answer, never cut
+    progress = [line for line in result.stdout.splitlines() if line.startswith("training ")]
+    assert len(progress) >= 2 and progress[-1].startswith("training 24/24"), result.stdout[-2000:]

@@ -61,3 +61,20 @@ def test_the_readme_install_badges_carry_the_hosts_config() -> None:
     cursor = json.loads(base64.b64decode(parse_qs(urlparse(links["cursor"]).query)["config"][0]))
     for server in (vscode, cursor):
         assert server["command"] == "uvx" and server["args"] == ["--from", "mcp-local[cpu]", "mcp-local"]
+
+
+SNAPSHOT = Path(__file__).parent / "tools_list.snapshot.json"
+
+
+async def test_tools_list_matches_its_snapshot(tmp_path: Path) -> None:
+    """Names, titles, descriptions, annotations and schemas as clients see them: a change to any of them is a change
+    to every assistant's context, made on purpose (UPDATE_SNAPSHOT=1 pytest tests/mcp/test_docs.py rewrites it)."""
+    import os
+
+    async with Client(fake_server(tmp_path), mode="legacy") as client:
+        tools = [t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in (await client.list_tools()).tools]
+    current = json.dumps(tools, indent=1, sort_keys=True) + "\n"
+    if os.environ.get("UPDATE_SNAPSHOT"):
+        SNAPSHOT.write_text(current, encoding="utf-8")
+    assert all(t.get("title") for t in tools)  # every tool has a display title
+    assert SNAPSHOT.read_text(encoding="utf-8") == current, "tools/list changed: UPDATE_SNAPSHOT=1 to accept it"
