@@ -196,6 +196,29 @@ async def test_a_stopped_worker_shows_as_stalled_not_running_with_an_eta(
         await runner.cancel(run.id)
 
 
+async def test_a_wait_for_the_end_returns_early_on_a_stall(
+    tmp_path: Path, fake_model, tiny_data, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """run_status(until="end") must not sit out its whole wait on a hung worker: a stall ends it, named."""
+    from trainer.lifecycle import leases, views
+
+    monkeypatch.setattr(leases, "STALE_S", 1.5)
+    monkeypatch.setattr(views, "STALL_CHECK_S", 0.5)
+    async with fake_runner(tmp_path, "hang") as runner:
+        run = await runner.submit(config(fake_model, tiny_data))
+        await _wait_running(runner, run.id)
+        pid = runner.live_workers()[run.id]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            start = time.monotonic()
+            await runner.wait_for_change(run.id, 30, until="end")
+            took = time.monotonic() - start
+            assert runner.get(run.id).stalled_seconds is not None and took < 15, took
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        await runner.cancel(run.id)
+
+
 async def test_caps_on_queued_runs_and_dataset_size_name_the_limit(tmp_path: Path, fake_model, tiny_data) -> None:
     from trainer import RunDefaults
 

@@ -124,9 +124,11 @@ class RunViews:
         before = _milestone(tracked, until)
         with anyio.move_on_after(timeout):
             while _milestone(tracked, until) == before and not tracked.job.state.terminal:
+                woke = False
                 with anyio.move_on_after(STALL_CHECK_S):
                     await tracked.changed.wait()
-                if self.get(run_id).stalled_seconds is not None:
+                    woke = True
+                if not woke and self.get(run_id).stalled_seconds is not None:  # quiet for a while: is it stuck?
                     break
         if _milestone(tracked, until) != before and not tracked.job.state.terminal:
             with anyio.move_on_after(min(SETTLE_S, timeout)):  # a burst (loading, evaluating, a report) as one
