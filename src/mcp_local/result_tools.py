@@ -96,8 +96,8 @@ async def validate_dataset_tool(
     ctx: AppContext,
     data: Annotated[str, Field(description="Folder of train/valid/test.jsonl.")],
     model: Annotated[str | None, Field(description="The run's model (its tokenizer and template).")] = None,
-    max_seq_length: Annotated[int, Field(ge=8)] = 2048,
-    mask_prompt: bool = False,
+    max_seq_length: Annotated[int, Field(ge=8, description="The run's; longer lines are cut.")] = 2048,
+    mask_prompt: Annotated[bool, Field(description="Count completion tokens only.")] = False,
 ) -> Annotated[CallToolResult, DatasetReport]:
     """Check every line before a run (JSON, format, roles, template, length): problems by line, token counts."""
     state = app_state(ctx)
@@ -114,10 +114,10 @@ async def validate_dataset_tool(
 async def evaluate_tool(
     ctx: AppContext,
     run_id: Annotated[str | None, Field(description="A run (its adapter).")] = None,
-    model: str | None = None,
-    adapter: str | None = None,
+    model: Annotated[str | None, Field(description="Or a model, instead of a run.")] = None,
+    adapter: Annotated[str | None, Field(description="With model: its adapter.")] = None,
     data: Annotated[str | None, Field(description="Its test.jsonl is held out; default: the run's.")] = None,
-    humaneval_limit: Annotated[int, Field(ge=0, le=164)] = 20,
+    humaneval_limit: Annotated[int, Field(ge=0, le=164, description="HumanEval problems.")] = 20,
     completion_limit: Annotated[int, Field(ge=0, le=2000, description="Held-out functions written.")] = 50,
     test_command: Annotated[str | None, Field(description="Repo tests, run per body.")] = None,
     checker: Annotated[str | None, Field(description="A .py file with score(prompt, reply).")] = None,

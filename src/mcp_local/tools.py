@@ -63,7 +63,7 @@ async def generate(
     max_tokens: Annotated[int, Field(ge=1, le=8192, description="Most tokens to generate.")] = 256,
     temperature: Annotated[float, Field(ge=0, le=2, description="0 is greedy.")] = 0.0,
     top_p: Annotated[float, Field(gt=0, le=1, description="Nucleus sampling.")] = 1.0,
-    seed: int | None = None,
+    seed: Annotated[int | None, Field(description="For sampling; repeats a reply.")] = None,
     adapter: Annotated[str | None, Field(description="An adapter folder.")] = None,
     run_id: Annotated[str | None, Field(description="A run's model and adapter.")] = None,
 ) -> Annotated[CallToolResult, Generation]:
@@ -113,12 +113,12 @@ async def profile_memory(
         Field(description="A start_qlora_run config to predict (nothing starts)."),
     ] = None,
     model: Annotated[str | None, Field(description="Or a model, with the settings below.")] = None,
-    batch_size: Annotated[int, Field(ge=1)] = 4,
+    batch_size: Annotated[int, Field(ge=1, description="Examples per step.")] = 4,
     seq_len: Annotated[int, Field(ge=8, description="Tokens per example.")] = 2048,
     num_layers: Annotated[int, Field(ge=-1, description="LoRA layers; -1 for all.")] = 16,
-    rank: Annotated[int, Field(ge=1)] = 16,
-    grad_checkpoint: bool = False,
-    chunked_loss: bool = False,
+    rank: Annotated[int, Field(ge=1, description="LoRA rank.")] = 16,
+    grad_checkpoint: Annotated[bool, Field(description="Recompute activations.")] = False,
+    chunked_loss: Annotated[bool, Field(description="Loss in chunks.")] = False,
 ) -> Annotated[CallToolResult, MemoryProfile]:
     """Memory of the server, models, workers, system; with a config or model, its predicted peak vs budget."""
     state = app_state(ctx)

@@ -18,10 +18,9 @@ from mcp_local.compact import compact_schema, shallow_schema
 from tests.conftest import tiny_run_config
 from tests.mcp.conftest import fake_server
 
-MAX_TOOL_LIST_BYTES = (
-    17_408  # 17,366 with titles, build_dataset, evaluate's held-out options (issue 28) and run_status's
-)
-# until (issue 29); issue 29 asks for 15,360 again, by wording: not done yet
+# 17,764 with titles, every parameter described, build_dataset, evaluate's held-out options (issue 28) and
+# run_status's until (issue 29); issue 29 asks for 15,360 again, by wording: not done yet
+MAX_TOOL_LIST_BYTES = 17_920
 MAX_FOLLOW_CALLS = 12
 MAX_FOLLOW_TEXT_BYTES = 15_000
 TRAIN_BLUE = (31, 119, 180)  # matplotlib's first two colours: the train and validation loss lines

@@ -77,4 +77,11 @@ async def test_tools_list_matches_its_snapshot(tmp_path: Path) -> None:
     if os.environ.get("UPDATE_SNAPSHOT"):
         SNAPSHOT.write_text(current, encoding="utf-8")
     assert all(t.get("title") for t in tools)  # every tool has a display title
+    undescribed = [
+        f"{t['name']}.{name}"
+        for t in tools
+        for name, schema in t["inputSchema"].get("properties", {}).items()
+        if not schema.get("description")
+    ]
+    assert not undescribed, undescribed  # every parameter says what it is
     assert SNAPSHOT.read_text(encoding="utf-8") == current, "tools/list changed: UPDATE_SNAPSHOT=1 to accept it"
