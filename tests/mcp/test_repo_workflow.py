@@ -79,6 +79,10 @@ async def test_a_repository_to_an_evaluated_adapter_in_three_calls(tmp_path: Pat
         assert splits["test"]["records"] >= 4 and splits["valid"]["records"] >= 4
 
         config = tiny_run_config(tiny_model, out, iters=20, max_seq_length=256)
+        checked = await client.call_tool("validate_dataset", {"data": str(out), "model": str(tiny_model)})
+        assert not checked.is_error and checked.structured_content["errors"] == 0  # type: ignore[index]
+        predicted = await client.call_tool("profile_memory", {"config": config})
+        assert not predicted.is_error and predicted.structured_content["prediction"]  # type: ignore[index]
         started = await client.call_tool("start_qlora_run", {"config": config})
         assert not started.is_error, started.content
         run_id = started.structured_content["run_id"]  # type: ignore[index]
