@@ -68,20 +68,12 @@ def main() -> None:
     records = [json.loads(line) for line in (args.data / f"{args.split}.jsonl").read_text().splitlines()]
     result: dict = {"records": len(records), "machine": platform.processor() or platform.machine(),
                     "preload": os.environ.get("LD_PRELOAD", "")}  # fmt: skip
-    if args.which in ("both", "held_out"):
-        tokens, seconds = held_out(args.model, records, args.max_seq_length)
-        result["held_out"] = {
-            "tokens": tokens,
-            "seconds": round(seconds, 2),
-            "tokens_per_s": round(tokens / seconds, 1),
-        }
-    if args.which in ("both", "training"):
-        tokens, seconds = training_forward(args.model, records, args.max_seq_length)
-        result["training_forward"] = {
-            "tokens": tokens,
-            "seconds": round(seconds, 2),
-            "tokens_per_s": round(tokens / seconds, 1),
-        }
+    measures = {"held_out": held_out, "training": training_forward}
+    for which, measure in measures.items():
+        if args.which in ("both", which):
+            tokens, seconds = measure(args.model, records, args.max_seq_length)
+            name = "held_out" if which == "held_out" else "training_forward"
+            result[name] = {"tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1)}
     print(json.dumps(result))
 
 

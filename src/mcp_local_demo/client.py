@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mcp_local_demo", description=__doc__)
     parser.add_argument("--model", default=None, help="repo id, model folder or .gguf (default: bundled SmolLM2)")
     parser.add_argument("--data", type=Path, default=None, help="dataset folder (default: bundled house style)")
-    parser.add_argument("--iters", type=int, default=40)
+    parser.add_argument("--iters", type=int, default=None, help="training steps (default: 40; 30 with --repo)")
     parser.add_argument("--eval-prompts", type=int, default=6, help="held-out prompts scored before and after")
     parser.add_argument("--max-tokens", type=int, default=100)
     parser.add_argument("--humaneval", type=int, default=5, help="HumanEval problems scored before and after (0: none)")
@@ -251,34 +252,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the summary as JSON here")
     parser.add_argument("--repo", action="store_true", help="the second scenario: tune on toolz's code from PyPI")
     args = parser.parse_args(argv)
+    args.model = args.model or str(smollm2_gguf())
     if args.repo:
-        return _repo_main(args)
-    args.model = args.model or str(smollm2_gguf())
+        from .repo_demo import prepare, run_repo_demo
+
+        args.iters = args.iters or 30
+        summary = _run(args, run_repo_demo, prepare)
+        return 0 if summary is not None else 1
+    args.iters = args.iters or 40
     args.data = (args.data or house_style_data()).resolve()
+    summary = _run(args, run_demo)
+    return 0 if summary is not None and summary["tuned_score"] > summary["base_score"] else 1
+
+
+def _run(
+    args: argparse.Namespace,
+    scenario: Callable[[argparse.Namespace], Awaitable[dict[str, Any]]],
+    prepare: Callable[[argparse.Namespace], None] | None = None,
+) -> dict[str, Any] | None:
+    """One scenario: its summary (also written to --json), or None after saying why it failed."""
     try:
-        summary = anyio.run(run_demo, args)
+        if prepare is not None:
+            prepare(args)
+        summary = anyio.run(scenario, args)
     except DemoError as exc:
         console.print(f"[red]demo failed: {exc}")
-        return 1
+        return None
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    return 0 if summary["tuned_score"] > summary["base_score"] else 1
-
-
-def _repo_main(args: argparse.Namespace) -> int:
-    from .repo_demo import prepare, run_repo_demo
-
-    args.model = args.model or str(smollm2_gguf())
-    args.iters = args.iters if args.iters != 40 else 30
-    try:
-        prepare(args)
-        summary = anyio.run(run_repo_demo, args)
-    except DemoError as exc:
-        console.print(f"[red]demo failed: {exc}")
-        return 1
-    if args.json:
-        args.json.write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    return 0
+    return summary
 
 
 if __name__ == "__main__":
