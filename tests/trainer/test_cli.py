@@ -28,3 +28,14 @@ def test_help_shows_the_real_default_home() -> None:
     done = cli("--help")
     assert str(default_home()) in done.stdout.replace("\n", "").replace(" ", "")  # argparse wraps long lines
     assert "default: None" not in done.stdout
+
+
+def test_no_pytorch_notice_when_the_tokenizer_loads(tmp_path: Path) -> None:
+    """transformers says "PyTorch was not found" on import; nothing here needs PyTorch, so the CLI says nothing."""
+    assert cli("make-tiny", str(tmp_path / "tiny")).returncode == 0
+    source = tmp_path / "repo"
+    source.mkdir()
+    (source / "a.py").write_text('def f(x):\n    """Twice x."""\n    return 2 * x\n')
+    done = cli("build-dataset", str(source), str(tmp_path / "out"), "--model", str(tmp_path / "tiny" / "model"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "PyTorch was not found" not in done.stderr

@@ -190,3 +190,20 @@ def test_the_kernels_are_used_only_where_they_measured_faster_than_mlx(
         assert "measured slower than MLX's own operations" in caplog.text and "5.0 against 10.0" in caplog.text
     finally:
         decode_kernel._load_once.cache_clear()
+
+
+def test_a_kernel_being_built_is_said_once_however_many_loads_ask(caplog: pytest.LogCaptureFixture) -> None:
+    from trainer.engine import decode_kernel
+
+    was_building, was_said = decode_kernel._building.is_set(), decode_kernel._said_building.is_set()
+    decode_kernel._building.set()
+    decode_kernel._said_building.clear()
+    try:
+        with caplog.at_level(logging.INFO, logger=decode_kernel.__name__):
+            assert [decode_kernel.load() for _ in range(5)] == [None] * 5
+    finally:
+        if not was_building:
+            decode_kernel._building.clear()
+        if was_said:
+            decode_kernel._said_building.set()
+    assert sum("being built" in r.getMessage() for r in caplog.records) == 1
