@@ -303,3 +303,26 @@ async def test_100_start_cancel_cycles_leave_no_process(tmp_path: Path, fake_mod
     run_dirs = {snap.run_dir for snap in cancelled}
     left = [p.pid for p in psutil.process_iter(["cmdline"]) if set(p.info["cmdline"] or []) & run_dirs]
     assert left == []
+
+
+async def test_a_busy_database_is_a_debug_line_until_the_retries_add_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Under load the database is often busy for a moment: that reads like a fault only once retries add up."""
+    import logging
+
+    from trainer.errors import StoreUnavailable
+    from trainer.lifecycle import scheduler
+
+    def busy(self: object) -> None:
+        raise StoreUnavailable("the run database is locked by another process")
+
+    monkeypatch.setattr(scheduler, "SYNC_S", 0.01)
+    monkeypatch.setattr(scheduler, "RETRIES_BEFORE_WARNING", 5)
+    with caplog.at_level(logging.DEBUG, logger=scheduler.__name__):
+        async with fake_runner(tmp_path, "succeed"):
+            monkeypatch.setattr(scheduler.Scheduler, "schedule_once", busy)
+            await anyio.sleep(0.5)
+    lines = [r for r in caplog.records if "locked by another process" in r.getMessage()]
+    assert len(lines) > 5 and [r.levelno for r in lines].count(logging.WARNING) == 1
+    assert all(r.levelno == logging.DEBUG for r in lines[:4])
