@@ -18,8 +18,8 @@ from mcp_local.compact import compact_schema, shallow_schema
 from tests.conftest import tiny_run_config
 from tests.mcp.conftest import fake_server
 
-# 17,764 (2025 era) and 17,850 (2026 era) with titles, every parameter described, build_dataset, evaluate's held-out options (issue 28) and
-# run_status's until (issue 29); issue 29 asks for 15,360 again, by wording: not done yet
+# 17,764 bytes (2025 era) and 17,850 (2026 era) with titles, every parameter described, build_dataset, evaluate's
+# held-out options (issue 28) and run_status's until (issue 29); issue 29 asks for 15,360, by wording: not done yet
 MAX_TOOL_LIST_BYTES = 17_920
 MAX_FOLLOW_CALLS = 12
 MAX_FOLLOW_TEXT_BYTES = 15_000
