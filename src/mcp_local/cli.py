@@ -16,15 +16,16 @@ from trainer import HOME_ENV, use_mlx_env
 from .server import build_server, serve_stdio
 from .state import MAX_CONCURRENT_ENV, MEMORY_BUDGET_ENV, SAMPLE_INTERVAL_ENV, TOKEN_ENV, ServerSettings
 
+#: `config` is handled before this parser (__main__.py): --help says so
+CONFIG_EPILOG = (
+    "mcp-local config --host HOST [--root FOLDER ...] prints the snippet that adds this server to an MCP host "
+    "(claude-desktop, claude-code, vscode, cursor, ...): see `mcp-local config --help`."
+)
+
 
 def main(argv: list[str] | None = None) -> None:
     defaults = ServerSettings.from_env()
-    parser = argparse.ArgumentParser(
-        prog="mcp-local",
-        description=__doc__,
-        epilog="mcp-local config --host HOST [--root FOLDER ...] prints the snippet that adds this server to an MCP "
-        "host (claude-desktop, claude-code, vscode, cursor, ...): see `mcp-local config --help`.",
-    )
+    parser = argparse.ArgumentParser(prog="mcp-local", description=__doc__, epilog=CONFIG_EPILOG)
     parser.add_argument(
         "--home",
         type=Path,

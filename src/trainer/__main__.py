@@ -77,6 +77,22 @@ def _read_config(path: Path) -> dict[str, Any]:
     return raw
 
 
+def _read(args: argparse.Namespace, home: Path) -> None:
+    """`status` and `list`: they only read, so a home with no runs yet is said, not created."""
+    if not (home / STORE_FILE).is_file():
+        if args.command == "status":
+            raise ConfigError(
+                f"no run with id {args.run_id!r}: {home} holds no runs yet; pass --home with your runs' folder"
+            )
+        log.info("no runs yet in %s", home)
+    elif args.command == "status":
+        sys.stdout.write(RunStore(home).get(args.run_id).snapshot().model_dump_json(indent=2) + "\n")
+    else:
+        state = JobState(args.state) if args.state else None
+        for job in RunStore(home).list_runs(state, args.limit):
+            sys.stdout.write(_describe(job.snapshot()) + "\n")
+
+
 class _Subcommands:
     """add_subparsers, each subcommand also taking the common options (--home)."""
 
@@ -121,19 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             return anyio.run(_run, _read_config(args.config), home)
         if args.command == "resume":
             return anyio.run(_resume, args.run_id, args.force, home)
-        if args.command in ("status", "list") and not (home / STORE_FILE).is_file():  # a read creates nothing
-            if args.command == "status":
-                raise ConfigError(
-                    f"no run with id {args.run_id!r}: {home} holds no runs yet; pass --home with your runs' folder"
-                )
-            log.info("no runs yet in %s", home)
-        elif args.command == "status":
-            snap = RunStore(home).get(args.run_id).snapshot()
-            sys.stdout.write(snap.model_dump_json(indent=2) + "\n")
-        elif args.command == "list":
-            state = JobState(args.state) if args.state else None
-            for job in RunStore(home).list_runs(state, args.limit):
-                sys.stdout.write(_describe(job.snapshot()) + "\n")
+        if args.command in ("status", "list"):
+            _read(args, home)
         elif args.command == "import-gguf":
             from .engine.gguf import import_gguf
 

@@ -41,6 +41,12 @@ RETRIES_BEFORE_WARNING = 20
 QUIET_SAVE_BACKOFF_S = 2.0
 
 
+def _log_busy(exc: StoreUnavailable, failures: int) -> None:
+    """A busy database is normal under load: a warning only once the retries add up to a real wait."""
+    level = logging.WARNING if failures == RETRIES_BEFORE_WARNING else logging.DEBUG
+    log.log(level, "%s; retrying every %.1f s (%d tries so far)", exc, SYNC_S, failures)
+
+
 class Scheduler:
     """Started with `start(task_group)`; `wake()` after queueing a run."""
 
@@ -76,10 +82,8 @@ class Scheduler:
                     self.schedule_once()
                 failures = 0
             except StoreUnavailable as exc:
-                # a busy database is normal under load: a warning only once the retries add up to a real wait
                 failures += 1
-                level = logging.WARNING if failures == RETRIES_BEFORE_WARNING else logging.DEBUG
-                log.log(level, "%s; retrying every %.1f s (%d tries so far)", exc, SYNC_S, failures)
+                _log_busy(exc, failures)
             with anyio.move_on_after(SYNC_S):
                 await self._wake.wait()
             self._wake = anyio.Event()
