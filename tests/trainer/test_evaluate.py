@@ -183,3 +183,30 @@ def test_held_out_losses_batched_and_padded_equal_one_record_at_a_time(tiny_mode
         sum(u.tokens for u in units) == sum(t for _, t in together)
         and units[0].tokens == together[0][1] + together[3][1]
     )
+
+
+def test_a_pid_file_is_removed_only_by_its_record(tmp_path: Path) -> None:
+    """evaluation.pid goes when the evaluation it names has ended, or by that evaluation itself; a file that is not
+    our record, or that names a live process other than the caller, stays."""
+    import os
+
+    from trainer.lifecycle.leases import process_started
+    from trainer.results.evaluation_jobs import PID_FILE, forget_ended
+
+    pid_file = tmp_path / PID_FILE
+    pid_file.write_text("my own notes, not a record\n")
+    forget_ended(tmp_path)
+    forget_ended(tmp_path, os.getpid())
+    assert pid_file.read_text() == "my own notes, not a record\n"
+
+    pid_file.write_text(f"{os.getpid()} {process_started(os.getpid())}")  # a live evaluation: this process
+    forget_ended(tmp_path)  # a later look while it runs
+    forget_ended(tmp_path, os.getpid() + 1)  # another evaluation, ending
+    assert pid_file.exists()
+    forget_ended(tmp_path, os.getpid())  # the one it names, as it ends
+    assert not pid_file.exists()
+
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid_file.write_text(f"{done.stdout.strip()} 1.0")  # its process has exited
+    forget_ended(tmp_path)
+    assert not pid_file.exists()

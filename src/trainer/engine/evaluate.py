@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import os
 import re
 import sys
 import time
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..results.evaluation import EVALUATION_FILE, Evaluation, EvaluationSpec, ModelScores, ProblemResult
-from ..results.evaluation_jobs import PID_FILE
+from ..results.evaluation_jobs import forget_ended
 from ..results.held_out_scores import (
     FunctionCompletion,
     HeldOutLoss,
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         partial = target.with_suffix(".partial")
         partial.write_text(evaluation.model_dump_json(indent=2), encoding="utf-8")
         partial.replace(target)
-        (folder / PID_FILE).unlink(missing_ok=True)  # written by evaluation_jobs for a background one: it has ended
+        forget_ended(folder, os.getpid())  # a background one's pid file names this process: it has ended
     return 0
 
 

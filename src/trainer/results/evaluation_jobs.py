@@ -49,12 +49,28 @@ def _spec(folder: Path) -> EvaluationSpec | None:
     return EvaluationSpec.model_validate_json(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
+def _pid_record(folder: Path) -> tuple[int, float] | None:
+    """The background evaluation `start_evaluation` recorded in `folder` (pid, start time), or None: no file, or not
+    one we wrote."""
+    try:
+        pid, started = (folder / PID_FILE).read_text(encoding="utf-8").split()
+        return int(pid), float(started)
+    except (OSError, ValueError):
+        return None
+
+
 def _alive(folder: Path) -> bool:
-    path = folder / PID_FILE
-    if not path.is_file():
-        return False
-    pid, started = path.read_text(encoding="utf-8").split()
-    return same_process_alive(int(pid), float(started))
+    record = _pid_record(folder)
+    return record is not None and same_process_alive(*record)
+
+
+def forget_ended(folder: Path, pid: int | None = None) -> None:
+    """Remove `folder`'s pid file, by its record only: the one naming `pid` (the evaluation itself, as it ends), or,
+    without `pid`, one whose process is gone. Anything else there is left as it is."""
+    record = _pid_record(folder)
+    if record is None or (pid is not None and record[0] != pid) or (pid is None and same_process_alive(*record)):
+        return
+    (folder / PID_FILE).unlink(missing_ok=True)
 
 
 def evaluation_state(folder: Path) -> EvaluationState | None:
@@ -69,8 +85,7 @@ def evaluation_state(folder: Path) -> EvaluationState | None:
     log = (folder / LOG_FILE).read_text(encoding="utf-8", errors="replace") if (folder / LOG_FILE).is_file() else ""
     done = sum(line.startswith("progress ") for line in log.splitlines())
     if done_file is not None:
-        if not _alive(folder):  # ended: its pid file (ours) would only mislead a later look
-            (folder / PID_FILE).unlink(missing_ok=True)
+        forget_ended(folder)  # ended: its pid file would only mislead a later look
         return EvaluationState(state="succeeded", done=total, total=total, folder=str(folder), evaluation=done_file)
     if _alive(folder):
         return EvaluationState(state="running", done=done, total=total, folder=str(folder))
