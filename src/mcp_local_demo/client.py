@@ -39,7 +39,7 @@ class DemoError(Exception):
     pass
 
 
-def _structured(result: Any, what: str) -> dict[str, Any]:
+def structured(result: Any, what: str) -> dict[str, Any]:
     if result.is_error:
         raise DemoError(f"{what} failed: {result.content[0].text}")
     return dict(result.structured_content)
@@ -55,11 +55,11 @@ async def _generate_all(client: Client, prompts: list[Any], max_tokens: int, run
         args: dict[str, Any] = {"prompt": item.prompt, "max_tokens": max_tokens}
         if run_id:
             args["run_id"] = run_id
-        replies.append(str(_structured(await client.call_tool("generate", args), "generate")["text"]))
+        replies.append(str(structured(await client.call_tool("generate", args), "generate")["text"]))
     return replies
 
 
-async def _follow(client: Client, run_id: str, iters: int) -> dict[str, Any]:
+async def follow_run(client: Client, run_id: str, iters: int) -> dict[str, Any]:
     columns = (
         TextColumn("[bold]training[/]"),
         BarColumn(),
@@ -77,7 +77,7 @@ async def _follow(client: Client, run_id: str, iters: int) -> dict[str, Any]:
             result = await client.call_tool(
                 "run_status", {"run_id": run_id, "wait_seconds": 15, "memory_samples": 1}, progress_callback=on_progress
             )
-            status = _structured(result, "run_status")
+            status = structured(result, "run_status")
             m = status["metrics"]
             memory = status["recent_memory"][-1] if status["recent_memory"] else None
             info = " ".join(
@@ -105,7 +105,7 @@ async def _humaneval_before_after(client: Client, run_id: str, problems: int) ->
         return passed
     console.rule(f"HumanEval pass@1, first {problems} problems (base, then tuned)")
     while True:  # evaluate answers within 50 s; a slower machine calls again to follow it
-        state = _structured(
+        state = structured(
             await client.call_tool("evaluate", {"run_id": run_id, "humaneval_limit": problems}), "evaluate"
         )
         console.print(f"  {state['done']} of {state['total']} done")
@@ -177,7 +177,7 @@ async def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             f"(protocol {client.protocol_version})"
         )
         loaded = await client.call_tool("load_model", {"path": args.model})
-        _structured(loaded, "load_model")
+        structured(loaded, "load_model")
         console.print(_summary(loaded))
 
         console.rule("before training")
@@ -199,10 +199,10 @@ async def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             "save_every": args.iters,
         }
         console.rule("QLoRA fine-tuning (rank 16, alpha 32, 4-bit base)")
-        started_run = _structured(await client.call_tool("start_qlora_run", {"config": config}), "start_qlora_run")
+        started_run = structured(await client.call_tool("start_qlora_run", {"config": config}), "start_qlora_run")
         run_id = started_run["run_id"]
         console.print(f"run {run_id} queued; folder {started_run['run_dir']}")
-        status = await _follow(client, run_id, args.iters)
+        status = await follow_run(client, run_id, args.iters)
         if status["state"] != "succeeded":
             raise DemoError(f"run {run_id} ended {status['state']}: {status['error']}")
         m = status["metrics"]

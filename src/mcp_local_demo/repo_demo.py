@@ -22,7 +22,7 @@ from rich.table import Table
 
 from mcp import Client, StdioServerParameters
 
-from .client import DemoError, _follow, _structured, console
+from .client import DemoError, console, follow_run, structured
 
 SDIST = "toolz"
 VERSION = "1.2.0"
@@ -105,18 +105,18 @@ async def run_repo_demo(args: argparse.Namespace) -> dict[str, Any]:
         built = await client.call_tool(
             "build_dataset", {"source": str(source), "out": str(out), "format": "instruct", "model": args.model}
         )
-        report = _structured(built, "build_dataset")
+        report = structured(built, "build_dataset")
         console.print(built.content[0].text.split("\n", 1)[0])  # type: ignore[union-attr]
-        run = _structured(
+        run = structured(
             await client.call_tool("start_qlora_run", {"config": _config(args.model, out, args.iters)}),
             "start_qlora_run",
         )
-        status = await _follow(client, run["run_id"], args.iters)
+        status = await follow_run(client, run["run_id"], args.iters)
         if status["state"] != "succeeded":
             raise DemoError(f"run {run['run_id']} ended {status['state']}: {status['error']}")
         console.rule("evaluating base and tuned on the held-out files")
         while True:  # evaluate answers within its wait; call again to follow
-            state = _structured(await client.call_tool("evaluate", {"run_id": run["run_id"], "humaneval_limit": 0}),
+            state = structured(await client.call_tool("evaluate", {"run_id": run["run_id"], "humaneval_limit": 0}),
                                 "evaluate")  # fmt: skip
             console.print(f"  {state['done']} of {state['total']} done")
             if state["state"] != "running":

@@ -12,13 +12,13 @@ import contextlib
 import importlib.util
 import json
 import os
-import re
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..results.code_match import closed_code_block, code_blocks
 from ..results.evaluation import EVALUATION_FILE, Evaluation, EvaluationSpec, ModelScores, ProblemResult
 from ..results.evaluation_jobs import forget_ended
 from ..results.held_out_scores import (
@@ -26,7 +26,6 @@ from ..results.held_out_scores import (
     HeldOutLoss,
     completion_changes,
     held_out_changes,
-    perplexity,
 )
 from ..results.intervals import Change
 from ..results.repo_tests import RepoTests
@@ -35,22 +34,17 @@ from .held_out import complete_functions, losses_by_unit, record_losses
 from .inference import ModelSession
 
 ASK = "Complete this Python function. Reply with the whole function in one ```python code block.\n\n```python\n{}```"
-_CODE_BLOCK = re.compile(r"```(?:python|py)?\s*\n(.*?)```", re.S)
 
 
 def extract_program(prompt: str, reply: str, entry_point: str) -> str:
     """The code to test: the reply's code block (or the reply), completing `prompt` when it defines no function of
     its own; the prompt's imports always come first."""
-    blocks = _CODE_BLOCK.findall(reply)
+    blocks = code_blocks(reply)
     code = next((b for b in blocks if f"def {entry_point}" in b), blocks[0] if blocks else reply)
     if f"def {entry_point}" in code:
         imports = "".join(line + "\n" for line in prompt.splitlines() if line.startswith(("import ", "from ")))
         return imports + code
     return prompt + code
-
-
-def _closed_code_block(text: str) -> bool:
-    return text.count("```") >= 2
 
 
 def _generate(session: ModelSession, question: str, max_tokens: int, stop_when: Callable[[str], bool] | None) -> str:
@@ -65,7 +59,7 @@ def _humaneval(session: ModelSession, spec: EvaluationSpec, report: Callable[[st
     problems = list(read_problems().values())[: spec.humaneval_limit]
     results = []
     for problem in problems:
-        reply = _generate(session, ASK.format(problem["prompt"]), spec.max_tokens, _closed_code_block)
+        reply = _generate(session, ASK.format(problem["prompt"]), spec.max_tokens, closed_code_block)
         program = extract_program(problem["prompt"], reply, problem["entry_point"])
         program += f"\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
         ran = run_sandboxed(program, timeout_s=spec.timeout_s)
@@ -142,7 +136,7 @@ def score_model(
         humaneval_passed=passed,
         humaneval_problems=problems,
         test_loss=held_out.loss.value if held_out else None,
-        test_perplexity=perplexity(held_out.loss.value) if held_out else None,
+        test_perplexity=held_out.perplexity.value if held_out else None,
         test_examples=held_out.records if held_out else 0,
         checker_score=_checker(session, spec),
         held_out=held_out,

@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..results.code_match import body_of, exact_match, reply_code, similarity
+from ..results.code_match import body_of, closed_code_block, exact_match, reply_code, similarity
 from ..results.held_out_scores import GENERATED_CHARS, FunctionResult, UnitLoss
 from ..results.repo_tests import RepoTests
 from .inference import ModelSession
@@ -92,10 +92,6 @@ def losses_by_unit(records: list[dict[str, Any]], losses: list[tuple[float, int]
     return [UnitLoss(name=name, nll=nll, tokens=int(count)) for name, (nll, count) in units.items() if count > 0]
 
 
-def _closed_code_block(text: str) -> bool:
-    return text.count("```") >= 2
-
-
 def complete_functions(
     session: ModelSession,
     records: list[dict[str, Any]],
@@ -111,7 +107,7 @@ def complete_functions(
         question = next(m["content"] for m in record["messages"] if m["role"] == "user")
         reference = reply_code(next(m["content"] for m in record["messages"] if m["role"] == "assistant"))
         chat = [{"role": "user", "content": question}]
-        reply = session.generate(messages=chat, max_tokens=max_tokens, stop_when=_closed_code_block).text
+        reply = session.generate(messages=chat, max_tokens=max_tokens, stop_when=closed_code_block).text
         body = body_of(reply_code(reply), record.get("function"))
         outcome = None
         if tests is not None and record.get("file") and record.get("body_lines"):

@@ -16,18 +16,16 @@ from .mlx_env import mlx_env
 from .preload import OPENBLAS_CORE_ENV, preload_env
 
 
-def worker_environment(overrides: Mapping[str, str], home: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(overrides)
-    env["PYTHONUNBUFFERED"] = "1"
-    return preload_env(mlx_env(env, home))
-
-
-def mlx_child_environment(home: Path | None = None) -> dict[str, str]:
-    """For a one-off MLX child (evaluation, fuse, export, GGUF import): this process's environment plus the preloads
-    and, given our home, MLX's cache settings."""
-    env = dict(os.environ)
+def mlx_child_environment(home: Path | None = None, overrides: Mapping[str, str] | None = None) -> dict[str, str]:
+    """For an MLX child (evaluation, fuse, export, GGUF import; a worker through worker_environment): this process's
+    environment and `overrides`, plus the preloads and, given our home, MLX's cache settings."""
+    env = {**os.environ, **(overrides or {})}
     return preload_env(mlx_env(env, home) if home is not None else env)
+
+
+def worker_environment(overrides: Mapping[str, str], home: Path) -> dict[str, str]:
+    """A training worker's: unbuffered, since its stderr is the run's log as it happens."""
+    return mlx_child_environment(home, {**overrides, "PYTHONUNBUFFERED": "1"})
 
 
 def main() -> int:

@@ -15,14 +15,24 @@ import re
 import textwrap
 import tokenize
 
-_CODE_BLOCK = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)(?:```|\Z)", re.S)
+#: a fenced code block of a chat reply; an unclosed one (the reply cut at max_tokens) runs to the end
+CODE_BLOCK = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)(?:```|\Z)", re.S)
 _SKIPPED = {tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER}
+
+
+def code_blocks(reply: str) -> list[str]:
+    return list(CODE_BLOCK.findall(reply))
+
+
+def closed_code_block(text: str) -> bool:
+    """Whether a reply so far has a whole code block: generation can stop there."""
+    return text.count("```") >= 2
 
 
 def reply_code(reply: str) -> str:
     """The first code block of a chat reply (an unclosed one runs to the end), or the whole reply."""
-    found = _CODE_BLOCK.search(reply)
-    return found.group(1) if found else reply
+    blocks = code_blocks(reply)
+    return blocks[0] if blocks else reply
 
 
 def body_of(code: str, function: str | None = None) -> str:

@@ -166,8 +166,9 @@ def _from_built_dataset(data: Path, settings: dict[str, object], paths: PathPoli
     if test.is_file():
         with test.open(encoding="utf-8") as lines:
             functions = sum('"body_lines"' in line for line in lines)
-    limit = settings.get("completion_limit", EvaluationSpec.model_fields["completion_limit"].default)
-    found: dict[str, object] = {"completion_functions": min(functions, int(str(limit)))}
+    limit = settings.get("completion_limit")
+    limit = limit if isinstance(limit, int) else EvaluationSpec.model_fields["completion_limit"].default
+    found: dict[str, object] = {"completion_functions": min(functions, limit)}
     if settings.get("test_command"):
         report = data / "report.json"
         source = json.loads(report.read_text(encoding="utf-8")).get("source") if report.is_file() else None

@@ -3,7 +3,6 @@ figure with its 95% bootstrap interval (results/intervals.py), and the units beh
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -106,7 +105,3 @@ def completion_changes(base: FunctionCompletion | None, adapter: FunctionComplet
         passed = [float(r.tests == "passed") for r in base.results]
         changes.append(pair("tests passed", passed, [float(r.tests == "passed") for r in adapter.results]))
     return changes
-
-
-def perplexity(loss: float | None) -> float | None:
-    return math.exp(min(loss, 50.0)) if loss is not None else None

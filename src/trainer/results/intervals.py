@@ -58,6 +58,11 @@ def _exp(values: np.ndarray) -> np.ndarray:
 TRANSFORMS: dict[str, Transform] = {"identity": _identity, "exp": _exp}
 
 
+def _bounds(stats: np.ndarray) -> tuple[float, float]:
+    low, high = np.percentile(stats, [(1 - LEVEL) / 2 * 100, (1 + LEVEL) / 2 * 100])
+    return float(low), float(high)
+
+
 def _draws(units: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, units, size=(RESAMPLES, units))
 
@@ -72,9 +77,8 @@ def ratio_interval(
     if len(num) < 2:
         return Interval(value=value, low=value, high=value)
     draws = _draws(len(num), seed)
-    stats = apply(num[draws].sum(1) / np.maximum(den[draws].sum(1), 1e-12))
-    low, high = np.percentile(stats, [(1 - LEVEL) / 2 * 100, (1 + LEVEL) / 2 * 100])
-    return Interval(value=value, low=float(low), high=float(high))
+    low, high = _bounds(apply(num[draws].sum(1) / np.maximum(den[draws].sum(1), 1e-12)))
+    return Interval(value=value, low=low, high=high)
 
 
 def paired_change(
@@ -100,7 +104,7 @@ def paired_change(
     if len(bn) >= 2:
         draws = _draws(len(bn), seed)
         diffs = figure(an[draws], ad[draws]) - figure(bn[draws], bd[draws])
-        low, high = (float(v) for v in np.percentile(diffs, [(1 - LEVEL) / 2 * 100, (1 + LEVEL) / 2 * 100]))
+        low, high = _bounds(diffs)
     if low > 0 or high < 0:
         verdict: Literal["better", "worse", "no clear change"] = "better" if (low > 0) == higher_is_better else "worse"
     else:
