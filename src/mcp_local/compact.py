@@ -2,9 +2,10 @@
 
 Inputs keep everything a model needs to fill them in (types, bounds, enums, descriptions, defaults) except caps that
 only stop absurd input (a 10-million-iteration maximum); pydantic's generated titles go, `anyOf [T, null]` becomes a
-nullable type and a null default is left implied. Outputs are described one level deep: each field's name and type,
-nested objects as objects (their fields are in the JSON itself), so the tool list does not repeat the same nested
-definitions tool after tool; a result's fields are all present, so `required` and defaults are left out.
+nullable type, or just T where null is the default (an optional argument is left out, not sent as null). Outputs are
+described one level deep: each field's name and type, nested objects as objects (their fields are in the JSON itself),
+so the tool list does not repeat the same nested definitions tool after tool; a result's fields are all present, so
+`required` and defaults are left out.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ _SANITY_CAPS = {"maximum": 100_000, "exclusiveMaximum": 100_000, "maxLength": 10
 
 
 def compact_schema(schema: Any) -> Any:
-    return _inline_single_use(_walk(schema, names=False))
+    return _walk(_inline_single_use(schema), names=False, inputs=True)  # inlined first: a nullable enum reads as one
 
 
 def _inline_single_use(schema: Any) -> Any:
@@ -49,7 +50,11 @@ def shallow_schema(schema: dict[str, Any]) -> dict[str, Any]:
     """An output schema one level deep, without $defs, enums or descriptions (the values are in the result itself,
     and the tool's description says what it returns)."""
     defs = schema.get("$defs", {})
-    top = {k: v for k, v in _walk(schema, names=False).items() if k not in ("$defs", "required", "description")}
+    top = {
+        k: v
+        for k, v in _walk(schema, names=False, inputs=False).items()
+        if k not in ("$defs", "required", "description")
+    }
     top["properties"] = {name: _shallow(prop, defs) for name, prop in top.get("properties", {}).items()}
     return top
 
@@ -73,25 +78,23 @@ def _shallow(prop: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     return {**kind, **described}
 
 
-def _walk(node: Any, names: bool) -> Any:
+def _walk(node: Any, names: bool, inputs: bool) -> Any:
     if isinstance(node, list):
-        return [_walk(item, names=False) for item in node]
+        return [_walk(item, names=False, inputs=inputs) for item in node]
     if not isinstance(node, dict):
         return node
     if names:
-        return {name: _walk(value, names=False) for name, value in node.items()}
-    out = {key: _walk(value, names=key in _NAMED) for key, value in node.items() if key != "title"}
+        return {name: _walk(value, names=False, inputs=inputs) for name, value in node.items()}
+    out = {key: _walk(value, names=key in _NAMED, inputs=inputs) for key, value in node.items() if key != "title"}
     if out.get("additionalProperties") is True:  # JSON Schema's default
         del out["additionalProperties"]
     for key, cap in _SANITY_CAPS.items():
         if isinstance(out.get(key), int | float) and out[key] >= cap:
             del out[key]  # a cap against absurd input only: still enforced by the server
-    return _nullable(out)
+    return _nullable(out, inputs)
 
 
-def _nullable(node: dict[str, Any]) -> dict[str, Any]:
-    if "default" in node and node["default"] is None and "anyOf" in node:
-        node = {k: v for k, v in node.items() if k != "default"}
+def _nullable(node: dict[str, Any], inputs: bool) -> dict[str, Any]:
     options = node.get("anyOf")
     if not isinstance(options, list) or len(options) != 2 or {"type": "null"} not in options:
         return node
@@ -99,6 +102,8 @@ def _nullable(node: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(other.get("type"), str) or "$ref" in other:
         return node
     merged = {k: v for k, v in node.items() if k != "anyOf"}
+    if inputs and "default" in merged and merged["default"] is None:  # an argument left out is the null
+        return {**other, **{k: v for k, v in merged.items() if k != "default"}}
     return {**_or_null(other), **merged}
 
 

@@ -24,11 +24,12 @@ AppContext = Context[AppState, Any]
 
 def local_hints(*, read_only: bool = False, destructive: bool = False, idempotent: bool = False) -> ToolAnnotations:
     """Every tool acts on this machine only: never open-world. Hints equal to the spec's defaults (not read-only, not
-    idempotent) are left out; destructive is said either way, since its default is true."""
+    idempotent) are left out; destructive is said either way, since its default is true. The spec reads destructive
+    and idempotent only when a tool is not read-only."""
     return ToolAnnotations(
         read_only_hint=True if read_only else None,
         destructive_hint=None if read_only else destructive,
-        idempotent_hint=True if idempotent else None,
+        idempotent_hint=True if idempotent and not read_only else None,
         open_world_hint=False,
     )
 

@@ -44,7 +44,7 @@ async def load_model(
     path: Annotated[str, Field(description="A model folder, a .gguf file or a hub repo id.")],
     adapter: Annotated[str | None, Field(description="An adapter folder (a run's adapter_path).")] = None,
 ) -> Annotated[CallToolResult, ModelInfo]:
-    """Load a model for generate (stays loaded): architecture, size, quantization, memory."""
+    """Keep a model loaded for generate: architecture, size, quantization, memory."""
     state = app_state(ctx)
     with trainer_errors():
         info = await anyio.to_thread.run_sync(state.models.load, path, adapter)
@@ -67,7 +67,7 @@ async def generate(
     adapter: Annotated[str | None, Field(description="An adapter folder.")] = None,
     run_id: Annotated[str | None, Field(description="A run's model and adapter.")] = None,
 ) -> Annotated[CallToolResult, Generation]:
-    """Generate with the loaded model, optionally through an adapter: text, tokens/s."""
+    """Generate with the loaded model, or through an adapter: text, tokens/s."""
     state = app_state(ctx)
     model: str | None = None
     if run_id is not None and adapter is not None:
@@ -95,44 +95,33 @@ async def generate(
     return tool_result(result, summary)
 
 
-async def _prediction(
-    state: AppState, config: QLoRAConfig | None, model: str | None, settings: dict[str, Any]
-) -> RunPrediction | None:
+async def _prediction(state: AppState, config: dict[str, Any] | None, model: str | None) -> RunPrediction | None:
     defaults = state.settings.run_defaults()
-    if config is not None:
-        return await anyio.to_thread.run_sync(predict_run, config, defaults)
-    if model is not None:
-        return await anyio.to_thread.run_sync(predict_model, model, settings, defaults)
-    return None
+    if config is None and model is not None:
+        config = {"model": model}
+    if config is None:
+        return None
+    if "data" in config:
+        parsed = QLoRAConfig.parse(config)
+        return await anyio.to_thread.run_sync(predict_run, parsed, defaults)
+    settings = {k: v for k, v in config.items() if k != "model"}
+    if "model" not in config:
+        raise ToolError('config needs a model: {"model": "<folder, .gguf or repo id>", ...}')
+    return await anyio.to_thread.run_sync(predict_model, str(config["model"]), settings, defaults)
 
 
 async def profile_memory(
     ctx: AppContext,
     config: Annotated[
         dict[str, Any] | None,
-        Field(description="A start_qlora_run config to predict (nothing starts)."),
+        Field(description="A start_qlora_run config; data optional (examples then max_seq_length long)."),
     ] = None,
-    model: Annotated[str | None, Field(description="Or a model, with the settings below.")] = None,
-    batch_size: Annotated[int, Field(ge=1, description="Examples per step.")] = 4,
-    seq_len: Annotated[int, Field(ge=8, description="Tokens per example.")] = 2048,
-    num_layers: Annotated[int, Field(ge=-1, description="LoRA layers; -1 for all.")] = 16,
-    rank: Annotated[int, Field(ge=1, description="LoRA rank.")] = 16,
-    grad_checkpoint: Annotated[bool, Field(description="Recompute activations.")] = False,
-    chunked_loss: Annotated[bool, Field(description="Loss in chunks.")] = False,
+    model: Annotated[str | None, Field(description="Or a model, with default settings.")] = None,
 ) -> Annotated[CallToolResult, MemoryProfile]:
-    """Memory of the server, models, workers, system; with a config or model, its predicted peak vs budget."""
+    """Memory of server, models, workers, system; for a config or model, predicted peak vs budget."""
     state = app_state(ctx)
-    settings = {
-        "batch_size": batch_size,
-        "max_seq_length": seq_len,
-        "num_layers": num_layers,
-        "rank": rank,
-        "grad_checkpoint": grad_checkpoint,
-        "chunked_loss": chunked_loss,
-    }
     with trainer_errors():
-        run_config = QLoRAConfig.parse(config) if config is not None else None
-        prediction = await _prediction(state, run_config, model, settings)
+        prediction = await _prediction(state, config, model)
     system = sample_memory()
     profile = MemoryProfile(
         prediction=prediction,

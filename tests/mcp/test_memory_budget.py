@@ -36,12 +36,22 @@ async def test_profile_memory_predicts_a_run_by_part_without_loading_it(tmp_path
         )
         assert body["plan"]["seq_len"] < 128  # the longest example, counted with the model's tokenizer
         assert "predicted peak" in result.content[0].text
-        short = await client.call_tool("profile_memory", {"model": str(tiny_model), "seq_len": 256})
-        long = await client.call_tool("profile_memory", {"model": str(tiny_model), "seq_len": 1024})
+        short = await client.call_tool("profile_memory", {"config": {"model": str(tiny_model), "max_seq_length": 256}})
+        long = await client.call_tool("profile_memory", {"config": {"model": str(tiny_model), "max_seq_length": 1024}})
+        nameless = await client.call_tool("profile_memory", {"config": {"max_seq_length": 256}})
+        assert nameless.is_error and "config needs a model" in nameless.content[0].text
         small = short.structured_content["prediction"]["prediction"]["total_gb"]
         assert long.structured_content["prediction"]["prediction"]["total_gb"] > small
         ckpt = await client.call_tool(
-            "profile_memory", {"model": str(tiny_model), "seq_len": 1024, "grad_checkpoint": True, "chunked_loss": True}
+            "profile_memory",
+            {
+                "config": {
+                    "model": str(tiny_model),
+                    "max_seq_length": 1024,
+                    "grad_checkpoint": True,
+                    "chunked_loss": True,
+                }
+            },
         )
         assert (
             ckpt.structured_content["prediction"]["prediction"]["total_gb"]

@@ -45,7 +45,8 @@ async def test_tools_have_output_schemas_and_honest_annotations(tmp_path: Path, 
     assert read_only == {"generate", "profile_memory", "run_status", "list_runs", "list_models", "validate_dataset"}
     assert tools["cancel_run"].annotations.destructive_hint is True
     assert tools["delete_run"].annotations.destructive_hint is True
-    assert tools["run_status"].annotations.idempotent_hint is True
+    assert tools["delete_run"].annotations.idempotent_hint is True  # the spec reads it only off read-only tools
+    assert tools["run_status"].annotations.idempotent_hint is None
     assert "rank" in json.dumps(tools["start_qlora_run"].input_schema)
 
 
