@@ -10,8 +10,8 @@ from mlx.nn.layers.dropout import Dropout
 from mlx.nn.layers.linear import Linear
 from mlx.nn.layers.normalization import RMSNorm
 from mlx_lm.models import llama, qwen2
-from mlx_lm.tuner import trainer as mlx_lm_trainer
 from mlx_lm.tuner.lora import LoRALinear
+from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from trainer.engine import patches
 from trainer.engine.tiny import TINY_ARGS
@@ -31,15 +31,17 @@ def test_dropout_keeps_its_keep_probability_where_we_read_it() -> None:
     assert patches.dropout_keep_probability(Linear(2, 2)) == 1.0
 
 
-def test_mlx_lms_grad_checkpoint_patches_the_block_class_and_ours_undoes_it() -> None:
-    assert list(inspect.signature(mlx_lm_trainer.grad_checkpoint).parameters) == ["layer"]
-    assert "type(layer).__call__" in inspect.getsource(mlx_lm_trainer.grad_checkpoint)
+def test_checkpointed_blocks_swap_only_the_chosen_trained_blocks_and_restore_them() -> None:
     model = qwen2.Model(qwen2.ModelArgs(**{**TINY_ARGS, "vocab_size": 64}))
+    model.freeze()
+    linear_to_lora_layers(model, 2, {"rank": 4, "scale": 2.0, "dropout": 0.0})
     block = type(model.layers[0])
-    before = block.__call__
-    with patches.checkpointed_blocks(model):
-        assert block.__call__ is not before
-    assert block.__call__ is before  # nothing outlives the run
+    with patches.checkpointed_blocks(model, 1) as chosen:
+        kinds = [type(layer) for layer in model.layers]
+        assert chosen == 1 and kinds.count(block) == len(model.layers) - 1  # one of the two LoRA blocks
+        assert kinds[-2] is not block and issubclass(kinds[-2], block)
+    assert all(type(layer) is block for layer in model.layers)  # nothing outlives the run
+    assert block.__call__ is qwen2.TransformerBlock.__call__  # the class itself never changed
 
 
 def test_a_class_swap_only_ever_narrows_to_a_subclass() -> None:

@@ -69,6 +69,50 @@ def fused_step(model: Any, optimizer: Any, loss: Loss) -> Step:
     return run
 
 
+def accumulating_step(model: Any, optimizer: Any, loss: Loss, micro_batch: int) -> Step:
+    """Gradient accumulation: the batch as micro-batches of `micro_batch` examples (batches.micro_batches), each one's
+    summed loss and gradient added up in float32, then one update: the whole batch's loss and gradient, with one
+    micro-batch's activations alive at a time."""
+    from mlx.nn.utils import value_and_grad
+    from mlx.utils import tree_map
+
+    from .batches import micro_batches
+    from .distributed import sum_over_ranks
+
+    loss_value_and_grad = value_and_grad(model, loss)
+    state = [model.state, optimizer.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)  # value_and_grad sets the model's parameters; dropout draws
+    def summed(batch: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array, Any]:
+        (value, toks), grad = loss_value_and_grad(model, batch, lengths)
+        weight = toks.astype(mx.float32)
+        return value.astype(mx.float32) * weight, toks, tree_map(lambda g: g.astype(mx.float32) * weight, grad)
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def update(total: mx.array, toks: mx.array, grad: Any) -> tuple[mx.array, mx.array]:
+        count = toks.astype(mx.float32)
+        mean = tree_map(lambda g, p: (g / count).astype(p.dtype), grad, model.trainable_parameters())
+        value, toks, mean = sum_over_ranks(total / count, toks, mean)
+        optimizer.update(model, mean)
+        return value, toks
+
+    def run(batch: Any) -> tuple[mx.array, mx.array]:
+        total, toks, grad = None, None, None
+        for part in micro_batches(batch, micro_batch):
+            part_total, part_toks, part_grad = summed(*part)
+            if grad is None:
+                total, toks, grad = part_total, part_toks, part_grad
+            else:
+                total, toks = total + part_total, toks + part_toks  # type: ignore[operator]
+                grad = tree_map(mx.add, grad, part_grad)
+            mx.eval(total, toks, grad)  # this micro-batch's activations are freed before the next one's
+        value, toks = update(total, toks, grad)  # type: ignore[arg-type]  # a batch has one example or more
+        mx.async_eval(state, value, toks)
+        return value, toks
+
+    return run
+
+
 def layerwise_step(model: Any, optimizer: Any, ce: Any) -> Step:
     """The step evaluated one block at a time (layerwise.py)."""
     from .distributed import sum_over_ranks

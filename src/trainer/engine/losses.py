@@ -6,6 +6,11 @@
 and their float32 softmax for the backward pass: for a 152k vocabulary at 2048 tokens that is gigabytes. Here the
 head and the loss run over sequence chunks under `mx.checkpoint`, so the backward pass recomputes each chunk's logits
 instead of keeping them. The result equals `default_loss` up to float rounding.
+
+On a GPU the whole step is one compiled graph, where `mx.checkpoint`'s chunks barely lowered the peak
+(docs/benchmarks.md); there `make_fused_loss` computes the loss over the vocabulary in token chunks with its own
+backward, which recomputes each chunk's logits only once the cotangent exists (`mx.depends`), so no chunk's logits,
+softmax or gradient outlives it.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from mlx.nn.losses import cross_entropy
 from .cpu_math import fast_cross_entropy
 
 DEFAULT_CHUNK_TOKENS = 1024
+#: tokens per chunk of the fused loss: a 152k vocabulary's float32 logits and softmax at 512 tokens are 0.6 GB
+FUSED_CHUNK_TOKENS = 512
 CrossEntropy = Callable[[mx.array, mx.array], mx.array]
 Loss = Callable[[Any, mx.array, mx.array], tuple[mx.array, mx.array]]
 
@@ -49,9 +56,12 @@ def make_default_loss(ce: CrossEntropy = cross_entropy) -> Loss:
 
 
 def training_loss(fast_path: bool, chunked: bool) -> Loss:
-    """The loss a run's step differentiates (and its validation evaluates)."""
+    """The loss a run's step differentiates (and its validation evaluates): with `chunked`, the fused loss on a GPU,
+    checkpointed chunks on the CPU (whose fast cross-entropy they keep)."""
     ce = cross_entropy_for(fast_path)
-    return make_chunked_loss(ce=ce) if chunked else make_default_loss(ce)
+    if not chunked:
+        return make_default_loss(ce)
+    return make_chunked_loss(ce=ce) if mx.default_device() == mx.cpu else make_fused_loss()
 
 
 def head_of(model: Any) -> Any | None:
@@ -91,3 +101,55 @@ def make_chunked_loss(chunk_tokens: int = DEFAULT_CHUNK_TOKENS, ce: CrossEntropy
         return total / ntoks, ntoks
 
     return chunked_loss
+
+
+def vocabulary_cross_entropy(head: Any, chunk_tokens: int = FUSED_CHUNK_TOKENS) -> Any:
+    """sum(mask * cross_entropy(head(hidden), targets)) over (tokens, hidden) rows, with a backward that recomputes
+    each chunk's logits after the cotangent exists and frees them before the next chunk."""
+
+    def chunks(rows: int) -> range:
+        return range(0, rows, chunk_tokens)
+
+    @mx.custom_function
+    def summed(hidden: mx.array, targets: mx.array, mask: mx.array) -> mx.array:
+        total = mx.array(0.0, dtype=mx.float32)
+        for start in chunks(hidden.shape[0]):
+            logits = head(hidden[start : start + chunk_tokens]).astype(mx.float32)
+            picked = mx.take_along_axis(logits, targets[start : start + chunk_tokens, None], axis=-1)[:, 0]
+            total = total + ((mx.logsumexp(logits, axis=-1) - picked) * mask[start : start + chunk_tokens]).sum()
+        return total
+
+    @summed.vjp
+    def summed_vjp(primals: tuple[mx.array, ...], cotangent: mx.array, output: mx.array) -> tuple[mx.array, ...]:
+        hidden, targets, mask = primals
+        (hidden,) = mx.depends([hidden], [cotangent])
+        parts = []
+        for start in chunks(hidden.shape[0]):
+            rows = hidden[start : start + chunk_tokens]
+            logits = head(rows).astype(mx.float32)
+            picked = mx.arange(logits.shape[-1])[None, :] == targets[start : start + chunk_tokens, None]
+            weight = (mask[start : start + chunk_tokens] * cotangent)[:, None]
+            grad = ((mx.softmax(logits, axis=-1) - picked) * weight).astype(rows.dtype)
+            parts.append(mx.vjp(head, [rows], [grad])[1][0])
+        return mx.concatenate(parts, axis=0), mx.zeros_like(targets), mx.zeros_like(mask)
+
+    return summed
+
+
+def make_fused_loss(chunk_tokens: int = FUSED_CHUNK_TOKENS) -> Loss:
+    """`default_loss` with the head and cross-entropy fused over token chunks (vocabulary_cross_entropy)."""
+
+    def fused_loss(model: Any, batch: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
+        head = head_of(model)
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        steps = mx.arange(1, targets.shape[1] + 1)
+        mask = mx.logical_and(steps >= lengths[:, 0:1], steps <= lengths[:, 1:])
+        ntoks = mask.sum()
+        if head is None:
+            return make_default_loss()(model, batch, lengths)
+        hidden = model.model(inputs)
+        rows = hidden.reshape(-1, hidden.shape[-1])
+        summed = vocabulary_cross_entropy(head, chunk_tokens)
+        return summed(rows, targets.reshape(-1), mask.reshape(-1).astype(mx.float32)) / ntoks, ntoks
+
+    return fused_loss

@@ -31,7 +31,7 @@ from ..lifecycle.events import Checkpoint, PhaseChanged, Progress, Resumed, Trai
 from ..lifecycle.jobs import Phase
 from ..planning.config import QLoRAConfig
 from .batches import batches_per_epoch, data_position
-from .loop import Loss, Step, fused_step, layerwise_step, train_steps
+from .loop import Loss, Step, accumulating_step, fused_step, layerwise_step, train_steps
 from .mlx_import import require_mlx
 from .run_state import ADAPTERS, LoopState, adapter_weights, read_state, save_adapter, write_state
 
@@ -174,6 +174,8 @@ def _step_and_eval_loss(config: QLoRAConfig, model: Any, optimizer: Any) -> tupl
     fast = fast_path_on(config.fast_path)
     if not config.layerwise:
         loss = training_loss(fast, config.chunked_loss)
+        if config.micro_batches > 1:
+            return accumulating_step(model, optimizer, loss, config.per_process_batch // config.micro_batches), loss
         return fused_step(model, optimizer, loss), loss
     from .layerwise import make_layerwise_eval_loss, supports_layerwise
 
@@ -268,8 +270,8 @@ class MlxTrainingBackend:
         step, val_loss = _step_and_eval_loss(config, model, optimizer)
         maybe_set_recommended_wired_limit()
         try:
-            checkpointed = config.grad_checkpoint and not config.layerwise
-            with fast_activations(model), checkpointed_blocks(model, checkpointed), stops_at_safe_points():
+            blocks = config.recomputed_blocks
+            with fast_activations(model), checkpointed_blocks(model, blocks), stops_at_safe_points():
                 train_steps(
                     model,
                     optimizer,

@@ -9,8 +9,8 @@ What we change, and how far each change reaches:
 - Per model instance, not per library (`swap_class`, used by fastpath.py, decode_layers.py, lora_math.py): quantized
   layers, RMS norms, RoPEs and LoRA layers of one loaded model change class to our subclasses; parameters, adapters
   and saving are untouched. `stash` keeps a value on a module outside its parameter tree (a kernel, a float32 weight).
-- `checkpointed_blocks(model)`: mlx-lm's `grad_checkpoint` replaces the block class's `__call__` for the whole
-  process; within the context only here, restored on exit.
+- Gradient checkpointing is ours (recompute.py), per block instance: mlx-lm's `grad_checkpoint` patches the block
+  class for the whole process and recomputes too early in a compiled step.
 - `dropout_keep_probability(module)`: MLX's Dropout keeps its keep probability in a private attribute.
 
 tests/trainer/test_patches.py pins what each relies on (attribute names, signatures), and tests/test_layout.py checks
@@ -110,18 +110,20 @@ def dropout_keep_probability(module: Any) -> float:
 
 
 @contextmanager
-def checkpointed_blocks(model: Any, wanted: bool = True) -> Iterator[None]:
-    """Gradient checkpointing of every block (mlx-lm's `grad_checkpoint`), undone on exit: it patches the block
-    class, which other models of that class in this process share."""
-    if not wanted:
-        yield
-        return
-    from mlx_lm.tuner.trainer import grad_checkpoint
+def checkpointed_blocks(model: Any, blocks: int) -> Iterator[int]:
+    """Within the context, the first `blocks` of the blocks that train (those with trainable parameters) are
+    recomputed in the backward pass (recompute.py), one instance at a time; yields how many. Restored on exit."""
+    from mlx.utils import tree_flatten
 
-    block_class = type(model.layers[0])
-    original = block_class.__call__
-    grad_checkpoint(model.layers[0])
+    from .recompute import recomputed_class
+
+    trained = [layer for layer in model.layers if tree_flatten(layer.trainable_parameters())]
+    chosen = trained[: max(0, blocks)]
+    originals = [type(layer) for layer in chosen]
     try:
-        yield
+        for layer, original in zip(chosen, originals, strict=True):
+            swap_class(layer, recomputed_class(original))  # type: ignore[arg-type]  # classes hash
+        yield len(chosen)
     finally:
-        block_class.__call__ = original
+        for layer, original in zip(chosen, originals, strict=True):
+            layer.__class__ = original

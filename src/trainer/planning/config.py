@@ -56,6 +56,14 @@ class QLoRAConfig(BaseModel):
     learning_rate: Annotated[float, Field(gt=0, le=1, description="Adam learning rate.")] = 1e-5
     max_seq_length: Annotated[int, Field(ge=8, le=1 << 20, description="Longer examples are truncated.")] = 2048
     grad_checkpoint: Annotated[bool, Field(description="Recompute activations: less memory.")] = False
+    checkpoint_blocks: Annotated[
+        int | None,
+        Field(ge=1, le=4096, description="With grad_checkpoint: how many LoRA blocks recompute (default all)."),
+    ] = None
+    micro_batch_size: Annotated[
+        int | None,
+        Field(ge=1, le=4096, description="Examples per pass, gradients summed: same step, less memory."),
+    ] = None
     mask_prompt: Annotated[bool, Field(description="Loss on completions only.")] = False
     seed: Annotated[int, Field(ge=0, lt=1 << 32, description="LoRA init, batch order.")] = 0
     steps_per_report: Annotated[int, Field(ge=1, le=MAX_ITERS, description="Steps between train-loss reports.")] = 10
@@ -123,6 +131,18 @@ class QLoRAConfig(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _micro_batches_split_the_batch(self) -> QLoRAConfig:
+        micro = self.micro_batch_size
+        if micro is not None and micro < self.per_process_batch and self.layerwise:
+            raise ValueError("micro_batch_size with layerwise=true: the layerwise step takes the whole batch; drop one")
+        if micro is not None and (micro > self.per_process_batch or self.per_process_batch % micro):
+            raise ValueError(
+                f"micro_batch_size {micro} does not split the batch of {self.per_process_batch} examples per process; "
+                "use a divisor of it"
+            )
+        return self
+
     @property
     def per_process_batch(self) -> int:
         """Examples each process takes of a step's batch (the global batch is `batch_size`)."""
@@ -132,6 +152,18 @@ class QLoRAConfig(BaseModel):
     def distributed(self) -> bool:
         """Whether the run starts an MLX process group (one process asking for NCCL is a group of one)."""
         return self.num_processes > 1 or self.backend == "nccl" or self.hosts is not None
+
+    @property
+    def micro_batches(self) -> int:
+        """Passes per step and process (gradient accumulation)."""
+        return self.per_process_batch // (self.micro_batch_size or self.per_process_batch)
+
+    @property
+    def recomputed_blocks(self) -> int:
+        """LoRA blocks recomputed in the backward pass (0: none)."""
+        if not self.grad_checkpoint or self.layerwise:
+            return 0
+        return self.checkpoint_blocks or 1 << 20
 
     @property
     def lora_scale(self) -> float:

@@ -1,0 +1,91 @@
+"""The plan family on CUDA, through the product's own path (`python -m trainer run`, gpu_product.product): the
+7B-shaped 4-bit model at 1x2048 on records longer than the sequence, and at batch 4 on mixed-length chat records
+(100 to 2,048 tokens, `mask_prompt`), each memory-saving plan side by side with the unconstrained fast path; with
+--budget, also what `fit_to_budget` chooses for that budget.
+
+python3 bench/gpu_plans.py --work DIR [--iters 20] [--only fixed,chat] [--budget 16] [--out results.jsonl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+from gpu_product import build_data, build_model, product  # noqa: E402
+from memory_prediction import report  # noqa: E402
+
+WORDS = "def return value list index count total result items class self print import from while for".split()
+#: the tiny tokenizer makes about 3.6 tokens of one of these words (and its space)
+TOKENS_PER_WORD = 3.6
+
+FIXED: dict[str, dict[str, Any]] = {
+    "fast path (unconstrained)": {},
+    "fused loss": {"chunked_loss": True},
+    "recompute 4 blocks": {"grad_checkpoint": True, "checkpoint_blocks": 4},
+    "recompute 16 blocks": {"grad_checkpoint": True},
+    "fused loss + recompute 4 blocks": {"chunked_loss": True, "grad_checkpoint": True, "checkpoint_blocks": 4},
+    "layerwise": {"layerwise": True, "chunked_loss": True},
+}
+CHAT: dict[str, dict[str, Any]] = {
+    "fast path (unconstrained)": {},
+    "micro-batches of 1": {"micro_batch_size": 1},
+    "micro-batches of 1 + fused loss": {"micro_batch_size": 1, "chunked_loss": True},
+    "micro-batches of 2 + fused loss": {"micro_batch_size": 2, "chunked_loss": True},
+    "layerwise": {"layerwise": True, "chunked_loss": True},
+}
+
+
+def build_chat(folder: Path, train: int = 64, valid: int = 8, low: int = 100, high: int = 2048) -> Path:
+    """{"messages": [user, assistant]} records of random words, 100 to 2,048 tokens in all, 30% of them prompt."""
+    rng = random.Random(1)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, count in (("train", train), ("valid", valid)):
+        lines = []
+        for _ in range(count):
+            words = int(rng.uniform(low, high - 40) / TOKENS_PER_WORD)
+            asked = max(1, int(words * 0.3))
+            say = lambda n: " ".join(rng.choice(WORDS) for _ in range(n))  # noqa: E731
+            messages = [{"role": "user", "content": say(asked)}, {"role": "assistant", "content": say(words - asked)}]
+            lines.append(json.dumps({"messages": messages}))
+        (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--work", required=True)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--only", default="fixed,chat")
+    parser.add_argument("--budget", type=float, default=None, help="also fit_to_budget's plan for this budget")
+    parser.add_argument("--plans-only", action="store_true", help="only the unconstrained and the fitted rows")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    work = Path(args.work)
+    model = work / "model"
+    if not (model / "config.json").is_file():
+        build_model(model)
+    sets = {
+        "fixed": (build_data(work / "data-2048", words_per_record=2048), 1, {}, FIXED),
+        "chat": (build_chat(work / "chat"), 4, {"mask_prompt": True}, CHAT),
+    }
+    for name in args.only.split(","):
+        data, batch, common, variants = sets[name]
+        if args.plans_only:
+            variants = {"fast path (unconstrained)": {}}
+        rows = dict(variants)
+        if args.budget:
+            rows[f"fit_to_budget {args.budget:g} GB"] = {
+                "memory_budget_gb": args.budget, "fit_to_budget": True, "allow_over_budget": False,
+            }  # fmt: skip
+        for variant, settings in rows.items():
+            got = product(model, data, batch, 2048, args.iters, False, **common, **settings)
+            report({"data": name, "batch": batch, "variant": variant, **got}, args.out)
+
+
+if __name__ == "__main__":
+    main()
