@@ -23,7 +23,7 @@ from trainer.engine.patches import checkpointed_blocks
 VOCAB = 512
 
 
-def _model() -> Any:
+def _model(tied: bool = False) -> Any:
     mx.random.seed(0)
     args = qwen2.ModelArgs.from_dict(
         {
@@ -35,7 +35,7 @@ def _model() -> Any:
             "num_key_value_heads": 2,
             "rms_norm_eps": 1e-6,
             "vocab_size": VOCAB,
-            "tie_word_embeddings": False,
+            "tie_word_embeddings": tied,
         }
     )
     model = qwen2.Model(args)
@@ -56,8 +56,8 @@ def _batch() -> tuple[mx.array, mx.array]:
     return tokens * keep, lengths
 
 
-def _loss_and_grads(loss: Any, blocks: int = 0) -> tuple[float, dict[str, np.ndarray]]:
-    model = _model()
+def _loss_and_grads(loss: Any, blocks: int = 0, tied: bool = False) -> tuple[float, dict[str, np.ndarray]]:
+    model = _model(tied)
     with checkpointed_blocks(model, blocks):
         (value, _), grads = value_and_grad(model, loss)(model, *_batch())
         mx.eval(value, grads)
@@ -72,9 +72,10 @@ def _close(a: tuple[float, dict[str, np.ndarray]], b: tuple[float, dict[str, np.
         np.testing.assert_allclose(a[1][name], b[1][name], rtol=2e-4, atol=1e-6, err_msg=name)
 
 
-def test_the_fused_loss_equals_the_plain_loss_and_its_gradients() -> None:
-    reference = _loss_and_grads(make_default_loss())
-    _close(_loss_and_grads(make_fused_loss(chunk_tokens=48)), reference)  # chunks across examples' boundaries
+@pytest.mark.parametrize("tied", [False, True])  # a head of its own, or the embedding's as_linear
+def test_the_fused_loss_equals_the_plain_loss_and_its_gradients(tied: bool) -> None:
+    reference = _loss_and_grads(make_default_loss(), tied=tied)
+    _close(_loss_and_grads(make_fused_loss(chunk_tokens=48), tied=tied), reference)  # chunks across examples
 
 
 def test_recomputed_blocks_give_the_same_gradients() -> None:

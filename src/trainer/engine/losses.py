@@ -103,9 +103,23 @@ def make_chunked_loss(chunk_tokens: int = DEFAULT_CHUNK_TOKENS, ce: CrossEntropy
     return chunked_loss
 
 
-def vocabulary_cross_entropy(head: Any, chunk_tokens: int = FUSED_CHUNK_TOKENS) -> Any:
-    """sum(mask * cross_entropy(head(hidden), targets)) over (tokens, hidden) rows, with a backward that recomputes
-    each chunk's logits after the cotangent exists and frees them before the next chunk."""
+def head_weight(head: Any) -> mx.array:
+    """The head's weight as one (vocabulary, hidden) matrix, dequantized once (a bound `as_linear`: its embedding)."""
+    module = getattr(head, "__self__", head)
+    if "scales" not in module:
+        return module.weight  # type: ignore[no-any-return]
+    mode = getattr(module, "mode", "affine")
+    biases = module.get("biases")
+    return mx.dequantize(module.weight, module.scales, biases, module.group_size, module.bits, mode=mode)
+
+
+def vocabulary_cross_entropy(weight: mx.array, chunk_tokens: int = FUSED_CHUNK_TOKENS) -> Any:
+    """sum(mask * cross_entropy(rows @ weight.T, targets)) over (tokens, hidden) rows, one chunk of tokens at a
+    time: each chunk waits for the one before (`mx.depends`), so one chunk's logits are alive, and the backward
+    recomputes them only once the cotangent exists."""
+
+    def logits_of(rows: mx.array) -> mx.array:
+        return (rows @ weight.T).astype(mx.float32)
 
     def chunks(rows: int) -> range:
         return range(0, rows, chunk_tokens)
@@ -114,7 +128,8 @@ def vocabulary_cross_entropy(head: Any, chunk_tokens: int = FUSED_CHUNK_TOKENS) 
     def summed(hidden: mx.array, targets: mx.array, mask: mx.array) -> mx.array:
         total = mx.array(0.0, dtype=mx.float32)
         for start in chunks(hidden.shape[0]):
-            logits = head(hidden[start : start + chunk_tokens]).astype(mx.float32)
+            (rows,) = mx.depends([hidden[start : start + chunk_tokens]], [total])
+            logits = logits_of(rows)
             picked = mx.take_along_axis(logits, targets[start : start + chunk_tokens, None], axis=-1)[:, 0]
             total = total + ((mx.logsumexp(logits, axis=-1) - picked) * mask[start : start + chunk_tokens]).sum()
         return total
@@ -122,16 +137,14 @@ def vocabulary_cross_entropy(head: Any, chunk_tokens: int = FUSED_CHUNK_TOKENS) 
     @summed.vjp
     def summed_vjp(primals: tuple[mx.array, ...], cotangent: mx.array, output: mx.array) -> tuple[mx.array, ...]:
         hidden, targets, mask = primals
-        (hidden,) = mx.depends([hidden], [cotangent])
-        parts = []
+        parts: list[mx.array] = []
         for start in chunks(hidden.shape[0]):
-            rows = hidden[start : start + chunk_tokens]
-            logits = head(rows).astype(mx.float32)
+            (rows,) = mx.depends([hidden[start : start + chunk_tokens]], parts[-1:] or [cotangent])
+            logits = logits_of(rows)
             picked = mx.arange(logits.shape[-1])[None, :] == targets[start : start + chunk_tokens, None]
-            weight = (mask[start : start + chunk_tokens] * cotangent)[:, None]
-            grad = ((mx.softmax(logits, axis=-1) - picked) * weight).astype(rows.dtype)
-            parts.append(mx.vjp(head, [rows], [grad])[1][0])
-        return mx.concatenate(parts, axis=0), mx.zeros_like(targets), mx.zeros_like(mask)
+            scale = (mask[start : start + chunk_tokens] * cotangent)[:, None]
+            parts.append(((mx.softmax(logits, axis=-1) - picked) * scale).astype(weight.dtype) @ weight)
+        return mx.concatenate(parts, axis=0).astype(hidden.dtype), mx.zeros_like(targets), mx.zeros_like(mask)
 
     return summed
 
@@ -141,15 +154,15 @@ def make_fused_loss(chunk_tokens: int = FUSED_CHUNK_TOKENS) -> Loss:
 
     def fused_loss(model: Any, batch: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
         head = head_of(model)
+        if head is None:
+            return make_default_loss()(model, batch, lengths)
         inputs, targets = batch[:, :-1], batch[:, 1:]
         steps = mx.arange(1, targets.shape[1] + 1)
         mask = mx.logical_and(steps >= lengths[:, 0:1], steps <= lengths[:, 1:])
         ntoks = mask.sum()
-        if head is None:
-            return make_default_loss()(model, batch, lengths)
         hidden = model.model(inputs)
+        summed = vocabulary_cross_entropy(head_weight(head), chunk_tokens)
         rows = hidden.reshape(-1, hidden.shape[-1])
-        summed = vocabulary_cross_entropy(head, chunk_tokens)
         return summed(rows, targets.reshape(-1), mask.reshape(-1).astype(mx.float32)) / ntoks, ntoks
 
     return fused_loss

@@ -54,6 +54,12 @@ GPU_LAYERWISE_BLOCK_LAYERS = 4.2
 LAYERWISE_PIPELINE_MAX_TOKENS = 2048
 #: tokens of one loss chunk in the layerwise step (trainer.layerwise.LOSS_CHUNK_TOKENS)
 LAYERWISE_LOSS_TOKENS = 512
+#: CUDA: what recomputing one block frees, in layers of activations: 0.45 GB a block at 1x2048 on the 7B shape
+#: (measured 17.68 GB with none, 15.89 with 4, 10.42 with all 16; H100, docs/benchmarks.md)
+GPU_RECOMPUTE_FREED_LAYERS = 1.28
+#: the fused loss (engine/losses.py, CUDA): one 512-token chunk's float32 logits, softmax and gradient at a time
+FUSED_LOSS_TOKENS = 512
+FUSED_LOGIT_TENSORS = 3.0
 
 
 class MemoryParts(BaseModel):
@@ -82,6 +88,12 @@ class MemoryPlan(BaseModel):
     fast_path: bool = Field(False, description="Whether the dequantize-then-GEMM path is on.")
     dense_weights: bool = Field(False, description="CPU: float32 copies of the frozen weights are kept.")
     layerwise: bool = Field(False, description="The step is evaluated one block at a time.")
+    recomputed_blocks: int = Field(0, description="LoRA blocks recomputed in the backward pass.")
+    micro_batch: int | None = Field(None, description="Examples per pass (gradient accumulation); None: the batch.")
+
+    @property
+    def pass_batch(self) -> int:
+        return self.micro_batch or self.batch_size
 
 
 def _dims(config: dict[str, Any]) -> tuple[int, int, int, int, int, int, int, bool]:
@@ -160,16 +172,18 @@ def predict_peak(model_config: dict[str, Any], plan: MemoryPlan) -> MemoryParts:
 
     # On CUDA checkpointing and the chunked loss barely lowered MLX's peak (docs/benchmarks.md), so a GPU prediction
     # does not count on them (it errs high if they help).
-    checkpointing = plan.grad_checkpoint and plan.device == "cpu"
+    recomputed = min(plan.recomputed_blocks, lora_layers)
     chunked = plan.chunked_loss and plan.device == "cpu"
-    tokens = plan.batch_size * plan.seq_len
+    fused = plan.chunked_loss and plan.device != "cpu"
+    batch = plan.pass_batch
+    tokens = batch * plan.seq_len
     token_scale = 1.0 if plan.device == "cpu" else GPU_TOKEN_SCALE
     act_per_token = (ACT_HIDDEN * hidden + ACT_KV * kv + ACT_INTERMEDIATE * inter) * d * token_scale
     per_layer = tokens * act_per_token
     cpu_fast = plan.device == "cpu" and plan.fast_path
     if plan.device == "cpu":
         attention = ACT_ATTENTION_CPU_FAST if cpu_fast else ACT_ATTENTION
-        per_layer += attention * plan.batch_size * heads * plan.seq_len**2 * d
+        per_layer += attention * batch * heads * plan.seq_len**2 * d
     gpu_fast = plan.device != "cpu" and plan.fast_path and bool(bits)
     # one block's and the head's weights, dequantized
     dense_block, dense_head = sum(r * c for r, c in projections) * d, vocab * hidden * d
@@ -182,12 +196,15 @@ def predict_peak(model_config: dict[str, Any], plan: MemoryPlan) -> MemoryParts:
         activations += kept_inputs
         base = weights + lora + activations + logits
     else:
-        if checkpointing:  # keep each LoRA layer's input; recompute one layer at a time
-            activations = lora_layers * tokens * hidden * d + CHECKPOINT_LAYERS * per_layer
-        else:
-            activations = lora_layers * per_layer
-        logit_tokens = min(tokens, plan.batch_size * 1024) if chunked else tokens
+        activations = lora_layers * per_layer
+        if recomputed and plan.device == "cpu":  # keep a recomputed block's input; recompute one at a time
+            activations += recomputed * (tokens * hidden * d - per_layer) + CHECKPOINT_LAYERS * per_layer
+        elif recomputed:
+            activations -= recomputed * GPU_RECOMPUTE_FREED_LAYERS * per_layer
+        logit_tokens = min(tokens, batch * 1024) if chunked else tokens
         logits = logit_tokens * vocab * (d + 4 * (kept - 1)) * token_scale
+        if fused:
+            logits = min(tokens, FUSED_LOSS_TOKENS) * vocab * 4 * FUSED_LOGIT_TENSORS
         base = weights + lora + activations + logits
         if plan.device == "cpu":
             activations += CPU_OVERHEAD_GB * GB

@@ -12,6 +12,7 @@ from ..errors import ConfigError
 from .config import QLoRAConfig
 from .device import device_kind, fast_path_on, input_alignment
 from .memory_estimate import MemoryParts, MemoryPlan, dense_copy_bytes, predict_peak
+from .plan_search import PlanOption, explain, search
 
 log = logging.getLogger(__name__)
 #: `dense_weights` turns itself on (CPU, fast path) when the float32 copies take at most this much and this share of
@@ -26,6 +27,8 @@ class MemoryCheck(BaseModel):
     budget_gb: float
     fits: bool
     changes: list[str] = Field(default_factory=list, description="Settings fit_to_budget changed.")
+    choice: str | None = Field(None, description="Over budget: the fastest plan that fits, and why.")
+    plans: list[PlanOption] = Field(default_factory=list, description="Over budget: the plans considered.")
 
 
 def compute_bytes(fast_path: bool | None) -> tuple[int, str, bool]:
@@ -44,6 +47,8 @@ def plan_for(
         num_layers=config.num_layers,
         rank=config.rank,
         grad_checkpoint=config.grad_checkpoint,
+        recomputed_blocks=config.recomputed_blocks,
+        micro_batch=config.micro_batch_size if config.micro_batches > 1 else None,
         chunked_loss=config.chunked_loss,
         quantize_bits=config.quantize_bits,
         compute_bytes=bytes_per_element,
@@ -55,22 +60,20 @@ def plan_for(
 
 
 def _alternatives(config: QLoRAConfig, device: str = "cpu") -> list[dict[str, Any]]:
-    """Candidate settings, least intrusive first: (on a GPU) MLX's own kernels instead of the fast path, whose
-    dequantized weights stay allocated there; memory-saving options; smaller batches; shorter sequences."""
+    """Where no plan of the same step fits: settings that change it, least intrusive first: no float32 weight copies
+    (CPU); MLX's own kernels instead of the fast path, whose dequantized weights stay allocated (GPU); the least
+    memory of the same step; smaller batches; shorter sequences."""
     steps: list[dict[str, Any]] = []
     current: dict[str, Any] = {}
     if config.dense_weights:
         current = {"dense_weights": False}
-        steps.append(current)
-    if device != "cpu" and not config.layerwise:
-        current = {**current, "layerwise": True}
         steps.append(current)
     if device != "cpu" and config.fast_path is not False:
         current = {**current, "fast_path": False}
         steps.append(current)
     for option in ("grad_checkpoint", "chunked_loss", "layerwise"):
         if not current.get(option) and not getattr(config, option):
-            current = {**current, option: True}
+            current = {**current, option: True, "checkpoint_blocks": None, "micro_batch_size": None}
             steps.append(current)
     batch, processes = config.batch_size, config.num_processes
     while batch > processes:  # halved, still split evenly over the processes
@@ -120,36 +123,62 @@ def check_memory(
 
     plan, parts = predict(config)
     changes: list[str] = []
-    if parts.total_gb > budget and config.fit_to_budget:
-        for option in _alternatives(config, device):
-            candidate = config.model_copy(update=option)
-            cand_plan, cand_parts = predict(candidate)
-            if cand_parts.total_gb <= budget:
+    choice, considered = None, []
+    if parts.total_gb > budget:
+        layers = int(model_config.get("text_config", model_config)["num_hidden_layers"])
+        lora_layers = layers if config.num_layers == -1 else min(config.num_layers, layers)
+        option, considered = search(config, predict, budget, layers, lora_layers, device)
+        chosen = next((o for o in considered if o.settings == option), None) if option is not None else None
+        choice = explain(chosen, considered, budget)
+        if config.fit_to_budget:
+            option = option if option is not None else _first_fitting(config, predict, budget, device)
+            if option is not None:
                 changes = [f"{k}={v}" for k, v in option.items()]
-                config, plan, parts = candidate, cand_plan, cand_parts
+                config = config.model_copy(update=option)
+                plan, parts = predict(config)
                 log.info("fit_to_budget: %s (predicted %.2f GB)", ", ".join(changes), parts.total_gb)
-                break
     fits = parts.total_gb <= budget
-    check = MemoryCheck(prediction=parts, plan=plan, budget_gb=budget, fits=fits, changes=changes)
+    check = MemoryCheck(
+        prediction=parts, plan=plan, budget_gb=budget, fits=fits, changes=changes, choice=choice, plans=considered
+    )
     if not fits and not config.allow_over_budget:
-        raise ConfigError(refusal_message(config, parts, budget, predict, device))
+        raise ConfigError(refusal_message(config, parts, budget, predict, device, considered))
     return config.model_copy(update={"memory_budget_gb": budget}), check
 
 
-def refusal_message(config: QLoRAConfig, parts: MemoryParts, budget: float, predict: Any, device: str) -> str:
+def _first_fitting(config: QLoRAConfig, predict: Any, budget: float, device: str) -> dict[str, Any] | None:
+    for option in _alternatives(config, device):
+        if predict(config.model_copy(update=option))[1].total_gb <= budget:
+            return option
+    return None
+
+
+def refusal_message(
+    config: QLoRAConfig,
+    parts: MemoryParts,
+    budget: float,
+    predict: Any,
+    device: str,
+    considered: list[PlanOption] | None = None,
+) -> str:
     breakdown = (
         f"weights {parts.weights_gb:.2f}, LoRA+optimizer {parts.lora_gb:.2f}, activations "
         f"{parts.activations_gb:.2f}, logits {parts.logits_gb:.2f}, slack {parts.slack_gb:.2f}"
     )
     head = f"run predicted to peak at {parts.total_gb:.2f} GB ({breakdown}), over its memory budget of {budget:.2f} GB"
-    for option in _alternatives(config, device):
+    fitting = sorted((o for o in considered or [] if o.fits), key=lambda o: -o.relative_speed)
+    options = [(o.settings, o.predicted_gb) for o in fitting[:1]]
+    for option in _alternatives(config, device) if not options else []:
         _, cand = predict(config.model_copy(update=option))
         if cand.total_gb <= budget:
-            settings = ", ".join(f"{k}={json.dumps(v)}" for k, v in option.items())
-            return (
-                f"{head}; these settings would fit: {settings} (predicted {cand.total_gb:.2f} GB); pass "
-                "fit_to_budget=true to choose them, or allow_over_budget=true to start anyway"
-            )
+            options = [(option, cand.total_gb)]
+            break
+    for option, predicted in options:
+        settings = ", ".join(f"{k}={json.dumps(v)}" for k, v in option.items())
+        return (
+            f"{head}; these settings would fit: {settings} (predicted {predicted:.2f} GB); pass "
+            "fit_to_budget=true to choose them, or allow_over_budget=true to start anyway"
+        )
     return (
         f"{head}; no smaller setting of this run fits: use a smaller model, raise memory_budget_gb, or pass "
         "allow_over_budget=true to start anyway"

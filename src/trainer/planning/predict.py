@@ -10,6 +10,7 @@ from ..errors import ConfigError
 from .config import QLoRAConfig
 from .memory_estimate import MemoryParts, MemoryPlan
 from .memory_plan import check_memory
+from .plan_search import PlanOption
 from .modelref import read_model_config, resolve_model_dir
 from .preflight import RunDefaults, prepare_run
 
@@ -23,6 +24,8 @@ class RunPrediction(BaseModel):
     budget_gb: float
     fits: bool
     changes: list[str] = Field(description="Settings fit_to_budget would change.")
+    choice: str | None = Field(None, description="Over budget: the fastest plan that fits, and why.")
+    plans: list[PlanOption] = Field(default_factory=list, description="Over budget: the plans considered.")
     num_processes: int = Field(1, description="The prediction and the budget are each process's.")
 
 
