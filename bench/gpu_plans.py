@@ -93,8 +93,8 @@ def fitted(model: Path, data: Path, batch: int, budget: float, common: dict[str,
     """What fit_to_budget changes for this run and budget (the product's own search, nothing started)."""
     from gpu_product import _lora_layers
 
-    from trainer.planning.predict import predict_run
     from trainer.planning.config import QLoRAConfig
+    from trainer.planning.predict import predict_run
 
     raw = {"model": str(model), "data": str(data), "batch_size": batch, "max_seq_length": 2048, **common}
     raw.update(num_layers=_lora_layers(model), memory_budget_gb=budget, fit_to_budget=True)

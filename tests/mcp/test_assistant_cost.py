@@ -18,9 +18,10 @@ from mcp_local.compact import compact_schema, shallow_schema
 from tests.conftest import tiny_run_config
 from tests.mcp.conftest import fake_server
 
-# 16,919 bytes (2025 era) and 17,005 (2026 era) with titles, every parameter described, build_dataset, evaluate's
-# held-out options (issue 28) and run_status's until (issue 29); issue 29 asks for 15,360: not reached (benchmarks.md)
-MAX_TOOL_LIST_BYTES = 17_100
+# 17,118 bytes (2025 era) and 17,204 (2026 era) with titles, every parameter described, build_dataset, evaluate's
+# held-out options (issue 28), run_status's until (issue 29), checkpoint_blocks and pass_tokens (issue 31); issue 29
+# asks for 15,360: not reached (benchmarks.md)
+MAX_TOOL_LIST_BYTES = 17_250
 MAX_FOLLOW_CALLS = 12
 MAX_FOLLOW_TEXT_BYTES = 15_000
 TRAIN_BLUE = (31, 119, 180)  # matplotlib's first two colours: the train and validation loss lines

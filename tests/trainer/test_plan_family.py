@@ -1,5 +1,5 @@
 """Each memory-saving plan trains to the unconstrained plan's losses and gradients (CPU backend, a tiny model):
-the fused loss over the vocabulary, recomputed blocks, gradient accumulation."""
+recomputed blocks, gradient accumulation over passes of a token budget (the chunked loss: test_mlx_training)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from trainer.engine.batches import micro_batches
 from trainer.engine.loop import accumulating_step, fused_step
-from trainer.engine.losses import make_default_loss, make_fused_loss
+from trainer.engine.losses import make_default_loss
 from trainer.engine.patches import checkpointed_blocks
 
 VOCAB = 512
@@ -72,12 +72,6 @@ def _close(a: tuple[float, dict[str, np.ndarray]], b: tuple[float, dict[str, np.
         np.testing.assert_allclose(a[1][name], b[1][name], rtol=2e-4, atol=1e-6, err_msg=name)
 
 
-@pytest.mark.parametrize("tied", [False, True])  # a head of its own, or the embedding's as_linear
-def test_the_fused_loss_equals_the_plain_loss_and_its_gradients(tied: bool) -> None:
-    reference = _loss_and_grads(make_default_loss(), tied=tied)
-    _close(_loss_and_grads(make_fused_loss(chunk_tokens=48), tied=tied), reference)  # chunks across examples
-
-
 def test_recomputed_blocks_give_the_same_gradients() -> None:
     reference = _loss_and_grads(make_default_loss())
     _close(_loss_and_grads(make_default_loss(), blocks=2), reference)  # two of the three LoRA blocks
@@ -98,13 +92,23 @@ def _train(step_for: Any, steps: int = 3) -> list[float]:
 def test_gradient_accumulation_trains_as_the_whole_batch_does() -> None:
     loss = make_default_loss()
     whole = _train(lambda m, o: fused_step(m, o, loss))
-    for micro in (1, 2):
-        assert _train(lambda m, o, k=micro: accumulating_step(m, o, loss, k)) == pytest.approx(whole, rel=1e-5)
+    for budget in (1, 128, 200):  # passes as in the test below
+        assert _train(lambda m, o, k=budget: accumulating_step(m, o, loss, k)) == pytest.approx(whole, rel=1e-5)
     assert whole[-1] < whole[0]  # it trained
 
 
-def test_micro_batches_group_by_length_and_cut_padding() -> None:
-    tokens, lengths = _batch()
-    parts = micro_batches((tokens, lengths), 2)
-    assert [np.array(p[1])[:, 1].tolist() for p in parts] == [[17, 40], [70, 96]]
-    assert [p[0].shape[1] for p in parts] == [65, 97]  # 40 -> 64 inputs (a multiple of 32), and the batch's own
+@pytest.mark.parametrize(
+    ("budget", "passes", "widths"),
+    [
+        (1, [[17], [40], [70], [96]], [33, 65, 97, 97]),  # one example a pass, each cut to its own (aligned to 32)
+        (128, [[17, 40], [70], [96]], [65, 97, 97]),  # 2 x 64 inputs fit; 2 x 96 do not
+        (200, [[17, 40], [70, 96]], [65, 97]),  # 3 x 96 do not fit, 2 x 96 do
+        (10_000, [[17, 40, 70, 96]], [97]),  # the whole batch
+    ],
+)
+def test_passes_group_examples_by_length_within_the_token_budget(
+    budget: int, passes: list[list[int]], widths: list[int]
+) -> None:
+    parts = micro_batches(_batch(), budget)
+    assert [np.array(p[1])[:, 1].tolist() for p in parts] == passes
+    assert [p[0].shape[1] for p in parts] == widths

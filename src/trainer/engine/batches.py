@@ -29,21 +29,28 @@ def aligned(batch: Any) -> Any:
     return batch if extra == 0 else (mx.pad(tokens, [(0, 0), (0, extra)]), lengths)
 
 
-def micro_batches(batch: Any, size: int) -> list[Any]:
-    """The batch's examples sorted by length, in groups of `size`, each cut to its own longest example (aligned as
-    above): less padding, and the same tokens under the loss's mask."""
+def micro_batches(batch: Any, pass_tokens: int) -> list[Any]:
+    """The batch's examples sorted by length and grouped into passes of at most `pass_tokens` padded inputs (an
+    example longer than that alone), each cut to its own longest example (aligned as above): short examples share a
+    pass, long ones get one each, and the loss's mask sees the same tokens."""
     import mlx.core as mx
     import numpy as np
 
     tokens, lengths = batch
-    order = np.argsort(np.array(lengths)[:, 1], kind="stable")
+    ends = np.array(lengths)[:, 1]
+    align = input_alignment()
+    groups: list[list[int]] = []
+    for row in np.argsort(ends, kind="stable").tolist():
+        inputs = min(tokens.shape[1] - 1, -(-int(ends[row]) // align) * align)  # the longest so far: this one
+        if groups and (len(groups[-1]) + 1) * inputs <= pass_tokens:
+            groups[-1].append(row)
+        else:
+            groups.append([row])
     parts = []
-    for start in range(0, len(order), size):
-        rows = mx.array(order[start : start + size])
-        part_lengths = lengths[rows]
-        longest = int(np.array(part_lengths)[:, 1].max())
-        inputs = -(-longest // input_alignment()) * input_alignment()
-        parts.append((tokens[rows][:, : min(tokens.shape[1], inputs + 1)], part_lengths))
+    for group in groups:
+        rows = mx.array(group)
+        inputs = min(tokens.shape[1] - 1, -(-int(ends[group].max()) // align) * align)
+        parts.append((tokens[rows][:, : inputs + 1], lengths[rows]))
     return parts
 
 

@@ -69,10 +69,10 @@ def fused_step(model: Any, optimizer: Any, loss: Loss) -> Step:
     return run
 
 
-def accumulating_step(model: Any, optimizer: Any, loss: Loss, micro_batch: int) -> Step:
-    """Gradient accumulation: the batch as micro-batches of `micro_batch` examples (batches.micro_batches), each one's
-    summed loss and gradient added up in float32, then one update: the whole batch's loss and gradient, with one
-    micro-batch's activations alive at a time."""
+def accumulating_step(model: Any, optimizer: Any, loss: Loss, pass_tokens: int) -> Step:
+    """Gradient accumulation: the batch as passes of at most `pass_tokens` padded tokens (batches.micro_batches),
+    each one's summed loss and gradient added up in float32, then one update: the whole batch's loss and gradient,
+    with one pass's activations alive at a time."""
     from mlx.nn.utils import value_and_grad
     from mlx.utils import tree_map
 
@@ -98,7 +98,7 @@ def accumulating_step(model: Any, optimizer: Any, loss: Loss, micro_batch: int) 
 
     def run(batch: Any) -> tuple[mx.array, mx.array]:
         total, toks, grad = None, None, None
-        for part in micro_batches(batch, micro_batch):
+        for part in micro_batches(batch, pass_tokens):
             part_total, part_toks, part_grad = summed(*part)
             if grad is None:
                 total, toks, grad = part_total, part_toks, part_grad

@@ -6,11 +6,6 @@
 and their float32 softmax for the backward pass: for a 152k vocabulary at 2048 tokens that is gigabytes. Here the
 head and the loss run over sequence chunks under `mx.checkpoint`, so the backward pass recomputes each chunk's logits
 instead of keeping them. The result equals `default_loss` up to float rounding.
-
-On a GPU the whole step is one compiled graph, where `mx.checkpoint`'s chunks barely lowered the peak
-(docs/benchmarks.md); there `make_fused_loss` computes the loss over the vocabulary in token chunks with its own
-backward, which recomputes each chunk's logits only once the cotangent exists (`mx.depends`), so no chunk's logits,
-softmax or gradient outlives it.
 """
 
 from __future__ import annotations
@@ -24,8 +19,6 @@ from mlx.nn.losses import cross_entropy
 from .cpu_math import fast_cross_entropy
 
 DEFAULT_CHUNK_TOKENS = 1024
-#: tokens per chunk of the fused loss: a 152k vocabulary's float32 logits and softmax at 512 tokens are 0.6 GB
-FUSED_CHUNK_TOKENS = 512
 CrossEntropy = Callable[[mx.array, mx.array], mx.array]
 Loss = Callable[[Any, mx.array, mx.array], tuple[mx.array, mx.array]]
 
@@ -56,12 +49,9 @@ def make_default_loss(ce: CrossEntropy = cross_entropy) -> Loss:
 
 
 def training_loss(fast_path: bool, chunked: bool) -> Loss:
-    """The loss a run's step differentiates (and its validation evaluates): with `chunked`, the fused loss on a GPU,
-    checkpointed chunks on the CPU (whose fast cross-entropy they keep)."""
+    """The loss a run's step differentiates (and its validation evaluates)."""
     ce = cross_entropy_for(fast_path)
-    if not chunked:
-        return make_default_loss(ce)
-    return make_chunked_loss(ce=ce) if mx.default_device() == mx.cpu else make_fused_loss()
+    return make_chunked_loss(ce=ce) if chunked else make_default_loss(ce)
 
 
 def head_of(model: Any) -> Any | None:
@@ -101,68 +91,3 @@ def make_chunked_loss(chunk_tokens: int = DEFAULT_CHUNK_TOKENS, ce: CrossEntropy
         return total / ntoks, ntoks
 
     return chunked_loss
-
-
-def head_weight(head: Any) -> mx.array:
-    """The head's weight as one (vocabulary, hidden) matrix, dequantized once (a bound `as_linear`: its embedding)."""
-    module = getattr(head, "__self__", head)
-    if "scales" not in module:
-        return module.weight  # type: ignore[no-any-return]
-    mode = getattr(module, "mode", "affine")
-    biases = module.get("biases")
-    return mx.dequantize(module.weight, module.scales, biases, module.group_size, module.bits, mode=mode)
-
-
-def vocabulary_cross_entropy(weight: mx.array, chunk_tokens: int = FUSED_CHUNK_TOKENS) -> Any:
-    """sum(mask * cross_entropy(rows @ weight.T, targets)) over (tokens, hidden) rows, one chunk of tokens at a
-    time: each chunk waits for the one before (`mx.depends`), so one chunk's logits are alive, and the backward
-    recomputes them only once the cotangent exists."""
-
-    def logits_of(rows: mx.array) -> mx.array:
-        return (rows @ weight.T).astype(mx.float32)
-
-    def chunks(rows: int) -> range:
-        return range(0, rows, chunk_tokens)
-
-    @mx.custom_function
-    def summed(hidden: mx.array, targets: mx.array, mask: mx.array) -> mx.array:
-        total = mx.array(0.0, dtype=mx.float32)
-        for start in chunks(hidden.shape[0]):
-            (rows,) = mx.depends([hidden[start : start + chunk_tokens]], [total])
-            logits = logits_of(rows)
-            picked = mx.take_along_axis(logits, targets[start : start + chunk_tokens, None], axis=-1)[:, 0]
-            total = total + ((mx.logsumexp(logits, axis=-1) - picked) * mask[start : start + chunk_tokens]).sum()
-        return total
-
-    @summed.vjp
-    def summed_vjp(primals: tuple[mx.array, ...], cotangent: mx.array, output: mx.array) -> tuple[mx.array, ...]:
-        hidden, targets, mask = primals
-        parts: list[mx.array] = []
-        for start in chunks(hidden.shape[0]):
-            (rows,) = mx.depends([hidden[start : start + chunk_tokens]], parts[-1:] or [cotangent])
-            logits = logits_of(rows)
-            picked = mx.arange(logits.shape[-1])[None, :] == targets[start : start + chunk_tokens, None]
-            scale = (mask[start : start + chunk_tokens] * cotangent)[:, None]
-            parts.append(((mx.softmax(logits, axis=-1) - picked) * scale).astype(weight.dtype) @ weight)
-        return mx.concatenate(parts, axis=0).astype(hidden.dtype), mx.zeros_like(targets), mx.zeros_like(mask)
-
-    return summed
-
-
-def make_fused_loss(chunk_tokens: int = FUSED_CHUNK_TOKENS) -> Loss:
-    """`default_loss` with the head and cross-entropy fused over token chunks (vocabulary_cross_entropy)."""
-
-    def fused_loss(model: Any, batch: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
-        head = head_of(model)
-        if head is None:
-            return make_default_loss()(model, batch, lengths)
-        inputs, targets = batch[:, :-1], batch[:, 1:]
-        steps = mx.arange(1, targets.shape[1] + 1)
-        mask = mx.logical_and(steps >= lengths[:, 0:1], steps <= lengths[:, 1:])
-        ntoks = mask.sum()
-        hidden = model.model(inputs)
-        summed = vocabulary_cross_entropy(head_weight(head), chunk_tokens)
-        rows = hidden.reshape(-1, hidden.shape[-1])
-        return summed(rows, targets.reshape(-1), mask.reshape(-1).astype(mx.float32)) / ntoks, ntoks
-
-    return fused_loss

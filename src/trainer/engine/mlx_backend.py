@@ -174,8 +174,8 @@ def _step_and_eval_loss(config: QLoRAConfig, model: Any, optimizer: Any) -> tupl
     fast = fast_path_on(config.fast_path)
     if not config.layerwise:
         loss = training_loss(fast, config.chunked_loss)
-        if config.micro_batches > 1:
-            return accumulating_step(model, optimizer, loss, config.per_process_batch // config.micro_batches), loss
+        if config.pass_tokens is not None:
+            return accumulating_step(model, optimizer, loss, config.pass_tokens), loss
         return fused_step(model, optimizer, loss), loss
     from .layerwise import make_layerwise_eval_loss, supports_layerwise
 

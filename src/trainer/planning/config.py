@@ -58,11 +58,11 @@ class QLoRAConfig(BaseModel):
     grad_checkpoint: Annotated[bool, Field(description="Recompute activations: less memory.")] = False
     checkpoint_blocks: Annotated[
         int | None,
-        Field(ge=1, le=4096, description="With grad_checkpoint: how many LoRA blocks recompute (default all)."),
+        Field(ge=1, le=4096, description="LoRA blocks grad_checkpoint recomputes; default all."),
     ] = None
-    micro_batch_size: Annotated[
+    pass_tokens: Annotated[
         int | None,
-        Field(ge=1, le=4096, description="Examples per pass, gradients summed: same step, less memory."),
+        Field(ge=8, le=1 << 24, description="Most tokens per pass (gradient accumulation)."),
     ] = None
     mask_prompt: Annotated[bool, Field(description="Loss on completions only.")] = False
     seed: Annotated[int, Field(ge=0, lt=1 << 32, description="LoRA init, batch order.")] = 0
@@ -132,15 +132,9 @@ class QLoRAConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _micro_batches_split_the_batch(self) -> QLoRAConfig:
-        micro = self.micro_batch_size
-        if micro is not None and micro < self.per_process_batch and self.layerwise:
-            raise ValueError("micro_batch_size with layerwise=true: the layerwise step takes the whole batch; drop one")
-        if micro is not None and (micro > self.per_process_batch or self.per_process_batch % micro):
-            raise ValueError(
-                f"micro_batch_size {micro} does not split the batch of {self.per_process_batch} examples per process; "
-                "use a divisor of it"
-            )
+    def _passes_are_for_the_fused_step(self) -> QLoRAConfig:
+        if self.pass_tokens is not None and self.layerwise:
+            raise ValueError("pass_tokens with layerwise=true: the layerwise step takes the whole batch; drop one")
         return self
 
     @property
@@ -152,11 +146,6 @@ class QLoRAConfig(BaseModel):
     def distributed(self) -> bool:
         """Whether the run starts an MLX process group (one process asking for NCCL is a group of one)."""
         return self.num_processes > 1 or self.backend == "nccl" or self.hosts is not None
-
-    @property
-    def micro_batches(self) -> int:
-        """Passes per step and process (gradient accumulation)."""
-        return self.per_process_batch // (self.micro_batch_size or self.per_process_batch)
 
     @property
     def recomputed_blocks(self) -> int:

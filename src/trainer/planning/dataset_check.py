@@ -33,6 +33,9 @@ class DatasetSummary(BaseModel):
     longest_tokens: int | None = Field(
         None, description="Tokens of the longest example with its template (None: the model has no tokenizer.json)."
     )
+    length_sample: list[int] = Field(
+        default_factory=list, description="Training examples' tokens at evenly spaced quantiles (at most 128), sorted."
+    )
 
 
 class _TokenCounter:
@@ -46,6 +49,7 @@ class _TokenCounter:
 
             self._tokenizer = Tokenizer.from_file(str(tokenizer_file))
             self.longest = 0
+        self.counts: list[int] = []
 
     def add(self, record: dict[str, Any]) -> None:
         if self._tokenizer is None or self.longest is None:
@@ -56,7 +60,18 @@ class _TokenCounter:
         else:
             texts = [str(v) for v in record.values() if isinstance(v, str)]
         count = sum(len(self._tokenizer.encode(t).ids) for t in texts)
-        self.longest = max(self.longest, count + TEMPLATE_TOKENS_PER_MESSAGE * len(texts) + TEMPLATE_TOKENS)
+        count += TEMPLATE_TOKENS_PER_MESSAGE * len(texts) + TEMPLATE_TOKENS
+        self.longest = max(self.longest, count)
+        self.counts.append(count)
+
+
+def quantile_sample(values: list[int], size: int = 128) -> list[int]:
+    """The values at `size` evenly spaced quantiles (all of them when fewer), sorted: the length distribution the plan
+    search predicts speeds on."""
+    ordered = sorted(values)
+    if len(ordered) <= size:
+        return ordered
+    return [ordered[round(i * (len(ordered) - 1) / (size - 1))] for i in range(size)]
 
 
 def _record_format(record: object, where: str) -> str:
@@ -170,6 +185,7 @@ def check_dataset(
     check_size(data, max_mb)
     counter = _TokenCounter(tokenizer_file)
     fmt, n_train = _check_file(train, counter)
+    sample = quantile_sample(counter.counts)
     n_valid = 0
     if valid.is_file():
         valid_fmt, n_valid = _check_file(valid, counter)
@@ -177,4 +193,6 @@ def check_dataset(
             raise ConfigError(f"{valid} holds {valid_fmt} records but train.jsonl holds {fmt}; use one format")
     check_counts(data, batch_size, n_train, n_valid)
     assert fmt is not None
-    return DatasetSummary(format=fmt, train_examples=n_train, valid_examples=n_valid, longest_tokens=counter.longest)
+    return DatasetSummary(
+        format=fmt, train_examples=n_train, valid_examples=n_valid, longest_tokens=counter.longest, length_sample=sample
+    )

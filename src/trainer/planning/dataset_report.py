@@ -21,7 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import ConfigError
-from .dataset_check import FORMATS, MAX_LINE_BYTES, DatasetSummary, check_counts
+from .dataset_check import FORMATS, MAX_LINE_BYTES, DatasetSummary, check_counts, quantile_sample
 from .modelref import resolve_model_dir
 from .paths import PathPolicy
 from .repo_files import may_hold_secret, secret_in_line
@@ -58,6 +58,7 @@ class SplitSummary(BaseModel):
     tokens_p90: int | None = None
     tokens_max: int | None = None
     truncated: int = Field(0, description="Examples longer than max_seq_length (cut to it).")
+    length_sample: list[int] = Field(default_factory=list, exclude=True)  # for the plan search (dataset_check)
     tokens_total: int = 0
     tokens_trained: int = Field(0, description="Tokens the loss covers (with mask_prompt: the completions only).")
 
@@ -242,6 +243,7 @@ class _Reader:
         return SplitSummary(
             split=name, examples=examples, tokens_p50=pick(0.5), tokens_p90=pick(0.9), tokens_max=pick(1.0),
             truncated=truncated, tokens_total=sum(lengths), tokens_trained=trained,
+            length_sample=quantile_sample(lengths),
         )  # fmt: skip
 
     def _record(self, path: Path, number: int, raw: bytes) -> dict[str, Any] | None:
@@ -350,7 +352,7 @@ def trainable_summary(report: DatasetReport, batch_size: int) -> DatasetSummary:
     longest = [s.tokens_max for s in (train, valid) if s is not None and s.tokens_max is not None]
     return DatasetSummary(
         format=report.format or "text", train_examples=n_train, valid_examples=n_valid,
-        longest_tokens=max(longest) if longest else None,
+        longest_tokens=max(longest) if longest else None, length_sample=train.length_sample if train else [],
     )  # fmt: skip
 
 

@@ -57,9 +57,6 @@ LAYERWISE_LOSS_TOKENS = 512
 #: CUDA: what recomputing one block frees, in layers of activations: 0.45 GB a block at 1x2048 on the 7B shape
 #: (measured 17.68 GB with none, 15.89 with 4, 10.42 with all 16; H100, docs/benchmarks.md)
 GPU_RECOMPUTE_FREED_LAYERS = 1.28
-#: the fused loss (engine/losses.py, CUDA): one 512-token chunk's float32 logits, softmax and gradient at a time
-FUSED_LOSS_TOKENS = 512
-FUSED_LOGIT_TENSORS = 3.0
 
 
 class MemoryParts(BaseModel):
@@ -89,11 +86,14 @@ class MemoryPlan(BaseModel):
     dense_weights: bool = Field(False, description="CPU: float32 copies of the frozen weights are kept.")
     layerwise: bool = Field(False, description="The step is evaluated one block at a time.")
     recomputed_blocks: int = Field(0, description="LoRA blocks recomputed in the backward pass.")
-    micro_batch: int | None = Field(None, description="Examples per pass (gradient accumulation); None: the batch.")
+    pass_tokens: int | None = Field(None, description="Most tokens per pass (gradient accumulation); None: the batch.")
 
     @property
-    def pass_batch(self) -> int:
-        return self.micro_batch or self.batch_size
+    def pass_batch(self) -> float:
+        """Examples of seq_len tokens in the largest pass (at least one: an example is never split)."""
+        if self.pass_tokens is None:
+            return self.batch_size
+        return min(self.batch_size, max(1, self.pass_tokens // self.seq_len))
 
 
 def _dims(config: dict[str, Any]) -> tuple[int, int, int, int, int, int, int, bool]:
@@ -174,9 +174,8 @@ def predict_peak(model_config: dict[str, Any], plan: MemoryPlan) -> MemoryParts:
     # does not count on them (it errs high if they help).
     recomputed = min(plan.recomputed_blocks, lora_layers)
     chunked = plan.chunked_loss and plan.device == "cpu"
-    fused = plan.chunked_loss and plan.device != "cpu"
     batch = plan.pass_batch
-    tokens = batch * plan.seq_len
+    tokens = int(batch * plan.seq_len)
     token_scale = 1.0 if plan.device == "cpu" else GPU_TOKEN_SCALE
     act_per_token = (ACT_HIDDEN * hidden + ACT_KV * kv + ACT_INTERMEDIATE * inter) * d * token_scale
     per_layer = tokens * act_per_token
@@ -201,10 +200,8 @@ def predict_peak(model_config: dict[str, Any], plan: MemoryPlan) -> MemoryParts:
             activations += recomputed * (tokens * hidden * d - per_layer) + CHECKPOINT_LAYERS * per_layer
         elif recomputed:
             activations -= recomputed * GPU_RECOMPUTE_FREED_LAYERS * per_layer
-        logit_tokens = min(tokens, batch * 1024) if chunked else tokens
+        logit_tokens = int(min(tokens, batch * 1024)) if chunked else tokens
         logits = logit_tokens * vocab * (d + 4 * (kept - 1)) * token_scale
-        if fused:
-            logits = min(tokens, FUSED_LOSS_TOKENS) * vocab * 4 * FUSED_LOGIT_TENSORS
         base = weights + lora + activations + logits
         if plan.device == "cpu":
             activations += CPU_OVERHEAD_GB * GB

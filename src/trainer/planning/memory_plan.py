@@ -12,7 +12,7 @@ from ..errors import ConfigError
 from .config import QLoRAConfig
 from .device import device_kind, fast_path_on, input_alignment
 from .memory_estimate import MemoryParts, MemoryPlan, dense_copy_bytes, predict_peak
-from .plan_search import PlanOption, explain, search
+from .plan_search import PlanOption, Shape, explain, search
 
 log = logging.getLogger(__name__)
 #: `dense_weights` turns itself on (CPU, fast path) when the float32 copies take at most this much and this share of
@@ -48,7 +48,7 @@ def plan_for(
         rank=config.rank,
         grad_checkpoint=config.grad_checkpoint,
         recomputed_blocks=config.recomputed_blocks,
-        micro_batch=config.micro_batch_size if config.micro_batches > 1 else None,
+        pass_tokens=config.pass_tokens,
         chunked_loss=config.chunked_loss,
         quantize_bits=config.quantize_bits,
         compute_bytes=bytes_per_element,
@@ -73,7 +73,7 @@ def _alternatives(config: QLoRAConfig, device: str = "cpu") -> list[dict[str, An
         steps.append(current)
     for option in ("grad_checkpoint", "chunked_loss", "layerwise"):
         if not current.get(option) and not getattr(config, option):
-            current = {**current, option: True, "checkpoint_blocks": None, "micro_batch_size": None}
+            current = {**current, option: True, "checkpoint_blocks": None, "pass_tokens": None}
             steps.append(current)
     batch, processes = config.batch_size, config.num_processes
     while batch > processes:  # halved, still split evenly over the processes
@@ -98,11 +98,13 @@ def check_memory(
     model_config: dict[str, Any],
     default_budget: float,
     longest_tokens: int | None,
+    lengths: list[int] | None = None,
 ) -> tuple[QLoRAConfig, MemoryCheck]:
     """Predict the run's peak; apply fit_to_budget; raise ConfigError when it does not fit and is not allowed.
 
     The sequence length is `longest_tokens` (the dataset's longest example), capped at max_seq_length; None uses
-    max_seq_length as is.
+    max_seq_length as is. `lengths` (a sample of the training examples' tokens) lets the plan search predict speeds
+    on the run's own data.
     """
     budget = config.memory_budget_gb or default_budget
     _, device, fast = compute_bytes(config.fast_path)
@@ -123,11 +125,12 @@ def check_memory(
 
     plan, parts = predict(config)
     changes: list[str] = []
-    choice, considered = None, []
+    choice: str | None = None
+    considered: list[PlanOption] = []
     if parts.total_gb > budget:
         layers = int(model_config.get("text_config", model_config)["num_hidden_layers"])
         lora_layers = layers if config.num_layers == -1 else min(config.num_layers, layers)
-        option, considered = search(config, predict, budget, layers, lora_layers, device)
+        option, considered = search(config, predict, budget, Shape(layers, lora_layers, device, lengths or []))
         chosen = next((o for o in considered if o.settings == option), None) if option is not None else None
         choice = explain(chosen, considered, budget)
         if config.fit_to_budget:

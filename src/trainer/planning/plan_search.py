@@ -2,21 +2,23 @@
 fastest that fits the budget chosen.
 
 The family keeps the step's mathematics (the same loss and gradients, tests/trainer/test_plan_family.py): gradient
-accumulation over micro-batches, recomputing k of the LoRA blocks in the backward pass, the loss fused (GPU) or
-chunked (CPU) over the vocabulary, and the layerwise step. Speeds are relative to the unconstrained plan, from a model
-of where a step's time goes, calibrated per device kind (docs/benchmarks.md): a recomputed block costs one block's
-forward, a step of L blocks with l trained costs about L + 2l of them; a pass of t tokens runs at t / (t + t0) of the
-device's full rate; the layerwise step runs at a measured share of the fused one.
+accumulation over passes of a token budget, recomputing k of the LoRA blocks in the backward pass, the loss chunked
+over the sequence (CPU), and the layerwise step. Speeds are relative to the unconstrained plan, from a model
+of where a step's time goes, calibrated per device kind (docs/benchmarks.md), on the run's own example lengths: a pass
+of t padded tokens costs t + t0 (t0: the fixed cost that makes small passes slow); a recomputed block costs one
+block's forward, of about L + 2l in a step of L blocks with l trained; the layerwise step runs at a measured share.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, Field
 
 from .config import QLoRAConfig
+from .device import input_alignment
 from .memory_estimate import MemoryParts, MemoryPlan
 
 #: tokens in one pass at which the device runs at half its full rate: CUDA from 1x2048 and 4x1024 on the 7B shape
@@ -26,7 +28,7 @@ HALF_RATE_TOKENS = {"gpu": 1365.0, "cpu": 64.0}
 #: the layerwise step's speed against the fused one: 0.72 on CUDA (7B, 1x2048, H100), 0.78 on the CPU (SmolLM2 and
 #: Qwen2.5-0.5B shapes)
 LAYERWISE_SPEED = {"gpu": 0.72, "cpu": 0.78}
-#: the fused or chunked loss: its extra head pass for the backward (an estimate: one head matmul of the step's)
+#: the chunked loss: its extra head pass for the backward (an estimate: one head matmul of the step's)
 LOSS_RECOMPUTE_SPEED = 0.97
 
 Predict = Callable[[QLoRAConfig], tuple[MemoryPlan, MemoryParts]]
@@ -41,51 +43,88 @@ class PlanOption(BaseModel):
     fits: bool
 
 
-def relative_speed(plan: MemoryPlan, layers: int, lora_layers: int, device: str) -> float:
-    """Predicted tokens/s of `plan` over the same batch run unconstrained (one pass, nothing recomputed)."""
-    kind = "cpu" if device == "cpu" else "gpu"
+@dataclass(frozen=True)
+class Shape:
+    """What a plan's speed depends on besides its settings: the model's blocks, the device, the data's lengths."""
+
+    layers: int
+    lora_layers: int
+    device: str
+    lengths: list[int] = field(default_factory=list)  # a sample of the training examples' tokens, sorted
+
+
+def _pass_cost(examples: int, width: int, half: float) -> float:
+    """A pass's time in tokens' worth: its padded tokens, plus the fixed cost that makes small passes slow."""
+    return examples * width + half
+
+
+def _step_costs(batch: list[int], plan: MemoryPlan, align: int, half: float) -> tuple[float, float]:
+    """(unconstrained, this plan's) time for one batch of example lengths: one pass padded to the longest, or the
+    plan's passes (batches.micro_batches: sorted, grouped within pass_tokens, each cut to its own longest)."""
+    widths = sorted(min(plan.seq_len, -(-n // align) * align) for n in batch)
+    whole = _pass_cost(len(widths), widths[-1], half)
+    if plan.pass_tokens is None:
+        return whole, whole
+    cost, group = 0.0, 0
+    for index, width in enumerate(widths):
+        if group and (group + 1) * width > plan.pass_tokens:
+            cost += _pass_cost(group, widths[index - 1], half)
+            group = 0
+        group += 1
+    return whole, cost + _pass_cost(group, widths[-1], half)
+
+
+def relative_speed(plan: MemoryPlan, shape: Shape) -> float:
+    """Predicted tokens/s of `plan` over the same batches run unconstrained (one pass each, nothing recomputed), on
+    the data's lengths (batches of neighbours in length order, as MLX-LM forms them) or, without them, on batches
+    of examples as long as the longest."""
+    kind = "cpu" if shape.device == "cpu" else "gpu"
     if plan.layerwise:
         return LAYERWISE_SPEED[kind]
-    half = HALF_RATE_TOKENS[kind]
-    whole, per_pass = plan.batch_size * plan.seq_len, plan.pass_batch * plan.seq_len
-    rate = (per_pass / (per_pass + half)) / (whole / (whole + half))
-    recomputed = min(plan.recomputed_blocks, lora_layers)
-    rate /= 1 + recomputed / (layers + 2 * lora_layers)
+    lengths = shape.lengths or [plan.seq_len] * plan.batch_size
+    size = plan.batch_size
+    batches = [lengths[i : i + size] for i in range(0, len(lengths) - size + 1, size)] or [lengths]
+    align = input_alignment()
+    costs = [_step_costs(b, plan, align, HALF_RATE_TOKENS[kind]) for b in batches]
+    rate = sum(c[0] for c in costs) / sum(c[1] for c in costs)
+    recomputed = min(plan.recomputed_blocks, shape.lora_layers)
+    rate /= 1 + recomputed / (shape.layers + 2 * shape.lora_layers)
     return rate * (LOSS_RECOMPUTE_SPEED if plan.chunked_loss else 1.0)
 
 
-def _divisors_descending(n: int) -> list[int]:
-    return [d for d in range(n, 0, -1) if n % d == 0]
-
-
-def _family(config: QLoRAConfig, lora_layers: int) -> Iterator[dict[str, Any]]:
-    """Settings of the same step, from the least to the most memory-saving within each kind."""
-    losses = [False, True] if not config.chunked_loss else [True]
-    for micro in _divisors_descending(config.per_process_batch):
+def _family(config: QLoRAConfig, lora_layers: int, device: str) -> Iterator[dict[str, Any]]:
+    """Settings of the same step, from the least to the most memory-saving within each kind. Passes hold whole
+    examples of up to max_seq_length tokens; the chunked loss is the CPU's only (on CUDA no loss over chunks lowered
+    the peak, docs/benchmarks.md)."""
+    losses = [False, True] if not config.chunked_loss and device == "cpu" else [config.chunked_loss]
+    batch, seq = config.per_process_batch, config.max_seq_length
+    budgets = [None] + [examples * seq for examples in range(batch - 1, 0, -1)] if config.pass_tokens is None else []
+    for pass_tokens in budgets or [config.pass_tokens]:
         for chunked in losses:
             for blocks in range(0, lora_layers + 1):
                 option: dict[str, Any] = {}
-                if micro != config.per_process_batch:
-                    option["micro_batch_size"] = micro
+                if pass_tokens != config.pass_tokens:
+                    option["pass_tokens"] = pass_tokens
                 if chunked != config.chunked_loss:
                     option["chunked_loss"] = True
                 if blocks:
                     option.update(grad_checkpoint=True, checkpoint_blocks=blocks)
                 yield option
     if not config.layerwise:
-        layerwise = {"layerwise": True, "chunked_loss": True, "micro_batch_size": None, "grad_checkpoint": False}
+        layerwise = {"layerwise": True, "chunked_loss": True, "pass_tokens": None, "grad_checkpoint": False}
         yield {k: v for k, v in layerwise.items() if getattr(config, k) != v}
 
 
 def search(
-    config: QLoRAConfig, predict: Predict, budget: float, layers: int, lora_layers: int, device: str
+    config: QLoRAConfig, predict: Predict, budget: float, shape: Shape
 ) -> tuple[dict[str, Any] | None, list[PlanOption]]:
     """The fastest predicted plan of the family that fits (None if none does), and the best of each kind considered
     (for each micro-batch size and loss, the fewest recomputed blocks that fit)."""
     considered: list[PlanOption] = []
     seen: set[tuple[Any, ...]] = set()
-    for option in _family(config, lora_layers):
-        kind = (option.get("micro_batch_size"), option.get("chunked_loss"), option.get("layerwise"))
+    lora_layers = shape.lora_layers
+    for option in _family(config, lora_layers, shape.device):
+        kind = (option.get("pass_tokens"), option.get("chunked_loss"), option.get("layerwise"))
         if kind in seen:
             continue  # more recomputed blocks of a kind that already fits: only slower
         candidate = config.model_copy(update=option)
@@ -93,7 +132,7 @@ def search(
         fits = parts.total_gb <= budget
         if fits or option.get("checkpoint_blocks") == lora_layers or option.get("layerwise"):
             seen.add(kind)
-            speed = relative_speed(plan, layers, lora_layers, device)
+            speed = relative_speed(plan, shape)
             considered.append(PlanOption(settings=option, predicted_gb=parts.total_gb, relative_speed=speed, fits=fits))
     fitting = [o for o in considered if o.fits]
     best = max(fitting, key=lambda o: o.relative_speed, default=None)

@@ -10,8 +10,8 @@ from ..errors import ConfigError
 from .config import QLoRAConfig
 from .memory_estimate import MemoryParts, MemoryPlan
 from .memory_plan import check_memory
-from .plan_search import PlanOption
 from .modelref import read_model_config, resolve_model_dir
+from .plan_search import PlanOption
 from .preflight import RunDefaults, prepare_run
 
 

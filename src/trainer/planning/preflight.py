@@ -139,7 +139,7 @@ def prepare_run(
     if config.num_processes > 1 and not config.hosts and backend_kind() != "cuda":  # they share this host's memory
         budget = round(budget / config.num_processes, 2)
     try:
-        config, check = check_memory(config, model_config, budget, summary.longest_tokens)
+        config, check = check_memory(config, model_config, budget, summary.longest_tokens, summary.length_sample)
     except KeyError as missing:  # a config without the dimensions we need: the watchdog still guards the run
         log.warning("no memory prediction for %s: its config lacks %s", config.model, missing)
         config = config.model_copy(update={"memory_budget_gb": config.memory_budget_gb or budget})
