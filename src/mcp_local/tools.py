@@ -140,6 +140,8 @@ async def profile_memory(
             f"predicted peak {prediction.prediction.total_gb:.2f} GB{each} {verdict} the budget of "
             f"{prediction.budget_gb:.2f} GB; "
         )
+        if prediction.choice and not prediction.fits:
+            predicted += f"fit_to_budget would take {prediction.choice}; "
     summary = predicted + (
         f"server RSS {profile.server.rss_gb:.2f} GB (MLX active {profile.server.mlx_active_gb or 0:.2f} GB), "
         f"{len(profile.loaded_models)} model(s) loaded, {len(profile.workers)} live worker(s), system "

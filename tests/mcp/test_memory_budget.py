@@ -87,6 +87,15 @@ async def test_a_run_predicted_over_budget_is_refused_with_settings_that_fit(
         assert status.structured_content["config"]["grad_checkpoint"] is True
         await client.call_tool("cancel_run", {"run_id": run_id})
 
+        profile = await client.call_tool(
+            "profile_memory", {"config": tiny_config(tiny_model, tiny_data, memory_budget_gb=budget)}
+        )
+        prediction = profile.structured_content["prediction"]  # type: ignore[index]
+        fitting = [p for p in prediction["plans"] if p["fits"]]
+        fastest = max(fitting, key=lambda p: p["relative_speed"])
+        assert prediction["choice"].startswith(", ".join(f"{k}={v}" for k, v in fastest["settings"].items()))
+        assert "fit_to_budget would take" in profile.content[0].text  # the choice, said to the assistant
+
 
 @pytest.mark.slow
 async def test_a_run_that_grows_past_its_budget_is_stopped_with_its_adapter_saved(
