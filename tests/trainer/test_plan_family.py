@@ -20,30 +20,20 @@ from trainer.engine.batches import micro_batches
 from trainer.engine.loop import accumulating_step, fused_step
 from trainer.engine.losses import make_default_loss
 from trainer.engine.patches import checkpointed_blocks
+from trainer.engine.tiny import TINY_ARGS
 
 VOCAB = 512
 
 
-def _model(tied: bool = False) -> Any:
+def _model() -> Any:
     mx.random.seed(0)
-    args = qwen2.ModelArgs.from_dict(
-        {
-            "model_type": "qwen2",
-            "hidden_size": 64,
-            "num_hidden_layers": 4,
-            "intermediate_size": 128,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "rms_norm_eps": 1e-6,
-            "vocab_size": VOCAB,
-            "tie_word_embeddings": tied,
-        }
-    )
+    args = qwen2.ModelArgs.from_dict({**TINY_ARGS, "vocab_size": VOCAB})
     model = qwen2.Model(args)
     quantize(model, group_size=32, bits=4)
     model.freeze()
     linear_to_lora_layers(model, 3, {"rank": 4, "scale": 2.0, "dropout": 0.0})
-    lora: list[tuple[str, Any]] = tree_flatten(model.trainable_parameters())  # type: ignore[assignment]  # LoRA's B starts at zero: make it count
+    # LoRA's B starts at zero: random values make every gradient count
+    lora: list[tuple[str, Any]] = tree_flatten(model.trainable_parameters())  # type: ignore[assignment]
     model.update(tree_unflatten([(name, mx.random.normal(p.shape) * 0.05) for name, p in lora]))
     mx.eval(model.parameters())
     return model
@@ -57,8 +47,8 @@ def _batch() -> tuple[mx.array, mx.array]:
     return tokens * keep, lengths
 
 
-def _loss_and_grads(loss: Any, blocks: int = 0, tied: bool = False) -> tuple[float, dict[str, np.ndarray]]:
-    model = _model(tied)
+def _loss_and_grads(loss: Any, blocks: int = 0) -> tuple[float, dict[str, np.ndarray]]:
+    model = _model()
     with checkpointed_blocks(model, blocks):
         (value, _), grads = value_and_grad(model, loss)(model, *_batch())
         mx.eval(value, grads)
@@ -115,6 +105,7 @@ def test_passes_group_examples_by_length_within_the_token_budget(
     assert [p[0].shape[1] for p in parts] == widths
 
 
+#: the Qwen2.5-Coder-7B shape of the H100 measurements (bench/memory_prediction.py's SHAPES), 4-bit
 QWEN_7B = {
     "hidden_size": 3584,
     "intermediate_size": 18944,
