@@ -4,6 +4,10 @@
 --budget, also what `fit_to_budget` chooses for that budget.
 
 python3 bench/gpu_plans.py --work DIR [--iters 20] [--only fixed,chat] [--budget 16] [--out results.jsonl]
+    [--model FOLDER --seq 256 --batch 2]   (another model, e.g. the demo's imported SmolLM2 on the CPU)
+
+(The session-14 rows named "fused loss" and "micro-batches of N" ran earlier versions: a loss fused over the
+vocabulary, since dropped, and passes of N examples, since replaced by `pass_tokens`; docs/benchmarks.md.)
 """
 
 from __future__ import annotations
@@ -25,18 +29,17 @@ TOKENS_PER_WORD = 3.6
 
 FIXED: dict[str, dict[str, Any]] = {
     "fast path (unconstrained)": {},
-    "fused loss": {"chunked_loss": True},
+    "chunked loss": {"chunked_loss": True},
     "recompute 4 blocks": {"grad_checkpoint": True, "checkpoint_blocks": 4},
     "recompute 16 blocks": {"grad_checkpoint": True},
-    "fused loss + recompute 4 blocks": {"chunked_loss": True, "grad_checkpoint": True, "checkpoint_blocks": 4},
+    "chunked loss + recompute 4 blocks": {"chunked_loss": True, "grad_checkpoint": True, "checkpoint_blocks": 4},
     "layerwise": {"layerwise": True, "chunked_loss": True},
 }
 CHAT: dict[str, dict[str, Any]] = {
     "fast path (unconstrained)": {},
-    "fused loss": {"chunked_loss": True},
-    "micro-batches of 1": {"micro_batch_size": 1},
-    "micro-batches of 1 + fused loss": {"micro_batch_size": 1, "chunked_loss": True},
-    "micro-batches of 2 + fused loss": {"micro_batch_size": 2, "chunked_loss": True},
+    "chunked loss": {"chunked_loss": True},
+    "passes of 2048 tokens": {"pass_tokens": 2048},
+    "passes of 4096 tokens": {"pass_tokens": 4096},
     "layerwise": {"layerwise": True, "chunked_loss": True},
 }
 
@@ -65,14 +68,18 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=None, help="also fit_to_budget's plan for this budget")
     parser.add_argument("--variants", default=None, help="comma-separated variant names to run (default: all)")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--model", default=None, help="an MLX model folder instead of the random 7B shape")
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=1, help="the fixed-length set's batch")
     args = parser.parse_args()
     work = Path(args.work)
-    model = work / "model"
+    model = Path(args.model) if args.model else work / "model"
     if not (model / "config.json").is_file():
         build_model(model)
+    seq = args.seq
     sets = {
-        "fixed": (build_data(work / "data-2048", words_per_record=2048), 1, {}, FIXED),
-        "chat": (build_chat(work / "chat"), 4, {"mask_prompt": True}, CHAT),
+        "fixed": (build_data(work / f"data-{seq}", words_per_record=seq), args.batch, {}, FIXED),
+        "chat": (build_chat(work / "chat", high=seq), 4, {"mask_prompt": True}, CHAT),
     }
     for name in args.only.split(","):
         data, batch, common, variants = sets[name]
@@ -80,23 +87,27 @@ def main() -> None:
             variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}
         rows = dict(variants)
         for variant, settings in rows.items():
-            got = product(model, data, batch, 2048, args.iters, False, **common, **settings)
+            settings = dict(settings)
+            layerwise = settings.pop("layerwise", False)
+            got = product(model, data, batch, seq, args.iters, layerwise, **common, **settings)
             report({"data": name, "batch": batch, "variant": variant, **got}, args.out)
         if args.budget:  # the plan the product chooses for this budget, run with room to show its real peak
-            chosen = fitted(model, data, batch, args.budget, common)
-            got = product(model, data, batch, 2048, args.iters, False, **common, **chosen["settings"])
+            chosen = fitted(model, data, batch, seq, args.budget, common)
+            settings = dict(chosen["settings"])
+            layerwise = settings.pop("layerwise", False)
+            got = product(model, data, batch, seq, args.iters, layerwise, **common, **settings)
             row = {"data": name, "batch": batch, "variant": f"fit_to_budget {args.budget:g} GB", **chosen, **got}
             report({**row, "within_budget": got.get("peak_gb", 1e9) <= args.budget}, args.out)
 
 
-def fitted(model: Path, data: Path, batch: int, budget: float, common: dict[str, Any]) -> dict[str, Any]:
+def fitted(model: Path, data: Path, batch: int, seq: int, budget: float, common: dict[str, Any]) -> dict[str, Any]:
     """What fit_to_budget changes for this run and budget (the product's own search, nothing started)."""
     from gpu_product import _lora_layers
 
     from trainer.planning.config import QLoRAConfig
     from trainer.planning.predict import predict_run
 
-    raw = {"model": str(model), "data": str(data), "batch_size": batch, "max_seq_length": 2048, **common}
+    raw = {"model": str(model), "data": str(data), "batch_size": batch, "max_seq_length": seq, **common}
     raw.update(num_layers=_lora_layers(model), memory_budget_gb=budget, fit_to_budget=True)
     prediction = predict_run(QLoRAConfig.parse(raw))
     settings = dict(change.split("=", 1) for change in prediction.changes)
