@@ -58,7 +58,8 @@ Fine-tune and run local code LLMs with MLX-LM (QLoRA). Three workflows, each als
 - From a repository to a better coder (tune_on_repository): build_dataset(source, out, format="instruct") ->
   start_qlora_run(config with data=out) -> evaluate(run_id), called again until it has ended: held-out perplexity and
   function completion, base vs adapter, each change with a 95% interval.
-profile_memory shows the server's, the models' and every worker's memory. Resources runs://{run_id}/status, /memory
+profile_memory shows the server's, the models' and every worker's memory and, for a config, its predicted peak; over
+the budget it names the fastest plan that fits (fit_to_budget=true takes it). Resources runs://{run_id}/status, /memory
 and /metrics update live (subscribe to them); /plot is a PNG."""
 
 

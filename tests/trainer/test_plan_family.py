@@ -16,7 +16,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models import qwen2
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
-from trainer.engine.batches import micro_batches
+from trainer.engine.batches import token_passes
 from trainer.engine.loop import accumulating_step, fused_step
 from trainer.engine.losses import make_default_loss
 from trainer.engine.patches import checkpointed_blocks
@@ -100,7 +100,7 @@ def test_gradient_accumulation_trains_as_the_whole_batch_does() -> None:
 def test_passes_group_examples_by_length_within_the_token_budget(
     budget: int, passes: list[list[int]], widths: list[int]
 ) -> None:
-    parts = micro_batches(_batch(), budget)
+    parts = token_passes(_batch(), budget)
     assert [np.array(p[1])[:, 1].tolist() for p in parts] == passes
     assert [p[0].shape[1] for p in parts] == widths
 

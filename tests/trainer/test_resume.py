@@ -138,3 +138,19 @@ def test_inputs_are_aligned_to_128_where_cudnn_attention_needs_it(monkeypatch: p
     assert aligned((tokens, lengths))[0].shape == (1, 1537)
     monkeypatch.setenv(device.ALIGN_ENV, "32")
     assert aligned((tokens, lengths))[0].shape == (1, 1505)
+
+
+def test_a_run_of_token_passes_and_recomputed_blocks_trains_as_the_plain_run_and_resumes_bit_for_bit(
+    tiny_model: Path, small_data: Path, tmp_path: Path
+) -> None:
+    """The plan search's plans run the same steps: gradient accumulation over passes of at most 64 tokens with one
+    recomputed block gives the plain run's losses (float rounding apart), and a stop and resume change nothing."""
+    plain = _train(_config(tiny_model, small_data, dropout=0.0, iters=20), tmp_path / "plain").losses()
+    config = _config(
+        tiny_model, small_data, dropout=0.0, iters=20, pass_tokens=64, grad_checkpoint=True, checkpoint_blocks=1
+    )
+    whole = _train(config, tmp_path / "whole").losses()
+    assert whole == pytest.approx(plain, rel=1e-3) and whole != plain  # the same steps, summed in another order
+    _train(config, tmp_path / "parts", stop_after=8)
+    after = _train(config, tmp_path / "parts").losses()
+    assert after == {it: whole[it] for it in range(9, 21)}

@@ -29,7 +29,7 @@ def aligned(batch: Any) -> Any:
     return batch if extra == 0 else (mx.pad(tokens, [(0, 0), (0, extra)]), lengths)
 
 
-def micro_batches(batch: Any, pass_tokens: int) -> list[Any]:
+def token_passes(batch: Any, pass_tokens: int) -> list[Any]:
     """The batch's examples sorted by length and grouped into passes of at most `pass_tokens` padded inputs (an
     example longer than that alone), each cut to its own longest example (aligned as above): short examples share a
     pass, long ones get one each, and the loss's mask sees the same tokens."""

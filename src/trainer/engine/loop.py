@@ -70,13 +70,13 @@ def fused_step(model: Any, optimizer: Any, loss: Loss) -> Step:
 
 
 def accumulating_step(model: Any, optimizer: Any, loss: Loss, pass_tokens: int) -> Step:
-    """Gradient accumulation: the batch as passes of at most `pass_tokens` padded tokens (batches.micro_batches),
+    """Gradient accumulation: the batch as passes of at most `pass_tokens` padded tokens (batches.token_passes),
     each one's summed loss and gradient added up in float32, then one update: the whole batch's loss and gradient,
     with one pass's activations alive at a time."""
     from mlx.nn.utils import value_and_grad
     from mlx.utils import tree_map
 
-    from .batches import micro_batches
+    from .batches import token_passes
     from .distributed import sum_over_ranks
 
     loss_value_and_grad = value_and_grad(model, loss)
@@ -98,14 +98,14 @@ def accumulating_step(model: Any, optimizer: Any, loss: Loss, pass_tokens: int) 
 
     def run(batch: Any) -> tuple[mx.array, mx.array]:
         total, toks, grad = None, None, None
-        for part in micro_batches(batch, pass_tokens):
+        for part in token_passes(batch, pass_tokens):
             part_total, part_toks, part_grad = summed(*part)
             if grad is None:
                 total, toks, grad = part_total, part_toks, part_grad
             else:
                 total, toks = total + part_total, toks + part_toks  # type: ignore[operator]
                 grad = tree_map(mx.add, grad, part_grad)
-            mx.eval(total, toks, grad)  # this micro-batch's activations are freed before the next one's
+            mx.eval(total, toks, grad)  # this pass's activations are freed before the next one's
         value, toks = update(total, toks, grad)  # type: ignore[arg-type]  # a batch has one example or more
         mx.async_eval(state, value, toks)
         return value, toks

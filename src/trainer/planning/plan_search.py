@@ -60,7 +60,7 @@ def _pass_cost(examples: int, width: int, half: float) -> float:
 
 def _step_costs(batch: list[int], plan: MemoryPlan, align: int, half: float) -> tuple[float, float]:
     """(unconstrained, this plan's) time for one batch of example lengths: one pass padded to the longest, or the
-    plan's passes (batches.micro_batches: sorted, grouped within pass_tokens, each cut to its own longest)."""
+    plan's passes (batches.token_passes: sorted, grouped within pass_tokens, each cut to its own longest)."""
     widths = sorted(min(plan.seq_len, -(-n // align) * align) for n in batch)
     whole = _pass_cost(len(widths), widths[-1], half)
     if plan.pass_tokens is None:
@@ -119,7 +119,7 @@ def search(
     config: QLoRAConfig, predict: Predict, budget: float, shape: Shape
 ) -> tuple[dict[str, Any] | None, list[PlanOption]]:
     """The fastest predicted plan of the family that fits (None if none does), and the best of each kind considered
-    (for each micro-batch size and loss, the fewest recomputed blocks that fit)."""
+    (for each pass size and loss, the fewest recomputed blocks that fit)."""
     considered: list[PlanOption] = []
     seen: set[tuple[Any, ...]] = set()
     lora_layers = shape.lora_layers
