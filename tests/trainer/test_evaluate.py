@@ -191,22 +191,23 @@ def test_a_pid_file_is_removed_only_by_its_record(tmp_path: Path) -> None:
     import os
 
     from trainer.lifecycle.leases import process_started
-    from trainer.results.evaluation_jobs import PID_FILE, forget_ended
+    from trainer.results.evaluation_jobs import PID_FILE, forget_ended, pid_record_text
 
     pid_file = tmp_path / PID_FILE
-    pid_file.write_text("my own notes, not a record\n")
-    forget_ended(tmp_path)
-    forget_ended(tmp_path, os.getpid())
-    assert pid_file.read_text() == "my own notes, not a record\n"
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    for users in ("my own notes, not a record\n", f"{done.stdout.strip()} 1.0"):  # the second: untagged numbers
+        pid_file.write_text(users)
+        forget_ended(tmp_path)
+        forget_ended(tmp_path, int(done.stdout))
+        assert pid_file.read_text() == users
 
-    pid_file.write_text(f"{os.getpid()} {process_started(os.getpid())}")  # a live evaluation: this process
+    pid_file.write_text(pid_record_text(os.getpid(), process_started(os.getpid()) or 0.0))  # a live one: this process
     forget_ended(tmp_path)  # a later look while it runs
     forget_ended(tmp_path, os.getpid() + 1)  # another evaluation, ending
     assert pid_file.exists()
     forget_ended(tmp_path, os.getpid())  # the one it names, as it ends
     assert not pid_file.exists()
 
-    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    pid_file.write_text(f"{done.stdout.strip()} 1.0")  # its process has exited
+    pid_file.write_text(pid_record_text(int(done.stdout), 1.0))  # its process has exited
     forget_ended(tmp_path)
     assert not pid_file.exists()

@@ -12,6 +12,7 @@ from ..errors import ConfigError
 from .config import QLoRAConfig
 from .device import device_kind, fast_path_on, input_alignment
 from .memory_estimate import MemoryParts, MemoryPlan, dense_copy_bytes, predict_peak
+from .modelref import num_hidden_layers
 from .plan_search import PlanOption, Shape, explain, search
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,10 @@ def check_memory(
         )
     longest = longest_tokens
     align = input_alignment()
+    layers = num_hidden_layers(model_config)
+    if layers is None:
+        raise KeyError("num_hidden_layers")  # a config without the dimensions a prediction needs (callers say so)
+    lora_layers = layers if config.num_layers == -1 else min(config.num_layers, layers)
 
     def predict(cfg: QLoRAConfig) -> tuple[MemoryPlan, MemoryParts]:
         seq = min(cfg.max_seq_length, longest) if longest else cfg.max_seq_length
@@ -121,6 +126,7 @@ def check_memory(
             seq = -(-(seq - 1) // align) * align
         cfg_bytes, _, cfg_fast = compute_bytes(cfg.fast_path)
         plan = plan_for(cfg, seq, cfg_bytes, device, cfg_fast)
+        plan = plan.model_copy(update={"recomputed_blocks": min(plan.recomputed_blocks, lora_layers)})  # "all": l
         return plan, predict_peak(model_config, plan)
 
     plan, parts = predict(config)
@@ -128,8 +134,6 @@ def check_memory(
     choice: str | None = None
     considered: list[PlanOption] = []
     if parts.total_gb > budget:
-        layers = int(model_config.get("text_config", model_config)["num_hidden_layers"])
-        lora_layers = layers if config.num_layers == -1 else min(config.num_layers, layers)
         option, considered = search(config, predict, budget, Shape(layers, lora_layers, device, lengths or []))
         chosen = next((o for o in considered if o.settings == option), None) if option is not None else None
         choice = explain(chosen, considered, budget)

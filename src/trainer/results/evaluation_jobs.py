@@ -24,6 +24,8 @@ from .evaluation import EVALUATION_FILE, Evaluation, EvaluationSpec, stored_eval
 SPEC_FILE = "evaluation.spec.json"
 PID_FILE = "evaluation.pid"
 LOG_FILE = "evaluation.log"
+#: the first word of every pid file `start_evaluation` writes: only a file that carries it is ours to read or remove
+PID_RECORD_TAG = "mcp-local-evaluation"
 
 
 class EvaluationState(BaseModel):
@@ -49,12 +51,16 @@ def _spec(folder: Path) -> EvaluationSpec | None:
     return EvaluationSpec.model_validate_json(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
+def pid_record_text(pid: int, started: float) -> str:
+    return f"{PID_RECORD_TAG} {pid} {started}"
+
+
 def _pid_record(folder: Path) -> tuple[int, float] | None:
     """The background evaluation `start_evaluation` recorded in `folder` (pid, start time), or None: no file, or not
-    one we wrote."""
+    one we wrote (it lacks our tag)."""
     try:
-        pid, started = (folder / PID_FILE).read_text(encoding="utf-8").split()
-        return int(pid), float(started)
+        tag, pid, started = (folder / PID_FILE).read_text(encoding="utf-8").split()
+        return (int(pid), float(started)) if tag == PID_RECORD_TAG else None
     except (OSError, ValueError):
         return None
 
@@ -110,7 +116,7 @@ def start_evaluation(spec: EvaluationSpec, folder: Path) -> EvaluationState:
             env=mlx_child_environment(),
         )  # fmt: skip
     started = process_started(child.pid)
-    (folder / PID_FILE).write_text(f"{child.pid} {started or 0.0}", encoding="utf-8")
+    (folder / PID_FILE).write_text(pid_record_text(child.pid, started or 0.0), encoding="utf-8")
     threading.Thread(target=child.wait, daemon=True).start()  # reaped here while this process lives
     state = evaluation_state(folder)
     assert state is not None
