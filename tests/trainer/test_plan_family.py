@@ -118,7 +118,7 @@ QWEN_7B = {
 }
 
 
-def _search_on_cuda(monkeypatch: pytest.MonkeyPatch, lengths: list[int] | None = None, **settings: Any) -> Any:
+def search_on_cuda(monkeypatch: pytest.MonkeyPatch, lengths: list[int] | None = None, **settings: Any) -> Any:
     from trainer.planning import memory_plan, plan_search
     from trainer.planning.config import QLoRAConfig
 
@@ -134,7 +134,7 @@ def _search_on_cuda(monkeypatch: pytest.MonkeyPatch, lengths: list[int] | None =
 def test_the_search_takes_the_fastest_plan_that_fits_not_the_first(monkeypatch: pytest.MonkeyPatch) -> None:
     """The 7B shape at 1x2048 on CUDA with 16 GB: 4 recomputed blocks (measured on an H100: 15.89 GB at 0.94x),
     not layerwise (7.7 GB at 0.72x), which fits too."""
-    config, check = _search_on_cuda(monkeypatch, batch_size=1, max_seq_length=2048)
+    config, check = search_on_cuda(monkeypatch, batch_size=1, max_seq_length=2048)
     assert check.changes == ["grad_checkpoint=True", "checkpoint_blocks=4"] and check.fits
     assert config.recomputed_blocks == 4 and check.prediction.total_gb == pytest.approx(15.89, rel=0.02)
     speeds = {json.dumps(p.settings, sort_keys=True): p.relative_speed for p in check.plans if p.fits}
@@ -144,8 +144,8 @@ def test_the_search_takes_the_fastest_plan_that_fits_not_the_first(monkeypatch: 
 
 def test_passes_are_predicted_faster_on_short_examples(monkeypatch: pytest.MonkeyPatch) -> None:
     """Batch 4: on long examples every plan is slow; on short ones a pass holds the whole batch (the same speed)."""
-    _, long = _search_on_cuda(monkeypatch, [2048] * 64, batch_size=4, max_seq_length=2048)
-    _, short = _search_on_cuda(monkeypatch, [400] * 60 + [2048] * 4, batch_size=4, max_seq_length=2048)
+    _, long = search_on_cuda(monkeypatch, [2048] * 64, batch_size=4, max_seq_length=2048)
+    _, short = search_on_cuda(monkeypatch, [400] * 60 + [2048] * 4, batch_size=4, max_seq_length=2048)
 
     def passes(check: Any) -> float:
         return next(p.relative_speed for p in check.plans if p.settings.get("pass_tokens") == 2048)

@@ -15,6 +15,7 @@ from trainer.lifecycle.backend import BackendEvent, Cancelled, request_stop
 from trainer.lifecycle.checkpoints import checkpoints_dir, verify
 from trainer.lifecycle.events import Checkpoint, Resumed, TrainReport
 from trainer.planning.config import QLoRAConfig
+from trainer.planning.replan import PlanChange, write_change
 
 pytestmark = pytest.mark.slow
 ITERS = 40
@@ -154,3 +155,30 @@ def test_a_run_of_token_passes_and_recomputed_blocks_trains_as_the_plain_run_and
     _train(config, tmp_path / "parts", stop_after=8)
     after = _train(config, tmp_path / "parts").losses()
     assert after == {it: whole[it] for it in range(9, 21)}
+
+
+def test_a_run_switches_plan_at_the_recorded_step_and_resumes_bit_for_bit_on_either_side(
+    tiny_model: Path, small_data: Path, tmp_path: Path
+) -> None:
+    """A plan change recorded for step 6 (as the first-steps check writes it): the start's plan until step 6, then
+    passes of 64 tokens with a recomputed block; a run stopped before the switch or after it continues exactly."""
+    change = PlanChange(
+        from_step=6,
+        settings={"pass_tokens": 64, "grad_checkpoint": True, "checkpoint_blocks": 1},
+        measured_gb=1.0,
+        predicted_gb=1.3,
+        new_predicted_gb=0.9,
+        reason="a test's",
+    )
+    config = _config(tiny_model, small_data, dropout=0.0, iters=20)
+    plain = _train(config, tmp_path / "plain").losses()
+    for name in ("whole", "before", "after"):
+        (tmp_path / name).mkdir()
+        write_change(tmp_path / name, change)
+    whole = _train(config, tmp_path / "whole").losses()
+    assert {it: whole[it] for it in range(1, 7)} == {it: plain[it] for it in range(1, 7)}  # the same plan to step 6
+    assert whole == pytest.approx(plain, rel=1e-3) and whole != plain  # then the same steps, summed in another order
+    for name, stop_after in (("before", 4), ("after", 9)):
+        _train(config, tmp_path / name, stop_after=stop_after)
+        after = _train(config, tmp_path / name).losses()
+        assert after == {it: whole[it] for it in range(stop_after + 1, 21)}, name

@@ -26,10 +26,12 @@ Loss = Callable[..., tuple[mx.array, mx.array]]
 
 
 class LoopHooks(Protocol):
-    def before_step(self, step: int) -> None:
-        """A safe point (a stop may be raised here), and progress."""
+    def before_step(self, step: int) -> tuple[Step, Loss] | None:
+        """A safe point (a stop may be raised here), and progress; a plan changed from this step on: its step and
+        validation loss."""
 
-    def after_step(self, done: LoopState) -> None: ...
+    def after_step(self, done: LoopState, inputs: int) -> None:
+        """`inputs`: the width of the step's batch."""
 
     def safe_point(self) -> None:
         """Between validation batches: a stop may be raised here."""
@@ -163,19 +165,22 @@ def train_steps(
     # the training phase's clock: batch preparation, steps and reports count; evaluation and checkpoints do not
     clock = time.perf_counter()
     while True:
-        hooks.before_step(it)
+        changed = hooks.before_step(it)
+        if changed is not None:
+            step, val_loss = changed
         if val_set is not None and (it == 1 or it % config.steps_per_eval == 0 or it == config.iters):
             window.seconds += time.perf_counter() - clock
             _evaluate(model, val_set, config, val_loss, hooks, it)
             clock = time.perf_counter()
         value, toks = step(batch)
+        inputs = int(batch[0].shape[1]) - 1
         if it < config.iters:
             it_next, batch = next(batches)  # prepared while the device computes this step
         window.loss += float(value.item())  # type: ignore[arg-type]
         window.tokens += int(toks.item())  # type: ignore[arg-type]
         window.steps += 1
         done = LoopState(it, done.trained_tokens + int(toks.item()))  # type: ignore[arg-type]
-        hooks.after_step(done)
+        hooks.after_step(done, inputs)
         if it % config.steps_per_report == 0 or it == config.iters:
             window.seconds += time.perf_counter() - clock
             clock = time.perf_counter()

@@ -31,8 +31,9 @@ from ..lifecycle.events import Checkpoint, PhaseChanged, Progress, Resumed, Trai
 from ..lifecycle.jobs import Phase
 from ..planning.config import QLoRAConfig
 from .batches import batches_per_epoch, data_position
-from .loop import Loss, Step, accumulating_step, fused_step, layerwise_step, train_steps
+from .loop import Loss, Step, train_steps
 from .mlx_import import require_mlx
+from .plan_switch import RunPlans
 from .run_state import ADAPTERS, LoopState, adapter_weights, read_state, save_adapter, write_state
 
 log = logging.getLogger(__name__)
@@ -90,22 +91,26 @@ class _RunEvents:
         self.per_epoch = 1
         self.hashes = ("", "")
         self.primary = True  # in a run of several processes, rank 0 alone writes checkpoints and the adapter
+        self.plans: RunPlans | None = None
 
     def set_phase(self, new: Phase) -> None:
         if new is not self.phase:
             self.phase = new
             self.emit(PhaseChanged(phase=new))
 
-    def before_step(self, step: int) -> None:
+    def before_step(self, step: int) -> tuple[Step, Loss] | None:
         stop_if_requested()  # between steps: the model's arrays are all evaluated here
         self.set_phase(Phase.TRAINING)
         now = time.monotonic()
         if not self.last_progress or now - self.last_progress >= PROGRESS_EVERY_S:
             self.last_progress = now
             self.emit(Progress(iteration=step, iters=self.config.iters))
+        return self.plans.before_step(step) if self.plans is not None else None
 
-    def after_step(self, done: LoopState) -> None:
+    def after_step(self, done: LoopState, inputs: int) -> None:
         self.done = done
+        if self.plans is not None:
+            self.plans.after_step(done, inputs)
 
     def safe_point(self) -> None:
         stop_if_requested()
@@ -163,26 +168,6 @@ def _check_finite(which: str, loss: float, iteration: int, config: QLoRAConfig) 
             f"the {which} loss became {loss} at iteration {iteration}: training diverged; lower learning_rate "
             f"(now {config.learning_rate:g}) or alpha (now {config.alpha:g}, scale alpha/rank = {config.lora_scale:g})"
         )
-
-
-def _step_and_eval_loss(config: QLoRAConfig, model: Any, optimizer: Any) -> tuple[Step, Loss]:
-    """The run's training step (MLX-LM's compiled step with our loss, or the layerwise step) and its validation loss.
-    Built after a checkpoint's optimizer state is loaded: the compiled step captures that state."""
-    from ..planning.device import fast_path_on
-    from .losses import cross_entropy_for, training_loss
-
-    fast = fast_path_on(config.fast_path)
-    if not config.layerwise:
-        loss = training_loss(fast, config.chunked_loss)
-        if config.pass_tokens is not None:
-            return accumulating_step(model, optimizer, loss, config.pass_tokens), loss
-        return fused_step(model, optimizer, loss), loss
-    from .layerwise import make_layerwise_eval_loss, supports_layerwise
-
-    if not supports_layerwise(model):
-        raise ConfigError(f"layerwise=true is not supported for {type(model).__module__}; set it to false")
-    ce = cross_entropy_for(fast)
-    return layerwise_step(model, optimizer, ce), make_layerwise_eval_loss(ce)
 
 
 def _add_lora(config: QLoRAConfig, model: Any) -> int:
@@ -243,7 +228,7 @@ class MlxTrainingBackend:
 
         from ..planning.device import group_backend
         from .distributed import is_primary, join_group
-        from .patches import checkpointed_blocks, fast_activations
+        from .patches import fast_activations
 
         if config.distributed:
             join_group(group_backend(config.backend))
@@ -267,19 +252,18 @@ class MlxTrainingBackend:
         if primary and clean_staging(events.checkpoints):
             log.info("removed a checkpoint a crash left half-written")
         _resume(events, model, optimizer, emit)
-        step, val_loss = _step_and_eval_loss(config, model, optimizer)
+        plans = events.plans = RunPlans(config, run_dir, model, optimizer, emit, events.done.step)
         maybe_set_recommended_wired_limit()
         try:
-            blocks = config.recomputed_blocks
-            with fast_activations(model), checkpointed_blocks(model, blocks), stops_at_safe_points():
+            with fast_activations(model), plans, stops_at_safe_points():
                 train_steps(
                     model,
                     optimizer,
                     CacheDataset(train_set),
                     CacheDataset(valid_set) if len(valid_set) else None,
                     config,
-                    step,
-                    val_loss,
+                    plans.step,
+                    plans.val_loss,
                     events,
                     events.done,
                 )

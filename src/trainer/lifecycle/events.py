@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from .jobs import FailureKind, Phase
 
 log = logging.getLogger(__name__)
-WIRE_VERSION = 4  # 2: `stopped`; workers write events.jsonl themselves. 3: `resumed`, attempts. 4: `stopping`
+#: 2: `stopped`; workers write events.jsonl themselves. 3: `resumed`, attempts. 4: `stopping`. 5: `replanned`
+WIRE_VERSION = 5
 #: older versions whose events this one still reads (a subset of it), for runs recorded before an upgrade
-READABLE_VERSIONS = frozenset({1, 2, 3, 4})
+READABLE_VERSIONS = frozenset({1, 2, 3, 4, 5})
 
 
 class _Event(BaseModel):
@@ -99,6 +100,18 @@ class Checkpoint(_Event):
     seconds: float | None = None  # how long writing it took: a stop waits for one such save
 
 
+class Replanned(_Event):
+    """The first-steps check chose another plan of the same step: in force after `iteration` (planning/replan.py)."""
+
+    type: Literal["replanned"] = "replanned"
+    iteration: int
+    settings: dict[str, Any]
+    measured_gb: float
+    predicted_gb: float
+    new_predicted_gb: float
+    reason: str
+
+
 class Stopping(_Event):
     """The worker received SIGTERM and will stop at its next safe point (after the step in flight), then save."""
 
@@ -134,6 +147,7 @@ Event = Annotated[
     | ValReport
     | MemorySample
     | Checkpoint
+    | Replanned
     | Stopping
     | Finished
     | Failed

@@ -3,6 +3,7 @@
 runs/<id>/config.json    the accepted config (the record holds it; this is the worker's copy, written once)
 runs/<id>/written.json   the files the run wrote outside its folder, with their SHA-256 (written.py)
 runs/<id>/preflight.json what the checks found: the dataset summary and the memory prediction
+runs/<id>/replan.json    a plan chosen again after the first steps (planning/replan.py), if one was
 runs/<id>/events.jsonl   every event the worker sent, append-only
 runs/<id>/worker.log     the worker's stdout and stderr (MLX-LM's own prints land here)
 runs/<id>/adapters/      adapter_config.json and adapters.safetensors (as of the last checkpoint, then final)

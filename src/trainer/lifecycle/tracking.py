@@ -22,6 +22,7 @@ from .events import (
     MemorySample,
     PhaseChanged,
     Progress,
+    Replanned,
     Resumed,
     Stopped,
     TrainReport,
@@ -107,6 +108,10 @@ def apply_event(job: Job, history: RunHistory, event: Event) -> frozenset[RunAsp
         return _METRICS
     elif isinstance(event, Finished):
         job.adapter_path = event.adapter_path
+    elif isinstance(event, Replanned):
+        metrics.plan_change = f"from step {event.iteration + 1}: {event.reason}"
+        metrics.predicted_peak_gb = event.new_predicted_gb
+        return _METRICS
     else:  # Started, Stopping: nothing a reader of the run sees changes
         return frozenset()
     return _STATUS

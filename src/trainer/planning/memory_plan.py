@@ -13,7 +13,7 @@ from .config import QLoRAConfig
 from .device import device_kind, fast_path_on, input_alignment
 from .memory_estimate import MemoryParts, MemoryPlan, dense_copy_bytes, predict_peak
 from .modelref import num_hidden_layers
-from .plan_search import PlanOption, Shape, explain, search
+from .plan_search import PlanOption, Predict, Shape, explain, search
 
 log = logging.getLogger(__name__)
 #: `dense_weights` turns itself on (CPU, fast path) when the float32 copies take at most this much and this share of
@@ -94,6 +94,30 @@ def dense_fits(model_config: dict[str, Any], budget_gb: float) -> bool:
     return dense_copy_bytes(model_config) <= min(DENSE_AUTO_MAX_GB, DENSE_AUTO_BUDGET_SHARE * budget_gb) * 1e9
 
 
+def run_predictor(
+    config: QLoRAConfig, model_config: dict[str, Any], longest: int | None, lengths: list[int] | None = None
+) -> tuple[Predict, Shape]:
+    """The peak prediction for a config of this run (its examples at most `longest` tokens; None: max_seq_length),
+    and the shape the plan search predicts speeds on."""
+    _, device, _ = compute_bytes(config.fast_path)
+    align = input_alignment()
+    layers = num_hidden_layers(model_config)
+    if layers is None:
+        raise KeyError("num_hidden_layers")  # a config without the dimensions a prediction needs (callers say so)
+    lora_layers = layers if config.num_layers == -1 else min(config.num_layers, layers)
+
+    def predict(cfg: QLoRAConfig) -> tuple[MemoryPlan, MemoryParts]:
+        seq = min(cfg.max_seq_length, longest) if longest else cfg.max_seq_length
+        if align > 32:  # CUDA: inputs padded to a multiple of 128 (the CPU's calibration used MLX-LM's padding)
+            seq = -(-(seq - 1) // align) * align
+        cfg_bytes, _, cfg_fast = compute_bytes(cfg.fast_path)
+        plan = plan_for(cfg, seq, cfg_bytes, device, cfg_fast)
+        plan = plan.model_copy(update={"recomputed_blocks": min(plan.recomputed_blocks, lora_layers)})  # "all": l
+        return plan, predict_peak(model_config, plan)
+
+    return predict, Shape(layers, lora_layers, device, lengths or [])
+
+
 def check_memory(
     config: QLoRAConfig,
     model_config: dict[str, Any],
@@ -113,28 +137,13 @@ def check_memory(
         config = config.model_copy(
             update={"dense_weights": device == "cpu" and fast and dense_fits(model_config, budget)}
         )
-    longest = longest_tokens
-    align = input_alignment()
-    layers = num_hidden_layers(model_config)
-    if layers is None:
-        raise KeyError("num_hidden_layers")  # a config without the dimensions a prediction needs (callers say so)
-    lora_layers = layers if config.num_layers == -1 else min(config.num_layers, layers)
-
-    def predict(cfg: QLoRAConfig) -> tuple[MemoryPlan, MemoryParts]:
-        seq = min(cfg.max_seq_length, longest) if longest else cfg.max_seq_length
-        if align > 32:  # CUDA: inputs padded to a multiple of 128 (the CPU's calibration used MLX-LM's padding)
-            seq = -(-(seq - 1) // align) * align
-        cfg_bytes, _, cfg_fast = compute_bytes(cfg.fast_path)
-        plan = plan_for(cfg, seq, cfg_bytes, device, cfg_fast)
-        plan = plan.model_copy(update={"recomputed_blocks": min(plan.recomputed_blocks, lora_layers)})  # "all": l
-        return plan, predict_peak(model_config, plan)
-
+    predict, shape = run_predictor(config, model_config, longest_tokens, lengths)
     plan, parts = predict(config)
     changes: list[str] = []
     choice: str | None = None
     considered: list[PlanOption] = []
     if parts.total_gb > budget:
-        option, considered = search(config, predict, budget, Shape(layers, lora_layers, device, lengths or []))
+        option, considered = search(config, predict, budget, shape)
         chosen = next((o for o in considered if o.settings == option), None) if option is not None else None
         choice = explain(chosen, considered, budget)
         if config.fit_to_budget:
