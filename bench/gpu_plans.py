@@ -1,7 +1,8 @@
 """The plan family on CUDA, through the product's own path (`python -m trainer run`, gpu_product.product): the
 7B-shaped 4-bit model at 1x2048 on records longer than the sequence, and at batch 4 on mixed-length chat records
 (100 to 2,048 tokens, `mask_prompt`), each memory-saving plan side by side with the unconstrained fast path; with
---budget, also what `fit_to_budget` chooses for that budget.
+--budget, also what `fit_to_budget` chooses for that budget (run with room to show its real peak), and the run with
+`fit_to_budget` itself, the budget enforced (its first-steps check may change the plan: `plan_change`).
 
 python3 bench/gpu_plans.py --work DIR [--iters 20] [--only fixed,chat] [--budget 16] [--out results.jsonl]
     [--model FOLDER --seq 256 --batch 2]   (another model, e.g. the demo's imported SmolLM2 on the CPU)
@@ -97,6 +98,11 @@ def main() -> None:
             layerwise = settings.pop("layerwise", False)
             got = product(model, data, batch, seq, args.iters, layerwise, **common, **settings)
             row = {"data": name, "batch": batch, "variant": f"fit_to_budget {args.budget:g} GB", **chosen, **got}
+            report({**row, "within_budget": got.get("peak_gb", 1e9) <= args.budget}, args.out)
+            # the product's own path: fit_to_budget in the run, the budget enforced, the first-steps check on
+            enforced = {"memory_budget_gb": args.budget, "allow_over_budget": False, "fit_to_budget": True}
+            got = product(model, data, batch, seq, args.iters, False, **common, **enforced)
+            row = {"data": name, "batch": batch, "variant": f"fit_to_budget {args.budget:g} GB in the run", **got}
             report({**row, "within_budget": got.get("peak_gb", 1e9) <= args.budget}, args.out)
 
 

@@ -130,6 +130,7 @@ def product(
         "rank_peaks_gb": [round(peaks[r], 2) for r in sorted(peaks)],
         "losses": [r["train_loss"] for r in reports],
         "predicted_gb": snap["metrics"]["predicted_peak_gb"],
+        "plan_change": snap["metrics"].get("plan_change"),
         "wall_s": round(wall, 1),
         "state": snap["state"],
     }

@@ -36,13 +36,18 @@ def try_a_model(model: str) -> str:
     )
 
 
-def fine_tune_and_follow(model: str, data: str, iters: int = 100) -> str:
+def fine_tune_and_follow(model: str, data: str, iters: int = 100, mode: str = "sft") -> str:
     """Validate a dataset, start a QLoRA run, follow it to the end."""
     return (
-        f'1. validate_dataset(data="{data}", model="{model}"): report problems by line, if any, and stop on errors.\n'
-        f'2. start_qlora_run(config={{"model": "{model}", "data": "{data}", "iters": {iters}}}): report the memory '
-        "prediction it returns.\n3. run_status(run_id, wait_seconds=60) until succeeded, failed or cancelled; report "
-        "loss, memory and ETA each time.\n4. generate(run_id=..., prompt=...) to try the adapter."
+        f'1. validate_dataset(data="{data}", model="{model}"): report problems by line, if any, and stop on errors. '
+        "Its format says the mode: examples to imitate (messages, prompt/completion, text) train with mode sft; "
+        "pairs of a chosen and a rejected reply (prompt, chosen, rejected) with mode dpo (against the base model) or "
+        "orpo (no reference, imitates the chosen replies too).\n"
+        f'2. start_qlora_run(config={{"model": "{model}", "data": "{data}", "iters": {iters}, "mode": "{mode}"}}): '
+        "report the memory prediction it returns.\n3. run_status(run_id, wait_seconds=60) until succeeded, failed or "
+        "cancelled; report loss, memory and ETA each time (dpo and orpo: the validation accuracy, the share of "
+        "validation pairs whose chosen reply the model prefers).\n4. generate(run_id=..., prompt=...) to try the "
+        "adapter."
     )
 
 

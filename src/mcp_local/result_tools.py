@@ -45,7 +45,7 @@ async def export_model_tool(
     adapter: Annotated[str | None, Field(description="... and an adapter folder.")] = None,
     gguf: Annotated[
         Literal["f16", "q8_0"] | None,
-        Field(description="GGUF (llama.cpp, Ollama, LM Studio): 16 or 8-bit; null: MLX folder only."),
+        Field(description="16 or 8-bit GGUF (llama.cpp, Ollama); null: MLX folder only."),
     ] = "f16",
     keep_quantized: Annotated[bool, Field(description="MLX only: re-quantize (smaller, inexact).")] = False,
     out: Annotated[str | None, Field(description="The .gguf file (gguf null: folder) to write.")] = None,

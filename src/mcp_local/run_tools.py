@@ -50,7 +50,7 @@ async def run_status_tool(
     wait_seconds: Annotated[float, Field(ge=0, le=MAX_WAIT_S, description="Seconds to wait for `until`.")] = 0,
     until: Annotated[
         WaitFor,
-        Field(description="What ends the wait: change (any report), end, phase, validation; a stall or error always."),
+        Field(description="change: any report; a stall or error always ends the wait."),
     ] = "change",
     memory_samples: Annotated[int, Field(ge=0, le=200, description="How many latest memory samples.")] = 2,
     include_config: Annotated[bool, Field(description="Also return the run's config.")] = False,
@@ -135,7 +135,7 @@ async def resume_run(
 async def list_runs(
     ctx: AppContext,
     state: Annotated[JobState | None, Field(description="Only runs in this state.")] = None,
-    limit: Annotated[int, Field(ge=1, le=200, description="Most runs to return, newest first.")] = 20,
+    limit: Annotated[int, Field(ge=1, le=200, description="Most runs to return.")] = 20,
 ) -> Annotated[CallToolResult, RunList]:
     """Runs, newest first: state, progress, last validation loss, adapter."""
     app = app_state(ctx)

@@ -114,7 +114,7 @@ async def profile_memory(
     ctx: AppContext,
     config: Annotated[
         dict[str, Any] | None,
-        Field(description="A start_qlora_run config; data optional (examples then max_seq_length long)."),
+        Field(description="A start_qlora_run config (data optional)."),
     ] = None,
     model: Annotated[str | None, Field(description="Or a model, with default settings.")] = None,
 ) -> Annotated[CallToolResult, MemoryProfile]:

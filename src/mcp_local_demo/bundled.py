@@ -28,3 +28,9 @@ def smollm2_gguf() -> Path:
 
 def house_style_data() -> Path:
     return Path(str(resources.files("mcp_local_demo") / "datasets" / "house_style"))
+
+
+def house_style_preferences() -> Path:
+    """Pairs of the house-style answer (chosen) and SmolLM2's own reply (rejected), written by
+    tools/make_house_style_preferences.py."""
+    return Path(str(resources.files("mcp_local_demo") / "datasets" / "house_style_preferences"))

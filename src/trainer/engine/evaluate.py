@@ -18,14 +18,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..planning.preference_records import is_preference
 from ..results.code_match import closed_code_block, code_blocks
 from ..results.evaluation import EVALUATION_FILE, Evaluation, EvaluationSpec, ModelScores, ProblemResult
 from ..results.evaluation_jobs import forget_ended
 from ..results.held_out_scores import (
     FunctionCompletion,
     HeldOutLoss,
+    PreferenceAccuracy,
+    UnitPreference,
     completion_changes,
     held_out_changes,
+    preference_changes,
 )
 from ..results.intervals import Change
 from ..results.repo_tests import RepoTests
@@ -33,6 +37,8 @@ from ..results.sandbox import run_sandboxed
 from .held_out import complete_functions, losses_by_unit, record_losses
 from .inference import ModelSession
 
+#: held-out pairs scored at once (both replies of each: twice as many sequences)
+PREFERENCE_BATCH = 8
 ASK = "Complete this Python function. Reply with the whole function in one ```python code block.\n\n```python\n{}```"
 
 
@@ -90,6 +96,38 @@ def _held_out(loaded: Any, spec: EvaluationSpec, records: list[dict[str, Any]]) 
     return HeldOutLoss.of(units, len(records), "file" if built else "record")
 
 
+def _preferences(loaded: Any, spec: EvaluationSpec, records: list[dict[str, Any]]) -> PreferenceAccuracy | None:
+    """Held-out preference pairs: for each, whether the model gives the chosen reply the higher log-probability."""
+    if not records or not all(is_preference(r) for r in records):
+        return None
+    import mlx.core as mx
+    import numpy as np
+
+    from ..planning.device import fast_path_on
+    from .losses import cross_entropy_for
+    from .patches import fast_activations
+    from .preference_data import pair_batch, pairs_of
+    from .preference_loss import sequence_logps
+
+    pairs = pairs_of(records, loaded.tokenizer)
+    ce = cross_entropy_for(fast_path_on(None))
+    preferred: list[bool] = []
+    with fast_activations(loaded.model):
+        for start in range(0, len(pairs), PREFERENCE_BATCH):
+            rows = list(range(start, min(start + PREFERENCE_BATCH, len(pairs))))
+            tokens, lengths, _ = pair_batch(pairs, rows, spec.max_seq_length)
+            logps, _ = sequence_logps(loaded.model, tokens, lengths, ce)
+            mx.eval(logps)
+            values = [float(v) for v in np.array(logps)]
+            preferred += [c > r for c, r in zip(values[: len(rows)], values[len(rows) :], strict=True)]
+    units: dict[str, list[bool]] = {}
+    for number, (record, won) in enumerate(zip(records, preferred, strict=True), start=1):
+        units.setdefault(str(record.get("function") or f"record {number}"), []).append(won)
+    return PreferenceAccuracy.of(
+        [UnitPreference(name=name, preferred=sum(wins), pairs=len(wins)) for name, wins in units.items()]
+    )
+
+
 def _checker(session: ModelSession, spec: EvaluationSpec) -> float | None:
     if spec.checker is None or spec.data is None:
         return None
@@ -119,7 +157,10 @@ def score_model(
     name = "adapter" if adapter else "base"
     problems = _humaneval(session, spec, lambda line: report(f"{name} {line}"))
     records = _test_records(spec)
-    held_out = _held_out(session.loaded(spec.model, adapter), spec, records)
+    preference = _preferences(session.loaded(spec.model, adapter), spec, records)
+    if preference is not None:
+        report(f"{name} preference accuracy {preference.accuracy}")
+    held_out = _held_out(session.loaded(spec.model, adapter), spec, records) if preference is None else None
     if held_out is not None:
         report(f"{name} held-out loss {held_out.loss}")
     functions = [r for r in records if "body_lines" in r][: spec.completion_functions]
@@ -141,6 +182,7 @@ def score_model(
         checker_score=_checker(session, spec),
         held_out=held_out,
         completion=completion,
+        preference=preference,
         seconds=round(time.perf_counter() - start, 1),
     )
 
@@ -149,7 +191,11 @@ def _changes(scores: list[ModelScores]) -> list[Change]:
     if len(scores) < 2:
         return []
     base, adapter = scores
-    return held_out_changes(base.held_out, adapter.held_out) + completion_changes(base.completion, adapter.completion)
+    return (
+        held_out_changes(base.held_out, adapter.held_out)
+        + completion_changes(base.completion, adapter.completion)
+        + preference_changes(base.preference, adapter.preference)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,7 @@ random state restored, the data order a function of the step (batches.py) and sa
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import mlx.core as mx
 
 from ..planning.config import QLoRAConfig
-from .batches import training_batches, validation_batches
+from .batches import batches_per_epoch, training_batches, validation_batches
 from .run_state import LoopState
 
 #: one training step on a batch: (loss, tokens), the model and optimizer update dispatched (reading them waits)
@@ -46,6 +46,63 @@ class LoopHooks(Protocol):
         """A checkpoint after `done.step` steps."""
 
 
+class RunData(Protocol):
+    """Where a run's batches come from and how its validation is measured."""
+
+    @property
+    def validates(self) -> bool:
+        """Whether there is validation data."""
+        ...
+
+    @property
+    def batches_per_epoch(self) -> int: ...
+
+    def training(self, start_step: int) -> Iterator[tuple[int, Any]]:
+        """(step, batch) from step `start_step + 1` on."""
+        ...
+
+    def validate(self, model: Any, val_loss: Loss, progress: Callable[[], None]) -> dict[str, float] | None:
+        """The validation report's numbers (val_loss and any others); None without validation data."""
+        ...
+
+
+class SupervisedData:
+    """MLX-LM's datasets: batches ordered by step (batches.py), validation by MLX-LM's `evaluate`."""
+
+    def __init__(self, train_set: Any, val_set: Any | None, config: QLoRAConfig) -> None:
+        self.train_set, self.val_set, self.config = train_set, val_set, config
+
+    @property
+    def validates(self) -> bool:
+        return self.val_set is not None
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return batches_per_epoch(self.train_set, self.config.batch_size)
+
+    def training(self, start_step: int) -> Iterator[tuple[int, Any]]:
+        c = self.config
+        return training_batches(self.train_set, c.batch_size, c.max_seq_length, c.seed, start_step)
+
+    def validate(self, model: Any, val_loss: Loss, progress: Callable[[], None]) -> dict[str, float] | None:
+        from mlx_lm.tuner.trainer import evaluate
+
+        if self.val_set is None:
+            return None
+        c = self.config
+        loss = evaluate(
+            model=model,
+            dataset=self.val_set,
+            batch_size=c.batch_size,
+            num_batches=c.val_batches,
+            max_seq_length=c.max_seq_length,
+            loss=val_loss,
+            iterate_batches=validation_batches(c.seed),
+            progress_callback=progress,
+        )
+        return {"val_loss": loss}
+
+
 def fused_step(model: Any, optimizer: Any, loss: Loss) -> Step:
     """MLX-LM's step: loss, gradients and the optimizer update compiled as one graph (in a run of several processes,
     the whole batch's loss and gradients, summed over the ranks)."""
@@ -57,8 +114,8 @@ def fused_step(model: Any, optimizer: Any, loss: Loss) -> Step:
     state = [model.state, optimizer.state, mx.random.state]
 
     @partial(mx.compile, inputs=state, outputs=state)
-    def step(batch: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
-        (value, toks), grad = loss_value_and_grad(model, batch, lengths)
+    def step(*inputs: mx.array) -> tuple[mx.array, mx.array]:  # tokens, lengths (and a preference batch's reference)
+        (value, toks), grad = loss_value_and_grad(model, *inputs)
         value, toks, grad = sum_over_ranks(value, toks, grad)
         optimizer.update(model, grad)
         return value, toks
@@ -145,8 +202,7 @@ class _Window:
 def train_steps(
     model: Any,
     optimizer: Any,
-    train_set: Any,
-    val_set: Any | None,
+    data: RunData,
     config: QLoRAConfig,
     step: Step,
     val_loss: Loss,
@@ -160,7 +216,7 @@ def train_steps(
     if done.step >= config.iters:
         return done
     model.train()
-    batches = iter(training_batches(train_set, config.batch_size, config.max_seq_length, config.seed, done.step))
+    batches = iter(data.training(done.step))
     it, batch = next(batches)
     # the training phase's clock: batch preparation, steps and reports count; evaluation and checkpoints do not
     clock = time.perf_counter()
@@ -168,9 +224,9 @@ def train_steps(
         changed = hooks.before_step(it)
         if changed is not None:
             step, val_loss = changed
-        if val_set is not None and (it == 1 or it % config.steps_per_eval == 0 or it == config.iters):
+        if data.validates and (it == 1 or it % config.steps_per_eval == 0 or it == config.iters):
             window.seconds += time.perf_counter() - clock
-            _evaluate(model, val_set, config, val_loss, hooks, it)
+            _evaluate(model, data, val_loss, hooks, it)
             clock = time.perf_counter()
         value, toks = step(batch)
         inputs = int(batch[0].shape[1]) - 1
@@ -195,23 +251,14 @@ def train_steps(
         it = it_next
 
 
-def _evaluate(model: Any, val_set: Any, config: QLoRAConfig, val_loss: Loss, hooks: LoopHooks, it: int) -> None:
-    from mlx_lm.tuner.trainer import evaluate
-
+def _evaluate(model: Any, data: RunData, val_loss: Loss, hooks: LoopHooks, it: int) -> None:
     tic = time.perf_counter()
     hooks.evaluating()
-    loss = evaluate(
-        model=model,
-        dataset=val_set,
-        batch_size=config.batch_size,
-        num_batches=config.val_batches,
-        max_seq_length=config.max_seq_length,
-        loss=val_loss,
-        iterate_batches=validation_batches(config.seed),
-        progress_callback=hooks.safe_point,
-    )
+    model.eval()
+    info = data.validate(model, val_loss, hooks.safe_point)
     model.train()
-    hooks.val_report({"iteration": it - 1, "val_loss": loss, "val_time": time.perf_counter() - tic})
+    if info is not None:
+        hooks.val_report({"iteration": it - 1, **info, "val_time": time.perf_counter() - tic})
 
 
 def _train_report(window: _Window, done: LoopState, optimizer: Any) -> dict[str, Any]:

@@ -30,10 +30,11 @@ from ..lifecycle.checkpoints import (
 from ..lifecycle.events import Checkpoint, PhaseChanged, Progress, Resumed, TrainReport, ValReport
 from ..lifecycle.jobs import Phase
 from ..planning.config import QLoRAConfig
-from .batches import batches_per_epoch, data_position
-from .loop import Loss, Step, train_steps
+from .batches import data_position
+from .loop import Loss, Step, SupervisedData, train_steps
 from .mlx_import import require_mlx
 from .plan_switch import RunPlans
+from .preference_data import PreferenceData, load_preference_data, score_references
 from .run_state import ADAPTERS, LoopState, adapter_weights, read_state, save_adapter, write_state
 
 log = logging.getLogger(__name__)
@@ -210,6 +211,17 @@ def _resume(events: _RunEvents, model: Any, optimizer: Any, emit: Emit) -> None:
     events.saved_step = events.done.step
 
 
+def _run_data(config: QLoRAConfig, tokenizer: Any, run_dir: Path) -> SupervisedData | PreferenceData:
+    """MLX-LM's datasets for sft; preference pairs for dpo and orpo."""
+    from mlx_lm.tuner.datasets import CacheDataset, load_local_dataset
+
+    if config.preference:
+        return load_preference_data(config, tokenizer, run_dir)
+    options = types.SimpleNamespace(mask_prompt=config.mask_prompt)
+    train_set, valid_set, _ = load_local_dataset(Path(config.data), tokenizer, options)
+    return SupervisedData(CacheDataset(train_set), CacheDataset(valid_set) if len(valid_set) else None, config)
+
+
 class MlxTrainingBackend:
     name = "mlx"
 
@@ -223,7 +235,6 @@ class MlxTrainingBackend:
         """Train, continuing from the run's newest checkpoint that verifies, if it has one (a resumed run)."""
         import mlx.core as mx
         import mlx.optimizers as optim
-        from mlx_lm.tuner.datasets import CacheDataset, load_local_dataset
         from mlx_lm.utils import maybe_set_recommended_wired_limit, save_config
 
         from ..planning.device import group_backend
@@ -237,8 +248,7 @@ class MlxTrainingBackend:
         emit(PhaseChanged(phase=Phase.LOADING_MODEL))
         model, tokenizer, _ = load_for_training(config)
         emit(PhaseChanged(phase=Phase.LOADING_DATA))
-        options = types.SimpleNamespace(mask_prompt=config.mask_prompt)
-        train_set, valid_set, _ = load_local_dataset(Path(config.data), tokenizer, options)
+        data = _run_data(config, tokenizer, run_dir)
         num_layers = _add_lora(config, model)
         adapter_dir = adapter_dir_for(config, run_dir)
         if primary:
@@ -247,11 +257,14 @@ class MlxTrainingBackend:
         optimizer = optim.Adam(learning_rate=config.learning_rate)
         events = _RunEvents(config, run_dir, adapter_dir, emit, model, optimizer)
         events.primary = primary
-        events.per_epoch = max(1, batches_per_epoch(train_set, config.batch_size))
+        events.per_epoch = max(1, data.batches_per_epoch)
         events.hashes = (config_hash(config), data_hash(Path(config.data)))
         if primary and clean_staging(events.checkpoints):
             log.info("removed a checkpoint a crash left half-written")
         _resume(events, model, optimizer, emit)
+        if isinstance(data, PreferenceData) and config.mode == "dpo":
+            with fast_activations(model):  # the functions the steps run: at step 0 every margin is exactly 0
+                score_references(data, model, run_dir)
         plans = events.plans = RunPlans(config, run_dir, model, optimizer, emit, events.done.step)
         maybe_set_recommended_wired_limit()
         try:
@@ -259,8 +272,7 @@ class MlxTrainingBackend:
                 train_steps(
                     model,
                     optimizer,
-                    CacheDataset(train_set),
-                    CacheDataset(valid_set) if len(valid_set) else None,
+                    data,
                     config,
                     plans.step,
                     plans.val_loss,

@@ -127,3 +127,17 @@ def checkpointed_blocks(model: Any, blocks: int) -> Iterator[int]:
     finally:
         for layer, original in zip(chosen, originals, strict=True):
             layer.__class__ = original
+
+
+@contextmanager
+def adapter_off(model: Any) -> Iterator[None]:
+    """Within the context every LoRA layer adds nothing (its scale 0): the base model, without a copy of it."""
+    layers = [module for _, module in model.named_modules() if hasattr(module, "lora_b") and hasattr(module, "scale")]
+    scales = [layer.scale for layer in layers]
+    try:
+        for layer in layers:
+            layer.scale = 0.0
+        yield
+    finally:
+        for layer, scale in zip(layers, scales, strict=True):
+            layer.scale = scale

@@ -36,6 +36,11 @@ def step_for(config: QLoRAConfig, model: Any, optimizer: Any) -> tuple[Step, Los
     from .losses import cross_entropy_for, training_loss
 
     fast = fast_path_on(config.fast_path)
+    if config.preference:
+        from .preference_loss import make_preference_loss
+
+        preference = make_preference_loss(config.mode, config.beta, cross_entropy_for(fast))
+        return fused_step(model, optimizer, preference), preference
     if not config.layerwise:
         loss = training_loss(fast, config.chunked_loss)
         if config.pass_tokens is not None:

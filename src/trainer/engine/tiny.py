@@ -53,6 +53,22 @@ def write_synthetic_dataset(folder: Path, train: int = 200, valid: int = 40, see
     return folder
 
 
+def write_synthetic_preferences(folder: Path, train: int = 48, valid: int = 16, seed: int = 0) -> Path:
+    """Preference pairs of the synthetic task: chosen adds the number asked for; rejected refuses (a reply the tiny
+    model learns to rank lower within a few dozen steps)."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, count in (("train", train), ("valid", valid)):
+        lines = []
+        for _ in range(count):
+            messages = synthetic_example(rng)["messages"]
+            rejected = "I will not write that.\n"
+            record = {"prompt": messages[0]["content"], "chosen": messages[1]["content"], "rejected": rejected}
+            lines.append(json.dumps(record))
+        (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
 def _corpus() -> list[str]:
     """Fixed text (not source code, so that editing the package does not change the tokenizer, the tiny model and
     every test's losses): the synthetic task's phrasing and a few lines of Python and English."""

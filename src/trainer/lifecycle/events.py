@@ -75,6 +75,12 @@ class ValReport(_Event):
     iteration: int
     val_loss: float
     val_time: float
+    #: dpo and orpo: the share of validation pairs whose chosen reply the model prefers, the mean margin, and the
+    #: mean log-probabilities of the chosen and rejected replies
+    val_accuracy: float | None = None
+    val_margin: float | None = None
+    val_chosen_logp: float | None = None
+    val_rejected_logp: float | None = None
 
 
 class MemorySample(_Event):

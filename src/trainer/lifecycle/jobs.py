@@ -103,6 +103,9 @@ class RunMetrics(BaseModel):
     #: a run of several processes: each rank's MLX peak, rank 0 first (the budget and prediction are per process)
     rank_peak_memory_gb: list[float] | None = None
     predicted_peak_gb: float | None = None
+    #: dpo and orpo: the latest validation accuracy (chosen preferred) and margin
+    last_val_accuracy: float | None = None
+    last_val_margin: float | None = None
     #: the first-steps check chose another plan (planning/replan.py): from which step, and why
     plan_change: str | None = None
 

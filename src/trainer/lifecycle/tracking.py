@@ -92,6 +92,8 @@ def apply_event(job: Job, history: RunHistory, event: Event) -> frozenset[RunAsp
         if metrics.first_val_loss is None:
             metrics.first_val_loss = event.val_loss
         metrics.last_val_loss = event.val_loss
+        if event.val_accuracy is not None:
+            metrics.last_val_accuracy, metrics.last_val_margin = event.val_accuracy, event.val_margin
         return _METRICS
     if isinstance(event, Progress):
         job.iteration = max(job.iteration, event.iteration)

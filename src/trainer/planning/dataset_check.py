@@ -9,8 +9,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import ConfigError
+from .preference_records import check_record, completion_text, is_preference, prompt_messages
 
-FORMATS = {
+FORMATS = {  # the first whose keys a record has is its format (a preference record may hold "messages" too)
+    "preference": ("chosen", "rejected"),
     "chat": ("messages",),
     "completions": ("prompt", "completion"),
     "text": ("text",),
@@ -54,8 +56,10 @@ class _TokenCounter:
     def add(self, record: dict[str, Any]) -> None:
         if self._tokenizer is None or self.longest is None:
             return
-        messages = record.get("messages")
-        if messages:
+        if is_preference(record):  # the prompt and the longer reply: a pair's longest sequence
+            replies = sorted((completion_text(record[k]) for k in ("chosen", "rejected")), key=len)
+            texts = [m["content"] for m in prompt_messages(record)] + replies[-1:]
+        elif messages := record.get("messages"):
             texts = [str(m.get("content", "")) if isinstance(m, dict) else str(m) for m in messages]
         else:
             texts = [str(v) for v in record.values() if isinstance(v, str)]
@@ -83,12 +87,19 @@ def _record_format(record: object, where: str) -> str:
             return name
     raise ConfigError(
         f"{where}: unknown record format with keys {sorted(record)}; use "
-        '{"messages": [{"role": ..., "content": ...}]}, {"prompt": ..., "completion": ...} or {"text": ...}'
+        '{"messages": [{"role": ..., "content": ...}]}, {"prompt": ..., "completion": ...} or {"text": ...} '
+        '(or {"prompt": ..., "chosen": ..., "rejected": ...} for mode dpo or orpo)'
     )
 
 
 def _check_values(fmt: str, record: dict[str, Any], where: str) -> None:
     """The fields MLX-LM reads must be text (a number or a list there fails only in the worker, minutes later)."""
+    if fmt == "preference":
+        try:
+            check_record(record)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        return
     if fmt == "chat":
         messages = record["messages"]
         ok = (

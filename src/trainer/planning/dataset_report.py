@@ -24,6 +24,7 @@ from ..errors import ConfigError
 from .dataset_check import FORMATS, MAX_LINE_BYTES, DatasetSummary, check_counts, quantile_sample
 from .modelref import resolve_model_dir
 from .paths import PathPolicy
+from .preference_records import check_record, completion_text, prompt_messages
 from .repo_files import may_hold_secret, secret_in_line
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,13 @@ class _Tokens:
         tok = self.tokenizer
         if fmt == "text":
             return record["text"], None
+        if fmt == "preference":  # the prompt and the longer reply (a pair's longest sequence); its prompt is masked
+            replies = sorted((completion_text(record[k]) for k in ("chosen", "rejected")), key=len)
+            prompt_turns = prompt_messages(record)
+            full = tok.apply_chat_template(
+                [*prompt_turns, {"role": "assistant", "content": replies[-1]}], tokenize=False
+            )
+            return str(full), str(tok.apply_chat_template(prompt_turns, add_generation_prompt=True, tokenize=False))
         if fmt == "chat":
             messages = record["messages"]
         else:
@@ -156,6 +164,12 @@ def _format_of(record: object) -> str | None:
 
 def _value_problem(fmt: str, record: dict[str, Any]) -> tuple[ProblemKind, str] | None:
     """What stops this record (an error); `_oddity` finds what only weakens it."""
+    if fmt == "preference":
+        try:
+            check_record(record)
+        except ValueError as exc:
+            return "format", str(exc)
+        return None
     if fmt != "chat":
         wrong = [k for k in FORMATS[fmt] if not isinstance(record[k], str)]
         return ("format", f"{wrong[0]!r} must be a string") if wrong else None
@@ -174,6 +188,8 @@ def _value_problem(fmt: str, record: dict[str, Any]) -> tuple[ProblemKind, str] 
 
 
 def _oddity(fmt: str, record: dict[str, Any]) -> str | None:
+    if fmt == "preference":  # check_record has found what matters
+        return None
     texts = (
         [(str(m["role"]), m["content"]) for m in record["messages"]]
         if fmt == "chat"

@@ -43,7 +43,8 @@ def plan_for(
     config: QLoRAConfig, seq_len: int, bytes_per_element: int, device: str = "cpu", fast: bool = False
 ) -> MemoryPlan:
     return MemoryPlan(
-        batch_size=config.per_process_batch,  # the budget and the prediction are per process
+        # the budget and the prediction are per process; a preference step runs each pair's two replies at once
+        batch_size=config.per_process_batch * (2 if config.preference else 1),
         seq_len=seq_len,
         num_layers=config.num_layers,
         rank=config.rank,
@@ -72,7 +73,7 @@ def _alternatives(config: QLoRAConfig, device: str = "cpu") -> list[dict[str, An
     if device != "cpu" and config.fast_path is not False:
         current = {**current, "fast_path": False}
         steps.append(current)
-    for option in ("grad_checkpoint", "chunked_loss", "layerwise"):
+    for option in ("grad_checkpoint",) if config.preference else ("grad_checkpoint", "chunked_loss", "layerwise"):
         if not current.get(option) and not getattr(config, option):
             current = {**current, option: True, "checkpoint_blocks": None, "pass_tokens": None}
             steps.append(current)

@@ -106,6 +106,22 @@ def _read_dataset(
     return trainable_summary(report, config.batch_size)
 
 
+def _check_mode(config: QLoRAConfig, fmt: str) -> None:
+    """Preference modes train on pairs, and pairs only on them."""
+    if config.preference and fmt != "preference":
+        raise ConfigError(
+            f"mode {config.mode!r} trains on preference pairs, but {config.data} holds {fmt} records; give it "
+            '{"prompt": ..., "chosen": ..., "rejected": ...} lines, or use mode "sft"'
+        )
+    if not config.preference and fmt == "preference":
+        raise ConfigError(
+            f"{config.data} holds preference pairs (chosen and rejected replies); set mode to 'dpo' or 'orpo' to "
+            "train on them"
+        )
+    if config.preference and config.num_processes > 1:
+        raise ConfigError(f"mode {config.mode!r} runs in one process for now; set num_processes to 1")
+
+
 def prepare_run(
     config: QLoRAConfig, defaults: RunDefaults | None = None, progress: Callable[[float], None] | None = None
 ) -> PreparedRun:
@@ -124,6 +140,7 @@ def prepare_run(
         )
     data_dir = policy.check_folder(Path(config.data), "data folder")
     summary = _read_dataset(config, model_dir, data_dir, defaults.max_dataset_mb, progress)
+    _check_mode(config, summary.format)
     updates: dict[str, object] = {
         "model": str(model_dir),
         "data": str(data_dir),

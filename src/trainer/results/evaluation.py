@@ -25,7 +25,7 @@ from ..lifecycle.store import RunStore
 from ..planning.modelref import resolve_adapter_dir, resolve_model_dir
 from ..planning.paths import PathPolicy
 from .exports import run_with_adapter
-from .held_out_scores import FunctionCompletion, HeldOutLoss
+from .held_out_scores import FunctionCompletion, HeldOutLoss, PreferenceAccuracy
 from .intervals import Change
 from .sandbox import Outcome
 
@@ -78,6 +78,7 @@ class ModelScores(BaseModel):
     checker_score: float | None
     held_out: HeldOutLoss | None = None
     completion: FunctionCompletion | None = None
+    preference: PreferenceAccuracy | None = None
     seconds: float
 
 
@@ -104,6 +105,8 @@ class Evaluation(BaseModel):
                 )
             elif s.test_loss is not None:
                 items.append(f"test loss {s.test_loss:.3f}")
+            if s.preference is not None:
+                items.append(f"preference accuracy {s.preference.accuracy} over {s.preference.pairs} pairs")
             if s.completion is not None:
                 items.append(f"{s.completion.functions} functions: similarity {s.completion.similarity}")
             if s.checker_score is not None:

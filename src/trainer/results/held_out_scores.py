@@ -105,3 +105,35 @@ def completion_changes(base: FunctionCompletion | None, adapter: FunctionComplet
         passed = [float(r.tests == "passed") for r in base.results]
         changes.append(pair("tests passed", passed, [float(r.tests == "passed") for r in adapter.results]))
     return changes
+
+
+class UnitPreference(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str = Field(description="The record's 'function' (its pairs vary together), or 'record N'.")
+    preferred: int = Field(description="Pairs whose chosen reply the model finds more likely than the rejected.")
+    pairs: int
+
+
+class PreferenceAccuracy(BaseModel):
+    """Held-out preference pairs: how often the model gives the chosen reply the higher log-probability (summed over
+    its tokens) than the rejected one, with its interval over the units."""
+
+    model_config = ConfigDict(frozen=True)
+
+    pairs: int
+    accuracy: Interval
+    units: list[UnitPreference]
+
+    @classmethod
+    def of(cls, units: list[UnitPreference]) -> PreferenceAccuracy:
+        preferred, pairs = [float(u.preferred) for u in units], [float(u.pairs) for u in units]
+        return cls(pairs=int(sum(pairs)), accuracy=ratio_interval(preferred, pairs), units=units)
+
+
+def preference_changes(base: PreferenceAccuracy | None, adapter: PreferenceAccuracy | None) -> list[Change]:
+    if base is None or adapter is None or [u.name for u in base.units] != [u.name for u in adapter.units]:
+        return []
+    b = ([float(u.preferred) for u in base.units], [float(u.pairs) for u in base.units])
+    a = ([float(u.preferred) for u in adapter.units], [float(u.pairs) for u in adapter.units])
+    return [paired_change("preference accuracy", b, a, higher_is_better=True)]
