@@ -126,6 +126,7 @@ def product(
             peaks[e.get("rank", 0)] = max(peaks.get(e.get("rank", 0), 0.0), e["peak_gb"])
     return {
         "tok_s": round(tokens / seconds, 1),
+        "steps_per_s": round(5 * len(steady) / seconds, 3),
         "peak_gb": round(max(peaks.values(), default=0.0), 2),
         "rank_peaks_gb": [round(peaks[r], 2) for r in sorted(peaks)],
         "losses": [r["train_loss"] for r in reports],
