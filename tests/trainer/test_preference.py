@@ -148,3 +148,30 @@ def test_modes_and_data_must_agree(tiny_model: Path, tiny_data: Path, pairs: Pat
     dpo = prepare_run(QLoRAConfig.parse(_settings(tiny_model, pairs, "dpo", batch_size=2)))
     assert dpo.memory is not None and sft.memory is not None
     assert dpo.memory.plan.batch_size == 4  # each pair's two replies in one pass
+
+
+async def test_evaluate_scores_held_out_pairs_base_against_adapter(
+    tiny_model: Path, pairs: Path, tmp_path: Path
+) -> None:
+    """A test split of pairs: evaluate reports each model's preference accuracy and the paired change."""
+    import shutil
+    import subprocess
+    import sys
+
+    data = tmp_path / "data"
+    shutil.copytree(pairs, data)
+    shutil.copy(data / "valid.jsonl", data / "test.jsonl")
+    async with JobRunner(RunStore(tmp_path / "home")) as runner:
+        run = await runner.submit(_settings(tiny_model, data, "dpo", iters=40))
+        done = await runner.wait_until_done(run.id, 300)
+    assert done.state is JobState.SUCCEEDED, done.error
+    home = ["--home", str(tmp_path / "home")]
+    scored = subprocess.run(
+        [sys.executable, "-m", "trainer", *home, "evaluate", run.id, "--limit", "0"], capture_output=True, text=True
+    )
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    evaluation = json.loads(scored.stdout)
+    base, adapter = (s["preference"]["accuracy"]["value"] for s in evaluation["scores"])
+    change = next(c for c in evaluation["changes"] if c["metric"] == "preference accuracy")
+    # the random tiny base already ranks the refusal lower in most pairs: the tuned model in all of them
+    assert 0 <= base <= adapter == 1.0 and change["difference"]["low"] <= change["difference"]["value"], change
