@@ -101,6 +101,9 @@ def theirs(model: Path, data: Path, batch: int, iters: int, max_seq_length: int)
 
 
 def main() -> None:
+    from trainer.environment.preload import reexec_with_preloads
+
+    reexec_with_preloads()  # on a Linux CPU both sides run with OpenBLAS under MLX, as the product's workers do
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", required=True)
     parser.add_argument("--iters", type=int, default=20)
