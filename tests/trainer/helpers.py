@@ -12,6 +12,9 @@ import psutil
 from tests.conftest import REPO
 from tests.trainer.fake_backend import SPEC
 from trainer import JobRunner, RunStore
+from trainer.lifecycle.backend import BackendEvent, Cancelled, request_stop
+from trainer.lifecycle.events import TrainReport
+from trainer.planning.config import QLoRAConfig
 
 
 def fake_env(mode: str) -> dict[str, str]:
@@ -43,3 +46,31 @@ def tree_hashes(folder: Path) -> dict[str, str]:
         for p in sorted(folder.rglob("*"))
         if p.is_file()
     }
+
+
+class Recorder:
+    """The events of one attempt; asks for a stop (as SIGTERM does) once step `stop_after` has been reported."""
+
+    def __init__(self, stop_after: int | None = None) -> None:
+        self.stop_after = stop_after
+        self.events: list[BackendEvent] = []
+
+    def __call__(self, event: BackendEvent) -> None:
+        self.events.append(event)
+        if isinstance(event, TrainReport) and event.iteration == self.stop_after:
+            request_stop(Cancelled)
+
+    def losses(self) -> dict[int, float]:
+        return {e.iteration: e.train_loss for e in self.events if isinstance(e, TrainReport)}
+
+
+def train_in_process(config: QLoRAConfig, run_dir: Path, stop_after: int | None = None) -> Recorder:
+    """Train in this process with the real backend, stopping after `stop_after` if given."""
+    from trainer.engine.mlx_backend import MlxTrainingBackend  # MLX only in the tests that train
+
+    recorder = Recorder(stop_after)
+    try:
+        MlxTrainingBackend().train(config, run_dir, recorder)
+    except Cancelled:
+        assert stop_after is not None
+    return recorder

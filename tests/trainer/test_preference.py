@@ -15,12 +15,10 @@ import mlx.core as mx
 import pytest
 
 from tests.conftest import tiny_run_config
-from tests.trainer.helpers import process_gone
+from tests.trainer.helpers import process_gone, train_in_process
 from trainer import ConfigError, JobRunner, JobState, RunStore
-from trainer.engine.mlx_backend import MlxTrainingBackend
 from trainer.engine.tiny import write_synthetic_preferences
-from trainer.lifecycle.backend import BackendEvent, Cancelled, request_stop
-from trainer.lifecycle.events import TrainReport, ValReport
+from trainer.lifecycle.events import ValReport
 from trainer.planning.config import QLoRAConfig
 from trainer.planning.preflight import prepare_run
 
@@ -37,43 +35,20 @@ def _settings(model: Path, data: Path, mode: str, **overrides: Any) -> dict[str,
     return tiny_run_config(model, data, **{**base, **overrides})
 
 
-class _Recorder:
-    def __init__(self, stop_after: int | None = None) -> None:
-        self.stop_after = stop_after
-        self.events: list[BackendEvent] = []
-
-    def __call__(self, event: BackendEvent) -> None:
-        self.events.append(event)
-        if isinstance(event, TrainReport) and event.iteration == self.stop_after:
-            request_stop(Cancelled)
-
-    def losses(self) -> dict[int, float]:
-        return {e.iteration: e.train_loss for e in self.events if isinstance(e, TrainReport)}
-
-
-def _train(config: QLoRAConfig, run_dir: Path, stop_after: int | None = None) -> _Recorder:
-    recorder = _Recorder(stop_after)
-    try:
-        MlxTrainingBackend().train(config, run_dir, recorder)
-    except Cancelled:
-        assert stop_after is not None
-    return recorder
-
-
 @pytest.mark.parametrize("mode", ["dpo", "orpo"])
 def test_a_preference_run_learns_the_chosen_replies_and_resumes_bit_for_bit(
     mode: str, tiny_model: Path, pairs: Path, tmp_path: Path
 ) -> None:
     config = QLoRAConfig.parse(_settings(tiny_model, pairs, mode, iters=40, dropout=0.1))
-    whole = _train(config, tmp_path / "whole")
+    whole = train_in_process(config, tmp_path / "whole")
     vals = [e for e in whole.events if isinstance(e, ValReport)]
     assert vals[0].val_accuracy is not None and vals[-1].val_accuracy is not None
     if mode == "dpo":  # the policy starts as its reference: every margin is exactly 0
         assert vals[0].val_margin == 0.0 and vals[0].val_loss == pytest.approx(0.6931, abs=1e-4)
     assert vals[-1].val_accuracy >= 0.75 and vals[-1].val_margin > vals[0].val_margin  # type: ignore[operator]
     assert vals[-1].val_loss < vals[0].val_loss
-    _train(config, tmp_path / "parts", stop_after=13)
-    after = _train(config, tmp_path / "parts").losses()
+    train_in_process(config, tmp_path / "parts", stop_after=13)
+    after = train_in_process(config, tmp_path / "parts").losses()
     assert after == {it: whole.losses()[it] for it in range(14, 41)}  # exactly equal
     if mode == "dpo":
         assert (tmp_path / "parts" / "reference.safetensors").is_file()  # scored once, read back on resume

@@ -9,11 +9,10 @@ import mlx.core as mx
 import pytest
 
 from tests.conftest import tiny_run_config
-from trainer.engine.mlx_backend import MlxTrainingBackend
+from tests.trainer.helpers import train_in_process
 from trainer.engine.tiny import write_synthetic_dataset
-from trainer.lifecycle.backend import BackendEvent, Cancelled, request_stop
 from trainer.lifecycle.checkpoints import checkpoints_dir, verify
-from trainer.lifecycle.events import Checkpoint, Resumed, TrainReport
+from trainer.lifecycle.events import Checkpoint, Resumed
 from trainer.planning.config import QLoRAConfig
 from trainer.planning.replan import PlanChange, write_change
 
@@ -41,31 +40,6 @@ def _config(model: Path, data: Path, **overrides: Any) -> QLoRAConfig:
     return QLoRAConfig.parse(tiny_run_config(model, data, **settings))
 
 
-class _Recorder:
-    """The events of one attempt; asks for a stop (as SIGTERM does) once step `stop_after` has been reported."""
-
-    def __init__(self, stop_after: int | None = None) -> None:
-        self.stop_after = stop_after
-        self.events: list[BackendEvent] = []
-
-    def __call__(self, event: BackendEvent) -> None:
-        self.events.append(event)
-        if isinstance(event, TrainReport) and event.iteration == self.stop_after:
-            request_stop(Cancelled)
-
-    def losses(self) -> dict[int, float]:
-        return {e.iteration: e.train_loss for e in self.events if isinstance(e, TrainReport)}
-
-
-def _train(config: QLoRAConfig, run_dir: Path, stop_after: int | None = None) -> _Recorder:
-    recorder = _Recorder(stop_after)
-    try:
-        MlxTrainingBackend().train(config, run_dir, recorder)
-    except Cancelled:
-        assert stop_after is not None
-    return recorder
-
-
 def _adapter(run_dir: Path) -> dict[str, Any]:
     return dict(mx.load(str(run_dir / "adapters" / "adapters.safetensors")))  # type: ignore[arg-type]
 
@@ -73,7 +47,7 @@ def _adapter(run_dir: Path) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_model: Path, small_data: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     run_dir = tmp_path_factory.mktemp("whole")
-    return _train(_config(tiny_model, small_data), run_dir).losses(), _adapter(run_dir)
+    return train_in_process(_config(tiny_model, small_data), run_dir).losses(), _adapter(run_dir)
 
 
 @pytest.mark.parametrize(
@@ -86,12 +60,12 @@ def test_a_resumed_run_continues_bit_for_bit(
 ) -> None:
     whole_losses, whole_adapter = uninterrupted
     config = _config(tiny_model, small_data)
-    first = _train(config, tmp_path, stop_after=stop_after)
+    first = train_in_process(config, tmp_path, stop_after=stop_after)
     saved = [e.iteration for e in first.events if isinstance(e, Checkpoint)]
     assert saved[-1] == stop_after  # the stop saved a checkpoint of the last finished step (or the save had)
     assert verify(checkpoints_dir(tmp_path) / f"{stop_after:07d}") is not None
 
-    second = _train(config, tmp_path)
+    second = train_in_process(config, tmp_path)
     resumed = [e for e in second.events if isinstance(e, Resumed)]
     assert [r.iteration for r in resumed] == [stop_after]
     after = second.losses()
@@ -104,9 +78,9 @@ def test_a_resumed_run_continues_bit_for_bit(
 
 def test_a_layerwise_run_resumes_bit_for_bit(tiny_model: Path, small_data: Path, tmp_path: Path) -> None:
     config = _config(tiny_model, small_data, layerwise=True, iters=30)
-    whole = _train(config, tmp_path / "whole").losses()
-    _train(config, tmp_path / "parts", stop_after=9)
-    after = _train(config, tmp_path / "parts").losses()
+    whole = train_in_process(config, tmp_path / "whole").losses()
+    train_in_process(config, tmp_path / "parts", stop_after=9)
+    after = train_in_process(config, tmp_path / "parts").losses()
     assert after == {it: whole[it] for it in range(10, 31)}
     assert all(
         mx.array_equal(a, b).item()
@@ -146,14 +120,14 @@ def test_a_run_of_token_passes_and_recomputed_blocks_trains_as_the_plain_run_and
 ) -> None:
     """The plan search's plans run the same steps: gradient accumulation over passes of at most 64 tokens with one
     recomputed block gives the plain run's losses (float rounding apart), and a stop and resume change nothing."""
-    plain = _train(_config(tiny_model, small_data, dropout=0.0, iters=20), tmp_path / "plain").losses()
+    plain = train_in_process(_config(tiny_model, small_data, dropout=0.0, iters=20), tmp_path / "plain").losses()
     config = _config(
         tiny_model, small_data, dropout=0.0, iters=20, pass_tokens=64, grad_checkpoint=True, checkpoint_blocks=1
     )
-    whole = _train(config, tmp_path / "whole").losses()
+    whole = train_in_process(config, tmp_path / "whole").losses()
     assert whole == pytest.approx(plain, rel=1e-3) and whole != plain  # the same steps, summed in another order
-    _train(config, tmp_path / "parts", stop_after=8)
-    after = _train(config, tmp_path / "parts").losses()
+    train_in_process(config, tmp_path / "parts", stop_after=8)
+    after = train_in_process(config, tmp_path / "parts").losses()
     assert after == {it: whole[it] for it in range(9, 21)}
 
 
@@ -171,14 +145,14 @@ def test_a_run_switches_plan_at_the_recorded_step_and_resumes_bit_for_bit_on_eit
         reason="a test's",
     )
     config = _config(tiny_model, small_data, dropout=0.0, iters=20)
-    plain = _train(config, tmp_path / "plain").losses()
+    plain = train_in_process(config, tmp_path / "plain").losses()
     for name in ("whole", "before", "after"):
         (tmp_path / name).mkdir()
         write_change(tmp_path / name, change)
-    whole = _train(config, tmp_path / "whole").losses()
+    whole = train_in_process(config, tmp_path / "whole").losses()
     assert {it: whole[it] for it in range(1, 7)} == {it: plain[it] for it in range(1, 7)}  # the same plan to step 6
     assert whole == pytest.approx(plain, rel=1e-3) and whole != plain  # then the same steps, summed in another order
     for name, stop_after in (("before", 4), ("after", 9)):
-        _train(config, tmp_path / name, stop_after=stop_after)
-        after = _train(config, tmp_path / name).losses()
+        train_in_process(config, tmp_path / name, stop_after=stop_after)
+        after = train_in_process(config, tmp_path / name).losses()
         assert after == {it: whole[it] for it in range(stop_after + 1, 21)}, name
