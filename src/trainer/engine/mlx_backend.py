@@ -211,12 +211,12 @@ def _resume(events: _RunEvents, model: Any, optimizer: Any, emit: Emit) -> None:
     events.saved_step = events.done.step
 
 
-def _run_data(config: QLoRAConfig, tokenizer: Any, run_dir: Path) -> SupervisedData | PreferenceData:
+def _run_data(config: QLoRAConfig, tokenizer: Any) -> SupervisedData | PreferenceData:
     """MLX-LM's datasets for sft; preference pairs for dpo and orpo."""
     from mlx_lm.tuner.datasets import CacheDataset, load_local_dataset
 
     if config.preference:
-        return load_preference_data(config, tokenizer, run_dir)
+        return load_preference_data(config, tokenizer)
     options = types.SimpleNamespace(mask_prompt=config.mask_prompt)
     train_set, valid_set, _ = load_local_dataset(Path(config.data), tokenizer, options)
     return SupervisedData(CacheDataset(train_set), CacheDataset(valid_set) if len(valid_set) else None, config)
@@ -248,7 +248,7 @@ class MlxTrainingBackend:
         emit(PhaseChanged(phase=Phase.LOADING_MODEL))
         model, tokenizer, _ = load_for_training(config)
         emit(PhaseChanged(phase=Phase.LOADING_DATA))
-        data = _run_data(config, tokenizer, run_dir)
+        data = _run_data(config, tokenizer)
         num_layers = _add_lora(config, model)
         adapter_dir = adapter_dir_for(config, run_dir)
         if primary:

@@ -198,7 +198,7 @@ class PreferenceData:
         return evaluate_pairs(model, batches, c.mode, c.beta, self.ce, progress)
 
 
-def load_preference_data(config: Any, tokenizer: Any, run_dir: Path) -> PreferenceData:
+def load_preference_data(config: Any, tokenizer: Any) -> PreferenceData:
     from ..planning.device import fast_path_on
     from .losses import cross_entropy_for
 
