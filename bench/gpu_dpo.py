@@ -5,7 +5,7 @@ Qwen2.5-Coder-7B-shaped random 4-bit model, the same tokenized pairs, batch, LoR
 iterations. Prints steps/s, reply tokens/s, MLX's peak and (ours) the prediction.
 
 python3 bench/gpu_dpo.py --work DIR [--iters 20] [--batch 4] [--prompt-words 70] [--reply-words 140] [--out F]
-    [--only product,mlx-lm-lora]
+    [--only product,orpo,mlx-lm-lora]
 """
 
 from __future__ import annotations
@@ -125,9 +125,10 @@ def main() -> None:
         print(json.dumps(theirs(model, data, args.batch, args.iters, seq)))
         return
     shape = {"batch": args.batch, "prompt_words": args.prompt_words, "reply_words": args.reply_words}
-    if "product" in args.only:
-        got = product(model, data, args.batch, seq, args.iters, False, mode="dpo")
-        report({"who": "ours (python -m trainer run, mode dpo)", **shape, **got}, args.out)
+    for mode in ("dpo", "orpo"):  # "product" runs dpo, "orpo" orpo
+        if ("product" if mode == "dpo" else mode) in args.only.split(","):
+            got = product(model, data, args.batch, seq, args.iters, False, mode=mode)
+            report({"who": f"ours (python -m trainer run, mode {mode})", **shape, **got}, args.out)
     if "mlx-lm-lora" in args.only:  # its own process: MLX's peak is per process
         cmd = [sys.executable, __file__, "--work", str(work), "--iters", str(args.iters), "--batch", str(args.batch)]
         cmd += ["--prompt-words", str(args.prompt_words), "--reply-words", str(args.reply_words), "--theirs"]

@@ -101,6 +101,11 @@ def run(model: torch.nn.Module, batch: int, seq: int, steps: int = 10) -> dict[s
     return result
 
 
+def token_ids(encoded: Any) -> list[int]:
+    """transformers 5 answers apply_chat_template(tokenize=True) with a BatchEncoding, 4.x with the ids."""
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
 def chat_batches(data: str, tokenizer_dir: str, batch: int = 4) -> list[Any]:
     """(input ids, attention mask, labels with the prompt and padding at -100, trained tokens) per batch."""
     from transformers import AutoTokenizer
@@ -110,8 +115,9 @@ def chat_batches(data: str, tokenizer_dir: str, batch: int = 4) -> list[Any]:
     with open(f"{data}/train.jsonl", encoding="utf-8") as f:
         for line in f:
             messages = json.loads(line)["messages"]
-            ids = tokenizer.apply_chat_template(messages, tokenize=True)[:2048]
-            prompt = len(tokenizer.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True))
+            ids = token_ids(tokenizer.apply_chat_template(messages, tokenize=True))[:2048]
+            asked = tokenizer.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True)
+            prompt = len(token_ids(asked))
             records.append((ids, prompt))
     records.sort(key=lambda r: len(r[0]))
     out = []

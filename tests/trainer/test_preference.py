@@ -111,12 +111,12 @@ def test_a_malformed_pair_is_refused_naming_its_line(
 
 
 def test_modes_and_data_must_agree(tiny_model: Path, tiny_data: Path, pairs: Path) -> None:
-    with pytest.raises(ConfigError, match="trains on preference pairs, but .* holds chat records"):
+    with pytest.raises(ConfigError, match="trains on preference records, but .* holds chat records"):
         prepare_run(QLoRAConfig.parse(_settings(tiny_model, tiny_data, "dpo")))
     with pytest.raises(ConfigError, match="set mode to 'dpo' or 'orpo'"):
         prepare_run(QLoRAConfig.parse(_settings(tiny_model, pairs, "sft")))
-    with pytest.raises(ConfigError, match="'grpo' .* is not built yet"):
-        QLoRAConfig.parse(_settings(tiny_model, pairs, "grpo"))
+    with pytest.raises(ConfigError, match="mode 'grpo' trains on tests records, but .* holds preference records"):
+        prepare_run(QLoRAConfig.parse(_settings(tiny_model, pairs, "grpo")))
     with pytest.raises(ConfigError, match="so layerwise cannot apply"):
         QLoRAConfig.parse(_settings(tiny_model, pairs, "dpo", layerwise=True))
     sft = prepare_run(QLoRAConfig.parse(tiny_run_config(tiny_model, tiny_data, batch_size=2)))

@@ -65,6 +65,10 @@ class RunData(Protocol):
         """The validation report's numbers (val_loss and any others); None without validation data."""
         ...
 
+    def window_report(self, through_step: int) -> dict[str, float]:
+        """The train report's figures besides the loop's own, of the steps since the last report (grpo's rewards)."""
+        ...
+
 
 class SupervisedData:
     """MLX-LM's datasets: batches ordered by step (batches.py), validation by MLX-LM's `evaluate`."""
@@ -101,6 +105,9 @@ class SupervisedData:
             progress_callback=progress,
         )
         return {"val_loss": loss}
+
+    def window_report(self, through_step: int) -> dict[str, float]:
+        return {}
 
 
 def fused_step(model: Any, optimizer: Any, loss: Loss) -> Step:
@@ -240,7 +247,7 @@ def train_steps(
         if it % config.steps_per_report == 0 or it == config.iters:
             window.seconds += time.perf_counter() - clock
             clock = time.perf_counter()
-            hooks.train_report(_train_report(window, done, optimizer))
+            hooks.train_report({**_train_report(window, done, optimizer), **data.window_report(it)})
             window = _Window()
         if it >= config.iters:
             return done

@@ -31,6 +31,7 @@ from ..lifecycle.events import Checkpoint, PhaseChanged, Progress, Resumed, Trai
 from ..lifecycle.jobs import Phase
 from ..planning.config import QLoRAConfig
 from .batches import data_position
+from .grpo_data import GroupData, load_group_data
 from .loop import Loss, Step, SupervisedData, train_steps
 from .mlx_import import require_mlx
 from .plan_switch import RunPlans
@@ -211,12 +212,14 @@ def _resume(events: _RunEvents, model: Any, optimizer: Any, emit: Emit) -> None:
     events.saved_step = events.done.step
 
 
-def _run_data(config: QLoRAConfig, tokenizer: Any) -> SupervisedData | PreferenceData:
-    """MLX-LM's datasets for sft; preference pairs for dpo and orpo."""
+def _run_data(config: QLoRAConfig, tokenizer: Any) -> SupervisedData | PreferenceData | GroupData:
+    """MLX-LM's datasets for sft; preference pairs for dpo and orpo; coding tasks with tests for grpo."""
     from mlx_lm.tuner.datasets import CacheDataset, load_local_dataset
 
     if config.preference:
         return load_preference_data(config, tokenizer)
+    if config.mode == "grpo":
+        return load_group_data(config, tokenizer)
     options = types.SimpleNamespace(mask_prompt=config.mask_prompt)
     train_set, valid_set, _ = load_local_dataset(Path(config.data), tokenizer, options)
     return SupervisedData(CacheDataset(train_set), CacheDataset(valid_set) if len(valid_set) else None, config)
@@ -250,6 +253,8 @@ class MlxTrainingBackend:
         emit(PhaseChanged(phase=Phase.LOADING_DATA))
         data = _run_data(config, tokenizer)
         num_layers = _add_lora(config, model)
+        if isinstance(data, GroupData):
+            data.model = model  # it samples each step's completions
         adapter_dir = adapter_dir_for(config, run_dir)
         if primary:
             adapter_dir.mkdir(parents=True, exist_ok=True)

@@ -41,6 +41,11 @@ def step_for(config: QLoRAConfig, model: Any, optimizer: Any) -> tuple[Step, Los
 
         preference = make_preference_loss(config.mode, config.beta, cross_entropy_for(fast))
         return fused_step(model, optimizer, preference), preference
+    if config.mode == "grpo":
+        from .grpo_loss import make_grpo_loss
+
+        grpo = make_grpo_loss(config.beta, cross_entropy_for(fast))
+        return fused_step(model, optimizer, grpo), grpo
     if not config.layerwise:
         loss = training_loss(fast, config.chunked_loss)
         if config.pass_tokens is not None:

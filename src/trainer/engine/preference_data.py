@@ -197,6 +197,9 @@ class PreferenceData:
         batches = validation_pairs(self.valid, c.batch_size, c.max_seq_length, c.val_batches)
         return evaluate_pairs(model, batches, c.mode, c.beta, self.ce, progress)
 
+    def window_report(self, through_step: int) -> dict[str, float]:
+        return {}
+
 
 def load_preference_data(config: Any, tokenizer: Any) -> PreferenceData:
     from ..planning.device import fast_path_on

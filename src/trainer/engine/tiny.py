@@ -121,3 +121,18 @@ def build_tiny_model(folder: Path, seed: int = 0, **overrides: Any) -> Path:
     mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())))
     (folder / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     return folder
+
+
+def write_synthetic_tasks(folder: Path, train: int = 16, valid: int = 8, seed: int = 0) -> Path:
+    """grpo tasks of the synthetic kind: write add_<name>; the first test passes whenever the reply's code runs (a
+    reward a random tiny model reaches now and then: an empty or one-word reply), the second only for the function."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, count in (("train", train), ("valid", valid)):
+        lines = []
+        for _ in range(count):
+            name, number = rng.choice(NAMES), rng.randint(0, 99)
+            tests = f"assert True\nassert add_{name}(1) == {number + 1}\n"
+            lines.append(json.dumps({"prompt": f"Write add_{name} adding {number}.", "tests": tests}))
+        (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder

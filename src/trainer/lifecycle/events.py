@@ -68,6 +68,13 @@ class TrainReport(_Event):
     tokens_per_second: float
     trained_tokens: int
     peak_memory: float  # GB, as mlx-lm reports it
+    #: grpo, over the report's steps: the mean reward (share of tests passed), the share of completions passing all
+    #: their tests, the KL to the base, mean completion tokens and the seconds spent sampling and scoring
+    reward: float | None = None
+    pass_rate: float | None = None
+    kl: float | None = None
+    completion_tokens: float | None = None
+    sample_seconds: float | None = None
 
 
 class ValReport(_Event):
@@ -81,6 +88,10 @@ class ValReport(_Event):
     val_margin: float | None = None
     val_chosen_logp: float | None = None
     val_rejected_logp: float | None = None
+    #: grpo: greedy completions of the validation tasks, their mean reward and share passing all tests (val_loss is
+    #: 1 - val_reward)
+    val_reward: float | None = None
+    val_pass_rate: float | None = None
 
 
 class MemorySample(_Event):

@@ -106,6 +106,12 @@ class RunMetrics(BaseModel):
     #: dpo and orpo: the latest validation accuracy (chosen preferred) and margin
     last_val_accuracy: float | None = None
     last_val_margin: float | None = None
+    #: grpo: the last report's mean reward and share of completions passing all tests; the same of the latest
+    #: validation's greedy completions
+    last_reward: float | None = None
+    last_pass_rate: float | None = None
+    last_val_reward: float | None = None
+    last_val_pass_rate: float | None = None
     #: the first-steps check chose another plan (planning/replan.py): from which step, and why
     plan_change: str | None = None
 

@@ -86,6 +86,8 @@ def apply_event(job: Job, history: RunHistory, event: Event) -> frozenset[RunAsp
             metrics.average_tokens_per_second = round(event.trained_tokens / metrics.train_seconds, 1)
         metrics.trained_tokens = event.trained_tokens
         metrics.peak_memory_gb = max(metrics.peak_memory_gb or 0.0, event.peak_memory)
+        if event.reward is not None:
+            metrics.last_reward, metrics.last_pass_rate = event.reward, event.pass_rate
         return _METRICS
     if isinstance(event, ValReport):
         history.val_reports.append(event)
@@ -94,6 +96,8 @@ def apply_event(job: Job, history: RunHistory, event: Event) -> frozenset[RunAsp
         metrics.last_val_loss = event.val_loss
         if event.val_accuracy is not None:
             metrics.last_val_accuracy, metrics.last_val_margin = event.val_accuracy, event.val_margin
+        if event.val_reward is not None:
+            metrics.last_val_reward, metrics.last_val_pass_rate = event.val_reward, event.val_pass_rate
         return _METRICS
     if isinstance(event, Progress):
         job.iteration = max(job.iteration, event.iteration)

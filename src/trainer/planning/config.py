@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import ConfigError
 
@@ -67,9 +67,13 @@ class QLoRAConfig(BaseModel):
     ] = None
     mask_prompt: Annotated[bool, Field(description="Loss on completions only.")] = False
     mode: Annotated[
-        Literal["sft", "dpo", "orpo"], Field(description="dpo, orpo: {prompt, chosen, rejected} lines.")
+        Literal["sft", "dpo", "orpo", "grpo"],
+        Field(description="dpo, orpo: {prompt, chosen, rejected} lines; grpo: {prompt, tests}."),
     ] = "sft"
-    beta: Annotated[float, Field(gt=0, le=100, description="dpo's KL / orpo's odds-ratio weight.")] = 0.1
+    beta: Annotated[float, Field(gt=0, le=100, description="KL (dpo, grpo) or odds-ratio (orpo) weight.")] = 0.1
+    generations: Annotated[int, Field(ge=2, le=64, description="grpo: completions per prompt.")] = 4
+    completion_tokens: Annotated[int, Field(ge=1, le=1 << 15, description="grpo: most tokens per completion.")] = 256
+    format_reward: Annotated[float, Field(ge=0, le=1, description="grpo: reward for a fenced code block.")] = 0.0
     seed: Annotated[int, Field(ge=0, lt=1 << 32, description="LoRA init, batch order.")] = 0
     steps_per_report: Annotated[int, Field(ge=1, le=MAX_ITERS, description="Steps between train-loss reports.")] = 10
     steps_per_eval: Annotated[int, Field(ge=1, le=MAX_ITERS, description="Steps between validation losses.")] = 200
@@ -142,23 +146,13 @@ class QLoRAConfig(BaseModel):
             raise ValueError("pass_tokens with layerwise=true: the layerwise step takes the whole batch; drop one")
         return self
 
-    @field_validator("mode", mode="before")
-    @classmethod
-    def _grpo_is_not_built(cls, value: object) -> object:
-        if value == "grpo":
-            raise ValueError(
-                "mode 'grpo' (rewards from unit tests) is not built yet; use mode 'dpo' or 'orpo' with preference "
-                "pairs, or 'sft'"
-            )
-        return value
-
     @model_validator(mode="after")
     def _preference_modes_take_the_plain_step(self) -> QLoRAConfig:
         if self.mode != "sft":
             used = [name for name in ("layerwise", "chunked_loss", "pass_tokens") if getattr(self, name)]
             if used:
                 raise ValueError(
-                    f"mode {self.mode!r} computes its own loss over each pair in one pass, so {' and '.join(used)} "
+                    f"mode {self.mode!r} computes its own loss over each example in one pass, so {' and '.join(used)} "
                     "cannot apply; drop it (grad_checkpoint saves memory in this mode)"
                 )
         return self
@@ -167,6 +161,16 @@ class QLoRAConfig(BaseModel):
     def preference(self) -> bool:
         """A mode trained on {prompt, chosen, rejected} pairs."""
         return self.mode in ("dpo", "orpo")
+
+    @property
+    def own_loss(self) -> bool:
+        """A mode whose loss takes each example whole in one pass (no passes, chunks or layerwise)."""
+        return self.mode != "sft"
+
+    @property
+    def rows_per_example(self) -> int:
+        """Sequences a step runs per example: a pair's two replies, a grpo prompt's completions."""
+        return {"sft": 1, "grpo": self.generations}.get(self.mode, 2)
 
     @property
     def per_process_batch(self) -> int:

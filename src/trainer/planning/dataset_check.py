@@ -10,9 +10,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import ConfigError
 from .preference_records import check_record, completion_text, is_preference, prompt_messages
+from .task_records import check_task, is_task
 
 FORMATS = {  # the first whose keys a record has is its format (a preference record may hold "messages" too)
     "preference": ("chosen", "rejected"),
+    "tests": ("tests",),
     "chat": ("messages",),
     "completions": ("prompt", "completion"),
     "text": ("text",),
@@ -59,6 +61,8 @@ class _TokenCounter:
         if is_preference(record):  # the prompt and the longer reply: a pair's longest sequence
             replies = sorted((completion_text(record[k]) for k in ("chosen", "rejected")), key=len)
             texts = [m["content"] for m in prompt_messages(record)] + replies[-1:]
+        elif is_task(record):  # the prompt only: the run adds up to completion_tokens to it
+            texts = [m["content"] for m in prompt_messages(record)]
         elif messages := record.get("messages"):
             texts = [str(m.get("content", "")) if isinstance(m, dict) else str(m) for m in messages]
         else:
@@ -88,15 +92,16 @@ def _record_format(record: object, where: str) -> str:
     raise ConfigError(
         f"{where}: unknown record format with keys {sorted(record)}; use "
         '{"messages": [{"role": ..., "content": ...}]}, {"prompt": ..., "completion": ...} or {"text": ...} '
-        '(or {"prompt": ..., "chosen": ..., "rejected": ...} for mode dpo or orpo)'
+        '(or {"prompt": ..., "chosen": ..., "rejected": ...} for mode dpo or orpo, {"prompt": ..., "tests": ...} '
+        "for grpo)"
     )
 
 
 def _check_values(fmt: str, record: dict[str, Any], where: str) -> None:
     """The fields MLX-LM reads must be text (a number or a list there fails only in the worker, minutes later)."""
-    if fmt == "preference":
+    if fmt in ("preference", "tests"):
         try:
-            check_record(record)
+            (check_record if fmt == "preference" else check_task)(record)
         except ValueError as exc:
             raise ConfigError(f"{where}: {exc}") from None
         return

@@ -26,6 +26,7 @@ from .modelref import resolve_model_dir
 from .paths import PathPolicy
 from .preference_records import check_record, completion_text, prompt_messages
 from .repo_files import may_hold_secret, secret_in_line
+from .task_records import check_task
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "valid", "test")
@@ -118,6 +119,9 @@ class _Tokens:
                 [*prompt_turns, {"role": "assistant", "content": replies[-1]}], tokenize=False
             )
             return str(full), str(tok.apply_chat_template(prompt_turns, add_generation_prompt=True, tokenize=False))
+        if fmt == "tests":  # the prompt as the run samples from it (its completions are the run's own)
+            prompt = str(tok.apply_chat_template(prompt_messages(record), add_generation_prompt=True, tokenize=False))
+            return prompt, prompt if mask_prompt else None
         if fmt == "chat":
             messages = record["messages"]
         else:
@@ -164,9 +168,9 @@ def _format_of(record: object) -> str | None:
 
 def _value_problem(fmt: str, record: dict[str, Any]) -> tuple[ProblemKind, str] | None:
     """What stops this record (an error); `_oddity` finds what only weakens it."""
-    if fmt == "preference":
+    if fmt in ("preference", "tests"):
         try:
-            check_record(record)
+            (check_record if fmt == "preference" else check_task)(record)
         except ValueError as exc:
             return "format", str(exc)
         return None
@@ -188,7 +192,7 @@ def _value_problem(fmt: str, record: dict[str, Any]) -> tuple[ProblemKind, str] 
 
 
 def _oddity(fmt: str, record: dict[str, Any]) -> str | None:
-    if fmt == "preference":  # check_record has found what matters
+    if fmt in ("preference", "tests"):  # check_record and check_task have found what matters
         return None
     texts = (
         [(str(m["role"]), m["content"]) for m in record["messages"]]

@@ -43,8 +43,9 @@ def plan_for(
     config: QLoRAConfig, seq_len: int, bytes_per_element: int, device: str = "cpu", fast: bool = False
 ) -> MemoryPlan:
     return MemoryPlan(
-        # the budget and the prediction are per process; a preference step runs each pair's two replies at once
-        batch_size=config.per_process_batch * (2 if config.preference else 1),
+        # the budget and the prediction are per process; a preference step runs each pair's two replies at once, a
+        # grpo step each prompt's completions (their sampling's KV cache is far smaller than the step's activations)
+        batch_size=config.per_process_batch * config.rows_per_example,
         seq_len=seq_len,
         num_layers=config.num_layers,
         rank=config.rank,
@@ -73,7 +74,7 @@ def _alternatives(config: QLoRAConfig, device: str = "cpu") -> list[dict[str, An
     if device != "cpu" and config.fast_path is not False:
         current = {**current, "fast_path": False}
         steps.append(current)
-    for option in ("grad_checkpoint",) if config.preference else ("grad_checkpoint", "chunked_loss", "layerwise"):
+    for option in ("grad_checkpoint",) if config.own_loss else ("grad_checkpoint", "chunked_loss", "layerwise"):
         if not current.get(option) and not getattr(config, option):
             current = {**current, option: True, "checkpoint_blocks": None, "pass_tokens": None}
             steps.append(current)
@@ -108,7 +109,10 @@ def run_predictor(
     lora_layers = layers if config.num_layers == -1 else min(config.num_layers, layers)
 
     def predict(cfg: QLoRAConfig) -> tuple[MemoryPlan, MemoryParts]:
-        seq = min(cfg.max_seq_length, longest) if longest else cfg.max_seq_length
+        if longest and cfg.mode == "grpo":  # the dataset counts its prompts; each gets a completion
+            seq = min(cfg.max_seq_length, longest + cfg.completion_tokens)
+        else:
+            seq = min(cfg.max_seq_length, longest) if longest else cfg.max_seq_length
         if align > 32:  # CUDA: inputs padded to a multiple of 128 (the CPU's calibration used MLX-LM's padding)
             seq = -(-(seq - 1) // align) * align
         cfg_bytes, _, cfg_fast = compute_bytes(cfg.fast_path)

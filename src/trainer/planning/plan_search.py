@@ -99,7 +99,7 @@ def _family(config: QLoRAConfig, lora_layers: int, device: str) -> Iterator[dict
     losses = [False, True] if not config.chunked_loss and device == "cpu" else [config.chunked_loss]
     batch, seq = config.per_process_batch, config.max_seq_length
     budgets = [None] + [examples * seq for examples in range(batch - 1, 0, -1)] if config.pass_tokens is None else []
-    if config.preference:  # its loss takes each pair whole, in one pass: only recomputed blocks apply
+    if config.own_loss:  # its loss takes each example whole, in one pass: only recomputed blocks apply
         losses, budgets = [config.chunked_loss], [None]
     for pass_tokens in budgets or [config.pass_tokens]:
         for chunked in losses:
@@ -112,7 +112,7 @@ def _family(config: QLoRAConfig, lora_layers: int, device: str) -> Iterator[dict
                 if blocks:
                     option.update(grad_checkpoint=True, checkpoint_blocks=blocks)
                 yield option
-    if not config.layerwise and not config.preference:
+    if not config.layerwise and not config.own_loss:
         layerwise = {"layerwise": True, "chunked_loss": True, "pass_tokens": None, "grad_checkpoint": False}
         yield {k: v for k, v in layerwise.items() if getattr(config, k) != v}
 

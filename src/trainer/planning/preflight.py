@@ -107,18 +107,21 @@ def _read_dataset(
 
 
 def _check_mode(config: QLoRAConfig, fmt: str) -> None:
-    """Preference modes train on pairs, and pairs only on them."""
-    if config.preference and fmt != "preference":
+    """Preference modes train on pairs, grpo on coding tasks with tests, and each of those only in its mode."""
+    wanted = {"dpo": "preference", "orpo": "preference", "grpo": "tests"}.get(config.mode)
+    layouts = {
+        "preference": '{"prompt": ..., "chosen": ..., "rejected": ...}',
+        "tests": '{"prompt": ..., "tests": "assert f(1) == 2 ..."}',
+    }
+    if wanted is not None and fmt != wanted:
         raise ConfigError(
-            f"mode {config.mode!r} trains on preference pairs, but {config.data} holds {fmt} records; give it "
-            '{"prompt": ..., "chosen": ..., "rejected": ...} lines, or use mode "sft"'
+            f"mode {config.mode!r} trains on {wanted} records, but {config.data} holds {fmt} records; give it "
+            f'{layouts[wanted]} lines, or use mode "sft"'
         )
-    if not config.preference and fmt == "preference":
-        raise ConfigError(
-            f"{config.data} holds preference pairs (chosen and rejected replies); set mode to 'dpo' or 'orpo' to "
-            "train on them"
-        )
-    if config.preference and config.num_processes > 1:
+    if wanted is None and fmt in layouts:
+        fitting = "'dpo' or 'orpo'" if fmt == "preference" else "'grpo'"
+        raise ConfigError(f"{config.data} holds {fmt} records; set mode to {fitting} to train on them")
+    if config.own_loss and config.num_processes > 1:
         raise ConfigError(f"mode {config.mode!r} runs in one process for now; set num_processes to 1")
 
 
