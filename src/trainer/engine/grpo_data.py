@@ -18,8 +18,8 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..planning.device import input_alignment
-from ..planning.task_records import TestSuite, task_messages, test_suite
-from ..results.test_rewards import TestScore, score_completions
+from ..planning.task_records import TaskTests, parse_tests, task_messages
+from ..results.test_rewards import TaskScore, score_completions
 from .group_sampling import Completion, sample_group, sampling_key
 from .grpo_loss import completion_mask, group_advantages, token_logps
 
@@ -30,7 +30,7 @@ _TASKS = 1 << 29
 @dataclass
 class Tasks:
     prompts: list[list[int]] = field(default_factory=list)  # through the chat template, ready to generate from
-    suites: list[TestSuite] = field(default_factory=list)
+    suites: list[TaskTests] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -51,7 +51,7 @@ def load_tasks(path: Path, tokenizer: Any) -> Tasks:
             continue
         try:
             record = json.loads(line)
-            tasks.suites.append(test_suite(record["tests"]))
+            tasks.suites.append(parse_tests(record["tests"]))
             tasks.prompts.append(_prompt_ids(tokenizer, task_messages(record)))
         except (ValueError, KeyError, TypeError) as exc:  # validate_dataset names these before a run starts
             raise ConfigError(f"{path} line {number}: not a coding task with tests ({exc})") from None
@@ -121,7 +121,7 @@ class GroupData:
         self.windows[step] = _sampled(completions, scores, tokens, lengths, reference, time.perf_counter() - tic)
         return tokens, lengths, mx.array(group_advantages(rewards, c.generations)), reference
 
-    def _score(self, completions: list[Completion], suites: list[TestSuite]) -> list[TestScore]:
+    def _score(self, completions: list[Completion], suites: list[TaskTests]) -> list[TaskScore]:
         return score_completions([self.decode(c.tokens) for c in completions], suites)
 
     def decode(self, tokens: list[int]) -> str:
@@ -169,7 +169,7 @@ class GroupData:
 
 def _sampled(
     completions: list[Completion],
-    scores: list[TestScore],
+    scores: list[TaskScore],
     tokens: mx.array,
     lengths: mx.array,
     reference: mx.array,

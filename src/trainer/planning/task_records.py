@@ -18,14 +18,14 @@ def is_task(record: dict[str, Any]) -> bool:
 
 
 @dataclass(frozen=True)
-class TestSuite:
+class TaskTests:
     """A task's tests as units that pass or fail one by one, and the code they need first."""
 
     setup: str
     units: tuple[str, ...]
 
 
-def test_suite(tests: object) -> TestSuite:
+def parse_tests(tests: object) -> TaskTests:
     """The suite of a record's `tests`; ValueError naming what is wrong."""
     if not isinstance(tests, str) or not tests.strip():
         raise ValueError('"tests" must be Python test code (asserts or test_ functions), as text')
@@ -45,7 +45,7 @@ def test_suite(tests: object) -> TestSuite:
             setup.append(code)
     if not units:
         raise ValueError('"tests" has no top-level assert or test_ function, so nothing could pass or fail')
-    return TestSuite("\n".join(setup), tuple(units))
+    return TaskTests("\n".join(setup), tuple(units))
 
 
 def task_messages(record: dict[str, Any]) -> list[dict[str, str]]:
@@ -58,4 +58,4 @@ def task_messages(record: dict[str, Any]) -> list[dict[str, str]]:
 def check_task(record: dict[str, Any]) -> None:
     """ValueError saying what is wrong with a task record, if anything."""
     task_messages(record)
-    test_suite(record["tests"])
+    parse_tests(record["tests"])

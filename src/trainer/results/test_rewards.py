@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from ..planning.task_records import TestSuite
+from ..planning.task_records import TaskTests
 from .code_match import code_blocks
 from .sandbox import run_sandboxed
 
@@ -39,7 +39,7 @@ MEMORY_MB = 512
 
 
 @dataclass(frozen=True)
-class TestScore:
+class TaskScore:
     passed: int
     total: int
     formatted: bool  # the reply put its code in a fenced block
@@ -59,16 +59,16 @@ def completion_code(reply: str) -> str:
     return "\n\n".join(blocks) if blocks else reply
 
 
-def score_completion(reply: str, suite: TestSuite) -> TestScore:
+def score_completion(reply: str, suite: TaskTests) -> TaskScore:
     marker = f"@@passed-{secrets.token_hex(8)}"
     units = json.dumps(list(suite.units))
     program = _HARNESS.format(units=units, code=completion_code(reply), setup=suite.setup, marker=marker)
     result = run_sandboxed(program, timeout_s=TIMEOUT_S, memory_mb=MEMORY_MB)
     passed = {line.split()[1] for line in result.output.splitlines() if line.startswith(marker + " ")}
-    return TestScore(passed=len(passed), total=len(suite.units), formatted=bool(code_blocks(reply)))
+    return TaskScore(passed=len(passed), total=len(suite.units), formatted=bool(code_blocks(reply)))
 
 
-def score_completions(replies: Sequence[str], suites: Sequence[TestSuite]) -> list[TestScore]:
+def score_completions(replies: Sequence[str], suites: Sequence[TaskTests]) -> list[TaskScore]:
     """Each reply against its suite, several sandboxes at once (each is a process of its own)."""
     workers = max(1, min(len(replies), os.cpu_count() or 1, 8))
     with ThreadPoolExecutor(max_workers=workers) as pool:
