@@ -34,3 +34,9 @@ def house_style_preferences() -> Path:
     """Pairs of the house-style answer (chosen) and SmolLM2's own reply (rejected), written by
     tools/make_house_style_preferences.py."""
     return Path(str(resources.files("mcp_local_demo") / "datasets" / "house_style_preferences"))
+
+
+def python_tasks() -> Path:
+    """Small Python tasks with asserts for grpo (30 train, 6 valid, 12 test), written for this project (none is a
+    HumanEval problem) by tools/make_python_tasks.py."""
+    return Path(str(resources.files("mcp_local_demo") / "datasets" / "python_tasks"))

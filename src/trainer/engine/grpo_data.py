@@ -107,7 +107,7 @@ class GroupData:
         groups = [
             sample_group(
                 self.model, self.train.prompts[r], c.generations, c.completion_tokens, self.eos,
-                sampling_key(c.seed, step, place),
+                sampling_key(c.seed, step, place), c.temperature,
             )
             for place, r in enumerate(rows)
         ]  # fmt: skip
@@ -117,7 +117,7 @@ class GroupData:
         scores = self._score(completions, [self.train.suites[r] for r in rows for _ in range(c.generations)])
         rewards = [s.reward(c.format_reward) for s in scores]
         tokens, lengths = group_batch(prompts, completions, c.max_seq_length)
-        reference = reference_logps(self.model, tokens, self.ce)
+        reference = reference_logps(self.model, tokens, self.ce, c.temperature)
         self.windows[step] = _sampled(completions, scores, tokens, lengths, reference, time.perf_counter() - tic)
         return tokens, lengths, mx.array(group_advantages(rewards, c.generations)), reference
 
@@ -205,12 +205,12 @@ def group_batch(prompts: list[list[int]], completions: list[Completion], max_seq
     return mx.array(tokens), mx.array(list(zip(starts, lengths, strict=True)))
 
 
-def reference_logps(model: Any, tokens: mx.array, ce: Any) -> mx.array:
-    """Each target token's log-probability under the base (the adapter off)."""
+def reference_logps(model: Any, tokens: mx.array, ce: Any, temperature: float) -> mx.array:
+    """Each target token's log-probability under the base (the adapter off), at the run's temperature."""
     from .patches import adapter_off
 
     with adapter_off(model):
-        logps = token_logps(model, tokens, ce)
+        logps = token_logps(model, tokens, ce, temperature)
         mx.eval(logps)
     return logps
 

@@ -31,16 +31,20 @@ def completion_mask(tokens: mx.array, lengths: mx.array) -> mx.array:
     return mx.logical_and(predicted >= lengths[:, 0:1], predicted < lengths[:, 1:])
 
 
-def token_logps(model: Any, tokens: mx.array, ce: CrossEntropy) -> mx.array:
-    return -ce(model(tokens[:, :-1]), tokens[:, 1:]).astype(mx.float32)
+def token_logps(model: Any, tokens: mx.array, ce: CrossEntropy, temperature: float = 1.0) -> mx.array:
+    """Each target token's log-probability under the model at `temperature` (the distribution grpo samples)."""
+    logits = model(tokens[:, :-1])
+    if temperature != 1.0:
+        logits = logits / temperature
+    return -ce(logits, tokens[:, 1:]).astype(mx.float32)
 
 
-def make_grpo_loss(beta: float, ce: CrossEntropy) -> Callable[..., tuple[mx.array, mx.array]]:
+def make_grpo_loss(beta: float, ce: CrossEntropy, temperature: float = 1.0) -> Callable[..., tuple[mx.array, mx.array]]:
     """The step's loss and the completion tokens it covered (the run's tokens/s)."""
 
     def grpo_loss(model: Any, tokens: mx.array, lengths: mx.array, advantages: mx.array, reference: mx.array) -> Any:
         mask = completion_mask(tokens, lengths)
-        logps = token_logps(model, tokens, ce)
+        logps = token_logps(model, tokens, ce, temperature)
         ratio = mx.exp(logps - mx.stop_gradient(logps))  # 1, with the gradient of log p
         gap = reference - logps
         per_token = -ratio * advantages[:, None] + beta * (mx.exp(gap) - gap - 1)

@@ -44,7 +44,7 @@ def step_for(config: QLoRAConfig, model: Any, optimizer: Any) -> tuple[Step, Los
     if config.mode == "grpo":
         from .grpo_loss import make_grpo_loss
 
-        grpo = make_grpo_loss(config.beta, cross_entropy_for(fast))
+        grpo = make_grpo_loss(config.beta, cross_entropy_for(fast), config.temperature)
         return fused_step(model, optimizer, grpo), grpo
     if not config.layerwise:
         loss = training_loss(fast, config.chunked_loss)

@@ -74,6 +74,7 @@ class QLoRAConfig(BaseModel):
     generations: Annotated[int, Field(ge=2, le=64, description="grpo: completions per prompt.")] = 4
     completion_tokens: Annotated[int, Field(ge=1, le=1 << 15, description="grpo: most tokens per completion.")] = 256
     format_reward: Annotated[float, Field(ge=0, le=1, description="grpo: reward for a fenced code block.")] = 0.0
+    temperature: Annotated[float, Field(gt=0, le=2, description="grpo: sampling temperature (also of its loss).")] = 1.0
     seed: Annotated[int, Field(ge=0, lt=1 << 32, description="LoRA init, batch order.")] = 0
     steps_per_report: Annotated[int, Field(ge=1, le=MAX_ITERS, description="Steps between train-loss reports.")] = 10
     steps_per_eval: Annotated[int, Field(ge=1, le=MAX_ITERS, description="Steps between validation losses.")] = 200
