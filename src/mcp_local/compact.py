@@ -3,9 +3,9 @@
 Inputs keep everything a model needs to fill them in (types, bounds, enums, descriptions, defaults) except caps that
 only stop absurd input (a 10-million-iteration maximum); pydantic's generated titles go, `anyOf [T, null]` becomes a
 nullable type, or just T where null is the default (an optional argument is left out, not sent as null). Outputs are
-described one level deep: each field's name and type, nested objects as objects (their fields are in the JSON itself),
-so the tool list does not repeat the same nested definitions tool after tool; a result's fields are all present, so
-`required` and defaults are left out.
+described one level deep: each field's name and type, nested objects and lists as such (their fields and items are in
+the JSON itself), so the tool list does not repeat the same nested definitions tool after tool; a result's fields are
+all present, so `required` and defaults are left out.
 """
 
 from __future__ import annotations
@@ -69,8 +69,8 @@ def _shallow(prop: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     if ref is not None:
         target = defs.get(ref.rsplit("/", 1)[-1], {})
         kind: dict[str, Any] = {"type": "string"} if "enum" in target else {"type": "object"}
-    elif inner.get("type") == "array" and "$ref" in inner.get("items", {}):
-        kind = {"type": "array", "items": {"type": "object"}}
+    elif inner.get("type") in ("array", "object"):  # its items' or values' types are in the JSON itself
+        kind = {"type": inner["type"]}
     else:
         return prop
     if nullable:

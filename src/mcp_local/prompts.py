@@ -42,11 +42,12 @@ def fine_tune_and_follow(model: str, data: str, iters: int = 100, mode: str = "s
         f'1. validate_dataset(data="{data}", model="{model}"): report problems by line, if any, and stop on errors. '
         "Its format says the mode: examples to imitate (messages, prompt/completion, text) train with mode sft; "
         "pairs of a chosen and a rejected reply (prompt, chosen, rejected) with mode dpo (against the base model) or "
-        "orpo (no reference, imitates the chosen replies too).\n"
+        "orpo (no reference, imitates the chosen replies too); coding tasks with tests (prompt, tests) with mode grpo "
+        "(rewarded by the share of tests its own completions pass).\n"
         f'2. start_qlora_run(config={{"model": "{model}", "data": "{data}", "iters": {iters}, "mode": "{mode}"}}): '
         "report the memory prediction it returns.\n3. run_status(run_id, wait_seconds=60) until succeeded, failed or "
         "cancelled; report loss, memory and ETA each time (dpo and orpo: the validation accuracy, the share of "
-        "validation pairs whose chosen reply the model prefers).\n4. generate(run_id=..., prompt=...) to try the "
+        "validation pairs whose chosen reply the model prefers; grpo: the reward and validation pass rate).\n4. generate(run_id=..., prompt=...) to try the "
         "adapter."
     )
 

@@ -55,7 +55,8 @@ Fine-tune and run local code LLMs with MLX-LM (QLoRA). Three workflows, each als
   run_status(run_id, wait_seconds=60, until="end"), which answers at the end, on an error or a stall, or after 60 s,
   with loss, memory and ETA; cancel_run stops it (adapter saved), resume_run continues a stopped one, list_runs and
   delete_run manage them; generate(run_id=...) uses a finished run's adapter; export_model fuses it and writes GGUF.
-  config.mode: sft imitates examples; dpo or orpo learn from {prompt, chosen, rejected} pairs.
+  config.mode: sft imitates examples; dpo or orpo learn from {prompt, chosen, rejected} pairs; grpo from
+  {prompt, tests}, rewarded by the tests its completions pass.
 - From a repository to a better coder (tune_on_repository): build_dataset(source, out, format="instruct") ->
   start_qlora_run(config with data=out) -> evaluate(run_id), called again until it has ended: held-out perplexity and
   function completion, base vs adapter, each change with a 95% interval.

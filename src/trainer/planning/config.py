@@ -28,7 +28,7 @@ class QLoRAConfig(BaseModel):
         Field(
             min_length=1,
             max_length=MAX_PATH,
-            description="A model folder, a .gguf file or a Hugging Face repo id.",
+            description="Model folder, .gguf file or hub repo id.",
         ),
     ]
     data: Annotated[
@@ -36,12 +36,12 @@ class QLoRAConfig(BaseModel):
         Field(
             min_length=1,
             max_length=MAX_PATH,
-            description="Folder of train.jsonl (and valid.jsonl): messages, prompt/completion or text lines.",
+            description="Folder of train.jsonl (and valid.jsonl); sft: messages, prompt/completion or text.",
         ),
     ]
     adapter_dir: Annotated[
         str | None,
-        Field(max_length=MAX_PATH, description="Default: the run folder's adapters/."),
+        Field(max_length=MAX_PATH, description="Default: <run folder>/adapters."),
     ] = None
     rank: Annotated[int, Field(ge=1, le=512, description="LoRA rank.")] = 16
     alpha: Annotated[float, Field(gt=0, le=1e5, description="LoRA alpha (scale alpha / rank).")] = 32.0
@@ -49,13 +49,13 @@ class QLoRAConfig(BaseModel):
     num_layers: Annotated[int, Field(ge=-1, le=MAX_BLOCKS, description="The last blocks that get LoRA; -1: all.")] = 16
     quantize_bits: Annotated[
         Literal[0, 4, 8],
-        Field(description="Quantize a float base to these bits (0: plain LoRA)."),
+        Field(description="Bits for a float base (0: plain LoRA)."),
     ] = 4
     group_size: Annotated[Literal[32, 64, 128], Field(description="Quantization group size.")] = 64
     iters: Annotated[int, Field(ge=1, le=MAX_ITERS, description="Optimizer steps.")] = 100
     batch_size: Annotated[int, Field(ge=1, le=MAX_BLOCKS, description="Examples per step.")] = 4
     learning_rate: Annotated[float, Field(gt=0, le=1, description="Adam learning rate.")] = 1e-5
-    max_seq_length: Annotated[int, Field(ge=8, le=1 << 20, description="Longer examples are truncated.")] = 2048
+    max_seq_length: Annotated[int, Field(ge=8, le=1 << 20, description="Longer examples are cut.")] = 2048
     grad_checkpoint: Annotated[bool, Field(description="Recompute activations: less memory.")] = False
     checkpoint_blocks: Annotated[
         int | None,
@@ -68,17 +68,17 @@ class QLoRAConfig(BaseModel):
     mask_prompt: Annotated[bool, Field(description="Loss on completions only.")] = False
     mode: Annotated[
         Literal["sft", "dpo", "orpo", "grpo"],
-        Field(description="dpo, orpo: {prompt, chosen, rejected} lines; grpo: {prompt, tests}."),
+        Field(description="dpo/orpo: {prompt, chosen, rejected}; grpo: {prompt, tests}."),
     ] = "sft"
     beta: Annotated[float, Field(gt=0, le=100, description="KL (dpo, grpo) or odds-ratio (orpo) weight.")] = 0.1
     generations: Annotated[int, Field(ge=2, le=64, description="grpo: completions per prompt.")] = 4
-    completion_tokens: Annotated[int, Field(ge=1, le=1 << 15, description="grpo: most tokens per completion.")] = 256
-    format_reward: Annotated[float, Field(ge=0, le=1, description="grpo: reward for a fenced code block.")] = 0.0
-    temperature: Annotated[float, Field(gt=0, le=2, description="grpo: sampling temperature (also of its loss).")] = 1.0
+    completion_tokens: Annotated[int, Field(ge=1, le=1 << 15, description="grpo: tokens per completion, at most.")] = 256
+    format_reward: Annotated[float, Field(ge=0, le=1, description="grpo: bonus for a fenced code block.")] = 0.0
+    temperature: Annotated[float, Field(gt=0, le=2, description="grpo: sampling temperature.")] = 1.0
     seed: Annotated[int, Field(ge=0, lt=1 << 32, description="LoRA init, batch order.")] = 0
     steps_per_report: Annotated[int, Field(ge=1, le=MAX_ITERS, description="Steps between train-loss reports.")] = 10
     steps_per_eval: Annotated[int, Field(ge=1, le=MAX_ITERS, description="Steps between validation losses.")] = 200
-    val_batches: Annotated[int, Field(ge=-1, le=MAX_ITERS, description="Validation batches each time; -1: all.")] = 25
+    val_batches: Annotated[int, Field(ge=-1, le=MAX_ITERS, description="Validation batches; -1: all.")] = 25
     save_every: Annotated[int, Field(ge=1, le=MAX_ITERS, description="Steps between checkpoints.")] = 100
     fast_path: Annotated[
         bool | None,
@@ -104,7 +104,7 @@ class QLoRAConfig(BaseModel):
             description="Peak GB per process (default: the server's); enforced.",
         ),
     ] = None
-    allow_over_budget: Annotated[bool, Field(description="Start even if predicted over budget.")] = False
+    allow_over_budget: Annotated[bool, Field(description="Start though predicted over budget.")] = False
     fit_to_budget: Annotated[
         bool,
         Field(description="Change settings to fit the budget."),
@@ -123,7 +123,7 @@ class QLoRAConfig(BaseModel):
     ] = None
     memory_sample_interval: Annotated[
         float | None,
-        Field(ge=0.05, le=60, description="Seconds between memory samples (default 0.5)."),
+        Field(ge=0.05, le=60, description="Seconds between memory samples; default 0.5."),
     ] = None
 
     @model_validator(mode="after")
