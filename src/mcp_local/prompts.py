@@ -47,8 +47,8 @@ def fine_tune_and_follow(model: str, data: str, iters: int = 100, mode: str = "s
         f'2. start_qlora_run(config={{"model": "{model}", "data": "{data}", "iters": {iters}, "mode": "{mode}"}}): '
         "report the memory prediction it returns.\n3. run_status(run_id, wait_seconds=60) until succeeded, failed or "
         "cancelled; report loss, memory and ETA each time (dpo and orpo: the validation accuracy, the share of "
-        "validation pairs whose chosen reply the model prefers; grpo: the reward and validation pass rate).\n4. generate(run_id=..., prompt=...) to try the "
-        "adapter."
+        "validation pairs whose chosen reply the model prefers; grpo: the reward and validation pass rate).\n"
+        "4. generate(run_id=..., prompt=...) to try the adapter."
     )
 
 

@@ -151,3 +151,33 @@ def test_grpo_takes_tasks_and_plans_memory_for_each_prompts_completions(
         QLoRAConfig.parse(_settings(tiny_model, tasks, pass_tokens=64))
     prepared = prepare_run(QLoRAConfig.parse(_settings(tiny_model, tasks, batch_size=2, generations=3)))
     assert prepared.memory is not None and prepared.memory.plan.batch_size == 6  # every completion in one pass
+
+
+@pytest.mark.slow
+async def test_evaluate_runs_held_out_tasks_against_their_tests_base_against_adapter(
+    tiny_model: Path, tasks: Path, tmp_path: Path
+) -> None:
+    """A test split of coding tasks: evaluate answers each greedily with base and adapter, runs its tests in the
+    sandbox, and reports the share of tests and of tasks passed with the paired changes."""
+    import shutil
+    import subprocess
+    import sys
+
+    data = tmp_path / "data"
+    shutil.copytree(tasks, data)
+    shutil.copy(data / "valid.jsonl", data / "test.jsonl")
+    async with JobRunner(RunStore(tmp_path / "home")) as runner:
+        run = await runner.submit(_settings(tiny_model, data, iters=10))
+        done = await runner.wait_until_done(run.id, 300)
+    assert done.state is JobState.SUCCEEDED, done.error
+    home = ["--home", str(tmp_path / "home")]
+    scored = subprocess.run(
+        [sys.executable, "-m", "trainer", *home, "evaluate", run.id, "--limit", "0"], capture_output=True, text=True
+    )
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    evaluation = json.loads(scored.stdout)
+    for scores in evaluation["scores"]:
+        assert scores["tests"]["tasks"] == 8 and len(scores["tests"]["results"]) == 8
+        assert all(r["tests"] == 2 and 0 <= r["passed"] <= 2 for r in scores["tests"]["results"])
+        assert scores["held_out"] is None  # a task has no reply to score a loss on
+    assert {c["metric"] for c in evaluation["changes"]} == {"tests passed", "tasks passed"}

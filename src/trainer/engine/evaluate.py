@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..planning.preference_records import is_preference
+from ..planning.task_records import is_task, parse_tests, task_messages
 from ..results.code_match import closed_code_block, code_blocks
 from ..results.evaluation import EVALUATION_FILE, Evaluation, EvaluationSpec, ModelScores, ProblemResult
 from ..results.evaluation_jobs import forget_ended
@@ -26,10 +27,13 @@ from ..results.held_out_scores import (
     FunctionCompletion,
     HeldOutLoss,
     PreferenceAccuracy,
+    TaskResult,
+    TestsPassed,
     UnitPreference,
     completion_changes,
     held_out_changes,
     preference_changes,
+    tests_changes,
 )
 from ..results.intervals import Change
 from ..results.repo_tests import RepoTests
@@ -128,6 +132,29 @@ def _preferences(loaded: Any, spec: EvaluationSpec, records: list[dict[str, Any]
     )
 
 
+def _tests(session: ModelSession, spec: EvaluationSpec, records: list[dict[str, Any]]) -> TestsPassed | None:
+    """Held-out coding tasks (grpo's records): each answered greedily, its code run against its tests."""
+    if not records or not all(is_task(r) for r in records):
+        return None
+    from ..results.test_rewards import score_completions
+
+    replies = [
+        session.generate(messages=task_messages(r), max_tokens=spec.max_tokens, stop_when=closed_code_block).text
+        for r in records
+    ]
+    scores = score_completions(replies, [parse_tests(r["tests"]) for r in records])
+    return TestsPassed.of(
+        [
+            TaskResult(name=str(r.get("function") or f"task {n}"), passed=s.passed, tests=s.total)
+            for n, (r, s) in enumerate(zip(records, scores, strict=True), start=1)
+        ]
+    )
+
+
+def _last_user(record: dict[str, Any]) -> str:
+    return str(next(m["content"] for m in reversed(record.get("messages", [])) if m.get("role") == "user"))
+
+
 def _checker(session: ModelSession, spec: EvaluationSpec) -> float | None:
     if spec.checker is None or spec.data is None:
         return None
@@ -140,9 +167,7 @@ def _checker(session: ModelSession, spec: EvaluationSpec) -> float | None:
     scores = []
     for line in split.read_text(encoding="utf-8").splitlines()[: spec.checker_limit]:
         record = json.loads(line)
-        question = record.get("prompt") or next(
-            m["content"] for m in reversed(record.get("messages", [])) if m.get("role") == "user"
-        )
+        question = record.get("prompt") or _last_user(record)
         scores.append(float(module.score(question, _generate(session, question, spec.max_tokens, None))))
     return sum(scores) / len(scores) if scores else None
 
@@ -160,7 +185,11 @@ def score_model(
     preference = _preferences(session.loaded(spec.model, adapter), spec, records)
     if preference is not None:
         report(f"{name} preference accuracy {preference.accuracy}")
-    held_out = _held_out(session.loaded(spec.model, adapter), spec, records) if preference is None else None
+    task_tests = _tests(session, spec, records)
+    if task_tests is not None:
+        report(f"{name} tests passed {task_tests.tests_passed}")
+    plain = preference is None and task_tests is None  # records with a reply to score
+    held_out = _held_out(session.loaded(spec.model, adapter), spec, records) if plain else None
     if held_out is not None:
         report(f"{name} held-out loss {held_out.loss}")
     functions = [r for r in records if "body_lines" in r][: spec.completion_functions]
@@ -183,6 +212,7 @@ def score_model(
         held_out=held_out,
         completion=completion,
         preference=preference,
+        tests=task_tests,
         seconds=round(time.perf_counter() - start, 1),
     )
 
@@ -195,6 +225,7 @@ def _changes(scores: list[ModelScores]) -> list[Change]:
         held_out_changes(base.held_out, adapter.held_out)
         + completion_changes(base.completion, adapter.completion)
         + preference_changes(base.preference, adapter.preference)
+        + tests_changes(base.tests, adapter.tests)
     )
 
 

@@ -25,7 +25,7 @@ from ..lifecycle.store import RunStore
 from ..planning.modelref import resolve_adapter_dir, resolve_model_dir
 from ..planning.paths import PathPolicy
 from .exports import run_with_adapter
-from .held_out_scores import FunctionCompletion, HeldOutLoss, PreferenceAccuracy
+from .held_out_scores import FunctionCompletion, HeldOutLoss, PreferenceAccuracy, TestsPassed
 from .intervals import Change
 from .sandbox import Outcome
 
@@ -79,6 +79,7 @@ class ModelScores(BaseModel):
     held_out: HeldOutLoss | None = None
     completion: FunctionCompletion | None = None
     preference: PreferenceAccuracy | None = None
+    tests: TestsPassed | None = None
     seconds: float
 
 
@@ -107,6 +108,8 @@ class Evaluation(BaseModel):
                 items.append(f"test loss {s.test_loss:.3f}")
             if s.preference is not None:
                 items.append(f"preference accuracy {s.preference.accuracy} over {s.preference.pairs} pairs")
+            if s.tests is not None:
+                items.append(f"tests passed {s.tests.tests_passed} over {s.tests.tasks} coding tasks")
             if s.completion is not None:
                 items.append(f"{s.completion.functions} functions: similarity {s.completion.similarity}")
             if s.checker_score is not None:

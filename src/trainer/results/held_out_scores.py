@@ -137,3 +137,55 @@ def preference_changes(base: PreferenceAccuracy | None, adapter: PreferenceAccur
     b = ([float(u.preferred) for u in base.units], [float(u.pairs) for u in base.units])
     a = ([float(u.preferred) for u in adapter.units], [float(u.pairs) for u in adapter.units])
     return [paired_change("preference accuracy", b, a, higher_is_better=True)]
+
+
+class TaskResult(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str = Field(description="The record's 'function', or 'task N'.")
+    passed: int = Field(description="Tests its greedy reply passed, in the sandbox.")
+    tests: int
+
+
+class TestsPassed(BaseModel):
+    """Held-out coding tasks (grpo's records): each answered greedily and run against its tests; the share of tests
+    passed and of tasks passed whole, with their intervals over the tasks."""
+
+    model_config = ConfigDict(frozen=True)
+
+    tasks: int
+    tests_passed: Interval
+    tasks_passed: Interval
+    results: list[TaskResult]
+
+    @classmethod
+    def of(cls, results: list[TaskResult]) -> TestsPassed:
+        ones = [1.0] * len(results)
+        return cls(
+            tasks=len(results),
+            tests_passed=ratio_interval([float(r.passed) for r in results], [float(r.tests) for r in results]),
+            tasks_passed=ratio_interval([float(r.passed == r.tests) for r in results], ones),
+            results=results,
+        )
+
+
+def tests_changes(base: TestsPassed | None, adapter: TestsPassed | None) -> list[Change]:
+    """Paired by task: the share of tests passed (tests per task as weights) and of tasks passed whole."""
+    if base is None or adapter is None or [r.name for r in base.results] != [r.name for r in adapter.results]:
+        return []
+    tests = [float(r.tests) for r in base.results]
+    ones = [1.0] * len(tests)
+    return [
+        paired_change(
+            "tests passed",
+            ([float(r.passed) for r in base.results], tests),
+            ([float(r.passed) for r in adapter.results], tests),
+            higher_is_better=True,
+        ),
+        paired_change(
+            "tasks passed",
+            ([float(r.passed == r.tests) for r in base.results], ones),
+            ([float(r.passed == r.tests) for r in adapter.results], ones),
+            higher_is_better=True,
+        ),
+    ]
