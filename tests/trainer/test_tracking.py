@@ -207,3 +207,30 @@ def test_the_memory_panel_scales_to_the_run_and_notes_a_far_budget() -> None:
     assert shown is False and 1.6 < top < 2.5  # a 1.5 GB run fills the panel; the 16 GB budget is a note
     top, shown = memory_scale(small, predicted_gb=1.6, budget_gb=2.5)
     assert shown is True and top >= 2.5  # a budget near the data is drawn, and fits
+
+
+def test_a_grpo_run_keeps_its_rewards_and_draws_their_curve() -> None:
+    import io
+
+    from PIL import Image
+
+    from trainer.lifecycle.plot import render_run_plot
+
+    job = Job(id="g", config=QLoRAConfig(model="m", data="d", mode="grpo"), run_dir="r", iters=10)
+    history = RunHistory()
+    reports = [
+        TrainReport(
+            iteration=i, train_loss=0.01, learning_rate=1e-4, iterations_per_second=0.1, tokens_per_second=20.0,
+            trained_tokens=100 * i, peak_memory=3.0, reward=0.2 + 0.05 * i, pass_rate=0.1, kl=0.01,
+            completion_tokens=90.0, sample_seconds=30.0,
+        )
+        for i in (5, 10)
+    ]  # fmt: skip
+    val = ValReport(iteration=9, val_loss=0.25, val_time=5.0, val_reward=0.75, val_pass_rate=0.5)
+    for event in [*reports, val]:
+        apply_event(job, history, event)
+    m = job.metrics
+    assert (m.last_reward, m.last_pass_rate, m.last_val_reward, m.last_val_pass_rate) == (0.7, 0.1, 0.75, 0.5)
+    png = render_run_plot("grpo", history.train_reports, history.val_reports, [_sample(3.0)], 3.2, None)
+    colours = {c for _, c in Image.open(io.BytesIO(png)).convert("RGB").getcolors(maxcolors=1 << 20) or []}
+    assert (148, 103, 189) in colours and (140, 86, 75) in colours  # matplotlib's purple and brown: both rewards

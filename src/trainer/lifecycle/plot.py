@@ -1,4 +1,5 @@
-"""A run as a picture: loss (train and validation) and memory (samples, prediction, budget) over iterations, as PNG.
+"""A run as a picture: loss (train and validation; grpo: its rewards too) and memory (samples, prediction, budget) over
+iterations, as PNG.
 
 Rendered with matplotlib's non-interactive Agg backend (no display); imported only when a plot is asked for, since
 matplotlib takes a while to import.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from typing import Any
 
 from .events import MemorySample, TrainReport, ValReport
 
@@ -46,6 +48,28 @@ def _iteration_of(samples: Sequence[MemorySample], reports: Sequence[TrainReport
     return placed
 
 
+def _rewards(loss_axes: Any, train: Sequence[TrainReport], validation: Sequence[ValReport]) -> None:
+    """grpo: its rewards (the share of tests passed) on the loss panel's right axis, the curve that says it learns."""
+    rewarded = [r for r in train if r.reward is not None]
+    checked = [v for v in validation if v.val_reward is not None]
+    if not rewarded and not checked:
+        return
+    axes = loss_axes.twinx()
+    axes.plot(
+        [r.iteration for r in rewarded],
+        [r.reward for r in rewarded],
+        "^-",
+        ms=3,
+        color="tab:purple",
+        label="reward (sampled)",
+    )
+    axes.plot([v.iteration for v in checked], [v.val_reward for v in checked], "v--", ms=4, color="tab:brown",
+              label="val reward (greedy)")  # fmt: skip
+    axes.set_ylabel("share of tests passed")
+    axes.set_ylim(0, 1.05)
+    axes.legend(loc="upper left", fontsize=8)
+
+
 def render_run_plot(
     title: str,
     train: Sequence[TrainReport],
@@ -68,6 +92,7 @@ def render_run_plot(
     loss_axes.set_ylabel("loss")
     loss_axes.legend(loc="upper right", fontsize=8)
     loss_axes.grid(alpha=0.3)
+    _rewards(loss_axes, train, validation)
     ranks = sorted({m.rank for m in memory})
     for rank in ranks:  # a run of several processes: one pair of lines per process (the budget is per process)
         own = [m for m in memory if m.rank == rank]
