@@ -5,7 +5,7 @@ Qwen2.5-Coder-7B-shaped random 4-bit model, the same tokenized pairs, batch, LoR
 iterations. Prints steps/s, reply tokens/s, MLX's peak and (ours) the prediction.
 
 python3 bench/gpu_dpo.py --work DIR [--iters 20] [--batch 4] [--prompt-words 70] [--reply-words 140] [--out F]
-    [--only product,orpo,mlx-lm-lora]
+    [--only product,orpo,grpo,mlx-lm-lora]
 """
 
 from __future__ import annotations
@@ -37,6 +37,20 @@ def build_pairs(folder: Path, prompt_words: int, reply_words: int, train: int = 
     for split, count in (("train", train), ("valid", valid)):
         lines = [
             json.dumps({"prompt": say(prompt_words), "chosen": say(reply_words), "rejected": say(reply_words)})
+            for _ in range(count)
+        ]
+        (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+def build_tasks(folder: Path, prompt_words: int, train: int = 16, valid: int = 4) -> Path:
+    """{"prompt", "tests"} records of random words: a random model passes none of the tests, and the step (sampling,
+    scoring, the reference pass, the update) runs in full."""
+    rng = random.Random(3)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, count in (("train", train), ("valid", valid)):
+        lines = [
+            json.dumps({"prompt": " ".join(rng.choice(WORDS) for _ in range(prompt_words)), "tests": "assert f() == 1"})
             for _ in range(count)
         ]
         (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -129,6 +143,11 @@ def main() -> None:
         if ("product" if mode == "dpo" else mode) in args.only.split(","):
             got = product(model, data, args.batch, seq, args.iters, False, mode=mode)
             report({"who": f"ours (python -m trainer run, mode {mode})", **shape, **got}, args.out)
+    if "grpo" in args.only.split(","):  # its prediction against its peak: 4 completions of each prompt
+        tasks = build_tasks(work / f"tasks-{args.prompt_words}", args.prompt_words)
+        grpo = {"mode": "grpo", "generations": 4, "completion_tokens": args.reply_words * 2, "val_batches": 0}
+        got = product(model, tasks, args.batch, seq, args.iters, False, **grpo)
+        report({"who": "ours (python -m trainer run, mode grpo)", **shape, **grpo, **got}, args.out)
     if "mlx-lm-lora" in args.only:  # its own process: MLX's peak is per process
         cmd = [sys.executable, __file__, "--work", str(work), "--iters", str(args.iters), "--batch", str(args.batch)]
         cmd += ["--prompt-words", str(args.prompt_words), "--reply-words", str(args.reply_words), "--theirs"]
