@@ -55,6 +55,8 @@ def build_model(folder: Path, shape: str = SHAPE) -> Path:
     mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())))
     config["quantization"] = {"group_size": 64, "bits": 4}
     (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    del model
+    mx.clear_cache()  # the runs that follow in their own processes share this GPU (docs/benchmarks.md: the pitfall)
     return folder
 
 
