@@ -29,6 +29,23 @@ def aligned(batch: Any) -> Any:
     return batch if extra == 0 else (mx.pad(tokens, [(0, 0), (0, extra)]), lengths)
 
 
+def prompted_rows(sequences: list[list[int]], prompts: list[int], max_seq_length: int) -> tuple[Any, Any]:
+    """(tokens, lengths) of sequences that each start with a prompt (a preference pair's replies, grpo's
+    completions): padded to the longest, inputs aligned as `aligned` aligns them, cut at max_seq_length; lengths are
+    (prompt, length) per row."""
+    import mlx.core as mx
+    import numpy as np
+
+    lengths = [min(len(s), max_seq_length) for s in sequences]
+    width = min(max_seq_length, max(lengths))
+    width += -(width - 1) % input_alignment()
+    tokens = np.zeros((len(sequences), width), np.int32)
+    for row, (sequence, length) in enumerate(zip(sequences, lengths, strict=True)):
+        tokens[row, :length] = sequence[:length]
+    starts = [min(p, max_seq_length) for p in prompts]
+    return mx.array(tokens), mx.array(list(zip(starts, lengths, strict=True)))
+
+
 def token_passes(batch: Any, pass_tokens: int) -> list[Any]:
     """The batch's examples sorted by length and grouped into passes of at most `pass_tokens` padded inputs (an
     example longer than that alone), each cut to its own longest example (aligned as above): short examples share a

@@ -17,9 +17,9 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import ConfigError
-from ..planning.device import input_alignment
 from ..planning.task_records import TaskTests, parse_tests, task_messages
 from ..results.test_rewards import TaskScore, score_completions
+from .batches import prompted_rows
 from .group_sampling import Completion, sample_group, sampling_key
 from .grpo_loss import completion_mask, group_advantages, token_logps
 
@@ -191,18 +191,9 @@ def _sampled(
 
 
 def group_batch(prompts: list[list[int]], completions: list[Completion], max_seq_length: int) -> tuple[mx.array, ...]:
-    """(tokens, lengths): each prompt and its completion, padded to the longest (inputs aligned as batches.aligned
-    aligns them), cut at max_seq_length; lengths are (prompt, length) per row."""
+    """(tokens, lengths): each prompt and its completion (batches.prompted_rows)."""
     sequences = [p + c.tokens for p, c in zip(prompts, completions, strict=True)]
-    lengths = [min(len(s), max_seq_length) for s in sequences]
-    align = input_alignment()
-    width = min(max_seq_length, max(lengths))
-    width += -(width - 1) % align
-    tokens = np.zeros((len(sequences), width), np.int32)
-    for row, (sequence, length) in enumerate(zip(sequences, lengths, strict=True)):
-        tokens[row, :length] = sequence[:length]
-    starts = [min(len(p), max_seq_length) for p in prompts]
-    return mx.array(tokens), mx.array(list(zip(starts, lengths, strict=True)))
+    return prompted_rows(sequences, [len(p) for p in prompts], max_seq_length)
 
 
 def reference_logps(model: Any, tokens: mx.array, ce: Any, temperature: float) -> mx.array:

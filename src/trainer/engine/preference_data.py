@@ -19,8 +19,8 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import ConfigError
-from ..planning.device import input_alignment
 from ..planning.preference_records import completion_text, prompt_messages
+from .batches import prompted_rows
 
 REFERENCE = "reference.safetensors"
 #: seeds each epoch's batch order apart from the supervised data's
@@ -93,18 +93,11 @@ def pair_batch(pairs: PreferencePairs, rows: list[int], max_seq_length: int) -> 
     """(tokens, lengths, reference): the chosen sequences over the rejected ones, padded to the longest (its inputs
     aligned as batches.aligned aligns them), cut at max_seq_length; lengths are (prompt, length) per row."""
     sequences = [pairs.chosen[r] for r in rows] + [pairs.rejected[r] for r in rows]
-    lengths = [min(len(s), max_seq_length) for s in sequences]
-    align = input_alignment()
-    width = min(max_seq_length, max(lengths))
-    width += -(width - 1) % align
-    tokens = np.zeros((len(sequences), width), np.int32)
-    for row, (sequence, length) in enumerate(zip(sequences, lengths, strict=True)):
-        tokens[row, :length] = sequence[:length]
-    starts = [min(pairs.prompt[r], max_seq_length) for r in rows] * 2
+    tokens, lengths = prompted_rows(sequences, [pairs.prompt[r] for r in rows] * 2, max_seq_length)
     reference = np.zeros(len(sequences), np.float32)
     if pairs.reference is not None:
         reference = np.concatenate([pairs.reference[rows, 0], pairs.reference[rows, 1]]).astype(np.float32)
-    return mx.array(tokens), mx.array(list(zip(starts, lengths, strict=True))), mx.array(reference)
+    return tokens, lengths, mx.array(reference)
 
 
 def _groups(pairs: PreferencePairs, batch_size: int) -> list[list[int]]:
