@@ -80,3 +80,33 @@ async def test_evaluate_follows_a_background_evaluation_and_answers_a_finished_o
         again = await client.call_tool("evaluate", {"model": str(tiny_model), "humaneval_limit": 1})
         assert again.structured_content["state"] == "succeeded"  # type: ignore[index]
         assert (folder / "evaluation.json").stat().st_mtime_ns == written  # the finished one, not redone
+
+
+async def test_a_grpo_run_over_mcp_checks_its_tasks_and_reports_rewards(tmp_path: Path, tiny_model: Path) -> None:
+    """validate_dataset names the tasks' format; a mode that does not fit the data is a tool error naming both; a
+    grpo run followed to its end carries its rewards in run_status."""
+    import anyio
+
+    from mcp_local import ServerSettings, build_server
+    from tests.conftest import tiny_run_config
+    from tests.trainer.test_grpo import _settings
+    from trainer.engine.tiny import write_synthetic_tasks
+
+    tasks = write_synthetic_tasks(tmp_path / "tasks")
+    async with Client(build_server(ServerSettings(home=tmp_path / "home")), mode="legacy") as client:
+        checked = await client.call_tool("validate_dataset", {"data": str(tasks), "model": str(tiny_model)})
+        assert not checked.is_error and checked.structured_content["format"] == "tests", checked.content  # type: ignore[index]
+        wrong = await client.call_tool("start_qlora_run", {"config": tiny_run_config(tiny_model, tasks)})
+        assert wrong.is_error and "set mode to 'grpo'" in wrong.content[0].text  # type: ignore[union-attr]
+        started = await client.call_tool("start_qlora_run", {"config": _settings(tiny_model, tasks, iters=6)})
+        assert not started.is_error, started.content
+        run_id = started.structured_content["run_id"]  # type: ignore[index]
+        with anyio.fail_after(300):
+            while True:
+                status = await client.call_tool("run_status", {"run_id": run_id, "wait_seconds": 60, "until": "end"})
+                if status.structured_content["state"] in ("succeeded", "failed", "cancelled"):  # type: ignore[index]
+                    break
+    final = status.structured_content
+    assert final["state"] == "succeeded", final  # type: ignore[index]
+    metrics = final["metrics"]  # type: ignore[index]
+    assert metrics["last_reward"] is not None and metrics["last_val_reward"] is not None
