@@ -227,8 +227,9 @@ def test_a_grpo_run_keeps_its_rewards_and_draws_their_curve() -> None:
         for i in (5, 10)
     ]  # fmt: skip
     val = ValReport(iteration=9, val_loss=0.25, val_time=5.0, val_reward=0.75, val_pass_rate=0.5)
-    for event in [*reports, val]:
-        apply_event(job, history, event)
+    for report in reports:
+        apply_event(job, history, report)
+    apply_event(job, history, val)
     m = job.metrics
     assert (m.last_reward, m.last_pass_rate, m.last_val_reward, m.last_val_pass_rate) == (0.7, 0.1, 0.75, 0.5)
     png = render_run_plot("grpo", history.train_reports, history.val_reports, [_sample(3.0)], 3.2, None)
