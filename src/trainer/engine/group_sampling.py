@@ -6,7 +6,7 @@ LoRA layers are not what the decode kernels of `generate` serve (frozen quantize
 quantized matmuls decode here.
 
 The policy is the model's distribution at the run's temperature: sampling draws from it and the loss scores it (a
-small model at temperature 1 rambles: SmolLM2-135M passes a tenth as many tests as at 0.7); greedy decoding is
+small model at temperature 1 rambles: SmolLM2-135M passed a fifth as many tests as at 0.7); greedy decoding is
 validation's.
 """
 
