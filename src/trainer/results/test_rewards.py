@@ -31,7 +31,8 @@ for _index, _unit in enumerate(_units):
         exec(compile(_unit, "tests.py", "exec"), _namespace)
     except BaseException:
         continue
-    print({marker!r}, _index, flush=True)
+    sys.stdout.write("{marker} " + str(_index) + "\\n")
+    sys.stdout.flush()
 """
 #: seconds and MB a completion's program may take
 TIMEOUT_S = 3.0
