@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
 
 MAX_TOKENS = 160
 
@@ -68,6 +67,8 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--adapter", default=None, help="only the held-out check, for this adapter")
     args = parser.parse_args()
+    from cli_run import train_through_cli, write_row
+
     from mcp_local_demo.bundled import python_tasks, smollm2_gguf
     from trainer.engine.gguf import cached_import
 
@@ -75,7 +76,6 @@ def main() -> None:
     if args.adapter:
         print(json.dumps({"adapter": args.adapter, **held_out(model, args.adapter)}))
         return
-    home = Path(tempfile.mkdtemp(prefix="grpo-home-"))
     config = {
         "model": str(model),
         "data": str(python_tasks()),
@@ -93,14 +93,7 @@ def main() -> None:
         "val_batches": -1,
         "save_every": 20,
     }
-    (home / "config.json").write_text(json.dumps(config), encoding="utf-8")
-    trainer = [sys.executable, "-m", "trainer", "--home", str(home)]
-    start = time.perf_counter()
-    ran = subprocess.run([*trainer, "run", str(home / "config.json")], capture_output=True, text=True)
-    if ran.returncode != 0:
-        sys.exit(ran.stderr[-3000:])
-    run = json.loads(ran.stdout)
-    train_s = time.perf_counter() - start
+    run, train_s, _ = train_through_cli(config, "grpo-home-")
     events = [json.loads(line) for line in Path(run["run_dir"], "events.jsonl").read_text().splitlines()]
     keep = ("iteration", "train_loss", "reward", "pass_rate", "kl", "completion_tokens", "val_reward", "val_pass_rate")
     row = {
@@ -120,11 +113,7 @@ def main() -> None:
         ],
         "held_out": held_out(model, str(Path(run["run_dir"]) / "adapters")),
     }
-    line = json.dumps(row)
-    print(line)
-    if args.out:
-        with open(args.out, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
+    write_row(row, args.out)
 
 
 if __name__ == "__main__":

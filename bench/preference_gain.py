@@ -16,9 +16,9 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
 
 
 def house_style_writing(model: Path, adapter: str) -> dict[str, object]:
@@ -62,6 +62,8 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--adapter", default=None, help="only the writing check, for this adapter")
     args = parser.parse_args()
+    from cli_run import train_through_cli, write_row
+
     from mcp_local_demo.bundled import house_style_preferences, smollm2_gguf
     from trainer.engine.gguf import cached_import
 
@@ -69,7 +71,6 @@ def main() -> None:
     if args.adapter:
         print(json.dumps({"adapter": args.adapter, **house_style_writing(model, args.adapter)}))
         return
-    home = Path(tempfile.mkdtemp(prefix="preference-home-"))
     config = {
         "model": str(model),
         "data": str(house_style_preferences()),
@@ -84,12 +85,7 @@ def main() -> None:
         "val_batches": -1,
         "save_every": 50,
     }
-    (home / "config.json").write_text(json.dumps(config), encoding="utf-8")
-    trainer = [sys.executable, "-m", "trainer", "--home", str(home)]
-    start = time.perf_counter()
-    ran = subprocess.run([*trainer, "run", str(home / "config.json")], capture_output=True, text=True, check=True)
-    run = json.loads(ran.stdout)
-    train_s = time.perf_counter() - start
+    run, train_s, trainer = train_through_cli(config, "preference-home-")
     scored = subprocess.run([*trainer, "evaluate", run["id"], "--limit", "0"], capture_output=True, text=True)
     if scored.returncode != 0:
         sys.exit(scored.stderr[-2000:])
@@ -117,11 +113,7 @@ def main() -> None:
         "changes": [c for c in evaluation["changes"] if c["metric"] == "preference accuracy"],
         "writing": house_style_writing(model, str(Path(run["run_dir"]) / "adapters")),
     }
-    line = json.dumps(row)
-    print(line)
-    if args.out:
-        with open(args.out, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
+    write_row(row, args.out)
 
 
 if __name__ == "__main__":

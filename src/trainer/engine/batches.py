@@ -46,6 +46,22 @@ def prompted_rows(sequences: list[list[int]], prompts: list[int], max_seq_length
     return mx.array(tokens), mx.array(list(zip(starts, lengths, strict=True)))
 
 
+def epoch_orders(count: int, per_epoch: int, seed: int, salt: int, start_step: int) -> Iterator[tuple[int, Any, int]]:
+    """(step, its epoch's permutation of `count` items, the step's place in its epoch) from step `start_step + 1` on,
+    forever: epoch e's permutation is drawn from (seed, e, salt), so step n's batch is known from n alone (preference
+    pairs and grpo's tasks; `salt` keeps each kind of data's orders apart)."""
+    import numpy as np
+
+    epoch, skip = divmod(start_step, per_epoch)
+    step = start_step
+    while True:
+        order = np.random.default_rng([seed, epoch, salt]).permutation(count)
+        for place in range(skip, per_epoch):
+            step += 1
+            yield step, order, place
+        epoch, skip = epoch + 1, 0
+
+
 def token_passes(batch: Any, pass_tokens: int) -> list[Any]:
     """The batch's examples sorted by length and grouped into passes of at most `pass_tokens` padded inputs (an
     example longer than that alone), each cut to its own longest example (aligned as above): short examples share a

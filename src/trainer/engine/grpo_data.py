@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import ConfigError
 from ..planning.task_records import TaskTests, parse_tests, task_messages
 from ..results.test_rewards import TaskScore, score_completions
-from .batches import prompted_rows
+from .batches import epoch_orders, prompted_rows
 from .group_sampling import Completion, sample_group, sampling_key
 from .grpo_loss import completion_mask, group_advantages, token_logps
 
@@ -91,15 +91,8 @@ class GroupData:
         count = len(self.train) // c.batch_size
         if count == 0:
             raise ConfigError(f"{len(self.train)} coding tasks are fewer than batch_size {c.batch_size}; lower it")
-        epoch, skip = divmod(start_step, count)
-        step = start_step
-        while True:
-            order = np.random.default_rng([c.seed, epoch, _TASKS]).permutation(len(self.train))
-            for index in range(skip, count):
-                step += 1
-                rows = [int(r) for r in order[index * c.batch_size : (index + 1) * c.batch_size]]
-                yield step, self._batch(step, rows)
-            epoch, skip = epoch + 1, 0
+        for step, order, place in epoch_orders(len(self.train), count, c.seed, _TASKS, start_step):
+            yield step, self._batch(step, [int(r) for r in order[place * c.batch_size : (place + 1) * c.batch_size]])
 
     def _batch(self, step: int, rows: list[int]) -> tuple[mx.array, ...]:
         c, tic = self.config, time.perf_counter()

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..planning.preference_records import completion_text, prompt_messages
-from .batches import prompted_rows
+from .batches import epoch_orders, prompted_rows
 
 REFERENCE = "reference.safetensors"
 #: seeds each epoch's batch order apart from the supervised data's
@@ -113,14 +113,8 @@ def training_pairs(
     groups = _groups(pairs, batch_size)
     if not groups:
         raise ConfigError(f"{len(pairs)} preference pairs are fewer than batch_size {batch_size}; lower batch_size")
-    epoch, skip = divmod(start_step, len(groups))
-    step = start_step
-    while True:
-        order = np.random.default_rng([seed, epoch, _PREFERENCE]).permutation(len(groups))
-        for index in order[skip:]:
-            step += 1
-            yield step, pair_batch(pairs, groups[int(index)], max_seq_length)
-        epoch, skip = epoch + 1, 0
+    for step, order, place in epoch_orders(len(groups), len(groups), seed, _PREFERENCE, start_step):
+        yield step, pair_batch(pairs, groups[int(order[place])], max_seq_length)
 
 
 def validation_pairs(pairs: PreferencePairs, batch_size: int, max_seq_length: int, batches: int) -> Iterator[Any]:
