@@ -4,6 +4,7 @@ import hashlib
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,3 +75,44 @@ def train_in_process(config: QLoRAConfig, run_dir: Path, stop_after: int | None 
     except Cancelled:
         assert stop_after is not None
     return recorder
+
+
+@dataclass
+class KilledAndCancelled:
+    """A run whole; the same run killed (SIGKILL) at a step and resumed; a third cancelled at a step."""
+
+    whole: Any
+    resumed: Any
+    stopped: Any
+    killed_pid: int
+    losses: dict[str, list[float]]  # each step's train loss, of the whole and the resumed run
+
+
+async def kill_resume_and_cancel(
+    home: Path, settings: dict[str, Any], kill_at: int, cancel_at: int
+) -> KilledAndCancelled:
+    import os
+    import signal
+
+    import anyio
+
+    async with JobRunner(RunStore(home)) as runner:
+        whole = await runner.wait_until_done((await runner.submit(settings)).id, 300)
+        killed = await runner.submit(settings)
+        with anyio.fail_after(120):
+            while runner.get(killed.id).iteration < kill_at:
+                await runner.wait_for_change(killed.id, 1)
+        pid = runner.live_workers()[killed.id]
+        os.kill(pid, signal.SIGKILL)
+        with anyio.fail_after(60):
+            while not runner.get(killed.id).state.terminal:
+                await runner.wait_for_change(killed.id, 1)
+        await runner.resume(killed.id)
+        resumed = await runner.wait_until_done(killed.id, 300)
+        cancelled = await runner.submit(settings)
+        with anyio.fail_after(120):
+            while runner.get(cancelled.id).iteration < cancel_at:
+                await runner.wait_for_change(cancelled.id, 1)
+        stopped = await runner.cancel(cancelled.id)
+        losses = {run: [r.train_loss for r in runner.reports(run)[0]] for run in (whole.id, killed.id)}
+    return KilledAndCancelled(whole, resumed, stopped, pid, {"whole": losses[whole.id], "resumed": losses[killed.id]})

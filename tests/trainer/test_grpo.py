@@ -5,17 +5,14 @@ and a malformed task refused before anything starts, naming its line."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 from pathlib import Path
 from typing import Any
 
-import anyio
 import mlx.core as mx
 import pytest
 
 from tests.conftest import tiny_run_config
-from tests.trainer.helpers import process_gone, train_in_process
+from tests.trainer.helpers import kill_resume_and_cancel, process_gone, train_in_process
 from trainer import ConfigError, JobRunner, JobState, RunStore
 from trainer.engine.grpo_loss import group_advantages
 from trainer.engine.tiny import write_synthetic_tasks
@@ -92,27 +89,10 @@ async def test_a_killed_grpo_worker_resumes_bit_for_bit_and_a_cancel_saves_the_a
     tiny_model: Path, tasks: Path, tmp_path: Path
 ) -> None:
     settings = _settings(tiny_model, tasks, iters=30, steps_per_eval=15, generations=8)
-    async with JobRunner(RunStore(tmp_path)) as runner:
-        whole = await runner.wait_until_done((await runner.submit(settings)).id, 300)
-        killed = await runner.submit(settings)
-        with anyio.fail_after(120):
-            while runner.get(killed.id).iteration < 12:
-                await runner.wait_for_change(killed.id, 1)
-        pid = runner.live_workers()[killed.id]
-        os.kill(pid, signal.SIGKILL)
-        with anyio.fail_after(60):
-            while not runner.get(killed.id).state.terminal:
-                await runner.wait_for_change(killed.id, 1)
-        await runner.resume(killed.id)
-        resumed = await runner.wait_until_done(killed.id, 300)
-        cancelled = await runner.submit(settings)
-        with anyio.fail_after(120):
-            while runner.get(cancelled.id).iteration < 6:
-                await runner.wait_for_change(cancelled.id, 1)
-        stopped = await runner.cancel(cancelled.id)
-        losses = {run: [r.train_loss for r in runner.reports(run)[0]] for run in (whole.id, killed.id)}
+    runs = await kill_resume_and_cancel(tmp_path, settings, kill_at=12, cancel_at=6)
+    whole, resumed, stopped, pid = runs.whole, runs.resumed, runs.stopped, runs.killed_pid
     assert whole.state is JobState.SUCCEEDED and resumed.state is JobState.SUCCEEDED, resumed.error
-    assert process_gone(pid) and losses[killed.id] == losses[whole.id]  # every step's loss, exactly
+    assert process_gone(pid) and runs.losses["resumed"] == runs.losses["whole"]  # every step's loss, exactly
     adapters = [dict(mx.load(str(Path(d.run_dir, "adapters", "adapters.safetensors")))) for d in (whole, resumed)]  # type: ignore[arg-type]
     assert all(mx.array_equal(adapters[0][k], adapters[1][k]).item() for k in adapters[0])
     assert stopped.state is JobState.CANCELLED and Path(stopped.run_dir, "adapters", "adapters.safetensors").is_file()
