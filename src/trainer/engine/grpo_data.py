@@ -68,8 +68,17 @@ class _Window:
     kl: list[float] = field(default_factory=list)
     sample_seconds: float = 0.0
 
+    def add(self, other: _Window) -> None:
+        self.rewards += other.rewards
+        self.passed_all += other.passed_all
+        self.lengths += other.lengths
+        self.kl += other.kl
+        self.sample_seconds += other.sample_seconds
+
 
 class GroupData:
+    """A grpo run's data (loop.RunData): its tasks, sampled and scored step by step with the model being trained."""
+
     def __init__(self, train: Tasks, valid: Tasks, config: Any, tokenizer: Any, ce: Any) -> None:
         self.train, self.valid, self.config, self.ce, self.tokenizer = train, valid, config, ce, tokenizer
         self.eos = set(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id])
@@ -126,13 +135,7 @@ class GroupData:
         seconds spent sampling and scoring."""
         w = _Window()
         for step in [s for s in self.windows if s <= through_step]:
-            one = self.windows.pop(step)
-            w.rewards, w.passed_all, w.lengths = (
-                w.rewards + one.rewards,
-                w.passed_all + one.passed_all,
-                w.lengths + one.lengths,
-            )
-            w.kl, w.sample_seconds = w.kl + one.kl, w.sample_seconds + one.sample_seconds
+            w.add(self.windows.pop(step))
         if not w.rewards:
             return {}
         return {
