@@ -21,7 +21,8 @@ from ..planning.task_records import TaskTests, parse_tests, task_messages
 from ..results.test_rewards import TaskScore, score_completions
 from .batches import epoch_orders, prompted_rows
 from .group_sampling import Completion, sample_group, sampling_key
-from .grpo_loss import completion_mask, group_advantages, token_logps
+from .grpo_loss import group_advantages
+from .losses import completion_mask, token_logps
 
 #: seeds each epoch's prompt order apart from the other modes' data
 _TASKS = 1 << 29

@@ -12,7 +12,8 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-CrossEntropy = Callable[[mx.array, mx.array], mx.array]
+from .losses import CrossEntropy, completion_mask, token_logps
+
 #: keeps a group whose rewards are all equal at advantage 0 (its std is 0)
 STD_FLOOR = 1e-4
 
@@ -23,20 +24,6 @@ def group_advantages(rewards: Sequence[float], group: int) -> np.ndarray:
     centred = values - values.mean(axis=1, keepdims=True)
     advantages: np.ndarray = (centred / (values.std(axis=1, keepdims=True) + STD_FLOOR)).reshape(-1)
     return advantages
-
-
-def completion_mask(tokens: mx.array, lengths: mx.array) -> mx.array:
-    """Which target columns are completion tokens (from the prompt's end to the row's length)."""
-    predicted = mx.arange(1, tokens.shape[1])  # the index of the token each target column predicts
-    return mx.logical_and(predicted >= lengths[:, 0:1], predicted < lengths[:, 1:])
-
-
-def token_logps(model: Any, tokens: mx.array, ce: CrossEntropy, temperature: float = 1.0) -> mx.array:
-    """Each target token's log-probability under the model at `temperature` (the distribution grpo samples)."""
-    logits = model(tokens[:, :-1])
-    if temperature != 1.0:
-        logits = logits / temperature
-    return -ce(logits, tokens[:, 1:]).astype(mx.float32)
 
 
 def make_grpo_loss(beta: float, ce: CrossEntropy, temperature: float = 1.0) -> Callable[..., tuple[mx.array, mx.array]]:

@@ -91,3 +91,17 @@ def make_chunked_loss(chunk_tokens: int = DEFAULT_CHUNK_TOKENS, ce: CrossEntropy
         return total / ntoks, ntoks
 
     return chunked_loss
+
+
+def completion_mask(tokens: mx.array, lengths: mx.array) -> mx.array:
+    """Which target columns are completion tokens (from the prompt's end to the row's length)."""
+    predicted = mx.arange(1, tokens.shape[1])  # the index of the token each target column predicts
+    return mx.logical_and(predicted >= lengths[:, 0:1], predicted < lengths[:, 1:])
+
+
+def token_logps(model: Any, tokens: mx.array, ce: CrossEntropy, temperature: float = 1.0) -> mx.array:
+    """Each target token's log-probability under the model at `temperature` (the distribution grpo samples)."""
+    logits = model(tokens[:, :-1])
+    if temperature != 1.0:
+        logits = logits / temperature
+    return -ce(logits, tokens[:, 1:]).astype(mx.float32)

@@ -14,16 +14,15 @@ from typing import Any
 
 import mlx.core as mx
 
+from .losses import completion_mask, token_logps
+
 CrossEntropy = Callable[[mx.array, mx.array], mx.array]
 
 
 def sequence_logps(model: Any, tokens: mx.array, lengths: mx.array, ce: CrossEntropy) -> tuple[mx.array, mx.array]:
     """Per row: the log-probability of its reply (tokens from its prompt's end to its length), and their count."""
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    predicted = mx.arange(1, targets.shape[1] + 1)  # the index of the token each target column predicts
-    mask = mx.logical_and(predicted >= lengths[:, 0:1], predicted < lengths[:, 1:])
-    token_logps = -ce(model(inputs), targets).astype(mx.float32)
-    return (token_logps * mask).sum(axis=1), mask.sum(axis=1)
+    mask = completion_mask(tokens, lengths)
+    return (token_logps(model, tokens, ce) * mask).sum(axis=1), mask.sum(axis=1)
 
 
 def _log_sigmoid(x: mx.array) -> mx.array:
