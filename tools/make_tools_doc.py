@@ -42,7 +42,8 @@ def _section(tool: Any, prose: str) -> str:
     lines = [f"## {tool.name}", "", tool.description or "", ""]
     lines.append(
         f"Annotations: read-only {bool(hints.read_only_hint)}, destructive {bool(hints.destructive_hint)}, "
-        f"idempotent {bool(hints.idempotent_hint)}, open-world {bool(hints.open_world_hint)}."
+        f"idempotent {bool(hints.idempotent_hint)}, open-world {hints.open_world_hint is not False}"
+        + (" (a hub repo id is downloaded if not cached)." if hints.open_world_hint is not False else ".")
     )
     lines += ["", "| argument | type | default | description |", "|---|---|---|---|"]
     required = set(tool.input_schema.get("required", []))

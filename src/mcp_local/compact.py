@@ -16,6 +16,7 @@ from typing import Any
 _NAMED = ("properties", "$defs", "patternProperties")  # mappings of names to schemas: a key here is not a keyword
 #: bounds at or above these only stop absurd input; the listing leaves them out (pydantic still checks them)
 _SANITY_CAPS = {"maximum": 100_000, "exclusiveMaximum": 100_000, "maxLength": 1024}
+_NUMBERS = ("default", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 
 
 def compact_schema(schema: Any) -> Any:
@@ -91,6 +92,9 @@ def _walk(node: Any, names: bool, inputs: bool) -> Any:
     for key, cap in _SANITY_CAPS.items():
         if isinstance(out.get(key), int | float) and out[key] >= cap:
             del out[key]  # a cap against absurd input only: still enforced by the server
+    for key in _NUMBERS:  # 60.0 is written 60: the same JSON number, two bytes fewer
+        if isinstance(out.get(key), float) and out[key].is_integer():
+            out[key] = int(out[key])
     return _nullable(out, inputs)
 
 

@@ -21,8 +21,8 @@ PROGRESS_EVERY_S = 1.0
 
 
 async def start_qlora_run(ctx: AppContext, config: QLoRAConfig) -> Annotated[CallToolResult, StartedRun]:
-    """Check a QLoRA config and queue the run; returns its run_id at once. Follow: run_status(run_id,
-    wait_seconds=60, until="end")."""
+    """Check a config and queue the run; returns at once. Follow: run_status(run_id, wait_seconds=60,
+    until="end")."""
     state = app_state(ctx)
     with trainer_errors():
         snap = await state.runner.submit(config, progress_from_thread(ctx, "reading the dataset"))
@@ -46,17 +46,17 @@ async def start_qlora_run(ctx: AppContext, config: QLoRAConfig) -> Annotated[Cal
 
 async def run_status_tool(
     ctx: AppContext,
-    run_id: Annotated[str, Field(description="The id start_qlora_run returned.")],
+    run_id: Annotated[str, Field(description="From start_qlora_run.")],
     wait_seconds: Annotated[float, Field(ge=0, le=MAX_WAIT_S, description="Seconds to wait for `until`.")] = 0,
     until: Annotated[
         WaitFor,
         Field(description="change: any report; a stall or error always ends the wait."),
     ] = "change",
-    memory_samples: Annotated[int, Field(ge=0, le=200, description="How many latest memory samples.")] = 2,
-    include_config: Annotated[bool, Field(description="Also return the run's config.")] = False,
-    include_plot: Annotated[bool, Field(description="Also a PNG of loss and memory.")] = False,
+    memory_samples: Annotated[int, Field(ge=0, le=200, description="Latest memory samples.")] = 2,
+    include_config: Annotated[bool, Field(description="Add the config.")] = False,
+    include_plot: Annotated[bool, Field(description="Add a loss and memory PNG.")] = False,
 ) -> Annotated[CallToolResult, RunStatus]:
-    """A run's state, progress, losses, tokens/s, ETA, memory vs prediction and budget, adapter, error."""
+    """A run's state, losses, speed, ETA, memory vs prediction; waits if asked."""
     state = app_state(ctx)
     with trainer_errors():
         snap = state.runner.get(run_id)
@@ -100,7 +100,7 @@ async def _wait_reporting_progress(ctx: AppContext, state: AppState, run_id: str
 async def cancel_run(
     ctx: AppContext, run_id: Annotated[str, Field(description="The run to stop.")]
 ) -> Annotated[CallToolResult, CancelledRun]:
-    """Cancel a queued run or stop a running one (adapter saved); returns once it stopped."""
+    """Stop a queued or running run (adapter saved); returns once stopped."""
     state = app_state(ctx)
     with trainer_errors():
         await state.runner.cancel(run_id)
@@ -111,7 +111,7 @@ async def cancel_run(
 
 async def resume_run(
     ctx: AppContext,
-    run_id: Annotated[str, Field(description="A run that failed or was cancelled.")],
+    run_id: Annotated[str, Field(description="A failed or cancelled run.")],
     force: Annotated[bool, Field(description="Even if its data or model changed.")] = False,
 ) -> Annotated[CallToolResult, ResumedRun]:
     """Continue a failed or cancelled run from its newest checkpoint; refused if data or model changed, unless

@@ -22,15 +22,18 @@ MAX_WAIT_S = 60.0  # some hosts background a call after 120 s
 AppContext = Context[AppState, Any]
 
 
-def local_hints(*, read_only: bool = False, destructive: bool = False, idempotent: bool = False) -> ToolAnnotations:
-    """Every tool acts on this machine only: never open-world. Hints equal to the spec's defaults (not read-only, not
-    idempotent) are left out; destructive is said either way, since its default is true. The spec reads destructive
-    and idempotent only when a tool is not read-only."""
+def local_hints(
+    *, read_only: bool = False, destructive: bool = False, idempotent: bool = False, downloads: bool = False
+) -> ToolAnnotations:
+    """Honest hints. A tool that takes a hub repo id may download it (open world, the spec's default); the others
+    act on this machine only. Hints equal to the spec's defaults (not read-only, not idempotent, open world) are left
+    out; destructive is said either way, since its default is true. The spec reads destructive and idempotent only
+    when a tool is not read-only."""
     return ToolAnnotations(
         read_only_hint=True if read_only else None,
         destructive_hint=None if read_only else destructive,
         idempotent_hint=True if idempotent and not read_only else None,
-        open_world_hint=False,
+        open_world_hint=None if downloads else False,
     )
 
 

@@ -41,10 +41,10 @@ class ChatMessage(BaseModel):
 
 async def load_model(
     ctx: AppContext,
-    path: Annotated[str, Field(description="A model folder, a .gguf file or a hub repo id.")],
-    adapter: Annotated[str | None, Field(description="An adapter folder (a run's adapter_path).")] = None,
+    path: Annotated[str, Field(description="Model folder, .gguf file or hub repo id.")],
+    adapter: Annotated[str | None, Field(description="Adapter folder (a run's adapter_path).")] = None,
 ) -> Annotated[CallToolResult, ModelInfo]:
-    """Keep a model loaded for generate: architecture, size, quantization, memory."""
+    """Keep a model (and adapter) loaded for generate."""
     state = app_state(ctx)
     with trainer_errors():
         info = await anyio.to_thread.run_sync(state.models.load, path, adapter)
@@ -67,7 +67,7 @@ async def generate(
     adapter: Annotated[str | None, Field(description="An adapter folder.")] = None,
     run_id: Annotated[str | None, Field(description="A run's model and adapter.")] = None,
 ) -> Annotated[CallToolResult, Generation]:
-    """Generate with the loaded model, or through an adapter: text, tokens/s."""
+    """A reply from the loaded model, an adapter or a run's adapter."""
     state = app_state(ctx)
     model: str | None = None
     if run_id is not None and adapter is not None:
@@ -118,7 +118,7 @@ async def profile_memory(
     ] = None,
     model: Annotated[str | None, Field(description="Or a model, with default settings.")] = None,
 ) -> Annotated[CallToolResult, MemoryProfile]:
-    """Memory of server, models, workers, system; for a config or model, predicted peak vs budget."""
+    """Memory in use; for a config or model, its predicted peak vs budget."""
     state = app_state(ctx)
     with trainer_errors():
         prediction = await _prediction(state, config, model)
@@ -184,20 +184,20 @@ TITLES = {
     "export_model": "Fuse and export to GGUF",
 }
 TOOLS: dict[str, tuple[Tool, ToolAnnotations]] = {
-    "load_model": (load_model, local_hints(idempotent=True)),
-    "generate": (generate, local_hints(read_only=True)),
-    "profile_memory": (profile_memory, local_hints(read_only=True)),
-    "start_qlora_run": (start_qlora_run, local_hints()),
+    "load_model": (load_model, local_hints(idempotent=True, downloads=True)),
+    "generate": (generate, local_hints(read_only=True, downloads=True)),
+    "profile_memory": (profile_memory, local_hints(read_only=True, downloads=True)),
+    "start_qlora_run": (start_qlora_run, local_hints(downloads=True)),
     "run_status": (run_status_tool, local_hints(read_only=True, idempotent=True)),
     "cancel_run": (cancel_run, local_hints(destructive=True)),
     "resume_run": (resume_run, local_hints()),
     "list_runs": (list_runs, local_hints(read_only=True, idempotent=True)),
     "delete_run": (delete_run, local_hints(destructive=True, idempotent=True)),
     "list_models": (list_models, local_hints(read_only=True, idempotent=True)),
-    "build_dataset": (build_dataset_tool, local_hints()),
-    "validate_dataset": (validate_dataset_tool, local_hints(read_only=True, idempotent=True)),
-    "evaluate": (evaluate_tool, local_hints()),  # writes evaluation.json into the run folder
-    "export_model": (export_model_tool, local_hints()),
+    "build_dataset": (build_dataset_tool, local_hints(downloads=True)),
+    "validate_dataset": (validate_dataset_tool, local_hints(read_only=True, idempotent=True, downloads=True)),
+    "evaluate": (evaluate_tool, local_hints(downloads=True)),  # writes evaluation.json into the run folder
+    "export_model": (export_model_tool, local_hints(downloads=True)),
 }
 
 
