@@ -7,6 +7,9 @@
 python3 bench/gpu_plans.py --work DIR [--iters 20] [--only fixed,chat] [--budget 16] [--out results.jsonl]
     [--model FOLDER --seq 256 --batch 2]   (another model, e.g. the demo's imported SmolLM2 on the CPU)
 
+A variant's "env" is set for its run only (e.g. MCP_LOCAL_SYNC_PASSES=1: each accumulated pass awaited, as before the
+seventeenth session).
+
 (The session-14 rows named "fused loss" and "micro-batches of N" ran earlier versions: a loss fused over the
 vocabulary, since dropped, and passes of N examples, since replaced by `pass_tokens`; docs/benchmarks.md.)
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -36,11 +40,18 @@ FIXED: dict[str, dict[str, Any]] = {
     "chunked loss + recompute 4 blocks": {"chunked_loss": True, "grad_checkpoint": True, "checkpoint_blocks": 4},
     "layerwise": {"layerwise": True, "chunked_loss": True},
 }
+PASSES_2048_RECOMPUTE_4 = {"pass_tokens": 2048, "grad_checkpoint": True, "checkpoint_blocks": 4}
 CHAT: dict[str, dict[str, Any]] = {
     "fast path (unconstrained)": {},
     "chunked loss": {"chunked_loss": True},
     "passes of 2048 tokens": {"pass_tokens": 2048},
     "passes of 4096 tokens": {"pass_tokens": 4096},
+    "passes of 4096 tokens, each awaited (before)": {"pass_tokens": 4096, "env": {"MCP_LOCAL_SYNC_PASSES": "1"}},
+    "passes of 2048 tokens + recompute 4 blocks": PASSES_2048_RECOMPUTE_4,
+    "passes of 2048 tokens + recompute 4 blocks, each awaited (before)": {
+        **PASSES_2048_RECOMPUTE_4,
+        "env": {"MCP_LOCAL_SYNC_PASSES": "1"},
+    },
     "layerwise": {"layerwise": True, "chunked_loss": True},
 }
 
@@ -90,7 +101,14 @@ def main() -> None:
         for variant, settings in rows.items():
             settings = dict(settings)
             layerwise = settings.pop("layerwise", False)
-            got = product(model, data, batch, seq, args.iters, layerwise, **common, **settings)
+            env = settings.pop("env", {})  # for the run's worker only (the before-and-after of a change)
+            saved = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)
+            try:
+                got = product(model, data, batch, seq, args.iters, layerwise, **common, **settings)
+            finally:
+                for k, v in saved.items():
+                    os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
             report({"data": name, "batch": batch, "variant": variant, **got}, args.out)
         if args.budget:  # the plan the product chooses for this budget, run with room to show its real peak
             chosen = fitted(model, data, batch, seq, args.budget, common)

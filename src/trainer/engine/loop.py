@@ -8,6 +8,7 @@ random state restored, the data order a function of the step (batches.py) and sa
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,6 +20,10 @@ import mlx.core as mx
 from ..planning.config import QLoRAConfig
 from .batches import batches_per_epoch, training_batches, validation_batches
 from .run_state import LoopState
+
+#: "1" evaluates each accumulated pass before building the next (the behaviour before the seventeenth session; kept
+#: for the side-by-side in docs/benchmarks.md)
+SYNC_PASSES_ENV = "MCP_LOCAL_SYNC_PASSES"
 
 #: one training step on a batch: (loss, tokens), the model and optimizer update dispatched (reading them waits)
 Step = Callable[[Any], tuple[mx.array, mx.array]]
@@ -162,6 +167,8 @@ def accumulating_step(model: Any, optimizer: Any, loss: Loss, pass_tokens: int) 
         optimizer.update(model, mean)
         return value, toks
 
+    sync = os.environ.get(SYNC_PASSES_ENV) == "1"
+
     def run(batch: Any) -> tuple[mx.array, mx.array]:
         total, toks, grad = None, None, None
         for part in token_passes(batch, pass_tokens):
@@ -171,7 +178,9 @@ def accumulating_step(model: Any, optimizer: Any, loss: Loss, pass_tokens: int) 
             else:
                 total, toks = total + part_total, toks + part_toks  # type: ignore[operator]
                 grad = tree_map(mx.add, grad, part_grad)
-            mx.eval(total, toks, grad)  # this pass's activations are freed before the next one's
+            # queued, not awaited: the next pass's graph is built while this one runs (a wait per pass left the GPU
+            # idle between passes); its activations are freed, in stream order, before the next pass's are made
+            (mx.eval if sync else mx.async_eval)(total, toks, grad)
         value, toks = update(total, toks, grad)  # type: ignore[arg-type]  # a batch has one example or more
         mx.async_eval(state, value, toks)
         return value, toks
