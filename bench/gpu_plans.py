@@ -82,6 +82,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--model", default=None, help="an MLX model folder instead of the random 7B shape")
     parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--warm-steps", type=int, default=0, help="time only the reports after this step")
     parser.add_argument("--batch", type=int, default=1, help="the fixed-length set's batch")
     args = parser.parse_args()
     work = Path(args.work)
@@ -105,7 +106,9 @@ def main() -> None:
             saved = {k: os.environ.get(k) for k in env}
             os.environ.update(env)
             try:
-                got = product(model, data, batch, seq, args.iters, layerwise, **common, **settings)
+                got = product(
+                    model, data, batch, seq, args.iters, layerwise, warm_steps=args.warm_steps, **common, **settings
+                )
             finally:
                 for k, v in saved.items():
                     os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
@@ -114,12 +117,14 @@ def main() -> None:
             chosen = fitted(model, data, batch, seq, args.budget, common)
             settings = dict(chosen["settings"])
             layerwise = settings.pop("layerwise", False)
-            got = product(model, data, batch, seq, args.iters, layerwise, **common, **settings)
+            got = product(
+                model, data, batch, seq, args.iters, layerwise, warm_steps=args.warm_steps, **common, **settings
+            )
             row = {"data": name, "batch": batch, "variant": f"fit_to_budget {args.budget:g} GB", **chosen, **got}
             report({**row, "within_budget": got.get("peak_gb", 1e9) <= args.budget}, args.out)
             # the product's own path: fit_to_budget in the run, the budget enforced, the first-steps check on
             enforced = {"memory_budget_gb": args.budget, "allow_over_budget": False, "fit_to_budget": True}
-            got = product(model, data, batch, seq, args.iters, False, **common, **enforced)
+            got = product(model, data, batch, seq, args.iters, False, warm_steps=args.warm_steps, **common, **enforced)
             row = {"data": name, "batch": batch, "variant": f"fit_to_budget {args.budget:g} GB in the run", **got}
             report({**row, "within_budget": got.get("peak_gb", 1e9) <= args.budget}, args.out)
 

@@ -85,6 +85,7 @@ def product(
     iters: int,
     layerwise: bool,
     interval: float | None = None,
+    warm_steps: int = 0,
     **group: Any,
 ) -> dict[str, Any]:
     home = Path(tempfile.mkdtemp(prefix="product-home-"))
@@ -119,7 +120,10 @@ def product(
     snap = json.loads(done.stdout)
     events = [json.loads(line) for line in Path(snap["run_dir"], "events.jsonl").read_text().splitlines()]
     reports = [e for e in events if e["type"] == "train_report"]
-    steady = reports[1:] or reports  # the first window holds the compilation
+    # the first window holds the compilation; with warm_steps, every report through that step (mixed-length batches
+    # compile a graph for each new shape: one epoch meets them all)
+    steady = [r for r in reports if r["iteration"] > warm_steps] if warm_steps else reports[1:]
+    steady = steady or reports
     tokens = sum(r["tokens_per_second"] / r["iterations_per_second"] * 5 for r in steady)  # 5 steps per report
     seconds = sum(5 / r["iterations_per_second"] for r in steady)
     peaks: dict[int, float] = {}
