@@ -7,8 +7,8 @@
 python3 bench/gpu_plans.py --work DIR [--iters 20] [--only fixed,chat] [--budget 16] [--out results.jsonl]
     [--model FOLDER --seq 256 --batch 2]   (another model, e.g. the demo's imported SmolLM2 on the CPU)
 
-A variant's "env" is set for its run only (e.g. MCP_LOCAL_SYNC_PASSES=1: each accumulated pass awaited, as before the
-seventeenth session).
+A variant's "env" is set for its run only (e.g. MCP_LOCAL_QUEUE_PASSES=1: accumulated passes queued without a wait
+for each, an experiment).
 
 (The session-14 rows named "fused loss" and "micro-batches of N" ran earlier versions: a loss fused over the
 vocabulary, since dropped, and passes of N examples, since replaced by `pass_tokens`; docs/benchmarks.md.)
@@ -46,11 +46,13 @@ CHAT: dict[str, dict[str, Any]] = {
     "chunked loss": {"chunked_loss": True},
     "passes of 2048 tokens": {"pass_tokens": 2048},
     "passes of 4096 tokens": {"pass_tokens": 4096},
-    "passes of 4096 tokens, each awaited (before)": {"pass_tokens": 4096, "env": {"MCP_LOCAL_SYNC_PASSES": "1"}},
+    "passes of 4096 tokens queued": {"pass_tokens": 4096, "env": {"MCP_LOCAL_QUEUE_PASSES": "1"}},
+    "passes of 1024 tokens": {"pass_tokens": 1024},
+    "passes of 1024 tokens queued": {"pass_tokens": 1024, "env": {"MCP_LOCAL_QUEUE_PASSES": "1"}},
     "passes of 2048 tokens + recompute 4 blocks": PASSES_2048_RECOMPUTE_4,
-    "passes of 2048 tokens + recompute 4 blocks, each awaited (before)": {
+    "passes of 2048 tokens + recompute 4 blocks queued": {
         **PASSES_2048_RECOMPUTE_4,
-        "env": {"MCP_LOCAL_SYNC_PASSES": "1"},
+        "env": {"MCP_LOCAL_QUEUE_PASSES": "1"},
     },
     "layerwise": {"layerwise": True, "chunked_loss": True},
 }

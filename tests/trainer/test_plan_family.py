@@ -17,7 +17,7 @@ from mlx_lm.models import qwen2
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from trainer.engine.batches import token_passes
-from trainer.engine.loop import accumulating_step, fused_step
+from trainer.engine.loop import QUEUE_PASSES_ENV, accumulating_step, fused_step
 from trainer.engine.losses import make_default_loss
 from trainer.engine.patches import checkpointed_blocks
 from trainer.engine.tiny import TINY_ARGS
@@ -80,7 +80,9 @@ def _train(step_for: Any, steps: int = 3) -> list[float]:
     return losses
 
 
-def test_gradient_accumulation_trains_as_the_whole_batch_does() -> None:
+@pytest.mark.parametrize("queued", ["0", "1"])  # each pass awaited (the default), or queued (QUEUE_PASSES_ENV)
+def test_gradient_accumulation_trains_as_the_whole_batch_does(queued: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(QUEUE_PASSES_ENV, queued)
     loss = make_default_loss()
     whole = _train(lambda m, o: fused_step(m, o, loss))
     for budget in (1, 128, 200):  # passes as in the test below

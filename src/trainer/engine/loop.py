@@ -21,9 +21,9 @@ from ..planning.config import QLoRAConfig
 from .batches import batches_per_epoch, training_batches, validation_batches
 from .run_state import LoopState
 
-#: "1" evaluates each accumulated pass before building the next (the behaviour before the seventeenth session; kept
-#: for the side-by-side in docs/benchmarks.md)
-SYNC_PASSES_ENV = "MCP_LOCAL_SYNC_PASSES"
+#: "1" queues each accumulated pass without waiting for it, so the next pass's graph is built while it runs: an
+#: experiment for GPUs, not yet measured there; on the 2-core CPU it was 5% slower (docs/benchmarks.md)
+QUEUE_PASSES_ENV = "MCP_LOCAL_QUEUE_PASSES"
 
 #: one training step on a batch: (loss, tokens), the model and optimizer update dispatched (reading them waits)
 Step = Callable[[Any], tuple[mx.array, mx.array]]
@@ -167,7 +167,7 @@ def accumulating_step(model: Any, optimizer: Any, loss: Loss, pass_tokens: int) 
         optimizer.update(model, mean)
         return value, toks
 
-    sync = os.environ.get(SYNC_PASSES_ENV) == "1"
+    queued = os.environ.get(QUEUE_PASSES_ENV) == "1"
 
     def run(batch: Any) -> tuple[mx.array, mx.array]:
         total, toks, grad = None, None, None
@@ -178,9 +178,8 @@ def accumulating_step(model: Any, optimizer: Any, loss: Loss, pass_tokens: int) 
             else:
                 total, toks = total + part_total, toks + part_toks  # type: ignore[operator]
                 grad = tree_map(mx.add, grad, part_grad)
-            # queued, not awaited: the next pass's graph is built while this one runs (a wait per pass left the GPU
-            # idle between passes); its activations are freed, in stream order, before the next pass's are made
-            (mx.eval if sync else mx.async_eval)(total, toks, grad)
+            # this pass's activations are freed before the next one's
+            (mx.async_eval if queued else mx.eval)(total, toks, grad)
         value, toks = update(total, toks, grad)  # type: ignore[arg-type]  # a batch has one example or more
         mx.async_eval(state, value, toks)
         return value, toks
