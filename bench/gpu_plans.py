@@ -23,6 +23,7 @@ import random
 import sys
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from gpu_product import build_data, build_model, product  # noqa: E402
@@ -104,16 +105,10 @@ def main() -> None:
         for variant, settings in rows.items():
             settings = dict(settings)
             layerwise = settings.pop("layerwise", False)
-            env = settings.pop("env", {})  # for the run's worker only (the before-and-after of a change)
-            saved = {k: os.environ.get(k) for k in env}
-            os.environ.update(env)
-            try:
+            with patch.dict(os.environ, settings.pop("env", {})):  # for this run's worker only
                 got = product(
                     model, data, batch, seq, args.iters, layerwise, warm_steps=args.warm_steps, **common, **settings
                 )
-            finally:
-                for k, v in saved.items():
-                    os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
             report({"data": name, "batch": batch, "variant": variant, **got}, args.out)
         if args.budget:  # the plan the product chooses for this budget, run with room to show its real peak
             chosen = fitted(model, data, batch, seq, args.budget, common)

@@ -39,11 +39,12 @@ def _default(schema: dict[str, Any], required: bool) -> str:
 
 def _section(tool: Any, prose: str) -> str:
     hints = tool.annotations
+    open_world = hints.open_world_hint is not False  # left out: the spec's default, open world
     lines = [f"## {tool.name}", "", tool.description or "", ""]
     lines.append(
         f"Annotations: read-only {bool(hints.read_only_hint)}, destructive {bool(hints.destructive_hint)}, "
-        f"idempotent {bool(hints.idempotent_hint)}, open-world {hints.open_world_hint is not False}"
-        + (" (a hub repo id is downloaded if not cached)." if hints.open_world_hint is not False else ".")
+        f"idempotent {bool(hints.idempotent_hint)}, open-world {open_world}"
+        + (" (a hub repo id is downloaded if not cached)." if open_world else ".")
     )
     lines += ["", "| argument | type | default | description |", "|---|---|---|---|"]
     required = set(tool.input_schema.get("required", []))

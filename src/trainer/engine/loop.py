@@ -178,7 +178,7 @@ def accumulating_step(model: Any, optimizer: Any, loss: Loss, pass_tokens: int) 
             else:
                 total, toks = total + part_total, toks + part_toks  # type: ignore[operator]
                 grad = tree_map(mx.add, grad, part_grad)
-            # this pass's activations are freed before the next one's
+            # awaited, this pass's activations are freed before the next pass is built; queued, in stream order
             (mx.async_eval if queued else mx.eval)(total, toks, grad)
         value, toks = update(total, toks, grad)  # type: ignore[arg-type]  # a batch has one example or more
         mx.async_eval(state, value, toks)
