@@ -138,6 +138,7 @@ def product(
         "losses": [r["train_loss"] for r in reports],
         "predicted_gb": snap["metrics"]["predicted_peak_gb"],
         "plan_change": snap["metrics"].get("plan_change"),
+        "window_tok_s": [round(r["tokens_per_second"], 1) for r in reports],  # compilations show in the early ones
         "wall_s": round(wall, 1),
         "state": snap["state"],
     }
