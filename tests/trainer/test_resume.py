@@ -156,3 +156,46 @@ def test_a_run_switches_plan_at_the_recorded_step_and_resumes_bit_for_bit_on_eit
         train_in_process(config, tmp_path / name, stop_after=stop_after)
         after = train_in_process(config, tmp_path / name).losses()
         assert after == {it: whole[it] for it in range(stop_after + 1, 21)}, name
+
+
+class _Records:
+    """Raw records as MLX-LM's datasets hold them (a dict each), tokenized by `process`."""
+
+    def __init__(self, lengths: list[int]) -> None:
+        self.lengths = lengths
+
+    def __getitem__(self, idx: int) -> dict[str, Any]:
+        return {"messages": idx}
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def process(self, record: dict[str, Any]) -> tuple[list[int], int]:
+        return [1] * self.lengths[record["messages"]], 0
+
+
+def test_batches_hold_neighbours_in_token_length_so_mixed_lengths_pad_little() -> None:
+    """MLX-LM sorts a CacheDataset by its raw records' len() (1 for a chat dict): batches in file order, 36% padding
+    on mixed-length chats; by_token_length sorts by tokens, as iterate_batches means to."""
+    import random
+
+    from mlx_lm.tuner.datasets import CacheDataset
+
+    from trainer.engine.batches import by_token_length, training_batches
+
+    rng = random.Random(0)
+    lengths = [rng.randint(100, 2048) for _ in range(64)]
+
+    def padding(dataset: Any) -> float:
+        real = slots = 0
+        batches = training_batches(dataset, 4, 2048, seed=0)
+        for _ in range(16):
+            _, (tokens, rows) = next(batches)
+            real += int(rows[:, 1].sum())
+            slots += tokens.shape[0] * (tokens.shape[1] - 1)
+        return 1 - real / slots
+
+    assert padding(CacheDataset(_Records(lengths))) > 0.25  # MLX-LM's own: file order
+    ordered = by_token_length(_Records(lengths))
+    assert [ordered.itemlen(i) for i in range(3)] == lengths[:3]
+    assert padding(ordered) < 0.06

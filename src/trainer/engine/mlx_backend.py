@@ -214,7 +214,9 @@ def _resume(events: _RunEvents, model: Any, optimizer: Any, emit: Emit) -> None:
 
 def _run_data(config: QLoRAConfig, tokenizer: Any) -> SupervisedData | PreferenceData | GroupData:
     """MLX-LM's datasets for sft; preference pairs for dpo and orpo; coding tasks with tests for grpo."""
-    from mlx_lm.tuner.datasets import CacheDataset, load_local_dataset
+    from mlx_lm.tuner.datasets import load_local_dataset
+
+    from .batches import by_token_length
 
     if config.preference:
         return load_preference_data(config, tokenizer)
@@ -222,7 +224,8 @@ def _run_data(config: QLoRAConfig, tokenizer: Any) -> SupervisedData | Preferenc
         return load_group_data(config, tokenizer)
     options = types.SimpleNamespace(mask_prompt=config.mask_prompt)
     train_set, valid_set, _ = load_local_dataset(Path(config.data), tokenizer, options)
-    return SupervisedData(CacheDataset(train_set), CacheDataset(valid_set) if len(valid_set) else None, config)
+    valid = by_token_length(valid_set) if len(valid_set) else None
+    return SupervisedData(by_token_length(train_set), valid, config)
 
 
 class MlxTrainingBackend:
