@@ -87,6 +87,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--warm-steps", type=int, default=0, help="time only the reports after this step")
     parser.add_argument("--batch", type=int, default=1, help="the fixed-length set's batch")
+    parser.add_argument("--packing", action="store_true", help="chat records packed into rows (every variant)")
     args = parser.parse_args()
     work = Path(args.work)
     model = Path(args.model) if args.model else work / "model"
@@ -95,7 +96,7 @@ def main() -> None:
     seq = args.seq
     sets = {
         "fixed": (build_data(work / f"data-{seq}", words_per_record=seq), args.batch, {}, FIXED),
-        "chat": (build_chat(work / "chat", high=seq), 4, {"mask_prompt": True}, CHAT),
+        "chat": (build_chat(work / "chat", high=seq), 4, {"mask_prompt": True, "packing": args.packing}, CHAT),
     }
     for name in args.only.split(","):
         data, batch, common, variants = sets[name]
@@ -109,7 +110,7 @@ def main() -> None:
                 got = product(
                     model, data, batch, seq, args.iters, layerwise, warm_steps=args.warm_steps, **common, **settings
                 )
-            report({"data": name, "batch": batch, "variant": variant, **got}, args.out)
+            report({"data": name, "batch": batch, "variant": variant, **common, **got}, args.out)
         if args.budget:  # the plan the product chooses for this budget, run with room to show its real peak
             chosen = fitted(model, data, batch, seq, args.budget, common)
             settings = dict(chosen["settings"])

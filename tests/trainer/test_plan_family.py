@@ -69,13 +69,13 @@ def test_recomputed_blocks_give_the_same_gradients() -> None:
     _close(_loss_and_grads(make_default_loss(), blocks=99), reference)  # every one
 
 
-def _train(step_for: Any, steps: int = 3) -> list[float]:
+def _train(step_for: Any, steps: int = 3, batch: Any = None) -> list[float]:
     model = _model()
     optimizer = optim.Adam(learning_rate=1e-2)
     step = step_for(model, optimizer)
     losses = []
     for _ in range(steps):
-        value, _ = step(_batch())
+        value, _ = step(_batch() if batch is None else batch)
         losses.append(value.item())
     return losses
 
@@ -153,3 +153,60 @@ def test_passes_are_predicted_faster_on_short_examples(monkeypatch: pytest.Monke
         return next(p.relative_speed for p in check.plans if p.settings.get("pass_tokens") == 2048)
 
     assert passes(long) < 0.75 < passes(short)
+
+
+def _records() -> list[tuple[list[int], int]]:
+    """Mixed-length (tokens, prompt offset) records, one with a masked prompt."""
+    tokens = mx.random.randint(1, VOCAB, (5, 96), key=mx.random.key(4)).tolist()
+    return [(tokens[0][:96], 0), (tokens[1][:40], 0), (tokens[2][:70], 10), (tokens[3][:17], 0), (tokens[4][:9], 3)]
+
+
+def _unpacked(records: list[tuple[list[int], int]]) -> tuple[mx.array, mx.array]:
+    """The records as MLX-LM batches them: padded with zeros to one more than the longest."""
+    width = max(len(ids) for ids, _ in records) + 1
+    tokens = np.zeros((len(records), width), np.int32)
+    for row, (ids, _) in enumerate(records):
+        tokens[row, : len(ids)] = ids
+    return mx.array(tokens), mx.array([[offset, len(ids)] for ids, offset in records])
+
+
+def test_packed_rows_train_as_the_same_records_unpacked() -> None:
+    """Block-diagonal attention and the layout's targets: the loss and gradients of the records unpacked."""
+    from trainer.engine.losses import make_chunked_loss, make_packed_loss
+    from trainer.engine.packing import extent, pack, packed_rows
+
+    records = _records()
+    rows = pack([extent(len(ids), 128) for ids, _ in records], 128 + 1)
+    assert len(rows) == 2  # 97 + 41 > 129: the longest alone, the other four together
+    packed = packed_rows([[records[i] for i in row] for row in rows], 128, 128)
+    unpacked = _unpacked(records)
+
+    def loss_and_grads(loss: Any, batch: tuple[mx.array, mx.array], blocks: int = 0) -> Any:
+        model = _model()
+        with checkpointed_blocks(model, blocks):
+            (value, toks), grads = value_and_grad(model, loss)(model, *batch)
+            mx.eval(value, grads)
+        flat: list[tuple[str, Any]] = tree_flatten(grads)  # type: ignore[assignment]
+        return value.item(), {k: np.array(v) for k, v in flat}, toks.item()
+
+    reference = loss_and_grads(make_default_loss(), unpacked)
+    assert reference[2] == 96 + 40 + 61 + 17 + 7  # targets trained: a record's tokens from its offset, as MLX-LM's
+    for got in (loss_and_grads(make_packed_loss(None), packed), loss_and_grads(make_packed_loss(None), packed, 2)):
+        assert got[2] == reference[2]
+        _close(got[:2], reference[:2])
+    chunked = loss_and_grads(make_chunked_loss(32), unpacked)
+    _close(loss_and_grads(make_packed_loss(32), packed)[:2], chunked[:2])
+
+
+def test_packed_rows_accumulate_over_passes_as_the_whole_batch() -> None:
+    from trainer.engine.losses import make_packed_loss
+    from trainer.engine.packing import extent, pack, packed_rows
+
+    records = _records()
+    rows = pack([extent(len(ids), 64) for ids, _ in records], 64 + 1)
+    packed = packed_rows([[records[i] for i in row] for row in rows], 64, 64)
+    assert packed[0].shape == (len(rows), 65) and len(rows) >= 3
+    assert [p[0].shape[0] for p in token_passes(packed, 128)] == [2] * (len(rows) // 2) + [1] * (len(rows) % 2)
+    whole = _train(lambda m, o: fused_step(m, o, make_packed_loss(None)), batch=packed)
+    passes = _train(lambda m, o: accumulating_step(m, o, make_packed_loss(None), 128), batch=packed)
+    assert passes == pytest.approx(whole, rel=1e-5)

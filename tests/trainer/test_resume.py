@@ -131,6 +131,31 @@ def test_a_run_of_token_passes_and_recomputed_blocks_trains_as_the_plain_run_and
     assert after == {it: whole[it] for it in range(9, 21)}
 
 
+def test_a_packed_run_trains_in_fewer_steps_per_epoch_and_resumes_bit_for_bit(
+    tiny_model: Path, small_data: Path, tmp_path: Path
+) -> None:
+    """Packing fills rows of max_seq_length tokens with whole records: fewer, full batches per epoch, the same
+    shape every step; passes of one row with a recomputed block, stopped and resumed, continue exactly."""
+    from mlx_lm.utils import load
+
+    from trainer.engine.loop import SupervisedData
+    from trainer.engine.mlx_backend import _run_data
+
+    settings = {"packing": True, "pass_tokens": 128, "grad_checkpoint": True, "checkpoint_blocks": 1}
+    config = _config(tiny_model, small_data, dropout=0.0, iters=12, **settings)
+    _, tokenizer = load(str(tiny_model))
+    data = _run_data(config, tokenizer)
+    assert isinstance(data, SupervisedData) and data.packed is not None
+    assert data.batches_per_epoch < PER_EPOCH  # 24 short records fill fewer than 24 rows of 128 tokens
+    shapes = {tuple(batch[0].shape) for _, (_, batch) in zip(range(8), data.training(0), strict=False)}
+    assert shapes == {(4, 129)}
+    whole = train_in_process(config, tmp_path / "whole").losses()
+    assert whole[12] < whole[1]
+    train_in_process(config, tmp_path / "parts", stop_after=5)
+    after = train_in_process(config, tmp_path / "parts").losses()
+    assert after == {it: whole[it] for it in range(6, 13)}
+
+
 def test_a_run_switches_plan_at_the_recorded_step_and_resumes_bit_for_bit_on_either_side(
     tiny_model: Path, small_data: Path, tmp_path: Path
 ) -> None:

@@ -79,11 +79,14 @@ def epoch_orders(count: int, per_epoch: int, seed: int, salt: int, start_step: i
 def token_passes(batch: Any, pass_tokens: int) -> list[Any]:
     """The batch's examples sorted by length and grouped into passes of at most `pass_tokens` padded inputs (an
     example longer than that alone), each cut to its own longest example (aligned as above): short examples share a
-    pass, long ones get one each, and the loss's mask sees the same tokens."""
+    pass, long ones get one each, and the loss's mask sees the same tokens. A packed batch's rows are split whole."""
     import mlx.core as mx
     import numpy as np
 
     tokens, lengths = batch
+    if lengths.ndim == 3:  # packed rows (packing.py), all as wide: as many whole rows as fit in each pass
+        per_pass = max(1, pass_tokens // (tokens.shape[1] - 1))
+        return [(tokens[i : i + per_pass], lengths[i : i + per_pass]) for i in range(0, tokens.shape[0], per_pass)]
     ends = np.array(lengths)[:, 1]
     align = input_alignment()
     groups: list[list[int]] = []

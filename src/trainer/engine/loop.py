@@ -18,7 +18,9 @@ from typing import Any, Protocol
 import mlx.core as mx
 
 from ..planning.config import QLoRAConfig
+from ..planning.device import input_alignment
 from .batches import batches_per_epoch, training_batches, validation_batches
+from .packing import PackedRows
 from .run_state import LoopState
 
 #: "1" queues each accumulated pass without waiting for it, so the next pass's graph is built while it runs: an
@@ -80,6 +82,9 @@ class SupervisedData:
 
     def __init__(self, train_set: Any, val_set: Any | None, config: QLoRAConfig) -> None:
         self.train_set, self.val_set, self.config = train_set, val_set, config
+        self.packed: PackedRows | None = None
+        if config.packing:  # validation stays unpacked: its batches and loss as without packing
+            self.packed = PackedRows(train_set, config.max_seq_length, input_alignment())
 
     @property
     def validates(self) -> bool:
@@ -87,10 +92,14 @@ class SupervisedData:
 
     @property
     def batches_per_epoch(self) -> int:
+        if self.packed is not None:
+            return self.packed.batches_per_epoch(self.config.batch_size)
         return batches_per_epoch(self.train_set, self.config.batch_size)
 
     def training(self, start_step: int) -> Iterator[tuple[int, Any]]:
         c = self.config
+        if self.packed is not None:
+            return self.packed.batches(c.batch_size, c.seed, start_step)
         return training_batches(self.train_set, c.batch_size, c.max_seq_length, c.seed, start_step)
 
     def validate(self, model: Any, val_loss: Loss, progress: Callable[[], None]) -> dict[str, float] | None:

@@ -48,10 +48,59 @@ def make_default_loss(ce: CrossEntropy = cross_entropy) -> Loss:
     return default_loss
 
 
-def training_loss(fast_path: bool, chunked: bool) -> Loss:
-    """The loss a run's step differentiates (and its validation evaluates)."""
+def training_loss(fast_path: bool, chunked: bool, packed: bool = False) -> Loss:
+    """The loss a run's step differentiates (and, unpacked, its validation evaluates)."""
     ce = cross_entropy_for(fast_path)
+    if packed:
+        return make_packed_loss(DEFAULT_CHUNK_TOKENS if chunked else None, ce)
     return make_chunked_loss(ce=ce) if chunked else make_default_loss(ce)
+
+
+def make_packed_loss(chunk_tokens: int | None, ce: CrossEntropy = cross_entropy) -> Loss:
+    """The loss of packed rows (engine/packing.py): each record attends only to itself; the trained targets are the
+    layout's. Equal to `default_loss` (or the chunked one) over the same records unpacked, up to rounding."""
+    from ..errors import ConfigError
+    from .packing import SegmentMask, segment_mask
+
+    def packed_loss(model: Any, batch: mx.array, layout: mx.array) -> tuple[mx.array, mx.array]:
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        trained = layout[:, 1]
+        masks = SegmentMask(segment_mask(layout[:, 0]))
+        head = head_of(model)
+        hidden = model.model(inputs, cache=[masks] * len(model.layers)) if head is not None else None
+        if hidden is None or not masks.asked:  # traced once per shape: a model building its own mask sees across
+            raise ConfigError(f"packing=true is not supported for {type(model).__module__}; set it to false")
+        ntoks = trained.sum()
+        return _head_loss(model, head, hidden, targets, trained, chunk_tokens, ce) / ntoks, ntoks
+
+    return packed_loss
+
+
+def _head_loss(
+    model: Any,
+    head: Any,
+    hidden: mx.array,
+    targets: mx.array,
+    mask: mx.array,
+    chunk_tokens: int | None,
+    ce: CrossEntropy,
+) -> mx.array:
+    """The summed cross-entropy of the head's logits over the masked targets, in sequence chunks (the backward
+    recomputing each chunk's logits) when `chunk_tokens` is set."""
+    if chunk_tokens is None:
+        return (ce(head(hidden), targets) * mask).astype(mx.float32).sum()
+    params = model.trainable_parameters()
+    total = mx.array(0.0, dtype=mx.float32)
+    for start in range(0, targets.shape[1], chunk_tokens):
+        stop = start + chunk_tokens
+        t, m = targets[:, start:stop], mask[:, start:stop]  # integer targets: closed over, never differentiated
+
+        def chunk_ce(params: Any, h: mx.array, t: mx.array = t, m: mx.array = m) -> mx.array:
+            model.update(params)
+            return (ce(head(h), t) * m).astype(mx.float32).sum()
+
+        total = total + mx.checkpoint(chunk_ce)(params, hidden[:, start:stop])
+    return total
 
 
 def head_of(model: Any) -> Any | None:
@@ -75,20 +124,7 @@ def make_chunked_loss(chunk_tokens: int = DEFAULT_CHUNK_TOKENS, ce: CrossEntropy
         if head is None:  # an unknown layout: fall back to the plain computation
             per_token = ce(model(inputs), targets) * mask
             return per_token.astype(mx.float32).sum() / ntoks, ntoks
-        hidden = model.model(inputs)
-        params = model.trainable_parameters()
-
-        total = mx.array(0.0, dtype=mx.float32)
-        for start in range(0, targets.shape[1], chunk_tokens):
-            stop = start + chunk_tokens
-            t, m = targets[:, start:stop], mask[:, start:stop]  # integer targets: closed over, never differentiated
-
-            def chunk_ce(params: Any, h: mx.array, t: mx.array = t, m: mx.array = m) -> mx.array:
-                model.update(params)
-                return (ce(head(h), t) * m).astype(mx.float32).sum()
-
-            total = total + mx.checkpoint(chunk_ce)(params, hidden[:, start:stop])
-        return total / ntoks, ntoks
+        return _head_loss(model, head, model.model(inputs), targets, mask, chunk_tokens, ce) / ntoks, ntoks
 
     return chunked_loss
 

@@ -47,10 +47,11 @@ def step_for(config: QLoRAConfig, model: Any, optimizer: Any) -> tuple[Step, Los
         grpo = make_grpo_loss(config.beta, cross_entropy_for(fast), config.temperature)
         return fused_step(model, optimizer, grpo), grpo
     if not config.layerwise:
-        loss = training_loss(fast, config.chunked_loss)
+        loss = training_loss(fast, config.chunked_loss)  # validation batches are never packed
+        train = training_loss(fast, config.chunked_loss, packed=True) if config.packing else loss
         if config.pass_tokens is not None:
-            return accumulating_step(model, optimizer, loss, config.pass_tokens), loss
-        return fused_step(model, optimizer, loss), loss
+            return accumulating_step(model, optimizer, train, config.pass_tokens), loss
+        return fused_step(model, optimizer, train), loss
     from .layerwise import make_layerwise_eval_loss, supports_layerwise
 
     if not supports_layerwise(model):

@@ -66,6 +66,9 @@ class QLoRAConfig(BaseModel):
         Field(ge=8, le=1 << 24, description="Most tokens per pass (gradient accumulation)."),
     ] = None
     mask_prompt: Annotated[bool, Field(description="Loss on completions only.")] = False
+    packing: Annotated[bool, Field(description="Records end to end in rows, each seeing only itself: no padding.")] = (
+        False
+    )
     mode: Annotated[
         Literal["sft", "dpo", "orpo", "grpo"],
         Field(description="dpo/orpo: {prompt, chosen, rejected}; grpo: {prompt, tests}."),
@@ -150,9 +153,17 @@ class QLoRAConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _packing_is_for_one_process_of_the_fused_step(self) -> QLoRAConfig:
+        if self.packing and self.layerwise:
+            raise ValueError("packing with layerwise=true: the layerwise step has no packed form; drop one")
+        if self.packing and self.num_processes > 1:
+            raise ValueError("packing with num_processes > 1 is not built; drop packing or use one process")
+        return self
+
+    @model_validator(mode="after")
     def _preference_modes_take_the_plain_step(self) -> QLoRAConfig:
         if self.mode != "sft":
-            used = [name for name in ("layerwise", "chunked_loss", "pass_tokens") if getattr(self, name)]
+            used = [name for name in ("layerwise", "chunked_loss", "pass_tokens", "packing") if getattr(self, name)]
             if used:
                 raise ValueError(
                     f"mode {self.mode!r} computes its own loss over each example in one pass, so {' and '.join(used)} "

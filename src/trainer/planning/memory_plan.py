@@ -109,18 +109,21 @@ def run_predictor(
     lora_layers = layers if config.num_layers == -1 else min(config.num_layers, layers)
 
     def predict(cfg: QLoRAConfig) -> tuple[MemoryPlan, MemoryParts]:
-        if longest and cfg.mode == "grpo":  # the dataset counts its prompts; each gets a completion
+        if cfg.packing:  # every row is full: max_seq_length inputs, aligned (engine/packing.py)
+            seq = -(-cfg.max_seq_length // align) * align
+        elif longest and cfg.mode == "grpo":  # the dataset counts its prompts; each gets a completion
             seq = min(cfg.max_seq_length, longest + cfg.completion_tokens)
         else:
             seq = min(cfg.max_seq_length, longest) if longest else cfg.max_seq_length
-        if align > 32:  # CUDA: inputs padded to a multiple of 128 (the CPU's calibration used MLX-LM's padding)
+        if align > 32 and not cfg.packing:  # CUDA: inputs padded to 128s (the CPU's calibration: MLX-LM's padding)
             seq = -(-(seq - 1) // align) * align
         cfg_bytes, _, cfg_fast = compute_bytes(cfg.fast_path)
         plan = plan_for(cfg, seq, cfg_bytes, device, cfg_fast)
         plan = plan.model_copy(update={"recomputed_blocks": min(plan.recomputed_blocks, lora_layers)})  # "all": l
         return plan, predict_peak(model_config, plan)
 
-    return predict, Shape(layers, lora_layers, device, lengths or [])
+    # packed rows are all as wide as the prediction's sequence, which a shape without lengths stands for
+    return predict, Shape(layers, lora_layers, device, [] if config.packing else lengths or [])
 
 
 def check_memory(
