@@ -157,7 +157,7 @@ def test_passes_are_predicted_faster_on_short_examples(monkeypatch: pytest.Monke
 
 def _records() -> list[tuple[list[int], int]]:
     """Mixed-length (tokens, prompt offset) records, one with a masked prompt."""
-    tokens = mx.random.randint(1, VOCAB, (5, 96), key=mx.random.key(4)).tolist()
+    tokens: list[list[int]] = mx.random.randint(1, VOCAB, (5, 96), key=mx.random.key(4)).tolist()  # type: ignore[assignment]
     return [(tokens[0][:96], 0), (tokens[1][:40], 0), (tokens[2][:70], 10), (tokens[3][:17], 0), (tokens[4][:9], 3)]
 
 

@@ -143,7 +143,7 @@ def test_a_packed_run_trains_in_fewer_steps_per_epoch_and_resumes_bit_for_bit(
 
     settings = {"packing": True, "pass_tokens": 128, "grad_checkpoint": True, "checkpoint_blocks": 1}
     config = _config(tiny_model, small_data, dropout=0.0, iters=12, **settings)
-    _, tokenizer = load(str(tiny_model))
+    tokenizer = load(str(tiny_model))[1]
     data = _run_data(config, tokenizer)
     assert isinstance(data, SupervisedData) and data.packed is not None
     assert data.batches_per_epoch < PER_EPOCH  # 24 short records fill fewer than 24 rows of 128 tokens
