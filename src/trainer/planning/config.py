@@ -46,7 +46,7 @@ class QLoRAConfig(BaseModel):
     rank: Annotated[int, Field(ge=1, le=512, description="LoRA rank.")] = 16
     alpha: Annotated[float, Field(gt=0, le=1e5, description="LoRA alpha (scale alpha / rank).")] = 32.0
     dropout: Annotated[float, Field(ge=0, lt=1, description="LoRA dropout.")] = 0.0
-    num_layers: Annotated[int, Field(ge=-1, le=MAX_BLOCKS, description="The last blocks that get LoRA; -1: all.")] = 16
+    num_layers: Annotated[int, Field(ge=-1, le=MAX_BLOCKS, description="Last blocks given LoRA; -1: all.")] = 16
     quantize_bits: Annotated[
         Literal[0, 4, 8],
         Field(description="Bits for a float base (0: plain LoRA)."),
@@ -59,32 +59,30 @@ class QLoRAConfig(BaseModel):
     grad_checkpoint: Annotated[bool, Field(description="Recompute activations: less memory.")] = False
     checkpoint_blocks: Annotated[
         int | None,
-        Field(ge=1, le=MAX_BLOCKS, description="LoRA blocks grad_checkpoint recomputes; default all."),
+        Field(ge=1, le=MAX_BLOCKS, description="Blocks grad_checkpoint recomputes; default all."),
     ] = None
     pass_tokens: Annotated[
         int | None,
         Field(ge=8, le=1 << 24, description="Most tokens per pass (gradient accumulation)."),
     ] = None
     mask_prompt: Annotated[bool, Field(description="Loss on completions only.")] = False
-    packing: Annotated[bool, Field(description="Records end to end in rows, each seeing only itself: no padding.")] = (
-        False
-    )
+    packing: Annotated[bool, Field(description="Pack records in rows, each seeing only itself.")] = False
     mode: Annotated[
         Literal["sft", "dpo", "orpo", "grpo"],
         Field(description="dpo/orpo: {prompt, chosen, rejected}; grpo: {prompt, tests}."),
     ] = "sft"
     beta: Annotated[float, Field(gt=0, le=100, description="KL (dpo, grpo) or odds-ratio (orpo) weight.")] = 0.1
     generations: Annotated[int, Field(ge=2, le=64, description="grpo: completions per prompt.")] = 4
-    completion_tokens: Annotated[int, Field(ge=1, le=1 << 15, description="grpo: tokens per completion, at most.")] = (
+    completion_tokens: Annotated[int, Field(ge=1, le=1 << 15, description="grpo: most tokens per completion.")] = (
         256
     )
     format_reward: Annotated[float, Field(ge=0, le=1, description="grpo: bonus for a fenced code block.")] = 0.0
     temperature: Annotated[float, Field(gt=0, le=2, description="grpo: sampling temperature.")] = 1.0
     seed: Annotated[int, Field(ge=0, lt=1 << 32, description="LoRA init, batch order.")] = 0
-    steps_per_report: Annotated[int, Field(ge=1, le=MAX_ITERS, description="Steps between train-loss reports.")] = 10
-    steps_per_eval: Annotated[int, Field(ge=1, le=MAX_ITERS, description="Steps between validation losses.")] = 200
+    steps_per_report: Annotated[int, Field(ge=1, le=MAX_ITERS, description="Steps per train-loss report.")] = 10
+    steps_per_eval: Annotated[int, Field(ge=1, le=MAX_ITERS, description="Steps per validation loss.")] = 200
     val_batches: Annotated[int, Field(ge=-1, le=MAX_ITERS, description="Validation batches; -1: all.")] = 25
-    save_every: Annotated[int, Field(ge=1, le=MAX_ITERS, description="Steps between checkpoints.")] = 100
+    save_every: Annotated[int, Field(ge=1, le=MAX_ITERS, description="Steps per checkpoint.")] = 100
     fast_path: Annotated[
         bool | None,
         Field(description="Our kernels; null: on except on Metal."),
@@ -128,7 +126,7 @@ class QLoRAConfig(BaseModel):
     ] = None
     memory_sample_interval: Annotated[
         float | None,
-        Field(ge=0.05, le=60, description="Seconds between memory samples; default 0.5."),
+        Field(ge=0.05, le=60, description="Seconds per memory sample; default 0.5."),
     ] = None
 
     @model_validator(mode="after")
