@@ -210,3 +210,19 @@ def test_packed_rows_accumulate_over_passes_as_the_whole_batch() -> None:
     whole = _train(lambda m, o: fused_step(m, o, make_packed_loss(None)), batch=packed)
     passes = _train(lambda m, o: accumulating_step(m, o, make_packed_loss(None), 128), batch=packed)
     assert passes == pytest.approx(whole, rel=1e-5)
+
+
+def test_packing_refuses_a_model_that_builds_its_own_mask() -> None:
+    """A model that never asks the cache for its mask would let records see each other: refused, by name."""
+    from trainer.engine.losses import make_packed_loss
+    from trainer.engine.packing import extent, pack, packed_rows
+    from trainer.errors import ConfigError
+
+    model = _model()
+    inner = model.model
+    model.model = lambda inputs, cache=None: inner(inputs)  # its own causal mask, whatever the cache
+    records = _records()
+    rows = pack([extent(len(ids), 128) for ids, _ in records], 129)
+    packed = packed_rows([[records[i] for i in row] for row in rows], 128, 128)
+    with pytest.raises(ConfigError, match="packing=true is not supported for mlx_lm.models.qwen2; set it to false"):
+        make_packed_loss(None)(model, *packed)
