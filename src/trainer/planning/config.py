@@ -73,9 +73,7 @@ class QLoRAConfig(BaseModel):
     ] = "sft"
     beta: Annotated[float, Field(gt=0, le=100, description="KL (dpo, grpo) or odds-ratio (orpo) weight.")] = 0.1
     generations: Annotated[int, Field(ge=2, le=64, description="grpo: completions per prompt.")] = 4
-    completion_tokens: Annotated[int, Field(ge=1, le=1 << 15, description="grpo: most tokens per completion.")] = (
-        256
-    )
+    completion_tokens: Annotated[int, Field(ge=1, le=1 << 15, description="grpo: most tokens per completion.")] = 256
     format_reward: Annotated[float, Field(ge=0, le=1, description="grpo: bonus for a fenced code block.")] = 0.0
     temperature: Annotated[float, Field(gt=0, le=2, description="grpo: sampling temperature.")] = 1.0
     seed: Annotated[int, Field(ge=0, lt=1 << 32, description="LoRA init, batch order.")] = 0
