@@ -226,3 +226,17 @@ def test_packing_refuses_a_model_that_builds_its_own_mask() -> None:
     packed = packed_rows([[records[i] for i in row] for row in rows], 128, 128)
     with pytest.raises(ConfigError, match="packing=true is not supported for mlx_lm.models.qwen2; set it to false"):
         make_packed_loss(None)(model, *packed)
+
+
+def test_the_additive_mask_a_gpu_gets_attends_as_the_boolean_one() -> None:
+    from trainer.engine.packing import SegmentMask, extent, pack, packed_rows, segment_mask
+
+    model = _model()
+    records = _records()
+    rows = pack([extent(len(ids), 128) for ids, _ in records], 129)
+    tokens, layout = packed_rows([[records[i] for i in row] for row in rows], 128, 128)
+    hidden = [
+        model.model(tokens[:, :-1], cache=[SegmentMask(segment_mask(layout[:, 0], dtype))] * len(model.layers))
+        for dtype in (None, mx.float32)
+    ]
+    np.testing.assert_allclose(np.array(hidden[0]), np.array(hidden[1]), rtol=1e-5, atol=1e-5)

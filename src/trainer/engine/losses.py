@@ -65,7 +65,9 @@ def make_packed_loss(chunk_tokens: int | None, ce: CrossEntropy = cross_entropy)
     def packed_loss(model: Any, batch: mx.array, layout: mx.array) -> tuple[mx.array, mx.array]:
         inputs, targets = batch[:, :-1], batch[:, 1:]
         trained = layout[:, 1]
-        masks = SegmentMask(segment_mask(layout[:, 0]))
+        # the CPU's attention (ours and MLX's) takes booleans as they are; a GPU's, an additive mask of its type
+        dtype = None if mx.default_device() == mx.cpu else model.model.embed_tokens(inputs[:1, :1]).dtype
+        masks = SegmentMask(segment_mask(layout[:, 0], dtype))
         head = head_of(model)
         hidden = model.model(inputs, cache=[masks] * len(model.layers)) if head is not None else None
         if hidden is None or not masks.asked:  # traced once per shape: a model building its own mask sees across

@@ -118,10 +118,15 @@ class SegmentMask:
         return keys, values
 
 
-def segment_mask(segments: Any) -> Any:
-    """(rows, 1, n, n): a position sees the earlier positions of its own record (padding sees padding)."""
+def segment_mask(segments: Any, dtype: Any = None) -> Any:
+    """(rows, 1, n, n): a position sees the earlier positions of its own record (padding sees padding). Boolean,
+    or additive in `dtype`: MLX's CUDA attention converts a boolean mask in every layer and keeps each copy for the
+    backward pass; one additive mask in the compute type is shared by all."""
     import mlx.core as mx
 
     n = segments.shape[1]
     causal = mx.arange(n)[None, :] <= mx.arange(n)[:, None]
-    return mx.logical_and(segments[:, None, :, None] == segments[:, None, None, :], causal)
+    allowed = mx.logical_and(segments[:, None, :, None] == segments[:, None, None, :], causal)
+    if dtype is None:
+        return allowed
+    return mx.where(allowed, mx.array(0, dtype), mx.array(-mx.inf, dtype))

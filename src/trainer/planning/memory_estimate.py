@@ -87,6 +87,7 @@ class MemoryPlan(BaseModel):
     layerwise: bool = Field(False, description="The step is evaluated one block at a time.")
     recomputed_blocks: int = Field(0, description="LoRA blocks recomputed in the backward pass.")
     pass_tokens: int | None = Field(None, description="Most tokens per pass (gradient accumulation); None: the batch.")
+    packed: bool = Field(False, description="Rows of packed records: a block-diagonal attention mask per pass.")
 
     @property
     def pass_batch(self) -> float:
@@ -202,6 +203,8 @@ def predict_peak(model_config: dict[str, Any], plan: MemoryPlan) -> MemoryParts:
             activations -= recomputed * GPU_RECOMPUTE_FREED_LAYERS * per_layer
         logit_tokens = int(min(tokens, batch * 1024)) if chunked else tokens
         logits = logit_tokens * vocab * (d + 4 * (kept - 1)) * token_scale
+        if plan.packed:  # the pass's mask: booleans on the CPU; additive, in the compute type, on a GPU
+            activations += batch * plan.seq_len**2 * (1 if plan.device == "cpu" else d)
         base = weights + lora + activations + logits
         if plan.device == "cpu":
             activations += CPU_OVERHEAD_GB * GB

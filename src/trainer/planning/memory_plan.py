@@ -59,6 +59,7 @@ def plan_for(
         fast_path=fast,
         dense_weights=bool(config.dense_weights),
         layerwise=config.layerwise,
+        packed=config.packing,
     )
 
 
