@@ -240,3 +240,13 @@ def test_the_additive_mask_a_gpu_gets_attends_as_the_boolean_one() -> None:
         for dtype in (None, mx.float32)
     ]
     np.testing.assert_allclose(np.array(hidden[0]), np.array(hidden[1]), rtol=1e-5, atol=1e-5)
+
+
+def test_too_few_packed_rows_for_a_batch_is_refused_by_name() -> None:
+    from trainer.engine.packing import PackedRows
+    from trainer.errors import ConfigError
+
+    rows = PackedRows([(list(range(1, 30)), 0)] * 6, max_seq_length=128, align=32)
+    assert len(rows.rows) == 2  # six 30-position records: four to a 129-position row
+    with pytest.raises(ConfigError, match="packing made 2 rows of 128 tokens, fewer than batch_size=4"):
+        next(rows.batches(4, seed=0, start_step=0))

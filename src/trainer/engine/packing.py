@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import ConfigError
+
 #: salts the row order's generator apart from every other use of the run's seed
 _ROW_ORDER = 7
 
@@ -83,9 +85,9 @@ class PackedRows:
         """(step, packed batch) from step `start_step + 1` on, forever: epoch e's row order drawn from (seed, e)."""
         per_epoch = self.batches_per_epoch(batch_size)
         if per_epoch == 0:
-            raise ValueError(
-                f"packing made {len(self.rows)} rows, fewer than batch_size={batch_size}; "
-                "lower batch_size or turn packing off"
+            raise ConfigError(
+                f"packing made {len(self.rows)} rows of {self.max_seq_length} tokens, fewer than batch_size="
+                f"{batch_size}; lower batch_size or max_seq_length, or turn packing off"
             )
         epoch, skip = divmod(start_step, per_epoch)
         step = start_step
