@@ -250,3 +250,19 @@ def test_too_few_packed_rows_for_a_batch_is_refused_by_name() -> None:
     assert len(rows.rows) == 2  # six 30-position records: four to a 129-position row
     with pytest.raises(ConfigError, match="packing made 2 rows of 128 tokens, fewer than batch_size=4"):
         next(rows.batches(4, seed=0, start_step=0))
+
+
+def test_packed_rows_at_16_gb_leave_room_for_the_accumulated_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Packed chat records at batch 4 on CUDA (rows of 2,048 tokens). One row a pass with 4 recomputed blocks: an H100
+    measured 16.03 GB, where the prediction without the accumulation's two float32 gradient copies said 15.98; it
+    now says over 16. The search takes passes of two rows with 13 recomputed blocks, never layerwise (no packed
+    form)."""
+    from trainer.planning import memory_plan
+
+    config, check = search_on_cuda(monkeypatch, batch_size=4, max_seq_length=2048, packing=True, mask_prompt=True)
+    update = {"grad_checkpoint": True, "checkpoint_blocks": 4, "pass_tokens": 2048}
+    four = config.model_copy(update=update)
+    predict, _ = memory_plan.run_predictor(four, QWEN_7B, None)
+    assert 16 < predict(four)[1].total_gb == pytest.approx(16.03, rel=0.01)
+    assert (config.pass_tokens, config.recomputed_blocks, config.layerwise) == (4096, 13, False)
+    assert check.prediction.total_gb < 16 and not any(p.settings.get("layerwise") for p in check.plans)

@@ -170,6 +170,8 @@ def predict_peak(model_config: dict[str, Any], plan: MemoryPlan) -> MemoryParts:
     lora_layers = layers if plan.num_layers == -1 else min(plan.num_layers, layers)
     lora_params = lora_layers * sum(plan.rank * (r + c) for r, c in projections)
     lora = lora_params * 4 * 4  # float32 parameters, gradients, Adam m and v
+    if plan.pass_tokens is not None and not plan.layerwise:  # accumulation: the running sum and a pass's weighted copy
+        lora += lora_params * 4 * 2
 
     # On CUDA checkpointing and the chunked loss barely lowered MLX's peak (docs/benchmarks.md), so a GPU prediction
     # does not count on them (it errs high if they help).

@@ -112,7 +112,7 @@ def _family(config: QLoRAConfig, lora_layers: int, device: str) -> Iterator[dict
                 if blocks:
                     option.update(grad_checkpoint=True, checkpoint_blocks=blocks)
                 yield option
-    if not config.layerwise and not config.own_loss:
+    if not config.layerwise and not config.own_loss and not config.packing:  # the layerwise step takes no packed rows
         layerwise = {"layerwise": True, "chunked_loss": True, "pass_tokens": None, "grad_checkpoint": False}
         yield {k: v for k, v in layerwise.items() if getattr(config, k) != v}
 
