@@ -148,7 +148,8 @@ async def test_modern_client_listens_for_updates_while_a_run_trains(
     async with Client(server_params(tmp_path), mode="auto") as client:
         assert client.protocol_version == "2026-07-28"
         base_text = await load_and_generate(client, tiny_model)
-        started = await client.call_tool("start_qlora_run", {"config": run_config(tiny_model, tiny_data, 40)})
+        packed = {**run_config(tiny_model, tiny_data, 40), "packing": True}  # records end to end in rows
+        started = await client.call_tool("start_qlora_run", {"config": packed})
         run_id = started.structured_content["run_id"]
         status_uri = f"runs://{run_id}/status"
         async with client.listen(resource_subscriptions=[status_uri]) as subscription:
@@ -161,6 +162,9 @@ async def test_modern_client_listens_for_updates_while_a_run_trains(
         assert all(event == ResourceUpdated(uri=status_uri) for event in seen)
         status = await follow_to_end(client, run_id, [])
         assert status["state"] == "succeeded", status["error"]
+        assert status["metrics"]["last_val_loss"] < 0.5 * status["metrics"]["first_val_loss"]
+        record = await client.call_tool("run_status", {"run_id": run_id, "include_config": True})
+        assert record.structured_content["config"]["packing"] is True
         memory = await client.read_resource(f"runs://{run_id}/memory")
         check_memory_resource(json.loads(memory.contents[0].text))
         tuned = await client.call_tool("generate", {"prompt": PROMPT, "max_tokens": 24, "run_id": run_id})

@@ -13,12 +13,15 @@ within the row; 0 for padding) and whether each target is trained.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
 from ..errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 #: salts the row order's generator apart from every other use of the run's seed
 _ROW_ORDER = 7
@@ -77,6 +80,9 @@ class PackedRows:
         self.width = row_width(max_seq_length, align)
         extents = [extent(len(dataset[i][0]), max_seq_length) for i in range(len(dataset))]
         self.rows = pack(extents, self.width + 1)
+        self.filled = sum(extents) / max(1, len(self.rows) * (self.width + 1))
+        log.info("packing: %d records in %d rows of %d tokens, %.1f%% filled", len(extents), len(self.rows),
+                 self.width, 100 * self.filled)  # fmt: skip
 
     def batches_per_epoch(self, batch_size: int) -> int:
         return len(self.rows) // batch_size

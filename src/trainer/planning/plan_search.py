@@ -76,8 +76,8 @@ def _step_costs(batch: list[int], plan: MemoryPlan, align: int, half: float) -> 
 
 def relative_speed(plan: MemoryPlan, shape: Shape) -> float:
     """Predicted tokens/s of `plan` over the same batches run unconstrained (one pass each, nothing recomputed), on
-    the data's lengths (batches of neighbours in length order, as MLX-LM forms them) or, without them, on batches
-    of examples as long as the longest."""
+    the data's lengths (batches of neighbours in token length, as batches.by_token_length forms them) or, without
+    them (and for packed rows), on batches of examples as long as the longest."""
     kind = "cpu" if shape.device == "cpu" else "gpu"
     if plan.layerwise:
         return LAYERWISE_SPEED[kind]
