@@ -50,6 +50,9 @@ GOOD_LINE = json.dumps({"text": "hello world"})
         ({}, "binary", r"train.jsonl line 1 is not UTF-8 text"),
         ({"model": "UNKNOWN_TYPE"}, None, r"model type 'no_such_arch' .* is not one MLX-LM"),
         ({"model": "GARBAGE_CONFIG"}, None, r"config.json is not valid JSON"),
+        ({"packing": True, "layerwise": True}, None, r"packing with layerwise=true: .* drop one"),
+        ({"packing": True, "num_processes": 2}, None, r"packing with num_processes > 1 is not built"),
+        ({"packing": True, "mode": "dpo"}, None, r"mode 'dpo' computes its own loss .* so packing cannot apply"),
     ],
 )
 async def test_bad_input_is_a_clear_error_and_leaves_no_record(
