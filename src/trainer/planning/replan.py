@@ -1,6 +1,7 @@
 """The first-steps check of a fitted plan: after its first steps, a run of `fit_to_budget` compares MLX's measured
 peak with the prediction for the batches it has seen; off by more than a tenth (the calibration is an estimate on
-Metal, and any model can surprise it), the plan search runs again with every prediction scaled by that error, once.
+Metal, and any model can surprise it), or by less but enough to take the run's longest batch over the budget, the plan
+search runs again with every prediction scaled by that error, once.
 
 The change applies from a step on, and is recorded in the run's folder before that step runs, so a resumed run
 follows the same plans at the same steps (exact resume); the plans are of the same step (plan_search.py), so the
@@ -65,8 +66,9 @@ def first_steps_change(
     run_dataset: tuple[int | None, list[int]],
     at_step: int,
 ) -> PlanChange | None:
-    """The plan to switch to, or None when the prediction held (within TOLERANCE), or when the fastest plan that fits
-    with the corrected predictions is the one running, or none fits (the watchdog then guards the budget).
+    """The plan to switch to, or None when the prediction held (within TOLERANCE, and the budget with the error
+    carried), or when the fastest plan that fits with the corrected predictions is the one running, or none fits (the
+    watchdog then guards the budget).
     `seen_tokens`: the widest batch's inputs so far; `run_dataset`: the longest example and a sample of lengths."""
     budget = config.memory_budget_gb
     if budget is None:
@@ -74,10 +76,11 @@ def first_steps_change(
     seen_predict, _ = run_predictor(config, model_config, seen_tokens)
     predicted = seen_predict(config)[1].total_gb
     error = measured_gb / predicted
-    if abs(error - 1) <= TOLERANCE:
-        return None
     longest, lengths = run_dataset
     run_predict, shape = run_predictor(config, model_config, longest, lengths)
+    # within a tenth the plan stands, unless the error carried to the run's longest batch takes it over the budget
+    if abs(error - 1) <= TOLERANCE and run_predict(config)[1].total_gb * error <= budget:
+        return None
 
     def corrected(cfg: QLoRAConfig) -> Any:
         plan, parts = run_predict(cfg)
