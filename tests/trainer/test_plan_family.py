@@ -177,7 +177,7 @@ def test_packed_rows_train_as_the_same_records_unpacked() -> None:
 
     records = _records()
     rows = pack([extent(len(ids), 128) for ids, _ in records], 128 + 1)
-    assert len(rows) == 2  # 97 + 41 > 129: the longest alone, the other four together
+    assert rows == [[0, 3, 4], [2, 1]]  # best fit, longest first: 97 + 18 + 10 and 71 + 41 of 129 positions
     packed = packed_rows([[records[i] for i in row] for row in rows], 128, 128)
     unpacked = _unpacked(records)
 
@@ -212,19 +212,24 @@ def test_packed_rows_accumulate_over_passes_as_the_whole_batch() -> None:
     assert passes == pytest.approx(whole, rel=1e-5)
 
 
-def test_packing_refuses_a_model_that_builds_its_own_mask() -> None:
-    """A model that never asks the cache for its mask would let records see each other: refused, by name."""
+def test_packing_refuses_a_model_that_builds_its_own_mask(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model that never asks the cache for its mask would let records see each other, one without rotary
+    embeddings would see other positions: both refused, by name."""
     from trainer.engine.losses import make_packed_loss
     from trainer.engine.packing import extent, pack, packed_rows
     from trainer.errors import ConfigError
 
     model = _model()
-    inner = model.model
-    model.model = lambda inputs, cache=None: inner(inputs)  # its own causal mask, whatever the cache
     records = _records()
     rows = pack([extent(len(ids), 128) for ids, _ in records], 129)
     packed = packed_rows([[records[i] for i in row] for row in rows], 128, 128)
-    with pytest.raises(ConfigError, match="packing=true is not supported for mlx_lm.models.qwen2; set it to false"):
+    own_mask = qwen2.Qwen2Model.__call__
+    with monkeypatch.context() as patched:  # its own causal mask, whatever the cache
+        patched.setattr(qwen2.Qwen2Model, "__call__", lambda self, inputs, cache=None: own_mask(self, inputs))
+        with pytest.raises(ConfigError, match="packing=true is not supported for mlx_lm.models.qwen2; set it to false"):
+            make_packed_loss(None)(model, *packed)
+    del model.layers[0].self_attn["rope"]  # absolute positions would differ when a record moves along its row
+    with pytest.raises(ConfigError, match="packing=true is not supported for mlx_lm.models.qwen2"):
         make_packed_loss(None)(model, *packed)
 
 

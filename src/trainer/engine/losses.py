@@ -69,8 +69,10 @@ def make_packed_loss(chunk_tokens: int | None, ce: CrossEntropy = cross_entropy)
         dtype = None if mx.default_device() == mx.cpu else model.model.embed_tokens(inputs[:1, :1]).dtype
         masks = SegmentMask(segment_mask(layout[:, 0], dtype))
         head = head_of(model)
-        hidden = model.model(inputs, cache=[masks] * len(model.layers)) if head is not None else None
-        if hidden is None or not masks.asked:  # traced once per shape: a model building its own mask sees across
+        # positions run on across a row: equal only under rotary embeddings (traced once per shape, so checked here)
+        rotary = hasattr(getattr(model.layers[0], "self_attn", None), "rope")
+        hidden = model.model(inputs, cache=[masks] * len(model.layers)) if head is not None and rotary else None
+        if hidden is None or not masks.asked:  # a model building its own mask would let records see each other
             raise ConfigError(f"packing=true is not supported for {type(model).__module__}; set it to false")
         ntoks = trained.sum()
         return _head_loss(model, head, hidden, targets, trained, chunk_tokens, ce) / ntoks, ntoks

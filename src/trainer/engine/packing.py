@@ -13,6 +13,7 @@ within the row; 0 for padding) and whether each target is trained.
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -33,18 +34,20 @@ def extent(tokens: int, max_seq_length: int) -> int:
 
 
 def pack(extents: list[int], capacity: int) -> list[list[int]]:
-    """Record indices per row, first-fit decreasing into rows of `capacity` positions (ties in index order)."""
+    """Record indices per row, best-fit decreasing into rows of `capacity` positions: each record, longest first (ties
+    in index order), into the row with the least room that holds it (a sorted list of rooms: fast for 100k records)."""
     rows: list[list[int]] = []
-    free: list[int] = []
+    rooms: list[tuple[int, int]] = []  # (room left, row), sorted
     for index in sorted(range(len(extents)), key=lambda i: (-extents[i], i)):
         need = extents[index]
-        row = next((r for r, room in enumerate(free) if room >= need), None)
-        if row is None:
+        place = bisect.bisect_left(rooms, (need, -1))
+        if place == len(rooms):
             rows.append([index])
-            free.append(capacity - need)
+            bisect.insort(rooms, (capacity - need, len(rows) - 1))
         else:
+            room, row = rooms.pop(place)
             rows[row].append(index)
-            free[row] -= need
+            bisect.insort(rooms, (room - need, row))
     return rows
 
 
