@@ -165,6 +165,7 @@ async def test_modern_client_listens_for_updates_while_a_run_trains(
         assert status["metrics"]["last_val_loss"] < 0.5 * status["metrics"]["first_val_loss"]
         record = await client.call_tool("run_status", {"run_id": run_id, "include_config": True})
         assert record.structured_content["config"]["packing"] is True
+        assert " rows of 128 tokens, " in status["metrics"]["packing"] and status["metrics"]["packing"].endswith("full")
         memory = await client.read_resource(f"runs://{run_id}/memory")
         check_memory_resource(json.loads(memory.contents[0].text))
         tuned = await client.call_tool("generate", {"prompt": PROMPT, "max_tokens": 24, "run_id": run_id})

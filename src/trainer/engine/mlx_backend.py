@@ -27,7 +27,7 @@ from ..lifecycle.checkpoints import (
     newest_verified,
     write_checkpoint,
 )
-from ..lifecycle.events import Checkpoint, PhaseChanged, Progress, Resumed, TrainReport, ValReport
+from ..lifecycle.events import Checkpoint, Packed, PhaseChanged, Progress, Resumed, TrainReport, ValReport
 from ..lifecycle.jobs import Phase
 from ..planning.config import QLoRAConfig
 from .batches import data_position
@@ -255,6 +255,9 @@ class MlxTrainingBackend:
         model, tokenizer, _ = load_for_training(config)
         emit(PhaseChanged(phase=Phase.LOADING_DATA))
         data = _run_data(config, tokenizer)
+        if isinstance(data, SupervisedData) and data.packed is not None and primary:
+            rows = data.packed
+            emit(Packed(records=rows.records, rows=len(rows.rows), width=rows.width, filled=round(rows.filled, 4)))
         num_layers = _add_lora(config, model)
         if isinstance(data, GroupData):
             data.model = model  # it samples each step's completions

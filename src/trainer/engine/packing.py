@@ -83,6 +83,7 @@ class PackedRows:
         self.width = row_width(max_seq_length, align)
         extents = [extent(len(dataset[i][0]), max_seq_length) for i in range(len(dataset))]
         self.rows = pack(extents, self.width + 1)
+        self.records = len(extents)
         self.filled = sum(extents) / max(1, len(self.rows) * (self.width + 1))
         log.info("packing: %d records in %d rows of %d tokens, %.1f%% filled", len(extents), len(self.rows),
                  self.width, 100 * self.filled)  # fmt: skip

@@ -12,10 +12,10 @@ from typing import Protocol
 from ..entrypoints import TRAINING_BACKEND
 from ..errors import ConfigError
 from ..planning.config import QLoRAConfig
-from .events import Checkpoint, Failed, PhaseChanged, Progress, Replanned, Resumed, TrainReport, ValReport
+from .events import Checkpoint, Failed, Packed, PhaseChanged, Progress, Replanned, Resumed, TrainReport, ValReport
 
 #: what a backend may emit; the worker stamps seq/ts and writes it to the event channel
-BackendEvent = PhaseChanged | Progress | TrainReport | ValReport | Checkpoint | Resumed | Replanned | Failed
+BackendEvent = PhaseChanged | Progress | TrainReport | ValReport | Checkpoint | Resumed | Replanned | Packed | Failed
 Emit = Callable[[BackendEvent], None]
 
 DEFAULT_BACKEND = TRAINING_BACKEND

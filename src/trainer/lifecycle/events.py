@@ -16,10 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from .jobs import FailureKind, Phase
 
 log = logging.getLogger(__name__)
-#: 2: `stopped`; workers write events.jsonl themselves. 3: `resumed`, attempts. 4: `stopping`. 5: `replanned`
-WIRE_VERSION = 5
+#: 2: `stopped`; workers write events.jsonl themselves. 3: `resumed`, attempts. 4: `stopping`. 5: `replanned`.
+#: 6: `packed`
+WIRE_VERSION = 6
 #: older versions whose events this one still reads (a subset of it), for runs recorded before an upgrade
-READABLE_VERSIONS = frozenset({1, 2, 3, 4, 5})
+READABLE_VERSIONS = frozenset({1, 2, 3, 4, 5, 6})
 
 
 class _Event(BaseModel):
@@ -129,6 +130,16 @@ class Replanned(_Event):
     reason: str
 
 
+class Packed(_Event):
+    """A packed run's rows (engine/packing.py): how many records went into how many rows, and how full they are."""
+
+    type: Literal["packed"] = "packed"
+    records: int
+    rows: int
+    width: int
+    filled: float
+
+
 class Stopping(_Event):
     """The worker received SIGTERM and will stop at its next safe point (after the step in flight), then save."""
 
@@ -165,6 +176,7 @@ Event = Annotated[
     | MemorySample
     | Checkpoint
     | Replanned
+    | Packed
     | Stopping
     | Finished
     | Failed

@@ -114,6 +114,8 @@ class RunMetrics(BaseModel):
     last_val_pass_rate: float | None = None
     #: the first-steps check chose another plan (planning/replan.py): from which step, and why
     plan_change: str | None = None
+    #: a packed run (engine/packing.py): its records, rows and how full the rows are
+    packing: str | None = None
 
 
 class RunSnapshot(BaseModel):

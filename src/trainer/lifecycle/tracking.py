@@ -20,6 +20,7 @@ from .events import (
     Failed,
     Finished,
     MemorySample,
+    Packed,
     PhaseChanged,
     Progress,
     Replanned,
@@ -117,6 +118,11 @@ def apply_event(job: Job, history: RunHistory, event: Event) -> frozenset[RunAsp
     elif isinstance(event, Replanned):
         metrics.plan_change = f"from step {event.iteration + 1}: {event.reason}"
         metrics.predicted_peak_gb = event.new_predicted_gb
+        return _METRICS
+    elif isinstance(event, Packed):
+        metrics.packing = (
+            f"{event.records} records in {event.rows} rows of {event.width} tokens, {event.filled:.1%} full"
+        )
         return _METRICS
     else:  # Started, Stopping: nothing a reader of the run sees changes
         return frozenset()
