@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
+from .batches import epoch_orders
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def row_width(max_seq_length: int, align: int) -> int:
 
 
 class PackedRows:
-    """A dataset's records packed into rows once (first-fit decreasing), the rows' order shuffled per epoch."""
+    """A dataset's records packed into rows once (best-fit decreasing), the rows' order shuffled per epoch."""
 
     def __init__(self, dataset: Any, max_seq_length: int, align: int) -> None:
         self.dataset, self.max_seq_length = dataset, max_seq_length
@@ -99,16 +100,10 @@ class PackedRows:
                 f"packing made {len(self.rows)} rows of {self.max_seq_length} tokens, fewer than batch_size="
                 f"{batch_size}; lower batch_size or max_seq_length, or turn packing off"
             )
-        epoch, skip = divmod(start_step, per_epoch)
-        step = start_step
-        while True:
-            order = np.random.default_rng([seed, epoch, _ROW_ORDER]).permutation(len(self.rows))
-            for index in range(skip, per_epoch):
-                step += 1
-                chosen = order[index * batch_size : (index + 1) * batch_size]
-                records = [[self.dataset[i] for i in self.rows[r]] for r in chosen]
-                yield step, packed_rows(records, self.width, self.max_seq_length)
-            epoch, skip = epoch + 1, 0
+        for step, order, place in epoch_orders(len(self.rows), per_epoch, seed, _ROW_ORDER, start_step):
+            chosen = order[place * batch_size : (place + 1) * batch_size]
+            records = [[self.dataset[i] for i in self.rows[r]] for r in chosen]
+            yield step, packed_rows(records, self.width, self.max_seq_length)
 
 
 class SegmentMask:
