@@ -51,6 +51,7 @@ CHAT: dict[str, dict[str, Any]] = {
     "passes of 1024 tokens": {"pass_tokens": 1024},
     "passes of 1024 tokens queued": {"pass_tokens": 1024, "env": {"MCP_LOCAL_QUEUE_PASSES": "1"}},
     "passes of 2048 tokens + recompute 4 blocks": PASSES_2048_RECOMPUTE_4,
+    "passes of 2048 tokens + recompute 16 blocks": {"pass_tokens": 2048, "grad_checkpoint": True},
     "passes of 2048 tokens + recompute 4 blocks queued": {
         **PASSES_2048_RECOMPUTE_4,
         "env": {"MCP_LOCAL_QUEUE_PASSES": "1"},
@@ -88,6 +89,7 @@ def main() -> None:
     parser.add_argument("--warm-steps", type=int, default=0, help="time only the reports after this step")
     parser.add_argument("--batch", type=int, default=1, help="the fixed-length set's batch")
     parser.add_argument("--packing", action="store_true", help="chat records packed into rows (every variant)")
+    parser.add_argument("--no-enforced", action="store_true", help="with --budget, skip the run that enforces it")
     args = parser.parse_args()
     work = Path(args.work)
     model = Path(args.model) if args.model else work / "model"
@@ -120,6 +122,8 @@ def main() -> None:
             )
             row = {"data": name, "batch": batch, "variant": f"fit_to_budget {args.budget:g} GB", **chosen, **got}
             report({**row, "within_budget": got.get("peak_gb", 1e9) <= args.budget}, args.out)
+            if args.no_enforced:
+                continue
             # the product's own path: fit_to_budget in the run, the budget enforced, the first-steps check on
             enforced = {"memory_budget_gb": args.budget, "allow_over_budget": False, "fit_to_budget": True}
             got = product(model, data, batch, seq, args.iters, False, warm_steps=args.warm_steps, **common, **enforced)

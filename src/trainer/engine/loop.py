@@ -19,7 +19,7 @@ import mlx.core as mx
 
 from ..planning.config import QLoRAConfig
 from ..planning.device import input_alignment
-from .batches import batches_per_epoch, training_batches, validation_batches
+from .batches import batches_per_epoch, token_passes, training_batches, validation_batches
 from .packing import PackedRows
 from .run_state import LoopState
 
@@ -156,7 +156,6 @@ def accumulating_step(model: Any, optimizer: Any, loss: Loss, pass_tokens: int) 
     from mlx.nn.utils import value_and_grad
     from mlx.utils import tree_map
 
-    from .batches import token_passes
     from .distributed import sum_over_ranks
 
     loss_value_and_grad = value_and_grad(model, loss)
@@ -192,6 +191,21 @@ def accumulating_step(model: Any, optimizer: Any, loss: Loss, pass_tokens: int) 
         value, toks = update(total, toks, grad)  # type: ignore[arg-type]  # a batch has one example or more
         mx.async_eval(state, value, toks)
         return value, toks
+
+    return run
+
+
+def in_passes(loss: Loss, pass_tokens: int) -> Loss:
+    """Validation in the training plan's passes: the mean loss over the same tokens, each pass evaluated before the
+    next, so a validation batch holds no more logits than a training pass (a whole batch's can exceed the plan)."""
+
+    def run(model: Any, tokens: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
+        total, count = mx.array(0.0, mx.float32), mx.array(0, mx.int32)
+        for part in token_passes((tokens, lengths), pass_tokens):
+            value, toks = loss(model, *part)
+            total, count = total + value.astype(mx.float32) * toks, count + toks
+            mx.eval(total, count)
+        return total / count, count
 
     return run
 

@@ -22,7 +22,7 @@ from ..planning.replan import (
     run_dataset,
     write_change,
 )
-from .loop import Loss, Step, accumulating_step, fused_step, layerwise_step
+from .loop import Loss, Step, accumulating_step, fused_step, in_passes, layerwise_step
 from .run_state import LoopState
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def step_for(config: QLoRAConfig, model: Any, optimizer: Any) -> tuple[Step, Los
         loss = training_loss(fast, config.chunked_loss)  # validation batches are never packed
         train = training_loss(fast, config.chunked_loss, packed=True) if config.packing else loss
         if config.pass_tokens is not None:
-            return accumulating_step(model, optimizer, train, config.pass_tokens), loss
+            return accumulating_step(model, optimizer, train, config.pass_tokens), in_passes(loss, config.pass_tokens)
         return fused_step(model, optimizer, train), loss
     from .layerwise import make_layerwise_eval_loss, supports_layerwise
 
