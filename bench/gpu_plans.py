@@ -89,7 +89,7 @@ def main() -> None:
     parser.add_argument("--warm-steps", type=int, default=0, help="time only the reports after this step")
     parser.add_argument("--batch", type=int, default=1, help="the fixed-length set's batch")
     parser.add_argument("--packing", action="store_true", help="chat records packed into rows (every variant)")
-    parser.add_argument("--no-enforced", action="store_true", help="with --budget, skip the run that enforces it")
+    parser.add_argument("--budget-runs", default="fitted,enforced", help="with --budget: fitted, enforced")
     args = parser.parse_args()
     work = Path(args.work)
     model = Path(args.model) if args.model else work / "model"
@@ -113,7 +113,8 @@ def main() -> None:
                     model, data, batch, seq, args.iters, layerwise, warm_steps=args.warm_steps, **common, **settings
                 )
             report({"data": name, "batch": batch, "variant": variant, **common, **got}, args.out)
-        if args.budget:  # the plan the product chooses for this budget, run with room to show its real peak
+        runs = args.budget_runs.split(",") if args.budget else []
+        if "fitted" in runs:  # the plan the product chooses for this budget, run with room to show its real peak
             chosen = fitted(model, data, batch, seq, args.budget, common)
             settings = dict(chosen["settings"])
             layerwise = settings.pop("layerwise", False)
@@ -122,9 +123,7 @@ def main() -> None:
             )
             row = {"data": name, "batch": batch, "variant": f"fit_to_budget {args.budget:g} GB", **chosen, **got}
             report({**row, "within_budget": got.get("peak_gb", 1e9) <= args.budget}, args.out)
-            if args.no_enforced:
-                continue
-            # the product's own path: fit_to_budget in the run, the budget enforced, the first-steps check on
+        if "enforced" in runs:  # the product's own path: fit_to_budget in the run, the budget enforced, first steps
             enforced = {"memory_budget_gb": args.budget, "allow_over_budget": False, "fit_to_budget": True}
             got = product(model, data, batch, seq, args.iters, False, warm_steps=args.warm_steps, **common, **enforced)
             row = {"data": name, "batch": batch, "variant": f"fit_to_budget {args.budget:g} GB in the run", **got}
