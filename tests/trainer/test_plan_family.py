@@ -324,8 +324,11 @@ def test_no_packing_hint_where_packing_is_slower_or_refused(monkeypatch: pytest.
     from trainer.planning.config import QLoRAConfig
 
     lengths = _chat_lengths()
-    settings = {"model": "m", "data": "d", "num_layers": 16, "batch_size": 4, "max_seq_length": 2048}
-    cpu = QLoRAConfig(**settings, fast_path=True, allow_over_budget=True)  # the CPU: packed rows' masked attention costs more
+    # the CPU: packed rows' masked attention costs more
+    cpu = QLoRAConfig.parse(
+        {"model": "m", "data": "d", "num_layers": 16, "batch_size": 4, "max_seq_length": 2048, "fast_path": True}
+        | {"allow_over_budget": True}
+    )
     assert "packing" not in (memory_plan.check_memory(cpu, QWEN_7B, 16, max(lengths), lengths)[1].choice or "x")
     _, check = search_on_cuda(monkeypatch, [2048] * 64, batch_size=4, max_seq_length=2048)  # one length: no padding
     assert check.choice and "packing" not in check.choice

@@ -22,6 +22,10 @@
 #include <cmath>
 #include <functional>
 
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
 #include "mlx/allocator.h"
 #include "mlx/array.h"
 #include "mlx/backend/cpu/encoder.h"
@@ -68,6 +72,25 @@ void require_row_contiguous(const mx::array& a, const char* what) {
   }
 }
 
+// Called at the end of each of our operations, on MLX's thread: wide registers left dirty (zmm16-31 too, which
+// VZEROUPPER leaves as they are) make each later switch between MLX's SSE code and glibc's VEX code stall on Intel
+// CPUs: after one of our operations MLX's exp ran 60x slower on a Sapphire Rapids Xeon (docs/benchmarks.md).
+inline void clean_vector_state() {
+#if defined(__AVX512F__)
+  __asm__ volatile(
+      "vpxord %%zmm16, %%zmm16, %%zmm16\n vpxord %%zmm17, %%zmm17, %%zmm17\n vpxord %%zmm18, %%zmm18, %%zmm18\n"
+      "vpxord %%zmm19, %%zmm19, %%zmm19\n vpxord %%zmm20, %%zmm20, %%zmm20\n vpxord %%zmm21, %%zmm21, %%zmm21\n"
+      "vpxord %%zmm22, %%zmm22, %%zmm22\n vpxord %%zmm23, %%zmm23, %%zmm23\n vpxord %%zmm24, %%zmm24, %%zmm24\n"
+      "vpxord %%zmm25, %%zmm25, %%zmm25\n vpxord %%zmm26, %%zmm26, %%zmm26\n vpxord %%zmm27, %%zmm27, %%zmm27\n"
+      "vpxord %%zmm28, %%zmm28, %%zmm28\n vpxord %%zmm29, %%zmm29, %%zmm29\n vpxord %%zmm30, %%zmm30, %%zmm30\n"
+      "vpxord %%zmm31, %%zmm31, %%zmm31\n" ::: "xmm16", "xmm17", "xmm18", "xmm19", "xmm20", "xmm21", "xmm22", "xmm23",
+      "xmm24", "xmm25", "xmm26", "xmm27", "xmm28", "xmm29", "xmm30", "xmm31");
+#endif
+#if defined(__AVX__)
+  _mm256_zeroupper();
+#endif
+}
+
 class QuantizedGemv : public mx::UnaryPrimitive {
  public:
   QuantizedGemv(mx::Stream stream, int group_size, int bits)
@@ -100,6 +123,7 @@ class QuantizedGemv : public mx::UnaryPrimitive {
       auto run = bits == 4 ? qgemv_float32<4> : qgemv_float32<8>;
       run(xp, reinterpret_cast<const uint8_t*>(w.data<uint32_t>()), scales.data<float>(), biases.data<float>(),
           out.data<float>(), rows, n, k, group_size);
+      clean_vector_state();
     });
   }
 
@@ -172,6 +196,7 @@ class DecodeOp : public mx::UnaryPrimitive {
         data.push_back(i < strided.size() && strided[i] ? weak[i].data<float>() : dense(weak[i], buffers[i]));
       }
       kernel(data, weak, out.data<float>());
+      clean_vector_state();
     });
   }
 
