@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from trainer.results.sandbox import run_sandboxed
+from trainer.results.sandbox import run_command_sandboxed, run_sandboxed
 
 
 def test_a_passing_and_a_failing_program() -> None:
@@ -65,3 +66,16 @@ def test_memory_is_limited_and_secrets_are_not_inherited(monkeypatch: pytest.Mon
     program = "import os\nassert 'HF_TOKEN' not in os.environ and os.environ['HOME'] == os.getcwd(), dict(os.environ)"
     assert run_sandboxed(program).outcome == "passed"
     assert os.environ["HF_TOKEN"] == "hf_secret"
+
+
+def test_programs_start_without_fork_handlers(tmp_path: Path) -> None:
+    """A fork runs every library's fork handlers: in an evaluation that had used MLX, OpenBLAS's (0.3.21) deadlocked
+    there and the evaluation hung. The sandbox starts its processes without one (vfork: no `preexec_fn`), and still
+    applies its limits through a launcher."""
+    forks: list[int] = []
+    os.register_at_fork(before=lambda: forks.append(1))  # runs on any fork that could run the C handlers too
+    assert run_sandboxed("print('hi')").passed
+    assert run_command_sandboxed([sys.executable, "-c", "print('hi')"], tmp_path).passed
+    assert forks == []
+    missing = run_command_sandboxed(["no-such-command-here"], tmp_path)
+    assert missing.outcome == "failed" and "cannot run 'no-such-command-here'" in missing.output

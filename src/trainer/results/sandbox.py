@@ -11,7 +11,6 @@ the mistakes of generated code, as HumanEval's own authors ask; it is not a boun
 from __future__ import annotations
 
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -86,14 +85,27 @@ def _network_namespace() -> list[str]:
     return [unshare, "-rn", "--"] if probe.returncode == 0 else []
 
 
-def _limits(cpu_s: int, memory_mb: int, files: int = 64) -> None:
-    """In the child before exec: its own session (so the whole group can be killed) and its rlimits."""
-    os.setsid()
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))
-    resource.setrlimit(resource.RLIMIT_AS, (memory_mb << 20, memory_mb << 20))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 20, 16 << 20))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (files, files))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+#: run first in the child: its rlimits, then the real command. No `preexec_fn`: with one, the child is made by fork(),
+#: whose handlers deadlocked in OpenBLAS's (0.3.21) thread shutdown in an evaluation that had used MLX; without one,
+#: Python makes it with vfork(), which runs no fork handlers
+_LIMITED = (
+    "import os, resource, sys\n"
+    "cpu, memory, files = (int(v) for v in sys.argv[1:4])\n"
+    "for limit, value in ((resource.RLIMIT_CPU, (cpu, cpu + 1)), (resource.RLIMIT_AS, (memory << 20, memory << 20)),\n"
+    "                     (resource.RLIMIT_FSIZE, (16 << 20, 16 << 20)), (resource.RLIMIT_NOFILE, (files, files)),\n"
+    "                     (resource.RLIMIT_CORE, (0, 0))):\n"
+    "    resource.setrlimit(limit, value)\n"
+    "try:\n"
+    "    os.execvp(sys.argv[4], sys.argv[4:])\n"
+    "except OSError as exc:\n"
+    "    sys.exit(f'cannot run {sys.argv[4]!r}: {exc.strerror}')\n"
+)
+
+
+def _limited(argv: list[str], cpu_s: int, memory_mb: int, files: int = 64) -> list[str]:
+    """`argv` run under its limits: the network namespace, then our launcher setting the rlimits, then exec."""
+    limits = [str(cpu_s), str(memory_mb), str(files)]
+    return [*_network_namespace(), sys.executable, "-I", "-S", "-c", _LIMITED, *limits, *argv]
 
 
 def run_sandboxed(program: str, *, timeout_s: float = 10.0, memory_mb: int = 1024) -> SandboxResult:
@@ -102,11 +114,10 @@ def run_sandboxed(program: str, *, timeout_s: float = 10.0, memory_mb: int = 102
     with tempfile.TemporaryDirectory(prefix="sandbox-") as folder:
         Path(folder, "program.py").write_text(program, encoding="utf-8")
         env = {"PATH": "/usr/bin:/bin", "HOME": folder, "TMPDIR": folder, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"}
-        cmd = [*_network_namespace(), sys.executable, "-I", "-X", "utf8", "-c", _BOOT]
-        cpu = max(1, int(timeout_s))
+        cmd = _limited([sys.executable, "-I", "-X", "utf8", "-c", _BOOT], max(1, int(timeout_s)), memory_mb)
         child = subprocess.Popen(
             cmd, cwd=folder, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            preexec_fn=lambda: _limits(cpu, memory_mb),  # noqa: PLW1509 (a fresh child, no threads to deadlock)
+            start_new_session=True,  # its own process group, killed whole on timeout
         )  # fmt: skip
         out, timed_out = _wait(child, timeout_s)
     return _result(out, timed_out, child.returncode, start)
@@ -122,10 +133,9 @@ def run_command_sandboxed(
         "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(cwd), "TMPDIR": str(cwd),
         "LANG": "C.UTF-8", "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1",
     }  # fmt: skip
-    cpu = max(1, int(timeout_s))
     child = subprocess.Popen(
-        [*_network_namespace(), *argv], cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, preexec_fn=lambda: _limits(cpu, memory_mb, 1024),  # noqa: PLW1509
+        _limited(argv, max(1, int(timeout_s)), memory_mb, 1024), cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     out, timed_out = _wait(child, timeout_s)
     return _result(out, timed_out, child.returncode, start)
