@@ -89,7 +89,8 @@ async def load_and_generate(client: Client, model: Path) -> str:
 
 def check_memory_resource(body: dict[str, Any]) -> None:
     samples = body["samples"]
-    assert body["interval_s"] == SAMPLE_INTERVAL and len(samples) >= 5
+    # a sample about every interval from the start (a fast machine trains the tiny run in well under a second)
+    assert body["interval_s"] == SAMPLE_INTERVAL and len(samples) >= max(3, 0.8 * samples[-1]["t"] / SAMPLE_INTERVAL)
     assert samples[0]["t"] == 0 and not {"v", "seq", "ts", "type"} & set(samples[0])  # documented fields only
     gaps = sorted(b["t"] - a["t"] for a, b in zip(samples, samples[1:], strict=False))
     assert gaps[len(gaps) // 2] == pytest.approx(SAMPLE_INTERVAL, abs=0.1)
