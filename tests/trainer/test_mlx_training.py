@@ -49,7 +49,8 @@ async def test_qlora_run_succeeds_and_validation_loss_falls_clearly(trained) -> 
 
 async def test_memory_was_sampled_at_the_configured_rate(trained) -> None:  # type: ignore[no-untyped-def]
     _, _, _, samples = trained
-    assert len(samples) >= 5
+    span = samples[-1].ts - samples[0].ts  # a sample about every interval, however fast the machine trains
+    assert len(samples) >= max(3, 0.8 * span / SAMPLE_INTERVAL)
     gaps = [b.ts - a.ts for a, b in zip(samples, samples[1:], strict=False)]
     assert statistics.median(gaps) == pytest.approx(SAMPLE_INTERVAL, abs=0.1)
     assert max(s.rss_gb for s in samples) > 0 and max(s.peak_gb for s in samples) > 0
