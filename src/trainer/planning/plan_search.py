@@ -58,10 +58,20 @@ def _pass_cost(examples: int, width: int, half: float) -> float:
     return examples * width + half
 
 
+def _width(tokens: int, limit: int, align: int) -> int:
+    """The padded width of an example of `tokens`: aligned up for the kernels, cut at `limit`."""
+    return min(limit, -(-tokens // align) * align)
+
+
+def _neighbour_batches(lengths: list[int], size: int) -> list[list[int]]:
+    """Batches of `size` neighbours in token length from sorted lengths (as batches.by_token_length forms them)."""
+    return [lengths[i : i + size] for i in range(0, len(lengths) - size + 1, size)] or [lengths]
+
+
 def _step_costs(batch: list[int], plan: MemoryPlan, align: int, half: float) -> tuple[float, float]:
     """(unconstrained, this plan's) time for one batch of example lengths: one pass padded to the longest, or the
     plan's passes (batches.token_passes: sorted, grouped within pass_tokens, each cut to its own longest)."""
-    widths = sorted(min(plan.seq_len, -(-n // align) * align) for n in batch)
+    widths = sorted(_width(n, plan.seq_len, align) for n in batch)
     whole = _pass_cost(len(widths), widths[-1], half)
     if plan.pass_tokens is None:
         return whole, whole
@@ -82,8 +92,7 @@ def relative_speed(plan: MemoryPlan, shape: Shape) -> float:
     if plan.layerwise:
         return LAYERWISE_SPEED[kind]
     lengths = shape.lengths or [plan.seq_len] * plan.batch_size
-    size = plan.batch_size
-    batches = [lengths[i : i + size] for i in range(0, len(lengths) - size + 1, size)] or [lengths]
+    batches = _neighbour_batches(lengths, plan.batch_size)
     align = input_alignment()
     costs = [_step_costs(b, plan, align, HALF_RATE_TOKENS[kind]) for b in batches]
     rate = sum(c[0] for c in costs) / sum(c[1] for c in costs)
@@ -102,10 +111,9 @@ def packed_gain(lengths: list[int], batch: int, seq: int, device: str) -> float:
     a further few percent on an H100, are not counted)."""
     half = HALF_RATE_TOKENS["cpu" if device == "cpu" else "gpu"]
     align = input_alignment()
-    width = -(-seq // align) * align
-    cut = sorted(min(n, seq) for n in lengths)
-    batches = [cut[i : i + batch] for i in range(0, len(cut) - batch + 1, batch)] or [cut]
-    padded = sum(_pass_cost(len(b), min(width, -(-b[-1] // align) * align), half) for b in batches)
+    width = _width(seq, seq + align, align)
+    batches = _neighbour_batches(sorted(min(n, seq) for n in lengths), batch)
+    padded = sum(_pass_cost(len(b), _width(b[-1], width, align), half) for b in batches)
     sorted_cost = padded / sum(sum(b) for b in batches)
     packed_cost = _pass_cost(batch, width, half) / (batch * width * PACKED_FILL)
     return sorted_cost / packed_cost
