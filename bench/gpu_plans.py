@@ -52,6 +52,13 @@ CHAT: dict[str, dict[str, Any]] = {
     "passes of 1024 tokens queued": {"pass_tokens": 1024, "env": {"MCP_LOCAL_QUEUE_PASSES": "1"}},
     "passes of 2048 tokens + recompute 4 blocks": PASSES_2048_RECOMPUTE_4,
     "passes of 2048 tokens + recompute 16 blocks": {"pass_tokens": 2048, "grad_checkpoint": True},
+    "chunked loss + recompute 9 blocks": {"chunked_loss": True, "grad_checkpoint": True, "checkpoint_blocks": 9},
+    "passes of 4096 tokens + chunked loss + recompute 6 blocks": {
+        "pass_tokens": 4096,
+        "chunked_loss": True,
+        "grad_checkpoint": True,
+        "checkpoint_blocks": 6,
+    },
     "passes of 2048 tokens + recompute 4 blocks queued": {
         **PASSES_2048_RECOMPUTE_4,
         "env": {"MCP_LOCAL_QUEUE_PASSES": "1"},

@@ -17,6 +17,7 @@ import mlx.core as mx
 from mlx.nn.losses import cross_entropy
 
 from .cpu_math import fast_cross_entropy
+from .fused_loss import fused_head_loss
 
 DEFAULT_CHUNK_TOKENS = 1024
 CrossEntropy = Callable[[mx.array, mx.array], mx.array]
@@ -89,10 +90,13 @@ def _head_loss(
     chunk_tokens: int | None,
     ce: CrossEntropy,
 ) -> mx.array:
-    """The summed cross-entropy of the head's logits over the masked targets, in sequence chunks (the backward
-    recomputing each chunk's logits) when `chunk_tokens` is set."""
+    """The summed cross-entropy of the head's logits over the masked targets, in sequence chunks when `chunk_tokens`
+    is set: on the CPU the backward recomputes each chunk's logits; on a GPU the head and loss are fused
+    (fused_loss.py), where checkpointed chunks lowered no peak."""
     if chunk_tokens is None:
         return (ce(head(hidden), targets) * mask).astype(mx.float32).sum()
+    if mx.default_device() != mx.cpu and (fused := fused_head_loss(head, hidden, targets, mask)) is not None:
+        return fused
     params = model.trainable_parameters()
     total = mx.array(0.0, dtype=mx.float32)
     for start in range(0, targets.shape[1], chunk_tokens):

@@ -3,10 +3,11 @@ fastest that fits the budget chosen.
 
 The family keeps the step's mathematics (the same loss and gradients, tests/trainer/test_plan_family.py): gradient
 accumulation over passes of a token budget, recomputing k of the LoRA blocks in the backward pass, the loss chunked
-over the sequence (CPU), and the layerwise step. Speeds are relative to the unconstrained plan, from a model
-of where a step's time goes, calibrated per device kind (docs/benchmarks.md), on the run's own example lengths: a pass
-of t padded tokens costs t + t0 (t0: the fixed cost that makes small passes slow); a recomputed block costs one
-block's forward, of about L + 2l in a step of L blocks with l trained; the layerwise step runs at a measured share.
+over the sequence (fused with the head on a GPU), and the layerwise step. Speeds are relative to the unconstrained
+plan, from a model of where a step's time goes, calibrated per device kind (docs/benchmarks.md), on the run's own
+example lengths: a pass of t padded tokens costs t + t0 (t0: the fixed cost that makes small passes slow); a
+recomputed block costs one block's forward, of about L + 2l in a step of L blocks with l trained; the layerwise step
+runs at a measured share.
 """
 
 from __future__ import annotations
@@ -28,8 +29,12 @@ HALF_RATE_TOKENS = {"gpu": 1365.0, "cpu": 64.0}
 #: the layerwise step's speed against the fused one: 0.72 on CUDA (7B, 1x2048, H100); on the CPU 0.78-0.79 (SmolLM2
 #: and Qwen2.5-0.5B shapes, earlier sessions) and 0.72 (SmolLM2 at 2x256, this 2-core Zen 4)
 LAYERWISE_SPEED = {"gpu": 0.72, "cpu": 0.75}
-#: the chunked loss: its extra head pass for the backward (an estimate: one head matmul of the step's)
-LOSS_RECOMPUTE_SPEED = 0.97
+#: the chunked loss: on the CPU its extra head pass for the backward (an estimate: one head matmul of the step's); on
+#: a GPU it is fused, with no extra pass (engine/fused_loss.py; an estimate until measured)
+CHUNKED_LOSS_SPEED = {"gpu": 1.0, "cpu": 0.97}
+#: whether the search itself may choose the chunked loss: on a GPU not until its fused form's peak is measured there
+#: (a user may still set it; its peak is then predicted by memory_estimate's fused-loss terms)
+CHUNKED_LOSS_SEARCHED = {"gpu": False, "cpu": True}
 
 Predict = Callable[[QLoRAConfig], tuple[MemoryPlan, MemoryParts]]
 
@@ -98,7 +103,7 @@ def relative_speed(plan: MemoryPlan, shape: Shape) -> float:
     rate = sum(c[0] for c in costs) / sum(c[1] for c in costs)
     recomputed = min(plan.recomputed_blocks, shape.lora_layers)
     rate /= 1 + recomputed / (shape.layers + 2 * shape.lora_layers)
-    return rate * (LOSS_RECOMPUTE_SPEED if plan.chunked_loss else 1.0)
+    return rate * (CHUNKED_LOSS_SPEED[kind] if plan.chunked_loss else 1.0)
 
 
 #: how full best-fit decreasing fills packed rows (engine/packing.py): 97-99.9% on the benchmarks' records
@@ -119,11 +124,10 @@ def packed_gain(lengths: list[int], batch: int, seq: int, device: str) -> float:
     return sorted_cost / packed_cost
 
 
-def _family(config: QLoRAConfig, lora_layers: int, device: str) -> Iterator[dict[str, Any]]:
+def _family(config: QLoRAConfig, lora_layers: int, kind: str) -> Iterator[dict[str, Any]]:
     """Settings of the same step, from the least to the most memory-saving within each kind. Passes hold whole
-    examples of up to max_seq_length tokens; the chunked loss is the CPU's only (on CUDA no loss over chunks lowered
-    the peak, docs/benchmarks.md)."""
-    losses = [False, True] if not config.chunked_loss and device == "cpu" else [config.chunked_loss]
+    examples of up to max_seq_length tokens."""
+    losses = [False, True] if not config.chunked_loss and CHUNKED_LOSS_SEARCHED[kind] else [config.chunked_loss]
     batch, seq = config.per_process_batch, config.max_seq_length
     budgets = [None] + [examples * seq for examples in range(batch - 1, 0, -1)] if config.pass_tokens is None else []
     if config.own_loss:  # its loss takes each example whole, in one pass: only recomputed blocks apply
@@ -152,7 +156,7 @@ def search(
     considered: list[PlanOption] = []
     seen: set[tuple[Any, ...]] = set()
     lora_layers = shape.lora_layers
-    for option in _family(config, lora_layers, shape.device):
+    for option in _family(config, lora_layers, "cpu" if shape.device == "cpu" else "gpu"):
         kind = (option.get("pass_tokens"), option.get("chunked_loss"), option.get("layerwise"))
         if kind in seen:
             continue  # more recomputed blocks of a kind that already fits: only slower
