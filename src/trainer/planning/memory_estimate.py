@@ -54,10 +54,10 @@ GPU_LAYERWISE_BLOCK_LAYERS = 4.2
 LAYERWISE_PIPELINE_MAX_TOKENS = 2048
 #: tokens of one loss chunk in the layerwise step (trainer.layerwise.LOSS_CHUNK_TOKENS)
 LAYERWISE_LOSS_TOKENS = 512
-#: CUDA, the fused loss (engine/fused_loss.GPU_LOSS_CHUNK_TOKENS tokens a chunk): vocabulary-sized bytes per token of
-#: the one chunk alive (its half-precision logits and softmax and their product; an estimate until measured)
-GPU_FUSED_LOSS_TOKENS = 1024
-GPU_FUSED_LOGIT_BYTES = 6.0
+#: CUDA, the fused loss (engine/fused_loss.py): the share of the plain loss's logits term its peak still holds. Per
+#: chunk it keeps one chunk's logits, yet on an H100 it saved 5.8 GB of a predicted 15.0 (7B shape, packed 4 x 2,048,
+#: 9 recomputed blocks: 24.21 GB measured, 30.03 predicted without it; docs/benchmarks.md), one measurement
+GPU_FUSED_LOGITS_KEPT = 0.62
 #: CUDA: what recomputing one block frees, in layers of activations: 0.45 GB a block at 1x2048 on the 7B shape
 #: (measured 17.68 GB with none, 15.89 with 4, 10.42 with all 16; H100, docs/benchmarks.md)
 GPU_RECOMPUTE_FREED_LAYERS = 1.28
@@ -177,8 +177,8 @@ def predict_peak(model_config: dict[str, Any], plan: MemoryPlan) -> MemoryParts:
     if plan.pass_tokens is not None and not plan.layerwise:  # accumulation: the running sum and a pass's weighted copy
         lora += lora_params * 4 * 2
 
-    # On CUDA MLX's checkpointing and checkpointed loss chunks barely lowered the peak (docs/benchmarks.md): recomputed
-    # blocks are ours (engine/recompute.py) and the chunked loss is fused (engine/fused_loss.py), each with its own term
+    # On CUDA MLX's checkpointing and checkpointed loss chunks barely lowered the peak (docs/benchmarks.md): there
+    # recomputed blocks are ours (engine/recompute.py), the chunked loss fused (engine/fused_loss.py), each measured
     recomputed = min(plan.recomputed_blocks, lora_layers)
     chunked = plan.chunked_loss and plan.device == "cpu"
     batch = plan.pass_batch
@@ -209,10 +209,8 @@ def predict_peak(model_config: dict[str, Any], plan: MemoryPlan) -> MemoryParts:
             activations -= recomputed * GPU_RECOMPUTE_FREED_LAYERS * per_layer
         logit_tokens = int(min(tokens, batch * 1024)) if chunked else tokens
         logits = logit_tokens * vocab * (d + 4 * (kept - 1)) * token_scale
-        if plan.chunked_loss and plan.device != "cpu":  # fused: one chunk's logits; each token's gradient kept
-            logits = min(tokens, GPU_FUSED_LOSS_TOKENS) * vocab * GPU_FUSED_LOGIT_BYTES + tokens * hidden * d
-            if not gpu_fast and bits:  # the head dequantized for the loss (the fast path's extra counts it)
-                logits += dense_head
+        if plan.chunked_loss and plan.device != "cpu":  # fused: what its peak was measured to keep
+            logits *= GPU_FUSED_LOGITS_KEPT
         if plan.packed:  # the pass's mask: booleans on the CPU; additive, in the compute type, on a GPU
             activations += batch * plan.seq_len**2 * (1 if plan.device == "cpu" else d)
         base = weights + lora + activations + logits
