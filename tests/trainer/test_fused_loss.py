@@ -8,30 +8,16 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx.nn.layers.quantized import quantize
 from mlx.nn.utils import value_and_grad
-from mlx.utils import tree_flatten, tree_unflatten
-from mlx_lm.models import qwen2
-from mlx_lm.tuner.utils import linear_to_lora_layers
+from mlx.utils import tree_flatten
 
+from tests.trainer.test_plan_family import VOCAB, lora_model
 from trainer.engine.fused_loss import fused_head_loss, head_weight
 from trainer.engine.losses import head_of, make_default_loss
-from trainer.engine.tiny import TINY_ARGS
-
-VOCAB = 512
 
 
 def _model(tied: bool, quantized: bool) -> Any:
-    mx.random.seed(0)
-    model = qwen2.Model(qwen2.ModelArgs.from_dict({**TINY_ARGS, "vocab_size": VOCAB, "tie_word_embeddings": tied}))
-    if quantized:
-        quantize(model, group_size=32, bits=4)
-    model.freeze()
-    linear_to_lora_layers(model, 2, {"rank": 4, "scale": 2.0, "dropout": 0.0})
-    lora: list[tuple[str, Any]] = tree_flatten(model.trainable_parameters())  # type: ignore[assignment]
-    model.update(tree_unflatten([(name, mx.random.normal(p.shape) * 0.05) for name, p in lora]))
-    mx.eval(model.parameters())
-    return model
+    return lora_model(2, quantized, tie_word_embeddings=tied)
 
 
 def _batch() -> tuple[mx.array, mx.array]:
@@ -87,15 +73,9 @@ def test_no_vocabulary_sized_tensor_outlives_its_chunk_in_a_compiled_step() -> N
     """The step's peak falls by more than one and a half copies of the whole logits: chunks run one after another,
     and the backward keeps only each token's gradient (were a chunk's logits or softmax kept for it, it would not)."""
     vocab, tokens = 16384, 1024
-    args = {**TINY_ARGS, "vocab_size": vocab, "tie_word_embeddings": False}
     peaks = {}
     for name, loss in (("default", make_default_loss()), ("fused", _fused(256))):
-        mx.random.seed(0)
-        model = qwen2.Model(qwen2.ModelArgs.from_dict(args))
-        quantize(model, group_size=64, bits=4)
-        model.freeze()
-        linear_to_lora_layers(model, 2, {"rank": 4, "scale": 2.0, "dropout": 0.0})
-        mx.eval(model.parameters())
+        model = lora_model(2, vocab_size=vocab, tie_word_embeddings=False)
         batch = mx.random.randint(1, vocab, (1, tokens + 1), key=mx.random.key(1))
 
         def step(batch: mx.array, lengths: mx.array, model: Any = model, loss: Any = loss) -> Any:

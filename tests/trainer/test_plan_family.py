@@ -28,12 +28,17 @@ VOCAB = 512
 
 
 def _model() -> Any:
+    return lora_model()
+
+
+def lora_model(lora_layers: int = 3, quantized: bool = True, **args: Any) -> Any:
+    """The tiny model (TINY_ARGS with `args`), 4-bit unless not `quantized`, random LoRA on its last blocks."""
     mx.random.seed(0)
-    args = qwen2.ModelArgs.from_dict({**TINY_ARGS, "vocab_size": VOCAB})
-    model = qwen2.Model(args)
-    quantize(model, group_size=32, bits=4)
+    model = qwen2.Model(qwen2.ModelArgs.from_dict({**TINY_ARGS, "vocab_size": VOCAB, **args}))
+    if quantized:
+        quantize(model, group_size=32, bits=4)
     model.freeze()
-    linear_to_lora_layers(model, 3, {"rank": 4, "scale": 2.0, "dropout": 0.0})
+    linear_to_lora_layers(model, lora_layers, {"rank": 4, "scale": 2.0, "dropout": 0.0})
     # LoRA's B starts at zero: random values make every gradient count
     lora: list[tuple[str, Any]] = tree_flatten(model.trainable_parameters())  # type: ignore[assignment]
     model.update(tree_unflatten([(name, mx.random.normal(p.shape) * 0.05) for name, p in lora]))
