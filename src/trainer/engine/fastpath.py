@@ -100,17 +100,19 @@ def keep_dequantized() -> Iterator[None]:
         _KeepDequantized.active = before
 
 
+def dequantized_weight(module: Any, after: mx.array | None = None) -> mx.array:
+    """A quantized layer's whole weight, dequantized (once `after` exists, when given: not early in a step's graph)."""
+    weight, scales = module["weight"], module["scales"]
+    if after is not None:
+        weight, scales = mx.depends([weight, scales], [after])
+    mode = getattr(module, "mode", "affine")
+    biases = module.get("biases")
+    return mx.dequantize(weight, scales, biases, group_size=module.group_size, bits=module.bits, mode=mode)
+
+
 def _dense(module: Any, x: mx.array) -> mx.array:
     if _KeepDequantized.active:
-        w = mx.dequantize(
-            module["weight"],
-            module["scales"],
-            module["biases"],
-            group_size=module.group_size,
-            bits=module.bits,
-            mode=module.mode,
-        )
-        return x @ w.astype(x.dtype).T
+        return x @ dequantized_weight(module).astype(x.dtype).T
     n_chunks = len(_row_chunks(module["weight"].shape[0], x.shape[-1]))
     fn = _dequantized_matmul(module.group_size, module.bits, module.mode, n_chunks)
     return fn(x, module["weight"], module["scales"], module["biases"])

@@ -1,5 +1,5 @@
-"""The head and cross-entropy fused over token chunks, for a GPU's one-graph step: no vocabulary-sized tensor outlives
-its chunk.
+"""The head and cross-entropy fused over token chunks, for a GPU's one-graph step: no vocabulary-sized tensor is kept
+for the backward pass.
 
 On CUDA, `mx.checkpoint`'s chunks (the CPU's chunked loss) lowered no peak: the scheduler is free to recompute every
 chunk as soon as the forward exists (docs/benchmarks.md). Here each chunk's gradient by hidden state is computed in
@@ -17,6 +17,8 @@ from typing import Any
 import mlx.core as mx
 from mlx.nn.layers.base import Module
 
+from .fastpath import dequantized_weight
+
 #: tokens per chunk: a 152k vocabulary's half-precision logits and softmax at 1,024 tokens are 0.6 GB
 GPU_LOSS_CHUNK_TOKENS = 1024
 
@@ -27,12 +29,7 @@ def head_weight(head: Any, like: mx.array) -> mx.array | None:
     module: Any = getattr(head, "__self__", head)  # a tied head is its embedding's bound `as_linear`
     if not isinstance(module, Module) or "bias" in module or "weight" not in module:
         return None
-    weight: mx.array = module["weight"]
-    if "scales" in module:
-        (weight, scales) = mx.depends([weight, module["scales"]], [like])
-        biases = module.get("biases")
-        mode = getattr(module, "mode", "affine")
-        weight = mx.dequantize(weight, scales, biases, group_size=module.group_size, bits=module.bits, mode=mode)
+    weight: mx.array = dequantized_weight(module, after=like) if "scales" in module else module["weight"]
     return weight.astype(like.dtype)
 
 

@@ -59,6 +59,11 @@ class Shape:
     lengths: list[int] = field(default_factory=list)  # a sample of the training examples' tokens, sorted
 
 
+def _kind(device: str) -> str:
+    """The device kind the constants are calibrated for: the CPU, or a GPU (CUDA; Metal takes its figures)."""
+    return "cpu" if device == "cpu" else "gpu"
+
+
 def _pass_cost(examples: int, width: int, half: float) -> float:
     """A pass's time in tokens' worth: its padded tokens, plus the fixed cost that makes small passes slow."""
     return examples * width + half
@@ -94,7 +99,7 @@ def relative_speed(plan: MemoryPlan, shape: Shape) -> float:
     """Predicted tokens/s of `plan` over the same batches run unconstrained (one pass each, nothing recomputed), on
     the data's lengths (batches of neighbours in token length, as batches.by_token_length forms them) or, without
     them (and for packed rows), on batches of examples as long as the longest."""
-    kind = "cpu" if shape.device == "cpu" else "gpu"
+    kind = _kind(shape.device)
     if plan.layerwise:
         return LAYERWISE_SPEED[kind]
     lengths = shape.lengths or [plan.seq_len] * plan.batch_size
@@ -115,7 +120,7 @@ def packed_gain(lengths: list[int], batch: int, seq: int, device: str) -> float:
     """Predicted real tokens/s of packed rows over batches of neighbours in length, both unconstrained, on these
     example lengths: padding and pass costs only (the compilations of each new width that packing saves, measured at
     a further few percent on an H100, are not counted)."""
-    half = HALF_RATE_TOKENS["cpu" if device == "cpu" else "gpu"]
+    half = HALF_RATE_TOKENS[_kind(device)]
     align = input_alignment()
     width = _width(seq, seq + align, align)
     batches = _neighbour_batches(sorted(min(n, seq) for n in lengths), batch)
@@ -157,7 +162,7 @@ def search(
     considered: list[PlanOption] = []
     seen: set[tuple[Any, ...]] = set()
     lora_layers = shape.lora_layers
-    for option in _family(config, lora_layers, "cpu" if shape.device == "cpu" else "gpu"):
+    for option in _family(config, lora_layers, _kind(shape.device)):
         kind = (option.get("pass_tokens"), option.get("chunked_loss"), option.get("layerwise"))
         if kind in seen:
             continue  # more recomputed blocks of a kind that already fits: only slower
