@@ -42,6 +42,7 @@ FIXED: dict[str, dict[str, Any]] = {
     "layerwise": {"layerwise": True, "chunked_loss": True},
 }
 PASSES_2048_RECOMPUTE_4 = {"pass_tokens": 2048, "grad_checkpoint": True, "checkpoint_blocks": 4}
+FUSED_9 = {"chunked_loss": True, "grad_checkpoint": True, "checkpoint_blocks": 9}
 CHAT: dict[str, dict[str, Any]] = {
     "fast path (unconstrained)": {},
     "chunked loss": {"chunked_loss": True},
@@ -52,7 +53,16 @@ CHAT: dict[str, dict[str, Any]] = {
     "passes of 1024 tokens queued": {"pass_tokens": 1024, "env": {"MCP_LOCAL_QUEUE_PASSES": "1"}},
     "passes of 2048 tokens + recompute 4 blocks": PASSES_2048_RECOMPUTE_4,
     "passes of 2048 tokens + recompute 16 blocks": {"pass_tokens": 2048, "grad_checkpoint": True},
-    "chunked loss + recompute 9 blocks": {"chunked_loss": True, "grad_checkpoint": True, "checkpoint_blocks": 9},
+    "chunked loss + recompute 9 blocks": FUSED_9,
+    "chunked loss + recompute 9 blocks + MLX memory limit 16 GB": {
+        **FUSED_9,
+        "env": {"MCP_LOCAL_MLX_MEMORY_LIMIT_GB": "16"},
+    },
+    "chunked loss + recompute 10 blocks + MLX memory limit 16 GB": {
+        **FUSED_9,
+        "checkpoint_blocks": 10,
+        "env": {"MCP_LOCAL_MLX_MEMORY_LIMIT_GB": "16"},
+    },
     "passes of 4096 tokens + chunked loss + recompute 6 blocks": {
         "pass_tokens": 4096,
         "chunked_loss": True,

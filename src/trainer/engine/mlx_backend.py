@@ -245,6 +245,7 @@ class MlxTrainingBackend:
 
         from ..planning.device import group_backend
         from .distributed import is_primary, join_group
+        from .memory_limit import hold_to_budget
         from .patches import fast_activations
 
         if config.distributed:
@@ -278,6 +279,7 @@ class MlxTrainingBackend:
                 score_references(data, model, run_dir)
         plans = events.plans = RunPlans(config, run_dir, model, optimizer, emit, events.done.step)
         maybe_set_recommended_wired_limit()
+        hold_to_budget(config)
         try:
             with fast_activations(model), plans, stops_at_safe_points():
                 train_steps(
