@@ -28,19 +28,18 @@ def test_settings_the_user_made_are_kept(tmp_path: Path) -> None:
     assert env[DRIVER_CACHE_ENV] == str(tmp_path / "cache" / "cuda") and env["PATH"] == os.defpath
 
 
-def test_a_run_that_must_fit_its_budget_holds_mlx_to_it_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
-    """MLX's eval waits for queued GPU work once its buffers pass the limit: the budget, on CUDA, for a run that must
-    fit it; an experiment's setting overrides; elsewhere MLX's default stands."""
+def test_a_run_on_a_gpu_holds_mlx_to_its_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLX's eval waits for queued GPU work once its buffers pass the limit: the budget, on a GPU; an experiment's
+    setting overrides; on the CPU (which frees at once) MLX's default stands."""
     from trainer.engine.memory_limit import LIMIT_ENV, memory_limit_gb
     from trainer.planning.config import QLoRAConfig
 
     monkeypatch.delenv(LIMIT_ENV, raising=False)
     must_fit = QLoRAConfig(model="m", data="d", memory_budget_gb=16)
-    assert memory_limit_gb(must_fit, cuda=True) == 16
-    assert memory_limit_gb(must_fit, cuda=False) is None  # the CPU frees at once; Metal is not measured
-    assert memory_limit_gb(must_fit.model_copy(update={"allow_over_budget": True}), cuda=True) is None
-    assert memory_limit_gb(QLoRAConfig(model="m", data="d"), cuda=True) is None
+    assert memory_limit_gb(must_fit, gpu=True) == 16
+    assert memory_limit_gb(must_fit, gpu=False) is None
+    assert memory_limit_gb(QLoRAConfig(model="m", data="d"), gpu=True) is None
     monkeypatch.setenv(LIMIT_ENV, "20")
-    assert memory_limit_gb(must_fit, cuda=False) == 20
+    assert memory_limit_gb(must_fit, gpu=False) == 20
     monkeypatch.setenv(LIMIT_ENV, "0")
-    assert memory_limit_gb(must_fit, cuda=True) is None
+    assert memory_limit_gb(must_fit, gpu=True) is None

@@ -1,9 +1,10 @@
-"""MLX's memory limit, held at the run's budget on CUDA.
+"""MLX's memory limit, held at the run's budget on a GPU.
 
-MLX's CUDA backend returns a buffer to its pool only when the GPU has finished the kernels that used it, while the host
+MLX's GPU backends return a buffer to the pool only when the GPU has finished the kernels that used it, while the host
 may have queued many more: a step's peak holds buffers already dead. Once the buffers in use pass MLX's memory limit,
-its `eval` waits for queued work before it queues more (95% of the card by default). A run whose plan was chosen to fit
-its budget gets that limit, so dead buffers are returned before the budget is spent (docs/benchmarks.md).
+its `eval` waits for queued work before it queues more (by default 95% of a CUDA card). With the run's budget as that
+limit, dead buffers come back before the budget is spent (measured on CUDA, docs/benchmarks.md; the watchdog stops a
+run over its budget anyway, so the limit never slows a run that could finish).
 """
 
 from __future__ import annotations
@@ -16,24 +17,22 @@ import mlx.core as mx
 from ..planning.config import QLoRAConfig
 
 log = logging.getLogger(__name__)
-#: an experiment's limit in GB for any run on CUDA ("0": none), over the budget's
+#: an experiment's limit in GB for any run ("0": MLX's default), over the budget's
 LIMIT_ENV = "MCP_LOCAL_MLX_MEMORY_LIMIT_GB"
 GB = 1e9
 
 
-def memory_limit_gb(config: QLoRAConfig, cuda: bool) -> float | None:
-    """The limit for this run: its budget on CUDA when the run must stay under it; None leaves MLX's default."""
+def memory_limit_gb(config: QLoRAConfig, gpu: bool) -> float | None:
+    """The limit for this run: its budget on a GPU; None leaves MLX's default."""
     given = os.environ.get(LIMIT_ENV)
     if given is not None:
         return float(given) or None
-    if not cuda or config.memory_budget_gb is None or config.allow_over_budget:
-        return None
-    return config.memory_budget_gb
+    return config.memory_budget_gb if gpu else None
 
 
 def hold_to_budget(config: QLoRAConfig) -> None:
-    """Set MLX's memory limit for this process as `memory_limit_gb` says."""
-    limit = memory_limit_gb(config, mx.default_device() == mx.gpu and mx.cuda.is_available())
-    if limit is not None:
+    """Lower MLX's memory limit for this process to what `memory_limit_gb` says (never above MLX's own)."""
+    limit = memory_limit_gb(config, mx.default_device() == mx.gpu)
+    if limit is not None and limit * GB < mx.get_memory_limit():
         mx.set_memory_limit(int(limit * GB))
         log.info("MLX's memory limit set to %.2f GB", limit)

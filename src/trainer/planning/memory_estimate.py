@@ -55,9 +55,12 @@ LAYERWISE_PIPELINE_MAX_TOKENS = 2048
 #: tokens of one loss chunk in the layerwise step (trainer.layerwise.LOSS_CHUNK_TOKENS)
 LAYERWISE_LOSS_TOKENS = 512
 #: CUDA, the fused loss (engine/fused_loss.py): the share of the plain loss's logits term its peak still holds. Per
-#: chunk it keeps one chunk's logits, yet on an H100 it saved 5.8 GB of a predicted 15.0 (7B shape, packed 4 x 2,048,
-#: 9 recomputed blocks: 24.21 GB measured, 30.03 predicted without it; docs/benchmarks.md), one measurement
+#: chunk it keeps one chunk's logits, but buffers return only as the GPU finishes with them: with MLX's default limit
+#: it saved 5.8 GB of a predicted 15.0 (7B shape, packed 4 x 2,048, 9 recomputed blocks: 24.21 GB measured on an
+#: H100); with the run's budget as MLX's limit (engine/memory_limit.py, 16 GB) 20.53 GB with 9 blocks and 18.66 with
+#: 10 (docs/benchmarks.md)
 GPU_FUSED_LOGITS_KEPT = 0.62
+GPU_FUSED_LOGITS_KEPT_LIMITED = 0.38
 #: CUDA: what recomputing one block frees, in layers of activations: 0.45 GB a block at 1x2048 on the 7B shape
 #: (measured 17.68 GB with none, 15.89 with 4, 10.42 with all 16; H100, docs/benchmarks.md)
 GPU_RECOMPUTE_FREED_LAYERS = 1.28
@@ -92,6 +95,7 @@ class MemoryPlan(BaseModel):
     recomputed_blocks: int = Field(0, description="LoRA blocks recomputed in the backward pass.")
     pass_tokens: int | None = Field(None, description="Most tokens per pass (gradient accumulation); None: the batch.")
     packed: bool = Field(False, description="Rows of packed records: a block-diagonal attention mask per pass.")
+    memory_limit_gb: float | None = Field(None, description="GPU: MLX's memory limit, the run's budget.")
 
     @property
     def pass_batch(self) -> float:
@@ -157,6 +161,14 @@ def _layerwise_phases(
 
 
 def predict_peak(model_config: dict[str, Any], plan: MemoryPlan) -> MemoryParts:
+    """The peak; on a GPU, where MLX's limit (the budget) binds, what a fused loss holds under it."""
+    free = _peak(model_config, plan, limited=False)
+    if plan.memory_limit_gb is None or free.total_gb <= plan.memory_limit_gb:
+        return free
+    return _peak(model_config, plan, limited=True)
+
+
+def _peak(model_config: dict[str, Any], plan: MemoryPlan, limited: bool) -> MemoryParts:
     hidden, inter, layers, heads, kv, vocab, head_dim, tied = _dims(model_config)
     quant = model_config.get("quantization") or {}
     bits = int(quant.get("bits", plan.quantize_bits))
@@ -210,7 +222,7 @@ def predict_peak(model_config: dict[str, Any], plan: MemoryPlan) -> MemoryParts:
         logit_tokens = int(min(tokens, batch * 1024)) if chunked else tokens
         logits = logit_tokens * vocab * (d + 4 * (kept - 1)) * token_scale
         if plan.chunked_loss and plan.device != "cpu":  # fused: what its peak was measured to keep
-            logits *= GPU_FUSED_LOGITS_KEPT
+            logits *= GPU_FUSED_LOGITS_KEPT_LIMITED if limited else GPU_FUSED_LOGITS_KEPT
         if plan.packed:  # the pass's mask: booleans on the CPU; additive, in the compute type, on a GPU
             activations += batch * plan.seq_len**2 * (1 if plan.device == "cpu" else d)
         base = weights + lora + activations + logits

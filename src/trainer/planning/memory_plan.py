@@ -41,8 +41,15 @@ def compute_bytes(fast_path: bool | None) -> tuple[int, str, bool]:
 
 
 def plan_for(
-    config: QLoRAConfig, seq_len: int, bytes_per_element: int, device: str = "cpu", fast: bool = False
+    config: QLoRAConfig,
+    seq_len: int,
+    bytes_per_element: int,
+    device: str = "cpu",
+    fast: bool = False,
+    budget: float | None = None,
 ) -> MemoryPlan:
+    """`budget` stands in for a config without one; on a GPU it is also MLX's limit (engine/memory_limit.py)."""
+    limit = config.memory_budget_gb or budget
     return MemoryPlan(
         # the budget and the prediction are per process; a preference step runs each pair's two replies at once, a
         # grpo step each prompt's completions (their sampling's KV cache is far smaller than the step's activations)
@@ -61,6 +68,7 @@ def plan_for(
         dense_weights=bool(config.dense_weights),
         layerwise=config.layerwise,
         packed=config.packing,
+        memory_limit_gb=None if device == "cpu" else limit,
     )
 
 
@@ -99,7 +107,11 @@ def dense_fits(model_config: dict[str, Any], budget_gb: float) -> bool:
 
 
 def run_predictor(
-    config: QLoRAConfig, model_config: dict[str, Any], longest: int | None, lengths: list[int] | None = None
+    config: QLoRAConfig,
+    model_config: dict[str, Any],
+    longest: int | None,
+    lengths: list[int] | None = None,
+    budget: float | None = None,
 ) -> tuple[Predict, Shape]:
     """The peak prediction for a config of this run (its examples at most `longest` tokens; None: max_seq_length),
     and the shape the plan search predicts speeds on."""
@@ -120,7 +132,7 @@ def run_predictor(
         if align > 32 and not cfg.packing:  # CUDA: inputs padded to 128s (the CPU's calibration: MLX-LM's padding)
             seq = -(-(seq - 1) // align) * align
         cfg_bytes, _, cfg_fast = compute_bytes(cfg.fast_path)
-        plan = plan_for(cfg, seq, cfg_bytes, device, cfg_fast)
+        plan = plan_for(cfg, seq, cfg_bytes, device, cfg_fast, budget)
         plan = plan.model_copy(update={"recomputed_blocks": min(plan.recomputed_blocks, lora_layers)})  # "all": l
         return plan, predict_peak(model_config, plan)
 
@@ -147,7 +159,7 @@ def check_memory(
         config = config.model_copy(
             update={"dense_weights": device == "cpu" and fast and dense_fits(model_config, budget)}
         )
-    predict, shape = run_predictor(config, model_config, longest_tokens, lengths)
+    predict, shape = run_predictor(config, model_config, longest_tokens, lengths, budget)
     plan, parts = predict(config)
     changes: list[str] = []
     choice: str | None = None

@@ -30,12 +30,9 @@ HALF_RATE_TOKENS = {"gpu": 1365.0, "cpu": 64.0}
 #: and Qwen2.5-0.5B shapes, earlier sessions) and 0.72 (SmolLM2 at 2x256, this 2-core Zen 4)
 LAYERWISE_SPEED = {"gpu": 0.72, "cpu": 0.75}
 #: the chunked loss: on the CPU its extra head pass for the backward (an estimate: one head matmul of the step's); on
-#: a GPU it is fused, with no extra pass (H100, packed 4 x 2,048 with 9 recomputed blocks: 0.871x measured, 0.87x
-#: predicted with this 1.0)
-CHUNKED_LOSS_SPEED = {"gpu": 1.0, "cpu": 0.97}
-#: whether the search itself may choose the chunked loss: on a GPU not yet, its saving measured once (memory_estimate.
-#: GPU_FUSED_LOGITS_KEPT); a user may still set it, its peak predicted from that measurement
-CHUNKED_LOSS_SEARCHED = {"gpu": False, "cpu": True}
+#: a GPU it is fused, with no extra pass, and a plan chosen for a budget runs under it as MLX's limit, which waits for
+#: queued work (H100, packed 4 x 2,048, 9 recomputed blocks: 0.871x measured without the limit, 0.848x with it)
+CHUNKED_LOSS_SPEED = {"gpu": 0.975, "cpu": 0.97}
 
 Predict = Callable[[QLoRAConfig], tuple[MemoryPlan, MemoryParts]]
 
@@ -130,10 +127,10 @@ def packed_gain(lengths: list[int], batch: int, seq: int, device: str) -> float:
     return sorted_cost / packed_cost
 
 
-def _family(config: QLoRAConfig, lora_layers: int, kind: str) -> Iterator[dict[str, Any]]:
+def _family(config: QLoRAConfig, lora_layers: int) -> Iterator[dict[str, Any]]:
     """Settings of the same step, from the least to the most memory-saving within each kind. Passes hold whole
     examples of up to max_seq_length tokens."""
-    losses = [False, True] if not config.chunked_loss and CHUNKED_LOSS_SEARCHED[kind] else [config.chunked_loss]
+    losses = [False, True] if not config.chunked_loss else [True]
     batch, seq = config.per_process_batch, config.max_seq_length
     budgets = [None] + [examples * seq for examples in range(batch - 1, 0, -1)] if config.pass_tokens is None else []
     if config.own_loss:  # its loss takes each example whole, in one pass: only recomputed blocks apply
@@ -162,7 +159,7 @@ def search(
     considered: list[PlanOption] = []
     seen: set[tuple[Any, ...]] = set()
     lora_layers = shape.lora_layers
-    for option in _family(config, lora_layers, _kind(shape.device)):
+    for option in _family(config, lora_layers):
         kind = (option.get("pass_tokens"), option.get("chunked_loss"), option.get("layerwise"))
         if kind in seen:
             continue  # more recomputed blocks of a kind that already fits: only slower
