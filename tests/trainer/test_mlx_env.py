@@ -36,7 +36,7 @@ def test_a_run_on_a_gpu_holds_mlx_to_its_budget(monkeypatch: pytest.MonkeyPatch)
 
     monkeypatch.delenv(LIMIT_ENV, raising=False)
     must_fit = QLoRAConfig(model="m", data="d", memory_budget_gb=16)
-    assert memory_limit_gb(must_fit, gpu=True) == 16
+    assert memory_limit_gb(must_fit, gpu=True) == 15.5  # under the budget by what passes it between checks
     assert memory_limit_gb(must_fit, gpu=False) is None
     assert memory_limit_gb(QLoRAConfig(model="m", data="d"), gpu=True) is None
     monkeypatch.setenv(LIMIT_ENV, "20")

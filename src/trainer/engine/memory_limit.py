@@ -2,8 +2,8 @@
 
 MLX's GPU backends return a buffer to the pool only when the GPU has finished the kernels that used it, while the host
 may have queued many more: a step's peak holds buffers already dead. Once the buffers in use pass MLX's memory limit,
-its `eval` waits for queued work before it queues more (by default 95% of a CUDA card). With the run's budget as that
-limit, dead buffers come back before the budget is spent (measured on CUDA, docs/benchmarks.md; the watchdog stops a
+its `eval` waits for queued work before it queues more (by default 95% of a CUDA card). With a limit just under the run's
+budget, dead buffers come back before the budget is spent (measured on CUDA, docs/benchmarks.md; the watchdog stops a
 run over its budget anyway, so the limit never slows a run that could finish).
 """
 
@@ -15,6 +15,7 @@ import os
 import mlx.core as mx
 
 from ..planning.config import QLoRAConfig
+from ..planning.memory_estimate import mlx_limit_gb
 
 log = logging.getLogger(__name__)
 #: an experiment's limit in GB for any run ("0": MLX's default), over the budget's
@@ -27,7 +28,7 @@ def memory_limit_gb(config: QLoRAConfig, gpu: bool) -> float | None:
     given = os.environ.get(LIMIT_ENV)
     if given is not None:
         return float(given) or None
-    return config.memory_budget_gb if gpu else None
+    return mlx_limit_gb(config.memory_budget_gb) if gpu and config.memory_budget_gb else None
 
 
 def hold_to_budget(config: QLoRAConfig) -> None:

@@ -61,6 +61,15 @@ LAYERWISE_LOSS_TOKENS = 512
 #: 10 (docs/benchmarks.md)
 GPU_FUSED_LOGITS_KEPT = 0.62
 GPU_FUSED_LOGITS_KEPT_LIMITED = 0.38
+#: GPU: MLX's limit sits this far under the run's budget, because a step held at the limit passes it by what is
+#: allocated between two of eval's checks: 0.31 GB (H100, the plan above with 12 and 13 recomputed blocks, limit 16)
+MLX_LIMIT_MARGIN_GB = 0.5
+MLX_LIMIT_OVERSHOOT_GB = 0.31
+
+
+def mlx_limit_gb(budget_gb: float) -> float:
+    """MLX's memory limit for a GPU run with this budget (engine/memory_limit.py)."""
+    return max(budget_gb / 2, budget_gb - MLX_LIMIT_MARGIN_GB)
 #: CUDA: what recomputing one block frees, in layers of activations: 0.45 GB a block at 1x2048 on the 7B shape
 #: (measured 17.68 GB with none, 15.89 with 4, 10.42 with all 16; H100, docs/benchmarks.md)
 GPU_RECOMPUTE_FREED_LAYERS = 1.28
@@ -95,7 +104,7 @@ class MemoryPlan(BaseModel):
     recomputed_blocks: int = Field(0, description="LoRA blocks recomputed in the backward pass.")
     pass_tokens: int | None = Field(None, description="Most tokens per pass (gradient accumulation); None: the batch.")
     packed: bool = Field(False, description="Rows of packed records: a block-diagonal attention mask per pass.")
-    memory_limit_gb: float | None = Field(None, description="GPU: MLX's memory limit, the run's budget.")
+    memory_limit_gb: float | None = Field(None, description="GPU: MLX's memory limit, from the run's budget.")
 
     @property
     def pass_batch(self) -> float:
@@ -161,11 +170,17 @@ def _layerwise_phases(
 
 
 def predict_peak(model_config: dict[str, Any], plan: MemoryPlan) -> MemoryParts:
-    """The peak; on a GPU, where MLX's limit (the budget) binds, what a fused loss holds under it."""
+    """The peak; on a GPU, where MLX's limit binds, the peak held at the limit (dead buffers returned first), never
+    below what the step itself holds, with a fused loss's share under the limit."""
     free = _peak(model_config, plan, limited=False)
-    if plan.memory_limit_gb is None or free.total_gb <= plan.memory_limit_gb:
+    limit = plan.memory_limit_gb
+    if limit is None or free.total_gb <= limit:
         return free
-    return _peak(model_config, plan, limited=True)
+    held = _peak(model_config, plan, limited=True)
+    at_limit = min(free.total_gb, limit + MLX_LIMIT_OVERSHOOT_GB)
+    if held.total_gb >= at_limit:
+        return held
+    return held.model_copy(update={"slack_gb": held.slack_gb + at_limit - held.total_gb, "total_gb": at_limit})
 
 
 def _peak(model_config: dict[str, Any], plan: MemoryPlan, limited: bool) -> MemoryParts:
