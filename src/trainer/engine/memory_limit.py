@@ -1,10 +1,10 @@
-"""MLX's memory limit, held at the run's budget on a GPU.
+"""MLX's memory limit, held just under the run's budget on a GPU.
 
 MLX's GPU backends return a buffer to the pool only when the GPU has finished the kernels that used it, while the host
 may have queued many more: a step's peak holds buffers already dead. Once the buffers in use pass MLX's memory limit,
-its `eval` waits for queued work before it queues more (by default 95% of a CUDA card). With a limit just under the run's
-budget, dead buffers come back before the budget is spent (measured on CUDA, docs/benchmarks.md; the watchdog stops a
-run over its budget anyway, so the limit never slows a run that could finish).
+its `eval` waits for queued work before queuing more (by default at 95% of a CUDA card). Under a limit half a GB below
+the budget, dead buffers come back before the budget is spent: what lets the fused loss fit (measured on CUDA,
+docs/benchmarks.md). The waits cost time only in a step that reaches the limit.
 """
 
 from __future__ import annotations

@@ -70,6 +70,8 @@ MLX_LIMIT_OVERSHOOT_GB = 0.31
 def mlx_limit_gb(budget_gb: float) -> float:
     """MLX's memory limit for a GPU run with this budget (engine/memory_limit.py)."""
     return max(budget_gb / 2, budget_gb - MLX_LIMIT_MARGIN_GB)
+
+
 #: CUDA: what recomputing one block frees, in layers of activations: 0.45 GB a block at 1x2048 on the 7B shape
 #: (measured 17.68 GB with none, 15.89 with 4, 10.42 with all 16; H100, docs/benchmarks.md)
 GPU_RECOMPUTE_FREED_LAYERS = 1.28
