@@ -7,7 +7,7 @@ the forward pass, while its logits exist, and kept (tokens x hidden, small); the
 cotangent. Each chunk waits for the one before (`mx.depends`), and the head's weight is dequantized once, for the loss
 only. The work equals the unfused loss's: the head's product forward, and the softmax's product with the weight that
 its backward computes. On the CPU one chunk's logits are alive at a time; on an H100 the peak still held 62% of the
-plain loss's (memory_estimate.GPU_FUSED_LOGITS_KEPT).
+plain loss's under MLX's default memory limit and 38% under the budget's (memory_estimate.GPU_FUSED_LOGITS_KEPT*).
 """
 
 from __future__ import annotations
