@@ -43,3 +43,21 @@ def test_a_run_on_a_gpu_holds_mlx_to_its_budget(monkeypatch: pytest.MonkeyPatch)
     assert memory_limit_gb(must_fit, gpu=False) == 20
     monkeypatch.setenv(LIMIT_ENV, "0")
     assert memory_limit_gb(must_fit, gpu=True) is None
+
+
+def test_the_limit_is_set_in_mlx_and_never_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlx.core as mx
+
+    from trainer.engine.memory_limit import LIMIT_ENV, hold_to_budget
+    from trainer.planning.config import QLoRAConfig
+
+    before = mx.get_memory_limit()
+    try:
+        monkeypatch.setenv(LIMIT_ENV, "1.5")
+        hold_to_budget(QLoRAConfig(model="m", data="d"))
+        assert mx.get_memory_limit() == 1_500_000_000
+        monkeypatch.setenv(LIMIT_ENV, str(before * 4 / 1e9))  # above MLX's own: left as it is
+        hold_to_budget(QLoRAConfig(model="m", data="d"))
+        assert mx.get_memory_limit() == 1_500_000_000
+    finally:
+        mx.set_memory_limit(before)
