@@ -3,7 +3,8 @@
 FAKE_MODE picks the behaviour: succeed, fail, crash (SIGKILL itself), segfault, hang, hang_ignoring_term, noisy,
 slow (succeed, FAKE_STEP_S seconds per iteration), diverge, stepwise (as the MLX backend stops: at safe points
 between steps of FAKE_STEP_S seconds, then a save of FAKE_SAVE_S seconds), paced (FAKE_STEP_S seconds per iteration,
-reports as a real run makes them: a train loss every steps_per_report, a validation loss every steps_per_eval).
+reports as a real run makes them: a train loss every steps_per_report, a validation loss every steps_per_eval),
+peak_in_save (stepwise, then MLX memory held through the final save, where stops are dropped).
 """
 
 from __future__ import annotations
@@ -15,7 +16,14 @@ import time
 from pathlib import Path
 
 from trainer.errors import Diverged
-from trainer.lifecycle.backend import Cancelled, Emit, adapter_dir_for, stop_if_requested, stops_at_safe_points
+from trainer.lifecycle.backend import (
+    Cancelled,
+    Emit,
+    adapter_dir_for,
+    stop_if_requested,
+    stops_at_safe_points,
+    stops_ignored,
+)
 from trainer.lifecycle.events import PhaseChanged, Progress, TrainReport, ValReport
 from trainer.lifecycle.jobs import Phase
 from trainer.planning.config import QLoRAConfig
@@ -32,8 +40,8 @@ class FakeBackend:
     def train(self, config: QLoRAConfig, run_dir: Path, emit: Emit) -> Path:
         mode = os.environ.get("FAKE_MODE", "succeed")
         emit(PhaseChanged(phase=Phase.TRAINING))
-        if mode == "stepwise":
-            return _stepwise(config, run_dir, emit)
+        if mode in ("stepwise", "peak_in_save"):
+            return _stepwise(config, run_dir, emit, peak_in_save=mode == "peak_in_save")
         if mode == "noisy":
             print("this line is MLX-LM-style noise on stdout")  # noqa: T201  (must land in worker.log only)
             sys.stdout.flush()
@@ -89,7 +97,7 @@ def _paced_reports(config: QLoRAConfig, it: int, emit: Emit) -> None:
         emit(ValReport(iteration=it, val_loss=2.2 / (1 + it / 20), val_time=0.2))
 
 
-def _stepwise(config: QLoRAConfig, run_dir: Path, emit: Emit) -> Path:
+def _stepwise(config: QLoRAConfig, run_dir: Path, emit: Emit, peak_in_save: bool = False) -> Path:
     """Steps a stop waits for (a step is one long call, as an MLX step is), and a save that takes its time."""
     step_s = float(os.environ.get("FAKE_STEP_S", "0.05"))
     adapters = adapter_dir_for(config, run_dir)
@@ -105,7 +113,14 @@ def _stepwise(config: QLoRAConfig, run_dir: Path, emit: Emit) -> Path:
     except Cancelled:
         _save(adapters, done)
         raise
-    _save(adapters, done)
+    with stops_ignored():
+        if peak_in_save:  # 40 MB in MLX for a few of the sampler's intervals
+            import mlx.core as mx
+
+            held = mx.zeros((10_000_000,), dtype=mx.float32)
+            mx.eval(held)
+            time.sleep(0.6)
+        _save(adapters, done)
     return adapters
 
 

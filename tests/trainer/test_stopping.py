@@ -92,3 +92,18 @@ async def test_a_frozen_worker_is_killed_though_the_cancel_request_gave_up(
         with anyio.fail_after(20):
             done = await runner.wait_until_done(run.id, 20)
     assert done.state is JobState.CANCELLED and process_gone(pid)
+
+
+async def test_a_budget_passed_during_the_final_save_fails_the_run_with_its_adapter(
+    tmp_path: Path, fake_model: Path, tiny_data: Path
+) -> None:
+    """A stop is dropped while the last adapter is written; a peak over the budget seen then still fails the run,
+    whichever moment the sampler saw it (the adapter complete, and said so)."""
+    env = {**fake_env("peak_in_save"), "FAKE_STEP_S": "0.01"}
+    budget = {"memory_budget_gb": 0.02, "allow_over_budget": True, "memory_sample_interval": 0.1}
+    async with JobRunner(RunStore(tmp_path), worker_env=env) as runner:
+        run = await runner.submit(config(fake_model, tiny_data, iters=3, **budget))
+        done = await runner.wait_until_done(run.id, 60)
+    assert done.state is JobState.FAILED and done.error is not None, done
+    assert done.error.kind == "memory_budget" and "every step was done" in done.error.message
+    assert Path(done.run_dir, "adapters", "adapters.safetensors").read_bytes() == b"step 3"

@@ -213,6 +213,9 @@ def _train(
             group.wait_for_failure(RANK_FAILURE_WAIT_S)  # a rank's death, if that is the cause, ends the run itself
         emit.end(Failed(kind=failure_kind(exc), message=f"{type(exc).__name__}: {exc}"))
         return EXIT_FAILED
+    if watchdog.tripped is not None:  # passed the budget where a stop is dropped (the final save): fails all the same
+        emit.end(_over_budget(config, run_dir, watchdog.tripped, every_step_done=True))
+        return EXIT_FAILED
     emit.end(Finished(adapter_path=str(adapter), iterations=config.iters))
     return 0
 
@@ -226,13 +229,17 @@ def _record_outside(adapter_dir: Path, run_dir: Path) -> WrittenLog | None:
     return written
 
 
-def _over_budget(config: QLoRAConfig, run_dir: Path, sample: MemorySample | None) -> Failed:
+def _over_budget(
+    config: QLoRAConfig, run_dir: Path, sample: MemorySample | None, every_step_done: bool = False
+) -> Failed:
     measured = f"{sample.peak_gb:.3f} GB" if sample else "more"
     if sample is not None and config.num_processes > 1:
         measured += f" on rank {sample.rank}"
     adapter_dir = adapter_dir_for(config, run_dir)
     saved = (adapter_dir / "adapters.safetensors").is_file()
     where = f"the adapter so far is saved in {adapter_dir}" if saved else "no adapter had been trained yet"
+    if every_step_done and saved:
+        where = f"every step was done and the adapter is saved in {adapter_dir}"
     return Failed(
         kind=FailureKind.MEMORY_BUDGET,
         message=f"stopped: MLX peak memory reached {measured}, over the run's budget of "
