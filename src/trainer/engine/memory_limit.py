@@ -15,12 +15,11 @@ import os
 import mlx.core as mx
 
 from ..planning.config import QLoRAConfig
-from ..planning.memory_estimate import mlx_limit_gb
+from ..planning.memory_estimate import GB, mlx_limit_gb
 
 log = logging.getLogger(__name__)
 #: an experiment's limit in GB for any run ("0": MLX's default), over the budget's
 LIMIT_ENV = "MCP_LOCAL_MLX_MEMORY_LIMIT_GB"
-GB = 1e9
 
 
 def memory_limit_gb(config: QLoRAConfig, gpu: bool) -> float | None:
