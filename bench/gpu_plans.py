@@ -43,6 +43,7 @@ FIXED: dict[str, dict[str, Any]] = {
 }
 PASSES_2048_RECOMPUTE_4 = {"pass_tokens": 2048, "grad_checkpoint": True, "checkpoint_blocks": 4}
 FUSED_9 = {"chunked_loss": True, "grad_checkpoint": True, "checkpoint_blocks": 9}
+LIMITED_PASSES_2048 = {"pass_tokens": 2048, "chunked_loss": True, "env": {"MCP_LOCAL_MLX_MEMORY_LIMIT_GB": "15.5"}}
 CHAT: dict[str, dict[str, Any]] = {
     "fast path (unconstrained)": {},
     "chunked loss": {"chunked_loss": True},
@@ -72,6 +73,18 @@ CHAT: dict[str, dict[str, Any]] = {
     "passes of 2048 tokens + recompute 4 blocks queued": {
         **PASSES_2048_RECOMPUTE_4,
         "env": {"MCP_LOCAL_QUEUE_PASSES": "1"},
+    },
+    "passes of 2048 tokens + chunked loss + MLX memory limit 15.5 GB": LIMITED_PASSES_2048,
+    "passes of 2048 tokens + chunked loss + MLX memory limit 15.5 GB queued": {
+        **LIMITED_PASSES_2048,
+        "env": {"MCP_LOCAL_MLX_MEMORY_LIMIT_GB": "15.5", "MCP_LOCAL_QUEUE_PASSES": "1"},
+    },
+    "passes of 4096 tokens + chunked loss + recompute 8 blocks + MLX memory limit 15.5 GB queued": {
+        "pass_tokens": 4096,
+        "chunked_loss": True,
+        "grad_checkpoint": True,
+        "checkpoint_blocks": 8,
+        "env": {"MCP_LOCAL_MLX_MEMORY_LIMIT_GB": "15.5", "MCP_LOCAL_QUEUE_PASSES": "1"},
     },
     "layerwise": {"layerwise": True, "chunked_loss": True},
 }

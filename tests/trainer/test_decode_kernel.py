@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import platform
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import mlx.core as mx
@@ -13,6 +14,7 @@ import pytest
 
 from mcp_local_demo.bundled import smollm2_gguf
 from trainer.engine import decode_kernel
+from trainer.engine.decode_choice import IGNORE_ENV
 from trainer.engine.decode_layers import DecodeRMSNorm, DecodeRoPE
 from trainer.engine.fastpath import FastQuantizedEmbedding, FastQuantizedLinear
 from trainer.engine.inference import ModelSession
@@ -22,11 +24,15 @@ pytestmark = pytest.mark.slow  # trains or builds kernels: seconds to minutes
 
 
 @pytest.fixture(scope="module")
-def kernel() -> Any:
+def kernel() -> Iterator[Any]:
+    """The kernel, loaded whatever this machine's speed choice says: these tests check what it computes."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(IGNORE_ENV, "ignore")
+        decode_kernel._load_once.cache_clear()
+        module = decode_kernel.load()
+        assert module is not None, "the decode kernel did not build: see the warning above"
+        yield module
     decode_kernel._load_once.cache_clear()
-    module = decode_kernel.load()
-    assert module is not None, "the decode kernel did not build: see the warning above"
-    return module
 
 
 def _layer(n: int, k: int, group_size: int, bits: int) -> tuple[mx.array, mx.array, mx.array]:
@@ -174,6 +180,7 @@ def test_the_kernels_are_used_only_where_they_measured_faster_than_mlx(
     operations, decoding a random model of SmolLM2's shape. This machine's numbers are in the log."""
     from trainer.engine.decode_choice import DecodeChoice, measure, recorded
 
+    monkeypatch.delenv(IGNORE_ENV, raising=False)  # the choice as the product reads it, not the kernel fixture's
     kernel_dir = decode_kernel.kernel_path().parent
     choice = recorded(kernel_dir) or measure(kernel_dir)
     logging.getLogger(__name__).warning(
