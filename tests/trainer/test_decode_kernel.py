@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import logging
 import platform
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
