@@ -141,6 +141,35 @@ def test_validation_runs_in_the_plans_passes_with_the_same_loss_and_less_memory(
     assert _validation_peak(run_validation, model)[2] < 0.6 * whole[2]
 
 
+def test_validation_waits_for_the_step_in_flight(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step returns with its backward pass still queued. On an H200 a validation built meanwhile stacked its
+    buffers on the step's peak: 16.59 GB under a 15.5 GB limit, where every step had stayed under 16. Validation now
+    waits for the device first (as the first-steps check does before it reads the peak)."""
+    from trainer.engine import loop
+
+    said: list[str] = []
+    real = mx.synchronize
+
+    def synchronize(*stream: Any) -> None:
+        said.append("synchronize")
+        real(*stream)
+
+    monkeypatch.setattr(mx, "synchronize", synchronize)
+
+    class Data:
+        def validate(self, model: Any, val_loss: Any, progress: Any) -> None:
+            said.append("validate")
+
+    class Hooks:
+        def evaluating(self) -> None:
+            said.append("evaluating")
+
+        def safe_point(self) -> None: ...
+
+    loop._evaluate(_model(), Data(), make_default_loss(), Hooks(), 5)  # type: ignore[arg-type]
+    assert said == ["synchronize", "evaluating", "validate"]
+
+
 #: the Qwen2.5-Coder-7B shape of the H100 measurements (bench/memory_prediction.py's SHAPES), 4-bit
 QWEN_7B = {
     "hidden_size": 3584,

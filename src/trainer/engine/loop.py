@@ -24,7 +24,7 @@ from .packing import PackedRows
 from .run_state import LoopState
 
 #: "1" queues each accumulated pass without waiting for it, so the next pass's graph is built while it runs: an
-#: experiment for GPUs, not yet measured there; on the 2-core CPU it was 5% slower (docs/benchmarks.md)
+#: experiment; 5% slower on the 2-core CPU, no faster on an H200 (a pass's fixed cost is the device's; benchmarks.md)
 QUEUE_PASSES_ENV = "MCP_LOCAL_QUEUE_PASSES"
 
 #: one training step on a batch: (loss, tokens), the model and optimizer update dispatched (reading them waits)
@@ -290,6 +290,9 @@ def train_steps(
 
 
 def _evaluate(model: Any, data: RunData, val_loss: Loss, hooks: LoopHooks, it: int) -> None:
+    # the step before is still in flight (its backward pass holds the step's peak): on a GPU, validation's buffers
+    # would be allocated on top of it, past the plan's peak and MLX's limit (H200: 16.59 GB under a 15.5 GB limit)
+    mx.synchronize()
     tic = time.perf_counter()
     hooks.evaluating()
     model.eval()

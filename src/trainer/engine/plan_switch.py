@@ -111,6 +111,7 @@ class RunPlans:
 
         try:
             model_config = read_model_config(Path(self.config.model))
+            mx.synchronize()  # the last step's backward pass may still run: its peak counts
             measured = mx.get_peak_memory() / 1e9
             return first_steps_change(self.config, model_config, measured, self.widest, run_dataset(self.run_dir), step)
         except (ConfigError, KeyError) as exc:  # no prediction for this model: the watchdog guards the budget
@@ -127,5 +128,6 @@ class RunPlans:
         self._blocks.close()
         self._recompute_blocks()
         self.step, self.val_loss = step_for(self.config, self.model, self.optimizer)
+        mx.synchronize()  # the old plan's last step done, so that the peak from here is the new plan's
         mx.reset_peak_memory()  # from here the watchdog and the reports measure the new plan
         return self.step, self.val_loss
