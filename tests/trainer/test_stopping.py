@@ -106,4 +106,5 @@ async def test_a_budget_passed_during_the_final_save_fails_the_run_with_its_adap
         done = await runner.wait_until_done(run.id, 60)
     assert done.state is JobState.FAILED and done.error is not None, done
     assert done.error.kind == "memory_budget" and "every step was done" in done.error.message
+    assert done.error.message.startswith("over budget: MLX peak memory reached")  # nothing was stopped
     assert Path(done.run_dir, "adapters", "adapters.safetensors").read_bytes() == b"step 3"

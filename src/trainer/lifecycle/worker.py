@@ -238,11 +238,12 @@ def _over_budget(
     adapter_dir = adapter_dir_for(config, run_dir)
     saved = (adapter_dir / "adapters.safetensors").is_file()
     where = f"the adapter so far is saved in {adapter_dir}" if saved else "no adapter had been trained yet"
-    if every_step_done and saved:
-        where = f"every step was done and the adapter is saved in {adapter_dir}"
+    said = "stopped"
+    if every_step_done and saved:  # nothing was stopped: the peak was first seen after the last step
+        said, where = "over budget", f"every step was done and the adapter is saved in {adapter_dir}"
     return Failed(
         kind=FailureKind.MEMORY_BUDGET,
-        message=f"stopped: MLX peak memory reached {measured}, over the run's budget of "
+        message=f"{said}: MLX peak memory reached {measured}, over the run's budget of "
         f"{config.memory_budget_gb:.3f} GB; {where}; lower batch_size or max_seq_length, or set "
         "grad_checkpoint/chunked_loss (fit_to_budget picks them)",
         adapter_path=str(adapter_dir) if saved else None,
