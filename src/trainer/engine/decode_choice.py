@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -63,6 +64,9 @@ open(sys.argv[2], "w").write(json.dumps({"tok_s": best}))
 #: a machine busier than this (1-minute load average per core) measures the two paths unevenly: a CI run at load 5
 #: on 2 cores once measured the kernels at 2.4 tokens/s against MLX's 7.6, where calm it measures 36.6 against 7.3
 BUSY_LOAD_PER_CORE = 1.0
+#: a provisional choice is measured again in the background at most this often (every server start on a machine that
+#: is only calm between jobs, such as a test suite's, would otherwise measure again)
+RECHECK_AFTER_S = 3600.0
 
 
 def load_per_core() -> float:
@@ -81,6 +85,8 @@ class DecodeChoice(BaseModel):
     #: the load per core when measured: over BUSY_LOAD_PER_CORE the figures are provisional (None: recorded before
     #: the load was, so measured again on a calm machine)
     load_per_core: float | None = None
+    #: when it was measured (seconds since the epoch; None: recorded before this field)
+    measured_at: float | None = None
 
     @property
     def provisional(self) -> bool:
@@ -125,6 +131,7 @@ def measure(kernel_dir: Path) -> DecodeChoice:
         mlx_tok_s=round(own, 1),
         measured_under=_setting(_probe_env()),
         load_per_core=round(load, 2),
+        measured_at=round(time.time(), 1),
     )
     (kernel_dir / CHOICE_FILE).write_text(choice.model_dump_json(), encoding="utf-8")
     return choice
@@ -140,10 +147,16 @@ def recorded(kernel_dir: Path) -> DecodeChoice | None:
         return None
 
 
-def stale(choice: DecodeChoice, busy_now: bool | None = None) -> bool:
+def stale(choice: DecodeChoice, busy_now: bool | None = None, recheck_after_s: float = RECHECK_AFTER_S) -> bool:
     """Whether to measure again: the choice was measured under other libraries than this machine now preloads, or on
-    a busy machine and this one is calm now (a busy machine keeps it rather than measure under load again)."""
+    a busy machine (or at an unrecorded load) at least `recheck_after_s` ago and this one is calm now (a busy
+    machine keeps it rather than measure under load again)."""
+    if choice.measured_under != _setting(_probe_env()):
+        return True
+    if not (choice.provisional or choice.load_per_core is None):
+        return False
+    if choice.measured_at is not None and time.time() - choice.measured_at < recheck_after_s:
+        return False
     if busy_now is None:
         busy_now = load_per_core() > BUSY_LOAD_PER_CORE
-    unsure = choice.provisional or choice.load_per_core is None
-    return choice.measured_under != _setting(_probe_env()) or (unsure and not busy_now)
+    return not busy_now
