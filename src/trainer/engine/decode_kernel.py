@@ -267,7 +267,7 @@ def main() -> None:
         choice = measure(path.parent)
     verdict = "used" if choice.use_kernel else "not used: MLX's own operations are faster here"
     if choice.provisional:
-        verdict += f" (provisional: measured at load {choice.load_per_core:.1f} per core; the next set-up measures it again)"
+        verdict += f" (provisional: measured at load {choice.load_per_core:.1f} per core; measured again later)"
     log.info(
         "decode (SmolLM2 shape, random weights): kernels %.1f tokens/s, MLX's own %.1f: %s",
         choice.kernel_tok_s,
