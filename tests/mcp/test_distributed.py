@@ -101,7 +101,7 @@ async def test_a_killed_rank_fails_the_run_and_leaves_no_process(
     assert (
         status["error"]["kind"] == "crashed"
         and "rank 1 of 2 was killed by signal SIGKILL" in status["error"]["message"]
-    )
+    ), status["error"]
 
 
 async def test_a_killed_rank_0_leaves_no_process(tmp_path: Path, tiny_model: Path, tiny_data: Path) -> None:

@@ -109,3 +109,30 @@ def test_a_hostfile_is_checked_before_a_run_over_machines(tmp_path: Path) -> Non
         _with_hosts(config(hosts=str(hostfile), num_processes=2), PathPolicy())
     with pytest.raises(ConfigError, match="batch_size 4 does not split over num_processes 3"):
         _with_hosts(config(hosts=str(hostfile), batch_size=4), PathPolicy())
+
+
+def test_rank_0_failing_after_a_rank_was_killed_names_the_kill_even_before_its_follower_ran(tmp_path: Path) -> None:
+    """A CI run at full load once reported a killed rank as rank 0's own `backend` error: rank 0's collective failed
+    first, and the thread that follows the dead rank had not run within the wait. The wait now polls the ranks too."""
+    import signal
+    import subprocess
+    import sys
+
+    from trainer.lifecycle.group import RankGroup
+
+    failures: list[object] = []
+    group = RankGroup(tmp_path, config(num_processes=2), lambda sample: None, failures.append)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], stdout=subprocess.PIPE)
+    group._children[1] = child  # started without its follow thread: as if that thread had not been scheduled yet
+    try:
+        child.send_signal(signal.SIGKILL)
+        failure = group.wait_for_failure(5.0)
+    finally:
+        child.kill()
+        child.wait()
+        assert child.stdout is not None
+        child.stdout.close()
+    assert failure is not None and failures == [failure]
+    assert failure.kind == FailureKind.CRASHED and failure.message.startswith(
+        "rank 1 of 2 was killed by signal SIGKILL"
+    )

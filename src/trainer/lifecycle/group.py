@@ -187,10 +187,22 @@ class RankGroup:
         if reported is not None:
             failure = RankFailure(rank, reported.kind, f"rank {rank} failed: {reported.message}")
         else:
-            failure = RankFailure(
-                rank, FailureKind.CRASHED, f"rank {rank} of {self.config.num_processes} {describe_exit(code)}"
-            )
+            failure = self._crashed(rank, code)
         self._fail(failure)
+
+    def _crashed(self, rank: int, code: int) -> RankFailure:
+        return RankFailure(
+            rank, FailureKind.CRASHED, f"rank {rank} of {self.config.num_processes} {describe_exit(code)}"
+        )
+
+    def _killed_rank(self) -> RankFailure | None:
+        """A rank killed by a signal (it could report nothing), seen by polling: its follow thread may not have run
+        yet on a loaded machine."""
+        for rank, child in self._children.items():
+            code = child.poll()
+            if code is not None and code < 0:
+                return self._crashed(rank, code)
+        return None
 
     def _watch_progress(self) -> None:
         while not self._closing.wait(1.0):
@@ -223,7 +235,11 @@ class RankGroup:
 
     def wait_for_failure(self, seconds: float) -> RankFailure | None:
         """A rank's failure, waiting up to `seconds` for one (rank 0's own error may be the symptom of it)."""
-        self._failed.wait(seconds)
+        deadline = time.monotonic() + seconds
+        while not self._failed.wait(0.1) and time.monotonic() < deadline:
+            killed = self._killed_rank()
+            if killed is not None:
+                self._fail(killed)
         return self.failure
 
     def close(self, grace_s: float = 0.0) -> None:
