@@ -86,6 +86,14 @@ CHAT: dict[str, dict[str, Any]] = {
         "checkpoint_blocks": 8,
         "env": {"MCP_LOCAL_MLX_MEMORY_LIMIT_GB": "15.5", "MCP_LOCAL_QUEUE_PASSES": "1"},
     },
+    "chunked loss (256-token chunks) + recompute 9 blocks + MLX memory limit 15.5 GB": {
+        **FUSED_9,
+        "env": {"MCP_LOCAL_MLX_MEMORY_LIMIT_GB": "15.5", "MCP_LOCAL_FUSED_LOSS_CHUNK": "256"},
+    },
+    "chunked loss + recompute 9 blocks + MLX memory limit 15.5 GB": {
+        **FUSED_9,
+        "env": {"MCP_LOCAL_MLX_MEMORY_LIMIT_GB": "15.5"},
+    },
     "layerwise": {"layerwise": True, "chunked_loss": True},
 }
 

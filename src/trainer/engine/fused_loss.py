@@ -12,6 +12,7 @@ plain loss's under MLX's default memory limit and 38% under the budget's (memory
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import mlx.core as mx
@@ -21,6 +22,8 @@ from .fastpath import dequantized_weight
 
 #: tokens per chunk: a 152k vocabulary's half-precision logits and softmax at 1,024 tokens are 0.6 GB
 GPU_LOSS_CHUNK_TOKENS = 1024
+#: an experiment's chunk size (bench/gpu_plans.py)
+CHUNK_ENV = "MCP_LOCAL_FUSED_LOSS_CHUNK"
 
 
 def head_weight(head: Any, like: mx.array) -> mx.array | None:
@@ -65,13 +68,14 @@ def fused_cross_entropy(chunk_tokens: int = GPU_LOSS_CHUNK_TOKENS) -> Any:
 
 
 def fused_head_loss(
-    head: Any, hidden: mx.array, targets: mx.array, mask: mx.array, chunk_tokens: int = GPU_LOSS_CHUNK_TOKENS
+    head: Any, hidden: mx.array, targets: mx.array, mask: mx.array, chunk_tokens: int | None = None
 ) -> mx.array | None:
     """The summed masked cross-entropy of `head(hidden)` over (B, T) targets, fused in token chunks; None where the
     head's weight cannot be had as one matrix."""
     weight = head_weight(head, hidden)
     if weight is None:
         return None
+    chunk_tokens = chunk_tokens or int(os.environ.get(CHUNK_ENV) or GPU_LOSS_CHUNK_TOKENS)
     rows = hidden.reshape(-1, hidden.shape[-1])
     flat_mask = mask.reshape(-1).astype(hidden.dtype)
     total: mx.array = fused_cross_entropy(chunk_tokens)(rows, weight, targets.reshape(-1), flat_mask)[0]
