@@ -92,7 +92,6 @@ def measure(layers: int, mask_kind: str, lean: bool, args: Any) -> dict[str, Any
         return nn.losses.cross_entropy(logits[:, :-1], tokens[:, 1:]).astype(mx.float32).mean()
 
     value_and_grad = nn.value_and_grad(model, loss)
-    state = [model.state]
 
     @mx.compile
     def step(tokens: mx.array) -> tuple[mx.array, Any]:
@@ -114,7 +113,6 @@ def measure(layers: int, mask_kind: str, lean: bool, args: Any) -> dict[str, Any
         times.append(time.perf_counter() - tic)
         peaks.append(mx.get_peak_memory())
         del grads
-    del state, model
     return {
         "layers": layers,
         "mask": mask_kind,
