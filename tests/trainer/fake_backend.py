@@ -4,7 +4,9 @@ FAKE_MODE picks the behaviour: succeed, fail, crash (SIGKILL itself), segfault, 
 slow (succeed, FAKE_STEP_S seconds per iteration), diverge, stepwise (as the MLX backend stops: at safe points
 between steps of FAKE_STEP_S seconds, then a save of FAKE_SAVE_S seconds), paced (FAKE_STEP_S seconds per iteration,
 reports as a real run makes them: a train loss every steps_per_report, a validation loss every steps_per_eval),
-peak_in_save (stepwise, then MLX memory held through the final save, where stops are dropped).
+peak_in_save (stepwise, then MLX memory held through the final save, where stops are dropped), peak_in_steps (stepwise,
+MLX memory held from the first step, after the OS-level handlers of SIGTERM and SIGUSR1 were taken from Python, as a
+GPU library's can be: NCCL's took SIGUSR1).
 """
 
 from __future__ import annotations
@@ -40,8 +42,12 @@ class FakeBackend:
     def train(self, config: QLoRAConfig, run_dir: Path, emit: Emit) -> Path:
         mode = os.environ.get("FAKE_MODE", "succeed")
         emit(PhaseChanged(phase=Phase.TRAINING))
-        if mode in ("stepwise", "peak_in_save"):
-            return _stepwise(config, run_dir, emit, peak_in_save=mode == "peak_in_save")
+        if mode in ("stepwise", "peak_in_save", "peak_in_steps"):
+            if mode == "peak_in_steps":
+                _take_signals_from_python()
+            return _stepwise(
+                config, run_dir, emit, peak_in_save=mode == "peak_in_save", peak_in_steps=mode == "peak_in_steps"
+            )
         if mode == "noisy":
             print("this line is MLX-LM-style noise on stdout")  # noqa: T201  (must land in worker.log only)
             sys.stdout.flush()
@@ -97,17 +103,36 @@ def _paced_reports(config: QLoRAConfig, it: int, emit: Emit) -> None:
         emit(ValReport(iteration=it, val_loss=2.2 / (1 + it / 20), val_time=0.2))
 
 
-def _stepwise(config: QLoRAConfig, run_dir: Path, emit: Emit, peak_in_save: bool = False) -> Path:
+def _take_signals_from_python() -> None:
+    """Set SIGTERM and SIGUSR1 to be ignored at the OS level, behind Python's back (Python still lists its handlers)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    libc.signal.restype = ctypes.c_void_p
+    libc.signal.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        libc.signal(int(signum), 1)  # SIG_IGN
+
+
+def _stepwise(
+    config: QLoRAConfig, run_dir: Path, emit: Emit, peak_in_save: bool = False, peak_in_steps: bool = False
+) -> Path:
     """Steps a stop waits for (a step is one long call, as an MLX step is), and a save that takes its time."""
     step_s = float(os.environ.get("FAKE_STEP_S", "0.05"))
     adapters = adapter_dir_for(config, run_dir)
     adapters.mkdir(parents=True, exist_ok=True)
     done = 0
+    held = None
     try:
         with stops_at_safe_points():
             for it in range(1, config.iters + 1):
                 stop_if_requested()
                 emit(Progress(iteration=it, iters=config.iters))
+                if peak_in_steps and held is None:  # 40 MB in MLX from the first step on
+                    import mlx.core as mx
+
+                    held = mx.zeros((10_000_000,), dtype=mx.float32)
+                    mx.eval(held)
                 time.sleep(step_s)
                 done = it
     except Cancelled:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -58,12 +60,24 @@ def stop_if_requested() -> None:
         raise kind()
 
 
+def reclaim_stop_signals() -> None:
+    """Point SIGTERM and SIGUSR1 at Python's handlers again at the OS level: a library loaded since they were set (a
+    GPU backend's: NCCL took SIGUSR1) may have taken them, and a cancel would then kill instead of stopping."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        handler = signal.getsignal(signum)
+        if callable(handler):
+            signal.signal(signum, handler)
+
+
 @contextmanager
 def stops_at_safe_points() -> Iterator[None]:
     """Within the block, stop requests wait for `stop_if_requested`; one still pending at its end is raised then. A
     block is one run's training: an earlier run's stop (in this process: tests) no longer counts."""
     _Stops.requested, _Stops.pending = False, None
     _Stops.deferred = True
+    reclaim_stop_signals()
     try:
         yield
     finally:
