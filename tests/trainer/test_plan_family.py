@@ -330,8 +330,9 @@ def test_too_few_packed_rows_for_a_batch_is_refused_by_name() -> None:
 def test_packed_rows_at_16_gb_leave_room_for_the_accumulated_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
     """Packed chat records at batch 4 on CUDA (rows of 2,048 tokens). One row a pass with 4 recomputed blocks: an H100
     measured 16.03 GB, where the prediction without the accumulation's two float32 gradient copies said 15.98; it
-    now says over 16. The search takes the fused loss with 12 recomputed blocks in one pass, held at MLX's limit,
-    never layerwise (no packed form)."""
+    now says over 16. The search takes the fused loss with 14 recomputed blocks in one pass, under MLX's limit (12,
+    held at the limit, passed it by 1.09 GB from step 7: 16.59 GB on an H200 and an H100), never layerwise (no packed
+    form)."""
     from trainer.planning import memory_plan
 
     config, check = search_on_cuda(monkeypatch, batch_size=4, max_seq_length=2048, packing=True, mask_prompt=True)
@@ -340,7 +341,7 @@ def test_packed_rows_at_16_gb_leave_room_for_the_accumulated_gradients(monkeypat
     predict, _ = memory_plan.run_predictor(four, QWEN_7B, None)
     assert 16 < predict(four)[1].total_gb == pytest.approx(16.03, rel=0.01)
     chosen = (config.pass_tokens, config.chunked_loss, config.recomputed_blocks, config.layerwise)
-    assert chosen == (None, True, 12, False)
+    assert chosen == (None, True, 14, False)
     assert check.prediction.total_gb < 16 and not any(p.settings.get("layerwise") for p in check.plans)
 
 
@@ -356,7 +357,7 @@ def test_on_a_gpu_the_choice_names_the_faster_packed_plan_for_mixed_lengths(monk
     assert not config.packing and check.fits
     chosen = max((p for p in check.plans if p.fits), key=lambda p: p.relative_speed)
     hint = check.choice.split("; ", 1)[1]
-    assert hint.startswith("on this GPU packing=True, chunked_loss=True, grad_checkpoint=True, checkpoint_blocks=12")
+    assert hint.startswith("on this GPU packing=True, chunked_loss=True, grad_checkpoint=True, checkpoint_blocks=14")
     speed = float(hint.split("about ")[1].split("x")[0])
     assert 1.1 * chosen.relative_speed <= speed < 1.26 * chosen.relative_speed  # it leaves out the compilations saved
 
@@ -379,15 +380,15 @@ def test_no_packing_hint_where_packing_is_slower_or_refused(monkeypatch: pytest.
 
 
 def test_a_gpu_fused_loss_is_predicted_as_measured_with_and_without_mlx_limit(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The fused loss on an H100 (packed 4 x 2,048): with 9 recomputed blocks 24.21 GB under MLX's default limit;
-    under a 16 GB limit 20.53 GB with 9 blocks and 18.66 with 10 (above the limit: what the step holds), and 16.28
-    with 12 (held at the limit, passed by what is allocated between eval's checks). A 16 GB budget sets the limit
-    half a GB lower, so the search's choice of 12 blocks is predicted at 15.81."""
+    """The fused loss on CUDA (packed 4 x 2,048): with 9 recomputed blocks 24.21 GB under MLX's default limit (H100);
+    under a 16 GB limit 20.53 GB with 9 blocks and 18.66 with 10 (above the limit: what the step holds); with 12 under
+    the 15.5 GB limit a 16 GB budget sets, 16.59 GB from step 7 (an H200 and an H100: held at the limit, passed by what
+    is allocated between eval's checks at 8,192 tokens a pass). So the search takes 14 blocks, under the limit."""
     from trainer.planning import memory_plan
 
     config, check = search_on_cuda(monkeypatch, batch_size=4, max_seq_length=2048, packing=True, mask_prompt=True)
-    assert config.chunked_loss and config.recomputed_blocks == 12
-    assert check.prediction.total_gb == pytest.approx(15.81, abs=0.01)
+    assert config.chunked_loss and config.recomputed_blocks == 14
+    assert check.prediction.total_gb < 15.5
 
     def peak(budget: float, blocks: int) -> float:
         fused = config.model_copy(update={"memory_budget_gb": budget, "checkpoint_blocks": blocks})
@@ -396,4 +397,4 @@ def test_a_gpu_fused_loss_is_predicted_as_measured_with_and_without_mlx_limit(mo
 
     assert peak(120, 9) == pytest.approx(24.21, rel=0.02)  # the bench's budget: MLX's default limit binds first
     assert peak(16.5, 9) == pytest.approx(20.53, rel=0.02) and peak(16.5, 10) == pytest.approx(18.66, rel=0.02)
-    assert peak(16.5, 12) == pytest.approx(16.28, rel=0.02)
+    assert peak(16, 12) == pytest.approx(16.59, rel=0.01)

@@ -290,8 +290,8 @@ def train_steps(
 
 
 def _evaluate(model: Any, data: RunData, val_loss: Loss, hooks: LoopHooks, it: int) -> None:
-    # the step before is still in flight (its backward pass holds the step's peak): on a GPU, validation's buffers
-    # would be allocated on top of it, past the plan's peak and MLX's limit (H200: 16.59 GB under a 15.5 GB limit)
+    # the step before may still be in flight (its backward pass holds the step's peak): on a GPU, validation's
+    # buffers would otherwise be allocated on top of it
     mx.synchronize()
     tic = time.perf_counter()
     hooks.evaluating()

@@ -62,9 +62,11 @@ LAYERWISE_LOSS_TOKENS = 512
 GPU_FUSED_LOGITS_KEPT = 0.62
 GPU_FUSED_LOGITS_KEPT_LIMITED = 0.38
 #: GPU: MLX's limit sits this far under the run's budget, because a step held at the limit passes it by what is
-#: allocated between two of eval's checks: 0.31 GB (H100, the plan above with 12 and 13 recomputed blocks, limit 16)
+#: allocated between two of eval's checks, which grows with the pass's tokens: 1.09 GB at 8,192 (packed 4 x 2,048, 12
+#: recomputed blocks, limit 15.5: 16.59 GB from step 7, on an H200 and an H100; its first 3 steps 0.2-0.3 over), under
+#: 0.27 at 2,048 (1 x 2,048: 15.56 under a 15.5 limit, 15.85 under 16; docs/benchmarks.md)
 MLX_LIMIT_MARGIN_GB = 0.5
-MLX_LIMIT_OVERSHOOT_GB = 0.31
+MLX_LIMIT_OVERSHOOT_GB_PER_TOKEN = 1.09 / 8192
 
 
 def mlx_limit_gb(budget_gb: float) -> float:
@@ -188,7 +190,8 @@ def predict_peak(model_config: dict[str, Any], plan: MemoryPlan) -> MemoryParts:
     if limit is None or free.total_gb <= limit:
         return free
     held = _peak(model_config, plan, limited=True)
-    at_limit = min(free.total_gb, limit + MLX_LIMIT_OVERSHOOT_GB)
+    tokens = plan.pass_batch * plan.seq_len
+    at_limit = min(free.total_gb, limit + MLX_LIMIT_OVERSHOOT_GB_PER_TOKEN * tokens)
     if held.total_gb >= at_limit:
         return held
     return held.model_copy(update={"slack_gb": held.slack_gb + at_limit - held.total_gb, "total_gb": at_limit})
