@@ -57,20 +57,6 @@ def fast_path_on(wanted: bool | None) -> bool:
     return fast_path_default() if wanted is None else wanted
 
 
-#: an experiment's switch for lean MLPs (engine/recompute.py): "1" on, "0" off; unset, LEAN_MLPS_BY_DEFAULT decides
-LEAN_MLP_ENV = "MCP_LOCAL_LEAN_MLP"
-LEAN_MLPS_BY_DEFAULT = False
-
-
-def lean_mlps_on(recomputed_blocks: int, device: str) -> bool:
-    """Whether the trained blocks not recomputed keep lean MLPs: on a GPU, in a plan that recomputes blocks (the
-    plans calibrated without them stay as measured)."""
-    given = os.environ.get(LEAN_MLP_ENV)
-    if given is not None:
-        return given == "1"
-    return LEAN_MLPS_BY_DEFAULT and device != "cpu" and recomputed_blocks > 0
-
-
 def group_backend(backend: str) -> str:
     """The MLX distributed backend a run's processes use: NCCL between CUDA GPUs, else the ring (TCP) backend."""
     if backend != "auto":

@@ -74,10 +74,6 @@ def mlx_limit_gb(budget_gb: float) -> float:
     return max(budget_gb / 2, budget_gb - MLX_LIMIT_MARGIN_GB)
 
 
-#: lean MLPs (engine/recompute.py): intermediate-sized tensors per token a lean block no longer keeps (the down
-#: projection's input; fit: docs/benchmarks.md)
-LEAN_MLP_FREED_INTERMEDIATES = 1.0
-
 #: CUDA: what recomputing one block frees, in layers of activations: 0.45 GB a block at 1x2048 on the 7B shape
 #: (measured 17.68 GB with none, 15.89 with 4, 10.42 with all 16; H100, docs/benchmarks.md)
 GPU_RECOMPUTE_FREED_LAYERS = 1.28
@@ -113,11 +109,6 @@ class MemoryPlan(BaseModel):
     pass_tokens: int | None = Field(None, description="Most tokens per pass (gradient accumulation); None: the batch.")
     packed: bool = Field(False, description="Rows of packed records: a block-diagonal attention mask per pass.")
     memory_limit_gb: float | None = Field(None, description="GPU: MLX's memory limit, from the run's budget.")
-    lean_mlps: bool = Field(False, description="The trained blocks not recomputed keep lean MLPs.")
-
-    def lean_blocks(self, lora_layers: int) -> int:
-        """Trained blocks with lean MLPs (engine/recompute.py): those not recomputed, in a one-graph step."""
-        return 0 if self.layerwise or not self.lean_mlps else max(0, lora_layers - self.recomputed_blocks)
 
     @property
     def pass_batch(self) -> float:
@@ -248,8 +239,6 @@ def _peak(model_config: dict[str, Any], plan: MemoryPlan, limited: bool) -> Memo
             activations += recomputed * (tokens * hidden * d - per_layer) + CHECKPOINT_LAYERS * per_layer
         elif recomputed:
             activations -= recomputed * GPU_RECOMPUTE_FREED_LAYERS * per_layer
-        lean_tensor = tokens * inter * d * token_scale  # one intermediate-sized tensor of the pass
-        activations -= plan.lean_blocks(lora_layers) * LEAN_MLP_FREED_INTERMEDIATES * lean_tensor
         logit_tokens = int(min(tokens, batch * 1024)) if chunked else tokens
         logits = logit_tokens * vocab * (d + 4 * (kept - 1)) * token_scale
         if plan.chunked_loss and plan.device != "cpu":  # fused: what its peak was measured to keep

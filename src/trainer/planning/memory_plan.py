@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 
 from ..errors import ConfigError
 from .config import QLoRAConfig
-from .device import device_kind, fast_path_on, input_alignment, lean_mlps_on
+from .device import device_kind, fast_path_on, input_alignment
 from .memory_estimate import MemoryParts, MemoryPlan, dense_copy_bytes, mlx_limit_gb, predict_peak
 from .modelref import num_hidden_layers
 from .plan_search import PlanOption, Predict, Shape, explain, packed_gain, search
@@ -68,7 +68,6 @@ def plan_for(
         dense_weights=bool(config.dense_weights),
         layerwise=config.layerwise,
         packed=config.packing,
-        lean_mlps=lean_mlps_on(config.recomputed_blocks, device),
         memory_limit_gb=None if device == "cpu" or limit is None else mlx_limit_gb(limit),
     )
 

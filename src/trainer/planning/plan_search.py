@@ -34,9 +34,6 @@ LAYERWISE_SPEED = {"gpu": 0.72, "cpu": 0.75}
 #: queued work (H100, packed 4 x 2,048, 9 recomputed blocks: 0.871x measured without the limit, 0.848x with it)
 CHUNKED_LOSS_SPEED = {"gpu": 0.975, "cpu": 0.97}
 
-#: a lean MLP's recomputation (elementwise work and the LoRA branch) in blocks' forwards (fit: docs/benchmarks.md)
-LEAN_MLP_COST = 0.05
-
 Predict = Callable[[QLoRAConfig], tuple[MemoryPlan, MemoryParts]]
 
 
@@ -108,8 +105,7 @@ def relative_speed(plan: MemoryPlan, shape: Shape) -> float:
     costs = [_step_costs(b, plan, align, HALF_RATE_TOKENS[kind]) for b in batches]
     rate = sum(c[0] for c in costs) / sum(c[1] for c in costs)
     recomputed = min(plan.recomputed_blocks, shape.lora_layers)
-    recomputing = recomputed + LEAN_MLP_COST * plan.lean_blocks(shape.lora_layers)
-    rate /= 1 + recomputing / (shape.layers + 2 * shape.lora_layers)
+    rate /= 1 + recomputed / (shape.layers + 2 * shape.lora_layers)
     return rate * (CHUNKED_LOSS_SPEED[kind] if plan.chunked_loss else 1.0)
 
 
