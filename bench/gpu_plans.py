@@ -94,33 +94,6 @@ CHAT: dict[str, dict[str, Any]] = {
         **FUSED_9,
         "env": {"MCP_LOCAL_MLX_MEMORY_LIMIT_GB": "15.5"},
     },
-    "chunked loss + recompute 9 blocks + lean MLPs + MLX memory limit 15.5 GB": {
-        **FUSED_9,
-        "env": {"MCP_LOCAL_MLX_MEMORY_LIMIT_GB": "15.5", "MCP_LOCAL_LEAN_MLP": "1"},
-    },
-    "chunked loss + recompute 6 blocks + lean MLPs + MLX memory limit 15.5 GB": {
-        **FUSED_9,
-        "checkpoint_blocks": 6,
-        "env": {"MCP_LOCAL_MLX_MEMORY_LIMIT_GB": "15.5", "MCP_LOCAL_LEAN_MLP": "1"},
-    },
-    "chunked loss (256-token chunks) + recompute 9 blocks + lean MLPs + MLX memory limit 15.5 GB": {
-        **FUSED_9,
-        "env": {
-            "MCP_LOCAL_MLX_MEMORY_LIMIT_GB": "15.5",
-            "MCP_LOCAL_LEAN_MLP": "1",
-            "MCP_LOCAL_FUSED_LOSS_CHUNK": "256",
-        },
-    },
-    "chunked loss (256-token chunks) + recompute 7 blocks + lean MLPs + MLX memory limit 15.5 GB": {
-        **FUSED_9,
-        "checkpoint_blocks": 7,
-        "env": {
-            "MCP_LOCAL_MLX_MEMORY_LIMIT_GB": "15.5",
-            "MCP_LOCAL_LEAN_MLP": "1",
-            "MCP_LOCAL_FUSED_LOSS_CHUNK": "256",
-        },
-    },
-    "chunked loss + lean MLPs": {"chunked_loss": True, "env": {"MCP_LOCAL_LEAN_MLP": "1"}},
     "layerwise": {"layerwise": True, "chunked_loss": True},
 }
 

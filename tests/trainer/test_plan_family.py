@@ -54,9 +54,9 @@ def _batch() -> tuple[mx.array, mx.array]:
     return tokens * keep, lengths
 
 
-def _loss_and_grads(loss: Any, blocks: int = 0, lean: bool = False) -> tuple[float, dict[str, np.ndarray]]:
+def _loss_and_grads(loss: Any, blocks: int = 0) -> tuple[float, dict[str, np.ndarray]]:
     model = _model()
-    with checkpointed_blocks(model, blocks, lean_rest=lean):
+    with checkpointed_blocks(model, blocks):
         (value, _), grads = value_and_grad(model, loss)(model, *_batch())
         mx.eval(value, grads)
     flat: list[tuple[str, Any]] = tree_flatten(grads)  # type: ignore[assignment]
@@ -74,12 +74,6 @@ def test_recomputed_blocks_give_the_same_gradients() -> None:
     reference = _loss_and_grads(make_default_loss())
     _close(_loss_and_grads(make_default_loss(), blocks=2), reference)  # two of the three LoRA blocks
     _close(_loss_and_grads(make_default_loss(), blocks=99), reference)  # every one
-
-
-def test_lean_mlps_give_the_same_gradients() -> None:
-    reference = _loss_and_grads(make_default_loss())
-    _close(_loss_and_grads(make_default_loss(), blocks=0, lean=True), reference)  # every block's MLP lean
-    _close(_loss_and_grads(make_default_loss(), blocks=1, lean=True), reference)  # one recomputed, two lean
 
 
 def _train(step_for: Any, steps: int = 3, batch: Any = None) -> list[float]:

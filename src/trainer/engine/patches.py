@@ -110,36 +110,23 @@ def dropout_keep_probability(module: Any) -> float:
 
 
 @contextmanager
-def checkpointed_blocks(model: Any, blocks: int, lean_rest: bool = False) -> Iterator[int]:
+def checkpointed_blocks(model: Any, blocks: int) -> Iterator[int]:
     """Within the context, the first `blocks` of the blocks that train (those with trainable parameters) are
-    recomputed in the backward pass (recompute.py), one instance at a time, and with `lean_rest` the MLPs of the
-    other trained blocks keep only their gate and up projections' outputs; yields how many blocks are recomputed.
-    Restored on exit."""
+    recomputed in the backward pass (recompute.py), one instance at a time; yields how many. Restored on exit."""
     from mlx.utils import tree_flatten
 
-    from .recompute import lean_mlp_class, recomputed_class
+    from .recompute import recomputed_class
 
     trained = [layer for layer in model.layers if tree_flatten(layer.trainable_parameters())]
     chosen = trained[: max(0, blocks)]
-    lean = [layer.mlp for layer in trained[len(chosen) :] if lean_rest and lean_mlp_applies(layer)]
-    swapped = [(module, type(module)) for module in [*chosen, *lean]]
+    originals = [type(layer) for layer in chosen]
     try:
-        for layer in chosen:
-            swap_class(layer, recomputed_class(type(layer)))  # type: ignore[arg-type]  # classes hash
-        for mlp in lean:
-            swap_class(mlp, lean_mlp_class(type(mlp)))  # type: ignore[arg-type]
+        for layer, original in zip(chosen, originals, strict=True):
+            swap_class(layer, recomputed_class(original))  # type: ignore[arg-type]  # classes hash
         yield len(chosen)
     finally:
-        for module, original in swapped:
-            module.__class__ = original
-
-
-def lean_mlp_applies(layer: Any) -> bool:
-    """A block whose MLP is mlx-lm's `down(swiglu(gate(x), up(x)))`, on an mlx-lm version checked to write it so."""
-    mlp = getattr(layer, "mlp", None)
-    module = sys.modules.get(type(mlp).__module__)
-    projections = all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj"))
-    return projections and type(mlp).__name__ == "MLP" and hasattr(module, "swiglu") and patches_allowed()
+        for layer, original in zip(chosen, originals, strict=True):
+            layer.__class__ = original
 
 
 @contextmanager

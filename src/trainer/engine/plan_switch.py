@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +24,6 @@ from ..planning.replan import (
 )
 from .loop import Loss, Step, accumulating_step, fused_step, in_passes, layerwise_step
 from .run_state import LoopState
-
-#: an experiment: the MLPs of the trained blocks not recomputed keep only two tensors (recompute.lean_mlp_class)
-LEAN_MLP_ENV = "MCP_LOCAL_LEAN_MLP"
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +88,7 @@ class RunPlans:
     def _recompute_blocks(self) -> None:
         from .patches import checkpointed_blocks
 
-        lean = os.environ.get(LEAN_MLP_ENV) == "1"
-        self._blocks.enter_context(checkpointed_blocks(self.model, self.config.recomputed_blocks, lean_rest=lean))
+        self._blocks.enter_context(checkpointed_blocks(self.model, self.config.recomputed_blocks))
 
     def after_step(self, done: LoopState, inputs: int) -> None:
         """Note the batch's width; after the first steps, decide (and record) whether the plan changes."""

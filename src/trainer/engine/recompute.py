@@ -8,7 +8,6 @@ once the backward pass reaches the block.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from functools import cache
 from typing import Any
@@ -42,25 +41,3 @@ def recomputed_class(block_class: type) -> type:
         return recomputed(forward)(x, *values)
 
     return type(f"Recomputed{block_class.__name__}", (block_class,), {"__call__": __call__})
-
-
-@cache
-def lean_mlp_class(mlp_class: type) -> type:
-    """The MLP's class (`down(swiglu(gate(x), up(x)))`, as mlx-lm's llama and qwen2 write it) keeping only the gate's
-    and up projection's outputs for the backward pass: the activation and the down projection's input are recomputed
-    from them once the cotangent exists (elementwise work and the LoRA branch: the down projection's own product is
-    not needed by its backward)."""
-    model_module = sys.modules[mlp_class.__module__]
-
-    def __call__(self: Any, x: mx.array) -> mx.array:
-        down = self.down_proj
-        names, values = zip(*tree_flatten(down.trainable_parameters()), strict=True)
-        swiglu = model_module.swiglu  # looked up per call: the CPU's own while patches.fast_activations holds
-
-        def forward(gate: mx.array, up: mx.array, *params: mx.array) -> mx.array:
-            down.update(tree_unflatten(list(zip(names, params, strict=True))))
-            return down(swiglu(gate, up))  # type: ignore[no-any-return]
-
-        return recomputed(forward)(self.gate_proj(x), self.up_proj(x), *values)
-
-    return type(f"Lean{mlp_class.__name__}", (mlp_class,), {"__call__": __call__})
