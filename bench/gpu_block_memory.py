@@ -14,15 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "src"))
+sys.path.insert(0, str(Path(__file__).parent))
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
+from step_peaks import measure_steps  # noqa: E402
 
 GB = 1e9
 SHAPE = {"hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28, "num_key_value_heads": 4}
@@ -101,18 +102,7 @@ def measure(layers: int, mask_kind: str, lean: bool, args: Any) -> dict[str, Any
     mx.synchronize()
     mx.clear_cache()
     floor = mx.get_active_memory()
-    peaks, times, value = [], [], None
-    for _ in range(args.steps):
-        mx.synchronize()
-        mx.clear_cache()
-        mx.reset_peak_memory()
-        tic = time.perf_counter()
-        value, grads = step(tokens)
-        mx.eval(value, grads)
-        mx.synchronize()
-        times.append(time.perf_counter() - tic)
-        peaks.append(mx.get_peak_memory())
-        del grads
+    peaks, times, value = measure_steps(lambda: step(tokens), args.steps)
     return {
         "layers": layers,
         "mask": mask_kind,

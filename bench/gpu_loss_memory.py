@@ -14,14 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "src"))
+sys.path.insert(0, str(Path(__file__).parent))
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
+from step_peaks import measure_steps  # noqa: E402
 
 from trainer.engine.fused_loss import fused_head_loss  # noqa: E402
 
@@ -54,18 +55,7 @@ def measure(kind: str, chunk: int, compiled: bool, headroom_gb: float | None, ar
     default_limit = mx.get_memory_limit()
     if headroom_gb is not None:
         mx.set_memory_limit(int(floor + headroom_gb * GB))
-    peaks, times = [], []
-    for _ in range(args.steps):
-        mx.synchronize()
-        mx.clear_cache()
-        mx.reset_peak_memory()
-        tic = time.perf_counter()
-        value, grad = fn(projection)
-        mx.eval(value, grad)
-        mx.synchronize()
-        times.append(time.perf_counter() - tic)
-        peaks.append(mx.get_peak_memory())
-        del grad
+    peaks, times, value = measure_steps(lambda: fn(projection), args.steps)
     mx.set_memory_limit(default_limit)
     chunk_logits = chunk * head.weight.shape[0] * 2
     above = (min(peaks[1:] or peaks) - floor) / GB
