@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
+from memory_prediction import report  # noqa: E402
 from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 from step_peaks import measure_steps  # noqa: E402
 
@@ -132,11 +133,7 @@ def main() -> None:
             for row in rows:
                 row.update(per_block_gb=round(per_block, 3), per_block_s=round(per_block_s, 4))
                 row.update(device=str(mx.default_device()), batch=args.batch, seq=args.seq)
-                line = json.dumps(row)
-                print(line, flush=True)
-                if args.out:
-                    with open(args.out, "a", encoding="utf-8") as f:
-                        f.write(line + "\n")
+                report(row, args.out)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ python3 bench/gpu_loss_memory.py [--tokens 8192] [--out results.jsonl]
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
+from memory_prediction import report  # noqa: E402
 from step_peaks import measure_steps  # noqa: E402
 
 from trainer.engine.fused_loss import fused_head_loss  # noqa: E402
@@ -98,11 +98,7 @@ def main() -> None:
             for headroom in (None, args.headroom):
                 row = measure(kind, chunk, compiled, headroom, args, inputs)
                 row.update(device=str(mx.default_device()), tokens=args.tokens, vocab=args.vocab)
-                line = json.dumps(row)
-                print(line, flush=True)
-                if args.out:
-                    with open(args.out, "a", encoding="utf-8") as f:
-                        f.write(line + "\n")
+                report(row, args.out)
 
 
 if __name__ == "__main__":
