@@ -170,26 +170,31 @@ def test_a_prompt_longer_than_the_models_context_is_refused(tiny_model: Path) ->
         session.generate("add " * 2000, max_tokens=8)
 
 
+def _word_records(folder: Path, train_words: int, valid_words: int = 0) -> Path:
+    """16 training records of `train_words` random code words, and with `valid_words` 24 validation records."""
+    import random
+
+    rng = random.Random(0)
+    words = "def return value list index count total result items adding write".split()
+    folder.mkdir()
+
+    def records(count: int, length: int) -> str:
+        return "".join(
+            json.dumps({"text": " ".join(rng.choice(words) for _ in range(length))}) + "\n" for _ in range(count)
+        )
+
+    (folder / "train.jsonl").write_text(records(16, train_words))
+    if valid_words:
+        (folder / "valid.jsonl").write_text(records(24, valid_words))
+    return folder
+
+
 async def test_the_watchdog_stops_a_run_whose_evaluation_alone_passes_its_budget(
     tmp_path: Path, tiny_model: Path
 ) -> None:
     """Short training records, long validation records: the evaluation pass is the run's peak. With a budget between
     the training steps' peak and the evaluation's, the run is stopped in its evaluation phase."""
-    import json
-    import random
-
-    rng = random.Random(0)
-    words = "def return value list index count total result items adding write".split()
-    data = {}
-    for name, valid_words in (("short", 0), ("long", 600)):
-        folder = tmp_path / name
-        folder.mkdir()
-        lines = [json.dumps({"text": " ".join(rng.choice(words) for _ in range(12))}) for _ in range(16)]
-        (folder / "train.jsonl").write_text("\n".join(lines) + "\n")
-        if valid_words:
-            long = [json.dumps({"text": " ".join(rng.choice(words) for _ in range(valid_words))}) for _ in range(24)]
-            (folder / "valid.jsonl").write_text("\n".join(long) + "\n")
-        data[name] = folder
+    data = {"short": _word_records(tmp_path / "short", 12), "long": _word_records(tmp_path / "long", 12, 600)}
     settings = {"iters": 6, "steps_per_eval": 3, "val_batches": -1, "max_seq_length": 1024, "allow_over_budget": True}
     async with JobRunner(RunStore(tmp_path / "home")) as runner:
 
@@ -204,3 +209,16 @@ async def test_the_watchdog_stops_a_run_whose_evaluation_alone_passes_its_budget
         stopped = await run("long", memory_budget_gb=(train_peak + eval_peak) / 2)
     assert stopped.state is JobState.FAILED and stopped.error and stopped.error.kind.value == "memory_budget"
     assert stopped.phase is not None and stopped.phase.value == "evaluating", stopped.phase
+
+
+async def test_the_watchdog_stops_a_run_whose_training_steps_pass_its_budget(tmp_path: Path, tiny_model: Path) -> None:
+    """No validation: the budget is passed in the training steps, and the run stops at the next one (on CUDA a lost
+    signal once let such a run train on to its end, docs/benchmarks.md)."""
+    data = _word_records(tmp_path / "data", 60)
+    async with JobRunner(RunStore(tmp_path / "home")) as runner:
+        config = tiny_run_config(tiny_model, data, iters=400, memory_sample_interval=0.05)
+        config.update(memory_budget_gb=0.005, allow_over_budget=True)
+        done = await runner.wait_until_done((await runner.submit(config)).id, 300)
+    assert done.state is JobState.FAILED and done.error and done.error.kind.value == "memory_budget", done
+    assert "every step was done" not in done.error.message, done.error.message
+    assert done.iteration < 400 and done.phase is not None and done.phase.value == "training", done

@@ -21,6 +21,10 @@ def stepwise_runner(home: Path, step_s: float, save_s: float = 0.0, grace_s: flo
     return JobRunner(RunStore(home), worker_env=env, cancel_grace_s=grace_s)
 
 
+#: a budget the fake backends' 40 MB of MLX memory passes, the run started all the same
+OVER_BUDGET = {"memory_budget_gb": 0.02, "allow_over_budget": True}
+
+
 async def _wait_iteration(runner: JobRunner, run_id: str, iteration: int) -> None:
     with anyio.fail_after(START_TIMEOUT):
         while runner.get(run_id).iteration < iteration:
@@ -100,9 +104,8 @@ async def test_a_budget_passed_in_the_steps_stops_the_run_though_a_library_took_
     """The watchdog's stop does not depend on the OS delivering a signal to Python's handler: on CUDA a library took
     it, and a run passed its budget at step 7 yet trained to step 30 (docs/benchmarks.md). Cancel works there too."""
     env = {**fake_env("peak_in_steps"), "FAKE_STEP_S": "0.05"}
-    budget = {"memory_budget_gb": 0.02, "allow_over_budget": True, "memory_sample_interval": 0.05}
     async with JobRunner(RunStore(tmp_path), worker_env=env) as runner:
-        over = await runner.submit(config(fake_model, tiny_data, iters=400, **budget))
+        over = await runner.submit(config(fake_model, tiny_data, iters=400, **OVER_BUDGET, memory_sample_interval=0.05))
         done = await runner.wait_until_done(over.id, 60)
         assert done.state is JobState.FAILED and done.error is not None, done
         assert done.error.kind == "memory_budget" and "every step was done" not in done.error.message, done.error
@@ -120,9 +123,8 @@ async def test_a_budget_passed_during_the_final_save_fails_the_run_with_its_adap
     """A stop is dropped while the last adapter is written; a peak over the budget seen then still fails the run,
     whichever moment the sampler saw it (the adapter complete, and said so)."""
     env = {**fake_env("peak_in_save"), "FAKE_STEP_S": "0.01"}
-    budget = {"memory_budget_gb": 0.02, "allow_over_budget": True, "memory_sample_interval": 0.1}
     async with JobRunner(RunStore(tmp_path), worker_env=env) as runner:
-        run = await runner.submit(config(fake_model, tiny_data, iters=3, **budget))
+        run = await runner.submit(config(fake_model, tiny_data, iters=3, **OVER_BUDGET, memory_sample_interval=0.1))
         done = await runner.wait_until_done(run.id, 60)
     assert done.state is JobState.FAILED and done.error is not None, done
     assert done.error.kind == "memory_budget" and "every step was done" in done.error.message

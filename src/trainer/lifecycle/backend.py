@@ -62,7 +62,7 @@ def stop_if_requested() -> None:
 
 def reclaim_stop_signals() -> None:
     """Point SIGTERM and SIGUSR1 at Python's handlers again at the OS level: a library loaded since they were set (a
-    GPU backend's: NCCL took SIGUSR1) may have taken them, and a cancel would then kill instead of stopping."""
+    GPU backend's: NCCL once took SIGUSR1) may have taken them, and a cancel would then kill instead of stopping."""
     if threading.current_thread() is not threading.main_thread():
         return
     for signum in (signal.SIGTERM, signal.SIGUSR1):
