@@ -94,6 +94,11 @@ CHAT: dict[str, dict[str, Any]] = {
         **FUSED_9,
         "env": {"MCP_LOCAL_MLX_MEMORY_LIMIT_GB": "15.5"},
     },
+    "chunked loss + recompute 16 blocks + MLX memory limit 15.5 GB": {
+        **FUSED_9,
+        "checkpoint_blocks": 16,
+        "env": {"MCP_LOCAL_MLX_MEMORY_LIMIT_GB": "15.5"},
+    },
     "layerwise": {"layerwise": True, "chunked_loss": True},
 }
 
